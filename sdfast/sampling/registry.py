@@ -1,0 +1,70 @@
+"""Sampler names users know (AUTOMATIC1111 and diffusers) mapped to sdfast's samplers and plans."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import numpy as np
+
+from sdfast.errors import RequestError
+from sdfast.sampling import samplers
+from sdfast.sampling.schedules import NoiseSchedule, SamplingPlan, ddim_plan, euler_plan
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    key: str
+    a1111_name: str
+    diffusers_class: str
+    default_spacing: str  # the diffusers class's own default, used when the config names none
+    make_plan: Callable[[dict, NoiseSchedule, int, str], SamplingPlan]
+    run: Callable[..., np.ndarray]  # run(model, x, plan, callback, *, scheduler_config, noise)
+    stochastic: bool = False
+
+    def plan(self, scheduler_config: dict, schedule: NoiseSchedule, steps: int) -> SamplingPlan:
+        spacing = scheduler_config.get("timestep_spacing") or self.default_spacing
+        return self.make_plan(scheduler_config, schedule, steps, spacing)
+
+
+def _run_ddim(model, x, plan: SamplingPlan, callback=None, *, scheduler_config: dict, noise=None, eta: float = 0.0):
+    clip = scheduler_config.get("clip_sample_range", 1.0) if scheduler_config.get("clip_sample", True) else None
+    if scheduler_config.get("thresholding"):
+        raise RequestError("DDIM with dynamic thresholding is not supported")
+    return samplers.sample_ddim(
+        model, x, plan.sigmas, callback, eta=eta, noise=noise, clip_denoised=clip, landing_sigmas=plan.landing_sigmas
+    )
+
+
+def _run_euler(model, x, plan: SamplingPlan, callback=None, *, scheduler_config: dict, noise=None):
+    return samplers.sample_euler(model, x, plan.sigmas, callback)
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    spec.key: spec
+    for spec in (
+        SamplerSpec("euler", "Euler", "EulerDiscreteScheduler", "linspace", euler_plan, _run_euler),
+        SamplerSpec("ddim", "DDIM", "DDIMScheduler", "leading", ddim_plan, _run_ddim),
+    )
+}
+
+
+def _aliases() -> dict[str, str]:
+    table = {}
+    for spec in SAMPLERS.values():
+        for name in (spec.key, spec.a1111_name, spec.diffusers_class):
+            table[name.lower()] = spec.key
+    return table
+
+
+def sampler_names() -> list[str]:
+    """Every accepted name, for help and error messages."""
+    return sorted({name for spec in SAMPLERS.values() for name in (spec.key, spec.a1111_name, spec.diffusers_class)}, key=str.lower)
+
+
+def resolve_sampler(name: str) -> SamplerSpec:
+    """A sampler by its sdfast key, A1111 name or diffusers class name, case-insensitive."""
+    key = _aliases().get(str(name).strip().lower())
+    if key is None:
+        raise RequestError(f"unknown sampler '{name}'; valid samplers: {', '.join(sampler_names())}")
+    return SAMPLERS[key]

@@ -1,0 +1,162 @@
+"""Training noise schedules and the per-generation sigma/timestep plans, as diffusers' schedulers compute them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sdfast.errors import ConfigError
+
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def make_betas(config: dict) -> np.ndarray:
+    """Training betas from a diffusers scheduler config (DDPM, Ho et al. 2020; scaled_linear from latent diffusion)."""
+    count = int(config.get("num_train_timesteps", 1000))
+    if config.get("trained_betas") is not None:
+        return np.asarray(config["trained_betas"], dtype=np.float32)
+    start = float(config.get("beta_start", 0.0001))
+    end = float(config.get("beta_end", 0.02))
+    kind = config.get("beta_schedule", "linear")
+    if kind == "linear":
+        return np.linspace(start, end, count, dtype=np.float64).astype(np.float32)
+    if kind == "scaled_linear":
+        roots = np.linspace(start**0.5, end**0.5, count, dtype=np.float64).astype(np.float32)
+        return roots * roots  # float32, as torch.linspace(...) ** 2
+    if kind == "squaredcos_cap_v2":
+        return _cosine_betas(count)
+    raise ConfigError(f"scheduler config: beta_schedule '{kind}' is not supported (linear, scaled_linear, squaredcos_cap_v2)")
+
+
+def _cosine_betas(count: int, max_beta: float = 0.999) -> np.ndarray:
+    """Cosine schedule (Nichol & Dhariwal 2021, improved DDPM)."""
+    def alpha_bar(t: float) -> float:
+        return float(np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2)
+
+    betas = [min(1 - alpha_bar((i + 1) / count) / alpha_bar(i / count), max_beta) for i in range(count)]
+    return np.asarray(betas, dtype=np.float32)
+
+
+def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Zero terminal SNR rescaling (Lin et al. 2023, 'Common Diffusion Noise Schedules and Sample Steps Are Flawed')."""
+    alphas_bar_sqrt = np.sqrt(np.cumprod(1.0 - betas.astype(np.float64)))
+    first, last = alphas_bar_sqrt[0], alphas_bar_sqrt[-1]
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * first / (first - last)
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = np.concatenate([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return (1.0 - alphas).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The model's training schedule: cumulative alphas and the matching VE sigmas."""
+
+    alphas_cumprod: np.ndarray  # [T] float32, as torch.cumprod in float32
+
+    @classmethod
+    def from_config(cls, config: dict) -> "NoiseSchedule":
+        betas = make_betas(config)
+        if config.get("rescale_betas_zero_snr"):
+            betas = _rescale_zero_terminal_snr(betas)
+        alphas_cumprod = np.cumprod((np.float32(1.0) - betas).astype(np.float32), dtype=np.float32)
+        return cls(alphas_cumprod=alphas_cumprod)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    @property
+    def sigmas(self) -> np.ndarray:
+        """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), float32 as diffusers computes it."""
+        ac = self.alphas_cumprod
+        return np.sqrt((np.float32(1.0) - ac) / ac).astype(np.float32)
+
+    def sigma_at(self, alpha_cumprod: float) -> float:
+        return float(np.sqrt((1.0 - alpha_cumprod) / alpha_cumprod))
+
+    def sigma_to_timestep(self, sigma: float) -> float:
+        """Fractional timestep whose log-sigma interpolates to ``sigma`` (k-diffusion external.py, diffusers _sigma_to_t)."""
+        log_sigmas = np.log(self.sigmas.astype(np.float64))
+        log_sigma = np.log(max(float(sigma), 1e-10))
+        high = int(np.clip(np.searchsorted(log_sigmas, log_sigma, side="right"), 1, len(log_sigmas) - 1))
+        low = high - 1
+        weight = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0.0, 1.0)
+        return float((1 - weight) * low + weight * high)
+
+
+def spaced_timesteps(num_train: int, steps: int, spacing: str, steps_offset: int) -> np.ndarray:
+    """Descending inference timesteps for a diffusers ``timestep_spacing`` (see 'Common Diffusion Noise Schedules', Table 2)."""
+    if spacing == "linspace":
+        return np.linspace(0, num_train - 1, steps, dtype=np.float32)[::-1].copy()
+    if spacing == "leading":
+        ratio = num_train // steps
+        return (np.arange(0, steps) * ratio).round()[::-1].astype(np.float32) + np.float32(steps_offset)
+    if spacing == "trailing":
+        ratio = num_train / steps
+        return np.arange(num_train, 0, -ratio).round().astype(np.float32) - np.float32(1)
+    raise ConfigError(f"scheduler config: timestep_spacing '{spacing}' is not one of {', '.join(TIMESTEP_SPACINGS)}")
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """Everything a sampler loop needs, fixed before the first step.
+
+    ``sigmas[i]`` is where step i evaluates the model and ``sigmas[i + 1]`` where it lands; latents live in
+    VE form x = x_vp / sqrt(alpha_bar). The loop starts from ``noise * initial_noise_scale`` and hands
+    ``x * final_scale`` (back in the model's VP form) to the VAE.
+    """
+
+    sigmas: np.ndarray  # [steps + 1] float32
+    timesteps: np.ndarray  # [steps] float32, the U-Net's timestep input at each sigmas[i]
+    initial_noise_scale: float
+    final_scale: float
+    # [steps] float32 or None: where diffusers' DDIM lands when it is not sigmas[i + 1] (t - T // steps)
+    landing_sigmas: np.ndarray | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    def timestep_for(self, sigma: float, schedule: NoiseSchedule) -> float:
+        """The plan's own timestep when ``sigma`` is one of its sigmas, else the log-sigma interpolation."""
+        matches = np.flatnonzero(self.sigmas[:-1] == np.float32(sigma))
+        if matches.size:
+            return float(self.timesteps[matches[0]])
+        return schedule.sigma_to_timestep(sigma)
+
+
+def euler_plan(config: dict, schedule: NoiseSchedule, steps: int, spacing: str) -> SamplingPlan:
+    """Sigmas as diffusers' EulerDiscreteScheduler.set_timesteps makes them (linear interpolation in t)."""
+    timesteps = spaced_timesteps(schedule.num_train_timesteps, steps, spacing, int(config.get("steps_offset", 0)))
+    train_sigmas = schedule.sigmas
+    sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
+    sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+    sigma_max = float(sigmas.max())
+    # diffusers: init_noise_sigma is sigma_max for linspace/trailing spacing, sqrt(sigma_max^2 + 1) for leading.
+    initial = sigma_max if spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
+    return SamplingPlan(sigmas=sigmas, timesteps=timesteps.astype(np.float32), initial_noise_scale=initial, final_scale=1.0)
+
+
+def ddim_plan(config: dict, schedule: NoiseSchedule, steps: int, spacing: str) -> SamplingPlan:
+    """Integer timesteps and alphas as diffusers' DDIMScheduler uses them, mapped to VE sigmas."""
+    num_train = schedule.num_train_timesteps
+    timesteps = spaced_timesteps(num_train, steps, spacing, int(config.get("steps_offset", 0)))
+    if spacing == "linspace":
+        timesteps = timesteps.round()
+    timesteps = timesteps.astype(np.int64)
+    ac = schedule.alphas_cumprod.astype(np.float64)
+    final_alpha = 1.0 if config.get("set_alpha_to_one", True) else float(ac[0])
+    sigmas = [schedule.sigma_at(ac[t]) for t in timesteps] + [schedule.sigma_at(final_alpha)]
+    sigmas = np.asarray(sigmas, dtype=np.float32)
+    # diffusers' DDIM always steps to t - T // steps; with linspace spacing that is not the next timestep.
+    previous = timesteps - num_train // steps
+    landing = np.asarray([schedule.sigma_at(ac[t]) if t >= 0 else schedule.sigma_at(final_alpha) for t in previous], dtype=np.float32)
+    landing_sigmas = None if np.array_equal(landing, sigmas[1:]) else landing
+    # DDIM starts from unscaled noise in VP form (init_noise_sigma = 1), i.e. noise / sqrt(alpha_bar_0) in VE form.
+    return SamplingPlan(
+        sigmas=sigmas,
+        timesteps=timesteps.astype(np.float32),
+        initial_noise_scale=float(np.sqrt(1.0 + float(sigmas[0]) ** 2)),
+        final_scale=float(1.0 / np.sqrt(1.0 + float(sigmas[-1]) ** 2)),
+        landing_sigmas=landing_sigmas,
+    )

@@ -1,0 +1,5 @@
+import sys
+
+from sdfast.cli import main
+
+sys.exit(main())

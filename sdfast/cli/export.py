@@ -1,0 +1,31 @@
+"""sdfast export: a diffusers folder or built-in model -> engine dir."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a diffusers-format folder, or a built-in random-weight model: tiny, sd15")
+    parser.add_argument("--out", required=True, type=Path, help="the engine dir to write")
+    parser.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: the model's native size)")
+    parser.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's native size)")
+    parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
+    parser.add_argument("--precision", default="fp32", help="weights precision: fp32 (default)")
+    parser.add_argument("--no-guidance", dest="guidance", action="store_false",
+                        help="export the U-Net at batch B instead of 2B: no classifier-free guidance, twice as fast per step")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sdfast.cli.progress import ElapsedLog
+    from sdfast.export.build import ExportRequest, check_request, export_engine
+
+    request = ExportRequest(
+        model=args.model, out=args.out, height=args.height, width=args.width, batch=args.batch,
+        precision=args.precision, guidance=args.guidance, force=args.force,
+    )
+    check_request(request)  # refuse bad shapes and paths before importing torch
+    export_engine(request, ElapsedLog("export"))
+    print(args.out)
+    return 0

@@ -1,0 +1,68 @@
+"""sdfast generate: prompt -> PNG(s) with an engine dir, on the lean runtime."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("engine_dir", type=Path, help="an engine dir written by 'sdfast export'")
+    parser.add_argument("prompt", help="the prompt")
+    parser.add_argument("--negative", default="", help="the negative prompt")
+    parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale; 1 disables guidance (default 7.5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same image as diffusers (default 0)")
+    parser.add_argument("--sampler", default="euler", help="sampler, by A1111 or diffusers name: Euler, DDIM (default euler)")
+    parser.add_argument("--height", type=int, help="must equal the engine's (default: the engine's)")
+    parser.add_argument("--width", type=int, help="must equal the engine's (default: the engine's)")
+    parser.add_argument("--batch-size", type=int, help="must equal the engine's batch (default: the engine's)")
+    parser.add_argument("--backend", default="cpu", help="execution backend: cpu, cuda (default cpu)")
+    parser.add_argument("--verify", default="full", choices=("full", "size"), help="check engine files by sha256 (full) or size only")
+    parser.add_argument("-o", "--output", type=Path, default=Path("sdfast.png"), help="output PNG; with batch B > 1, NAME-0.png ... NAME-(B-1).png")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or timing summary")
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from sdfast.runtime.images import check_output_path, save_png
+    from sdfast.runtime.pipeline import GenerationRequest, Pipeline
+    from sdfast.sampling.registry import resolve_sampler
+
+    resolve_sampler(args.sampler)  # an unknown sampler is refused before loading anything
+    check_output_path(args.output)
+    pipeline = Pipeline.load(args.engine_dir, backend=args.backend, verify=args.verify)
+    request = GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
+        sampler=args.sampler, height=args.height, width=args.width, batch_size=args.batch_size,
+    )
+    paths = output_paths(args.output, pipeline.batch_size)
+    for path in paths:
+        check_output_path(path)
+
+    bar = None if args.quiet else tqdm(total=args.steps, desc="sampling", unit="step", file=sys.stderr, leave=False)
+    result = pipeline.generate(request, on_step=(lambda done, total: bar.update(1)) if bar else None)
+    if bar:
+        bar.close()
+    for warning in result.warnings:
+        print(f"sdfast generate: warning: {warning}", file=sys.stderr)
+    for pixels, path, parameters in zip(result.images, paths, result.parameters):
+        save_png(pixels, path, parameters)
+        print(path)
+    if not args.quiet:
+        summary = result.timings.summary()
+        print(
+            f"timing ({pipeline.backend}, {pipeline.width}x{pipeline.height}, U-Net batch {pipeline.manifest.geometry['unet_batch']}): "
+            f"text encoder {summary['text_encoder_ms']:.0f} ms | U-Net step median {summary['unet_step_median_ms']:.0f} ms "
+            f"(min {summary['unet_step_min_ms']:.0f}, max {summary['unet_step_max_ms']:.0f}) x {args.steps} | "
+            f"VAE decode {summary['vae_decode_ms']:.0f} ms | total {summary['total_ms'] / 1e3:.2f} s",
+            file=sys.stderr,
+        )
+    return 0

@@ -1,0 +1,60 @@
+"""sdfast info: an engine dir's manifest as a readable table."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("engine_dir", type=Path, help="an engine dir written by 'sdfast export'")
+    parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    parser.add_argument("--verify", action="store_true", help="also check every file's sha256")
+
+
+def _mib(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB"
+
+
+def run(args: argparse.Namespace) -> int:
+    from sdfast.runtime.manifest import read_manifest
+
+    manifest = read_manifest(args.engine_dir)
+    if args.verify:
+        manifest.verify_files(full=True)
+    if args.json:
+        print(json.dumps(manifest.data, indent=2))
+        return 0
+    data, geometry, source = manifest.data, manifest.geometry, manifest.data["source"]
+    rows = [
+        ("engine dir", str(manifest.root)),
+        ("format", f"{data['format']} v{data['format_version']}, created {data['created']}"),
+        ("model", f"{source['name']} ({source['path']})" + ("  [RANDOM WEIGHTS]" if source.get("random_weights") else "")),
+        ("fingerprint", f"{source['fingerprint']}  (model hash {manifest.model_hash})"),
+        ("family", data["family"]),
+        ("size", f"{geometry['width']}x{geometry['height']}, batch {geometry['batch']}, "
+                 f"guidance {'on (U-Net batch ' + str(geometry['unet_batch']) + ')' if geometry['guidance'] else 'off'}"),
+        ("precision", data["precision"]),
+        ("prediction", f"{data['model']['prediction_type']}, VAE scaling factor {data['model']['vae_scaling_factor']}"),
+        ("scheduler", f"{data['scheduler'].get('class')} config ({data['scheduler']['file']})"),
+        ("libraries", ", ".join(f"{k} {v}" for k, v in data["libraries"].items())),
+    ]
+    if args.verify:
+        rows.append(("files", "all sha256 match the manifest"))
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    print()
+    header = ("component", "file", "size", "inputs -> outputs", "parity max_rel (tol)")
+    table = [header]
+    for name, component in manifest.components.items():
+        entry = data["components"][name]
+        io = ", ".join(f"{t.name}[{'x'.join(map(str, t.shape))}]" for t in component.inputs)
+        io += " -> " + ", ".join(f"{t.name}[{'x'.join(map(str, t.shape))}]" for t in component.outputs)
+        parity = entry.get("parity", {})
+        verdict = f"{parity.get('max_rel', float('nan')):.1e} ({parity.get('tolerance_rel', float('nan')):.0e})" if parity else "-"
+        table.append((name, component.file, _mib(sum(f["bytes"] for f in component.files.values())), io, verdict))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0

@@ -1,0 +1,252 @@
+"""``sdfast export``: a diffusers folder -> an engine dir, built in a staging dir and renamed into place."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from sdfast import __version__
+from sdfast.errors import ConfigError, ExportError
+from sdfast.runtime.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, sha256_file
+
+PRECISIONS = ("fp32",)
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    model: str  # a diffusers folder, or a built-in name: tiny, sd15
+    out: Path
+    height: int | None = None  # None: the model's native size
+    width: int | None = None
+    batch: int = 1
+    precision: str = "fp32"
+    guidance: bool = True
+    force: bool = False
+    family: str = "sd15"
+
+
+def check_request(request: ExportRequest) -> None:
+    """Everything that can be refused before any work is done."""
+    for label, value in (("height", request.height), ("width", request.width)):
+        if value is not None and (value <= 0 or value % 8):
+            raise ConfigError(f"{label} {value} is not a positive multiple of 8; Stable Diffusion works on 8x8 latent cells")
+    if request.batch < 1:
+        raise ConfigError(f"batch {request.batch} must be at least 1")
+    if request.precision not in PRECISIONS:
+        raise ConfigError(f"precision '{request.precision}' is not supported yet; choose one of {', '.join(PRECISIONS)}")
+    out = request.out
+    if out.exists() and not request.force:
+        raise ConfigError(f"'{out}' already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"'{out}' exists and is not a directory")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot write '{out}': directory '{parent}' does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"cannot write '{out}': permission denied in '{parent}'")
+
+
+def _library_versions() -> dict[str, str]:
+    import diffusers
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {
+        "sdfast": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def export_engine(request: ExportRequest, progress: Progress = lambda _: None) -> Path:
+    """Export every component of the recipe, check parity, and write the engine dir atomically."""
+    check_request(request)
+    from sdfast.export.builtin import BUILTIN_MODELS, ensure_builtin
+    from sdfast.export.recipe import Recipe
+    from sdfast.export.source import check_model_folder
+
+    recipe = Recipe.load(request.family)
+    builtin = request.model in BUILTIN_MODELS
+    folder = ensure_builtin(request.model, progress) if builtin else Path(request.model)
+    check_model_folder(folder, recipe.data["pipeline_classes"])
+
+    out = request.out
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.absolute().parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the engine dir should not be
+    try:
+        manifest = _build(request, recipe, folder, builtin, staging, progress)
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")  # last: the dir now loads
+        _replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(staging: Path, out: Path) -> None:
+    if out.exists():
+        retired = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(retired)
+        staging.rename(out)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(out)
+
+
+def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging: Path, progress: Progress) -> dict:
+    import torch
+
+    from sdfast.export.components import WRAPPERS, sample_inputs
+    from sdfast.export.onnx_export import export_to_onnx, optimize_offline
+    from sdfast.export.parity import compare, torch_outputs
+    from sdfast.export.source import load_model, weights_fingerprint
+    from sdfast.runtime.backends import get_backend
+    from sdfast.runtime.manifest import ComponentInfo
+
+    started = time.perf_counter()
+    progress(f"loading {folder}")
+    model = load_model(folder)
+    fingerprint = weights_fingerprint(folder)
+    dims = _dimensions(request, recipe, model)
+    progress(
+        f"geometry: {dims['width']}x{dims['height']}, batch {request.batch}, U-Net batch {dims['unet_batch']} "
+        f"({'with' if request.guidance else 'without'} classifier-free guidance), {request.precision}"
+    )
+
+    components = {}
+    raw_dir = staging / ".raw"
+    raw_dir.mkdir()
+    names = recipe.component_names
+    for index, name in enumerate(names, 1):
+        component = recipe.component(name, dims, request.precision)
+        label = f"[{index}/{len(names)}] {name}"
+        module = WRAPPERS[name](model).eval()
+        inputs = sample_inputs(component, model)
+        step = time.perf_counter()
+        raw_path = raw_dir / f"{name}.onnx"
+        try:
+            export_to_onnx(module, component, inputs, raw_path, recipe.opset)
+        except Exception as error:  # noqa: BLE001 - exporter failures are many types; report one line
+            raise ExportError(f"{name}: ONNX export failed: {str(error).strip().splitlines()[0]}") from None
+        exported_s = time.perf_counter() - step
+        progress(f"{label}: exported to ONNX in {exported_s:.1f} s")
+
+        step = time.perf_counter()
+        files = optimize_offline(raw_path, staging / f"{name}.onnx")
+        optimized_s = time.perf_counter() - step
+        shutil.rmtree(raw_dir / "unused", ignore_errors=True)
+        for leftover in raw_dir.glob(f"{name}.onnx*"):
+            leftover.unlink()
+        file_info = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}
+        entry = {
+            "file": files[0].name,
+            "files": file_info,
+            "inputs": [t.to_json() for t in component.inputs],
+            "outputs": [t.to_json() for t in component.outputs],
+            "precision": request.precision,
+            "opset": recipe.opset,
+            "optimization": {"tool": "onnxruntime", "level": "ORT_ENABLE_EXTENDED", "for": "CPUExecutionProvider"},
+        }
+        progress(f"{label}: optimized offline in {optimized_s:.1f} s ({sum(f['bytes'] for f in file_info.values()) / 2**20:.1f} MiB)")
+
+        step = time.perf_counter()
+        engine = get_backend("cpu").load(ComponentInfo.from_json(name, entry), staging / entry["file"])
+        parity = compare(engine.run(inputs), torch_outputs(module, component, inputs), component.tolerance)
+        del engine
+        entry["parity"] = {**parity.to_json(), "backend": "cpu", "reference": f"torch {torch.__version__} fp32 CPU"}
+        entry["export_seconds"] = round(time.perf_counter() - step + exported_s + optimized_s, 2)
+        verdict = "ok" if parity.passed else "FAILED"
+        progress(f"{label}: parity vs PyTorch max_abs {parity.max_abs:.2e}, max_rel {parity.max_rel:.2e} (tolerance {parity.tolerance:.0e}) {verdict}")
+        if not parity.passed:
+            raise ExportError(
+                f"{name}: ONNX output differs from PyTorch by max_rel {parity.max_rel:.3g}"
+                f"{'' if parity.finite else ' with NaN/inf'}, above the {request.precision} tolerance {parity.tolerance:g}"
+            )
+        components[name] = entry
+    raw_dir.rmdir()
+
+    tokenizer_info = _copy_tokenizer(model, folder, staging)
+    scheduler_dir = staging / "scheduler"
+    scheduler_dir.mkdir()
+    shutil.copy(folder / "scheduler" / "scheduler_config.json", scheduler_dir / "scheduler_config.json")
+    progress(f"export finished in {time.perf_counter() - started:.1f} s")
+
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "family": recipe.family,
+        "source": {
+            "name": request.model if builtin else folder.name,
+            "path": str(folder.resolve()),
+            "builtin": builtin,
+            "random_weights": builtin,
+            "fingerprint": fingerprint,
+        },
+        "geometry": {
+            "height": dims["height"], "width": dims["width"], "batch": request.batch, "guidance": request.guidance,
+            "unet_batch": dims["unet_batch"], "latent_channels": dims["latent_channels"],
+            "latent_height": dims["latent_height"], "latent_width": dims["latent_width"], "text_length": dims["text_length"],
+        },
+        "model": {
+            "vae_scaling_factor": float(model.vae.config.scaling_factor),
+            "prediction_type": model.scheduler_config.get("prediction_type", "epsilon"),
+            "latent_factor": recipe.latent_factor,
+            "unet_in_channels": dims["unet_in_channels"],
+            "text_hidden": dims["text_hidden"],
+        },
+        "precision": request.precision,
+        "tokenizer": tokenizer_info,
+        "scheduler": {"file": "scheduler/scheduler_config.json", "class": model.scheduler_config.get("_class_name")},
+        "components": components,
+        "libraries": _library_versions(),
+        "export_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _dimensions(request: ExportRequest, recipe, model) -> dict[str, int]:
+    factor = recipe.latent_factor
+    native = int(model.unet.config.sample_size) * factor
+    height = request.height or native
+    width = request.width or native
+    text_length = int(model.tokenizer.model_max_length)
+    if text_length > int(model.text_encoder.config.max_position_embeddings):
+        text_length = int(model.text_encoder.config.max_position_embeddings)
+    return {
+        "height": height, "width": width, "batch": request.batch,
+        "unet_batch": request.batch * (2 if request.guidance else 1),
+        "latent_height": height // factor, "latent_width": width // factor,
+        "latent_channels": int(model.vae.config.latent_channels), "unet_in_channels": int(model.unet.config.in_channels),
+        "text_length": text_length, "text_hidden": int(model.text_encoder.config.hidden_size),
+    }
+
+
+def _copy_tokenizer(model, folder: Path, staging: Path) -> dict:
+    """A tokenizer.json for the lean runtime (converted by transformers if the folder has only vocab/merges)."""
+    target = staging / "tokenizer"
+    model.tokenizer.save_pretrained(target)
+    for name in ("vocab.json", "merges.txt"):
+        if (folder / "tokenizer" / name).is_file():
+            shutil.copy(folder / "tokenizer" / name, target / name)
+    if not (target / "tokenizer.json").is_file():
+        raise ExportError(f"could not produce tokenizer.json from {folder / 'tokenizer'}")
+    tokenizer = model.tokenizer
+    return {
+        "file": "tokenizer/tokenizer.json",
+        "bos_id": int(tokenizer.bos_token_id),
+        "eos_id": int(tokenizer.eos_token_id),
+        "pad_id": int(tokenizer.pad_token_id),
+        "max_length": int(tokenizer.model_max_length),
+    }

@@ -1,0 +1,169 @@
+"""Built-in random-weight Stable Diffusion 1.x pipelines, made locally from diffusers config classes.
+
+``tiny`` has SD 1.x's structure at toy width, for tests. ``sd15`` has SD 1.5's real architecture and
+configs, so latency is real; its weights are random, so its images are noise. Both are saved as
+ordinary diffusers folders and cached under ``$SDFAST_CACHE`` (default ``~/.cache/sdfast``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from sdfast.export.builtin_tokenizer import write_tokenizer_files
+
+BUILTIN_FORMAT = 1  # bump when what a built-in folder holds changes; stale caches are rebuilt
+MARKER = "sdfast_builtin.json"
+
+# stable-diffusion-v1-5's scheduler_config.json, key for key.
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """Configs of one built-in pipeline; the text encoder's vocab must cover the made-up tokenizer."""
+
+    name: str
+    description: str
+    default_size: int
+    seed: int
+    unet: dict = field(default_factory=dict)
+    vae: dict = field(default_factory=dict)
+    text_encoder: dict = field(default_factory=dict)
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "tiny": BuiltinModel(
+        name="tiny",
+        description="SD 1.x structure at toy width (random weights), for tests",
+        default_size=64,
+        seed=0,
+        unet=dict(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+        ),
+        vae=dict(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(16, 32, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            norm_num_groups=8, sample_size=64, scaling_factor=0.18215,
+        ),
+        text_encoder=dict(
+            vocab_size=1280, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32,
+        ),
+    ),
+    "sd15": BuiltinModel(
+        name="sd15",
+        description="Stable Diffusion 1.5 architecture and configs with RANDOM weights (real latency, noise images)",
+        default_size=512,
+        seed=0,
+        unet=dict(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, act_fn="silu", downsample_padding=1,
+            flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1,
+        ),
+        vae=dict(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            norm_num_groups=32, sample_size=512, act_fn="silu", scaling_factor=0.18215,
+        ),
+        text_encoder=dict(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, layer_norm_eps=1e-5,
+        ),
+    ),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SDFAST_CACHE", Path.home() / ".cache" / "sdfast"))
+
+
+def _descriptor(model: BuiltinModel) -> dict:
+    import diffusers
+    import torch
+
+    return {"format": BUILTIN_FORMAT, "model": asdict(model), "torch": torch.__version__, "diffusers": diffusers.__version__}
+
+
+def ensure_builtin(name: str, log: Callable[[str], None] = lambda _: None) -> Path:
+    """The folder of a built-in model, built (and cached) if no up-to-date copy exists."""
+    model = BUILTIN_MODELS[name]
+    folder = cache_root() / "models" / name
+    descriptor = json.loads(json.dumps(_descriptor(model)))
+    marker = folder / MARKER
+    if marker.is_file():
+        try:
+            if json.loads(marker.read_text()) == descriptor:
+                return folder
+        except (OSError, ValueError):
+            pass
+    log(f"building built-in model '{name}': {model.description}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+    try:
+        save_builtin(model, staging)
+        (staging / MARKER).write_text(json.dumps(descriptor, indent=2))  # written last: the folder is complete
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def save_builtin(model: BuiltinModel, folder: Path) -> None:
+    """Create the random-weight pipeline from configs and save it as a diffusers folder."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    raw_tokenizer_dir = folder / "_raw_tokenizer"
+    vocab_path, merges_path = write_tokenizer_files(raw_tokenizer_dir)
+    tokenizer = CLIPTokenizer(vocab=str(vocab_path), merges=str(merges_path))
+    tokenizer.model_max_length = model.text_encoder["max_position_embeddings"]
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+    torch.manual_seed(model.seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**model.text_encoder, **special)).eval()
+    torch.manual_seed(model.seed + 1)
+    unet = UNet2DConditionModel(**model.unet).eval()
+    torch.manual_seed(model.seed + 2)
+    vae = AutoencoderKL(**model.vae).eval()
+    scheduler = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
+
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    # The scheduler file as SD 1.5 ships it (diffusers would drop keys PNDM does not take, such as clip_sample).
+    scheduler_config = {**SD15_SCHEDULER_CONFIG, "_diffusers_version": json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_diffusers_version"]}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
+    for path in (vocab_path, merges_path):  # also CLIP's classic files, for older tokenizer loaders
+        shutil.copy(path, folder / "tokenizer" / path.name)
+    shutil.rmtree(raw_tokenizer_dir)
+    (folder / "README.md").write_text(
+        f"# sdfast built-in model '{model.name}'\n\n{model.description}.\n\n"
+        "The weights are RANDOM (seeded): this folder has a real architecture for testing and timing, "
+        "and its images are noise.\n"
+    )

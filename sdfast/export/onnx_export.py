@@ -1,0 +1,77 @@
+"""torch -> static-shape ONNX, then onnxruntime's offline graph optimization into the engine dir."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from sdfast.export.recipe import ComponentRecipe
+
+# Models above this many bytes of weights keep them in a side file (protobuf caps one file at 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The dynamo exporter narrates each pass on stdout and warns liberally; sdfast reports progress itself."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def export_to_onnx(module: torch.nn.Module, recipe: ComponentRecipe, inputs: dict[str, np.ndarray], path: Path, opset: int) -> None:
+    """Trace ``module`` with torch.export at the recipe's fixed shapes (no dynamic axes) and save ONNX."""
+    args = tuple(torch.from_numpy(inputs[t.name]) for t in recipe.inputs)
+    weights_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
+        program = torch.onnx.export(
+            module.eval(),
+            args,
+            input_names=[t.name for t in recipe.inputs],
+            output_names=[t.name for t in recipe.outputs],
+            opset_version=opset,
+            dynamo=True,
+            optimize=True,
+        )
+        program.save(str(path), external_data=weights_bytes > EXTERNAL_DATA_THRESHOLD)
+    _check_static(path, recipe)
+
+
+def _check_static(path: Path, recipe: ComponentRecipe) -> None:
+    model = onnx.load(str(path), load_external_data=False)
+    for value, expected in zip(list(model.graph.input) + list(model.graph.output), recipe.inputs + recipe.outputs):
+        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim)
+        if value.name != expected.name or dims != expected.shape:
+            raise RuntimeError(f"exported {path.name}: {value.name}{dims} differs from the recipe's {expected.name}{expected.shape}")
+
+
+def optimize_offline(raw: Path, out: Path) -> list[Path]:
+    """Run onnxruntime's basic and extended graph optimizations once and save the result; returns the files written."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(out)
+    options.log_severity_level = 3
+    files = [out]
+    if raw.with_name(raw.name + ".data").exists():  # large models keep their weights in a side file
+        data_name = out.name + ".data"
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        files.append(out.with_name(data_name))
+    ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"])
+    return files

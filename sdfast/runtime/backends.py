@@ -1,0 +1,125 @@
+"""Execution backends: one small engine class per runtime behind one interface (rembg's sessions/ style)."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from sdfast.errors import EngineError
+from sdfast.runtime.manifest import ComponentInfo, TensorSpec
+
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+
+
+class Engine(ABC):
+    """One exported component, ready to run at its fixed shapes."""
+
+    def __init__(self, info: ComponentInfo):
+        self.info = info
+
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Inputs in the manifest's order, dtype and shape; a mismatch is a bug in the caller, said plainly."""
+        checked = {}
+        for spec in self.info.inputs:
+            value = feeds.get(spec.name)
+            if value is None:
+                raise EngineError(f"{self.info.name}: input '{spec.name}' not given")
+            if tuple(value.shape) != spec.shape:
+                raise EngineError(f"{self.info.name}: input '{spec.name}' has shape {tuple(value.shape)}, the engine was built for {spec.shape}")
+            checked[spec.name] = np.ascontiguousarray(value, dtype=_NUMPY_DTYPES[spec.dtype])
+        return checked
+
+    @abstractmethod
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Outputs in the manifest's order."""
+
+
+class Backend(ABC):
+    name: str
+
+    @abstractmethod
+    def available(self) -> tuple[bool, str]:
+        """(usable here, why not)."""
+
+    @abstractmethod
+    def load(self, info: ComponentInfo, path: Path) -> Engine: ...
+
+
+class OrtEngine(Engine):
+    def __init__(self, info: ComponentInfo, session):
+        super().__init__(info)
+        self.session = session
+        self.output_names = [spec.name for spec in info.outputs]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self.session.run(self.output_names, self.check_feeds(feeds))
+        except EngineError:
+            raise
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own hierarchy
+            raise EngineError(f"{self.info.name}: onnxruntime failed: {str(error).splitlines()[0]}") from None
+
+
+class OrtBackend(Backend):
+    """onnxruntime with one execution provider; the graph was optimized at export, so loading is quick."""
+
+    def __init__(self, name: str, provider: str, threads: int = 0):
+        self.name = name
+        self.provider = provider
+        self.threads = threads
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import onnxruntime as ort
+        except ImportError as error:
+            return False, f"onnxruntime is not installed ({error})"
+        if self.provider not in ort.get_available_providers():
+            return False, f"onnxruntime {ort.__version__} has no {self.provider} (install onnxruntime-gpu for cuda)"
+        return True, ""
+
+    def session_options(self):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self.threads
+        options.log_severity_level = 3
+        return options
+
+    def load(self, info: ComponentInfo, path: Path) -> Engine:
+        import onnxruntime as ort
+
+        ok, why = self.available()
+        if not ok:
+            raise EngineError(f"backend '{self.name}' is not available: {why}")
+        try:
+            session = ort.InferenceSession(str(path), self.session_options(), providers=[self.provider])
+        except Exception as error:  # noqa: BLE001
+            raise EngineError(f"cannot load {info.name} from '{path}': {str(error).splitlines()[0]}") from None
+        _check_session_matches(session, info)
+        return OrtEngine(info, session)
+
+
+def _check_session_matches(session, info: ComponentInfo) -> None:
+    graph_inputs = {i.name: tuple(i.shape) for i in session.get_inputs()}
+    for spec in info.inputs:
+        if graph_inputs.get(spec.name) != spec.shape:
+            raise EngineError(f"{info.name}: the ONNX file's input '{spec.name}' {graph_inputs.get(spec.name)} differs from the manifest's {spec.shape}")
+
+
+BACKENDS: dict[str, Backend] = {
+    "cpu": OrtBackend("cpu", "CPUExecutionProvider"),
+    "cuda": OrtBackend("cuda", "CUDAExecutionProvider"),
+}
+
+
+def get_backend(name: str) -> Backend:
+    backend = BACKENDS.get(name)
+    if backend is None:
+        raise EngineError(f"unknown backend '{name}'; choose one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def tensor_spec_str(spec: TensorSpec) -> str:
+    return f"{spec.name}[{'x'.join(map(str, spec.shape))}] {spec.dtype}"

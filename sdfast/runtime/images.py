@@ -1,0 +1,57 @@
+"""Decoded images to uint8 pixels and PNG files carrying AUTOMATIC1111-style generation parameters."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from sdfast.errors import RequestError
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8, rounded as diffusers' VaeImageProcessor does."""
+    images = np.clip(images / np.float32(2.0) + np.float32(0.5), 0.0, 1.0)
+    return np.round(images.transpose(0, 2, 3, 1) * np.float32(255.0)).astype(np.uint8)
+
+
+def infotext(prompt: str, negative_prompt: str, settings: dict[str, object]) -> str:
+    """The 'parameters' text A1111 writes: prompt, 'Negative prompt: ...', then 'Key: value, ...'."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{key}: {value}" for key, value in settings.items() if value is not None))
+    return "\n".join(lines)
+
+
+def check_output_path(path: Path) -> None:
+    """Refuse, before any work, an output that cannot be written."""
+    if path.suffix.lower() != ".png":
+        raise RequestError(f"output '{path}' must end in .png")
+    if path.is_dir():
+        raise RequestError(f"output '{path}' is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise RequestError(f"cannot write '{path}': directory '{parent}' does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise RequestError(f"cannot write '{path}': permission denied")
+
+
+def save_png(pixels: np.ndarray, path: Path, parameters: str) -> None:
+    """Write [H, W, 3] uint8 as PNG with a 'parameters' text chunk; atomically, so no half-written file remains."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            Image.fromarray(pixels, mode="RGB").save(file, format="PNG", pnginfo=info)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise RequestError(f"cannot write '{path}': {error.strerror or error}") from None
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)

@@ -1,0 +1,36 @@
+"""CLIP prompt tokenization with the tokenizers library, padded and truncated as diffusers does it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sdfast.errors import EngineError
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    ids: np.ndarray  # [max_length] int64: BOS, up to max_length - 2 tokens, EOS, padding
+    dropped_tokens: int  # tokens cut by truncation (0 when the prompt fits)
+
+
+class PromptTokenizer:
+    """tokenizer.json plus the special ids and length recorded in the manifest."""
+
+    def __init__(self, path: Path, bos_id: int, eos_id: int, pad_id: int, max_length: int):
+        from tokenizers import Tokenizer
+
+        try:
+            self._tokenizer = Tokenizer.from_file(str(path))
+        except Exception as error:  # noqa: BLE001 - tokenizers raises plain Exceptions
+            raise EngineError(f"cannot read tokenizer '{path}': {str(error).splitlines()[0]}") from None
+        self.bos_id, self.eos_id, self.pad_id, self.max_length = bos_id, eos_id, pad_id, max_length
+
+    def encode(self, prompt: str) -> EncodedPrompt:
+        tokens = self._tokenizer.encode(prompt, add_special_tokens=False).ids
+        room = self.max_length - 2
+        dropped = max(0, len(tokens) - room)
+        ids = [self.bos_id, *tokens[:room], self.eos_id]
+        ids += [self.pad_id] * (self.max_length - len(ids))
+        return EncodedPrompt(ids=np.asarray(ids, dtype=np.int64), dropped_tokens=dropped)

@@ -1,5 +1,44 @@
+"""Shared fixtures: one tiny random-weight model and its engine dir per test session."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: builds and exports models; a few seconds to minutes")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
+
+
+@pytest.fixture(scope="session")
+def sdfast_cache(tmp_path_factory) -> Path:
+    """Built-in models go to a cache of the test session's own, unless SDFAST_CACHE is set."""
+    cache = Path(os.environ.get("SDFAST_CACHE") or tmp_path_factory.mktemp("sdfast-cache"))
+    os.environ["SDFAST_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_model(sdfast_cache) -> Path:
+    from sdfast.export.builtin import ensure_builtin
+
+    return ensure_builtin("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model, tmp_path_factory) -> Path:
+    from sdfast.export.build import ExportRequest, export_engine
+
+    out = tmp_path_factory.mktemp("engines") / "tiny-64"
+    return export_engine(ExportRequest(model="tiny", out=out))
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the sdfast CLI in a fresh interpreter, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "sdfast", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )

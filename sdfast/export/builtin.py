@@ -134,8 +134,16 @@ def ensure_builtin(name: str, log: Callable[[str], None] = lambda _: None) -> Pa
 def save_builtin(model: BuiltinModel, folder: Path) -> None:
     """Create the random-weight pipeline from configs and save it as a diffusers folder."""
     import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # before diffusers' pipeline imports probe optional image processors
+    transformers.logging.disable_progress_bar()
+    import diffusers
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    diffusers.logging.set_verbosity_error()
+    diffusers.logging.disable_progress_bar()
 
     raw_tokenizer_dir = folder / "_raw_tokenizer"
     vocab_path, merges_path = write_tokenizer_files(raw_tokenizer_dir)

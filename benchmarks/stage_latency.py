@@ -1,0 +1,92 @@
+"""Per-stage latency of an engine dir on the lean runtime: load, text encoder, U-Net step, VAE decode.
+
+    python benchmarks/stage_latency.py ENGINE_DIR [--repeat 5] [--backend cpu] [--json benchmarks/results/NAME.json]
+
+Each stage runs once to warm up, then --repeat times; the table gives median, min, max and std in ms.
+(`sdfast bench` will grow out of this with the backend comparison and peers.)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sdfast.runtime.pipeline import Pipeline
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def time_stage(run, repeat: int) -> dict[str, float]:
+    run()  # warm-up
+    samples = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        run()
+        samples.append((time.perf_counter() - started) * 1e3)
+    return {
+        "median_ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples),
+        "std_ms": statistics.stdev(samples) if len(samples) > 1 else 0.0, "repeat": repeat,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("engine_dir", type=Path)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--backend", default="cpu")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    pipeline = Pipeline.load(args.engine_dir, backend=args.backend, verify="size")
+    load_s = time.perf_counter() - started
+    geometry = pipeline.manifest.geometry
+    rng = np.random.default_rng(0)
+    engines = pipeline.engines
+    feeds = {name: {s.name: (rng.integers(0, 1000, s.shape) if s.dtype == "int64" else rng.standard_normal(s.shape)) for s in engine.info.inputs}
+             for name, engine in engines.items()}
+    feeds["unet"]["timestep"] = np.full(feeds["unet"]["timestep"].shape, 500.0)
+    stages = {}
+    for name, label in (("text_encoder", "text encoder"), ("unet", "U-Net step"), ("vae_decoder", "VAE decode")):
+        print(f"timing {label} ...", file=sys.stderr, flush=True)
+        stages[name] = time_stage(lambda: engines[name].run(feeds[name]), args.repeat)
+
+    print(f"\n{pipeline.manifest.model_name} {geometry['width']}x{geometry['height']}, batch {geometry['batch']}, "
+          f"U-Net batch {geometry['unet_batch']}, {pipeline.manifest.data['precision']}, backend {args.backend}; load {load_s:.2f} s")
+    print(f"{'stage':<14}{'median ms':>11}{'min':>9}{'max':>9}{'std':>8}")
+    for name, figures in stages.items():
+        print(f"{name:<14}{figures['median_ms']:>11.1f}{figures['min_ms']:>9.1f}{figures['max_ms']:>9.1f}{figures['std_ms']:>8.1f}")
+    if args.json:
+        import onnxruntime
+
+        record = {
+            "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
+            "versions": {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "python": platform.python_version()},
+            "engine": {"model": pipeline.manifest.model_name, **geometry, "precision": pipeline.manifest.data["precision"]},
+            "backend": args.backend, "load_s": load_s, "stages": stages,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The CLI as a user meets it: a real PNG with A1111 parameters, and one clear line for every bad input."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import run_cli
+
+
+def assert_clean_error(completed, *fragments):
+    assert completed.returncode == 2, completed.stderr
+    lines = [line for line in completed.stderr.strip().splitlines() if line]
+    assert len(lines) == 1 and "Traceback" not in completed.stderr, completed.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_generate_writes_png_with_parameters(tiny_engine, tmp_path):
+    out = tmp_path / "apple.png"
+    completed = run_cli("generate", tiny_engine, "a red apple on a table", "--negative", "blurry", "--steps", "5",
+                        "--cfg", "7.5", "--seed", "42", "--sampler", "Euler", "-o", out)
+    assert completed.returncode == 0, completed.stderr
+    image = Image.open(out)
+    assert image.format == "PNG" and image.size == (64, 64) and image.mode == "RGB"
+    assert np.asarray(image).std() > 10
+    parameters = image.info["parameters"].splitlines()
+    assert parameters[0] == "a red apple on a table"
+    assert parameters[1] == "Negative prompt: blurry"
+    for field in ("Steps: 5", "Sampler: Euler", "CFG scale: 7.5", "Seed: 42", "Size: 64x64", "Model hash: ", "Model: tiny"):
+        assert field in parameters[2]
+    assert "U-Net step median" in completed.stderr  # the per-stage timing summary
+
+
+def test_info_prints_the_manifest(tiny_engine):
+    completed = run_cli("info", tiny_engine, "--verify")
+    assert completed.returncode == 0, completed.stderr
+    for fragment in ("RANDOM WEIGHTS", "unet", "noise_pred[2x4x8x8]", "all sha256 match"):
+        assert fragment in completed.stdout
+    assert json.loads(run_cli("info", tiny_engine, "--json").stdout)["format"] == "sdfast-engine"
+
+
+def test_long_prompt_is_truncated_with_a_warning(tiny_engine, tmp_path):
+    completed = run_cli("generate", tiny_engine, " ".join(["apple"] * 90), "--steps", "2", "-o", tmp_path / "long.png", "--quiet")
+    assert completed.returncode == 0, completed.stderr
+    assert "the last 15 token(s) were dropped" in completed.stderr
+
+
+def test_export_refuses_missing_model_folder(tmp_path):
+    assert_clean_error(run_cli("export", "--model", tmp_path / "nowhere", "--out", tmp_path / "e"), "does not exist")
+
+
+def test_export_refuses_non_diffusers_folder(tmp_path):
+    (tmp_path / "notamodel").mkdir()
+    assert_clean_error(run_cli("export", "--model", tmp_path / "notamodel", "--out", tmp_path / "e"), "model_index.json")
+    assert not (tmp_path / "e").exists()
+
+
+def test_export_refuses_bad_shape_before_work(tmp_path):
+    assert_clean_error(run_cli("export", "--model", "tiny", "--out", tmp_path / "e", "--height", "100"), "multiple of 8")
+
+
+def test_export_refuses_existing_out_without_force(tiny_engine):
+    assert_clean_error(run_cli("export", "--model", "tiny", "--out", tiny_engine), "--force")
+
+
+@pytest.fixture
+def engine_copy(tiny_engine, tmp_path):
+    copy = tmp_path / "engine"
+    shutil.copytree(tiny_engine, copy)
+    return copy
+
+
+def test_generate_refuses_missing_engine_dir(tmp_path):
+    assert_clean_error(run_cli("generate", tmp_path / "nowhere", "x", "-o", tmp_path / "x.png"), "does not exist")
+
+
+def test_generate_refuses_missing_file(engine_copy, tmp_path):
+    (engine_copy / "unet.onnx").unlink()
+    assert_clean_error(run_cli("generate", engine_copy, "x", "-o", tmp_path / "x.png"), "unet", "missing")
+
+
+def test_generate_refuses_corrupt_file(engine_copy, tmp_path):
+    path = engine_copy / "vae_decoder.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert_clean_error(run_cli("generate", engine_copy, "x", "-o", tmp_path / "x.png"), "vae_decoder.onnx", "sha256")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_generate_refuses_truncated_file_even_without_hashing(engine_copy, tmp_path):
+    path = engine_copy / "unet.onnx"
+    path.write_bytes(path.read_bytes()[:1000])
+    assert_clean_error(run_cli("generate", engine_copy, "x", "--verify", "size", "-o", tmp_path / "x.png"), "unet.onnx", "bytes")
+
+
+def test_generate_refuses_other_format_version(engine_copy, tmp_path):
+    manifest = json.loads((engine_copy / "manifest.json").read_text())
+    manifest["format_version"] = 999
+    (engine_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert_clean_error(run_cli("generate", engine_copy, "x", "-o", tmp_path / "x.png"), "format version 999", "re-export")
+
+
+def test_generate_refuses_malformed_manifest(engine_copy, tmp_path):
+    (engine_copy / "manifest.json").write_text("{not json")
+    assert_clean_error(run_cli("generate", engine_copy, "x", "-o", tmp_path / "x.png"), "not valid JSON")
+
+
+def test_generate_refuses_unknown_sampler(tiny_engine, tmp_path):
+    assert_clean_error(run_cli("generate", tiny_engine, "x", "--sampler", "euler z", "-o", tmp_path / "x.png"), "unknown sampler", "DDIM")
+
+
+def test_generate_refuses_size_the_engine_was_not_built_for(tiny_engine, tmp_path):
+    assert_clean_error(run_cli("generate", tiny_engine, "x", "--width", "128", "-o", tmp_path / "x.png"), "built for 64x64", "128x64")
+    assert_clean_error(run_cli("generate", tiny_engine, "x", "--batch-size", "3", "-o", tmp_path / "x.png"), "batch 1", "batch 3")
+
+
+def test_generate_refuses_unwritable_output(tiny_engine, tmp_path):
+    assert_clean_error(run_cli("generate", tiny_engine, "x", "-o", tmp_path / "no" / "such" / "dir.png"), "does not exist")
+    assert_clean_error(run_cli("generate", tiny_engine, "x", "-o", tmp_path), "must end in .png")
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert_clean_error(run_cli("generate", tiny_engine, "x", "-o", locked / "x.png"), "permission denied")
+
+
+def test_generate_refuses_bad_steps(tiny_engine, tmp_path):
+    assert_clean_error(run_cli("generate", tiny_engine, "x", "--steps", "0", "-o", tmp_path / "x.png"), "steps must be")

@@ -1,0 +1,54 @@
+"""sdfast's fp32 CPU images equal diffusers' StableDiffusionPipeline for the same folder, seed, sampler and steps."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from sdfast.runtime.images import psnr
+from sdfast.runtime.pipeline import GenerationRequest, Pipeline
+
+PROMPT, NEGATIVE = "a red apple on a table", "blurry"
+
+
+@pytest.fixture(scope="module")
+def reference_pipeline(tiny_model):
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_engine):
+    return Pipeline.load(tiny_engine)
+
+
+@pytest.mark.parametrize(
+    "sampler, scheduler_class, steps, cfg",
+    [("euler", "EulerDiscreteScheduler", 20, 7.5), ("ddim", "DDIMScheduler", 20, 7.5), ("euler", "EulerDiscreteScheduler", 8, 1.0)],
+)
+def test_image_matches_diffusers(pipeline, reference_pipeline, sampler, scheduler_class, steps, cfg):
+    reference_pipeline.scheduler = getattr(diffusers, scheduler_class).from_config(reference_pipeline.scheduler.config)
+    expected = reference_pipeline(
+        PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=cfg, height=64, width=64,
+        generator=torch.Generator("cpu").manual_seed(42), output_type="np",
+    ).images
+    expected = (expected * 255).round().astype(np.uint8)
+    result = pipeline.generate(GenerationRequest(PROMPT, NEGATIVE, steps=steps, cfg_scale=cfg, seed=42, sampler=sampler))
+    assert result.images.shape == expected.shape == (1, 64, 64, 3)
+    assert result.images.std() > 10, "a saturated or flat image would make the comparison meaningless"
+    assert psnr(result.images, expected) >= 40.0
+
+
+def test_same_seed_same_image_other_seed_other_image(pipeline):
+    request = GenerationRequest(PROMPT, steps=4, seed=7)
+    first, second = pipeline.generate(request), pipeline.generate(request)
+    assert np.array_equal(first.images, second.images)
+    other = pipeline.generate(GenerationRequest(PROMPT, steps=4, seed=8))
+    assert not np.array_equal(first.images, other.images)
+
+
+def test_guidance_scale_changes_the_image(pipeline):
+    low = pipeline.generate(GenerationRequest(PROMPT, steps=4, cfg_scale=1.0, seed=3))
+    high = pipeline.generate(GenerationRequest(PROMPT, steps=4, cfg_scale=9.0, seed=3))
+    assert not np.array_equal(low.latents, high.latents)

@@ -1,0 +1,98 @@
+"""The engine dir: static shapes, hashes and parity in the manifest, atomic writes, refusals before work."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+
+from sdfast.errors import ConfigError, ExportError
+from sdfast.export.build import ExportRequest, check_request, export_engine
+from sdfast.runtime.manifest import COMPONENTS, FORMAT_VERSION, read_manifest, sha256_file
+
+
+def test_manifest_describes_every_component(tiny_engine):
+    manifest = read_manifest(tiny_engine)
+    data = manifest.data
+    assert data["format_version"] == FORMAT_VERSION
+    assert set(manifest.components) == set(COMPONENTS)
+    assert data["source"]["fingerprint"].startswith("sha256:") and data["source"]["random_weights"] is True
+    assert data["model"]["vae_scaling_factor"] == pytest.approx(0.18215)
+    assert data["model"]["prediction_type"] == "epsilon"
+    for key in ("torch", "diffusers", "transformers", "onnx", "onnxruntime"):
+        assert data["libraries"][key]
+    geometry = data["geometry"]
+    assert (geometry["height"], geometry["width"], geometry["batch"], geometry["unet_batch"]) == (64, 64, 1, 2)
+    for name, component in manifest.components.items():
+        entry = data["components"][name]
+        assert entry["precision"] == "fp32" and entry["opset"] >= 17
+        for relative, info in component.files.items():
+            assert sha256_file(tiny_engine / relative) == info["sha256"]
+        parity = entry["parity"]
+        assert parity["passed"] and parity["max_rel"] <= parity["tolerance_rel"] and parity["max_abs"] >= 0
+
+
+def test_onnx_graphs_have_only_static_shapes(tiny_engine):
+    manifest = read_manifest(tiny_engine)
+    for component in manifest.components.values():
+        graph = onnx.load(str(tiny_engine / component.file)).graph
+        declared = {t.name: t.shape for t in component.inputs + component.outputs}
+        for value in list(graph.input) + list(graph.output):
+            dims = value.type.tensor_type.shape.dim
+            assert all(d.HasField("dim_value") for d in dims), f"{component.name}.{value.name} has a dynamic axis"
+            assert tuple(d.dim_value for d in dims) == declared[value.name]
+
+
+def test_unet_batch_follows_guidance(tiny_model, tmp_path):
+    out = export_engine(ExportRequest(model=str(tiny_model), out=tmp_path / "noguide", guidance=False, batch=2, height=32, width=48))
+    manifest = read_manifest(out)
+    unet = manifest.components["unet"]
+    assert unet.inputs[0].shape == (2, 4, 4, 6)  # batch B without guidance, latents 32/8 x 48/8
+    assert manifest.components["vae_decoder"].outputs[0].shape == (2, 3, 32, 48)
+    assert manifest.data["source"]["random_weights"] is False  # a folder passed by path is the user's model
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"height": 60}, "multiple of 8"),
+        ({"width": 0}, "multiple of 8"),
+        ({"batch": 0}, "at least 1"),
+        ({"precision": "int3"}, "precision"),
+    ],
+)
+def test_impossible_shapes_are_refused_before_work(tmp_path, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        check_request(ExportRequest(model="tiny", out=tmp_path / "e", **changes))
+
+
+def test_existing_out_needs_force(tiny_engine):
+    with pytest.raises(ConfigError, match="--force"):
+        check_request(ExportRequest(model="tiny", out=tiny_engine))
+
+
+def test_failed_export_leaves_nothing_behind(tiny_model, tmp_path, monkeypatch):
+    """A parity failure (a tolerance no float export can meet) aborts the export; no dir or staging remains."""
+    from sdfast.export import recipe as recipe_module
+
+    original = recipe_module.Recipe.component
+
+    def strict(self, name, dims, precision):
+        component = original(self, name, dims, precision)
+        return type(component)(component.name, component.inputs, component.outputs, 1e-30 if name == "unet" else component.tolerance)
+
+    monkeypatch.setattr(recipe_module.Recipe, "component", strict)
+    out = tmp_path / "engine"
+    with pytest.raises(ExportError, match="unet: ONNX output differs from PyTorch"):
+        export_engine(ExportRequest(model=str(tiny_model), out=out))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_force_replaces_an_engine_dir(tiny_model, tmp_path):
+    out = tmp_path / "engine"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    export_engine(ExportRequest(model=str(tiny_model), out=out, force=True, height=32, width=32))
+    assert not (out / "stale.txt").exists() and read_manifest(out).geometry["height"] == 32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]

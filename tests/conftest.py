@@ -36,6 +36,14 @@ def tiny_engine(tiny_model, tmp_path_factory) -> Path:
     return export_engine(ExportRequest(model="tiny", out=out))
 
 
+@pytest.fixture(scope="session")
+def tiny_engine_batch2_unguided(tiny_model, tmp_path_factory) -> Path:
+    from sdfast.export.build import ExportRequest, export_engine
+
+    out = tmp_path_factory.mktemp("engines") / "tiny-64-b2-noguide"
+    return export_engine(ExportRequest(model=str(tiny_model), out=out, batch=2, guidance=False))
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the sdfast CLI in a fresh interpreter, as a user would."""
     return subprocess.run(

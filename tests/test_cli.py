@@ -129,3 +129,59 @@ def test_generate_refuses_unwritable_output(tiny_engine, tmp_path):
 
 def test_generate_refuses_bad_steps(tiny_engine, tmp_path):
     assert_clean_error(run_cli("generate", tiny_engine, "x", "--steps", "0", "-o", tmp_path / "x.png"), "steps must be")
+
+
+def test_batch_writes_numbered_pngs_with_their_own_seeds(tiny_engine_batch2_unguided, tmp_path):
+    completed = run_cli("generate", tiny_engine_batch2_unguided, "an owl", "--cfg", "1", "--seed", "100", "--steps", "3", "-o", tmp_path / "owl.png")
+    assert completed.returncode == 0, completed.stderr
+    for index in (0, 1):
+        assert f"Seed: {100 + index}," in Image.open(tmp_path / f"owl-{index}.png").info["parameters"]
+
+
+@pytest.mark.parametrize(
+    "mutate, fragment",
+    [
+        (lambda m: m.update(components=[]), "malformed"),
+        (lambda m: m["components"]["unet"].update(files=["unet.onnx"]), "malformed"),
+        (lambda m: m["geometry"].update(height="64"), "geometry.height"),
+        (lambda m: m["components"]["unet"]["files"].update({"../../etc/passwd": {"sha256": "0", "bytes": 1}}), "relative path"),
+        (lambda m: m.pop("tokenizer"), "tokenizer"),
+    ],
+)
+def test_generate_refuses_malformed_manifest_fields(engine_copy, tmp_path, mutate, fragment):
+    manifest = json.loads((engine_copy / "manifest.json").read_text())
+    mutate(manifest)
+    (engine_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert_clean_error(run_cli("generate", engine_copy, "x", "-o", tmp_path / "x.png"), fragment)
+    assert_clean_error(run_cli("info", engine_copy), fragment)
+
+
+def test_generate_refuses_changed_tokenizer(engine_copy, tmp_path):
+    (engine_copy / "tokenizer" / "tokenizer.json").write_text("{}")
+    assert_clean_error(run_cli("generate", engine_copy, "x", "-o", tmp_path / "x.png"), "tokenizer/tokenizer.json")
+
+
+def test_generate_refuses_missing_scheduler(engine_copy, tmp_path):
+    (engine_copy / "scheduler" / "scheduler_config.json").unlink()
+    assert_clean_error(run_cli("generate", engine_copy, "x", "--verify", "size", "-o", tmp_path / "x.png"), "scheduler_config.json", "missing")
+
+
+def test_generate_refuses_steps_beyond_the_schedule(tiny_engine, tmp_path):
+    assert_clean_error(run_cli("generate", tiny_engine, "x", "--sampler", "ddim", "--steps", "1000", "-o", tmp_path / "x.png"), "timestep 1000")
+
+
+def test_generate_refuses_prompt_that_is_not_utf8(tiny_engine, tmp_path):
+    import subprocess
+    import sys
+
+    completed = subprocess.run([sys.executable.encode(), b"-m", b"sdfast", b"generate", str(tiny_engine).encode(), b"caf\xff", b"-o", str(tmp_path / "x.png").encode()],
+                               capture_output=True, timeout=300)
+    assert completed.returncode == 2 and b"Traceback" not in completed.stderr
+    assert b"not valid UTF-8" in completed.stderr
+
+
+def test_export_force_refuses_a_folder_that_is_not_an_engine_dir(tmp_path):
+    (tmp_path / "documents").mkdir()
+    (tmp_path / "documents" / "thesis.txt").write_text("precious")
+    assert_clean_error(run_cli("export", "--model", "tiny", "--out", tmp_path / "documents", "--force"), "not an engine dir")
+    assert (tmp_path / "documents" / "thesis.txt").exists()

@@ -52,3 +52,30 @@ def test_guidance_scale_changes_the_image(pipeline):
     low = pipeline.generate(GenerationRequest(PROMPT, steps=4, cfg_scale=1.0, seed=3))
     high = pipeline.generate(GenerationRequest(PROMPT, steps=4, cfg_scale=9.0, seed=3))
     assert not np.array_equal(low.latents, high.latents)
+
+
+def test_batch_images_use_consecutive_seeds_and_unguided_engine_matches_cfg_1(pipeline, tiny_engine_batch2_unguided):
+    """Image i of a batch is the image seed + i gives alone; a --no-guidance engine equals a guided one at cfg 1."""
+    unguided = Pipeline.load(tiny_engine_batch2_unguided)
+    batch = unguided.generate(GenerationRequest(PROMPT, steps=6, cfg_scale=1.0, seed=5))
+    assert batch.images.shape == (2, 64, 64, 3) and batch.seeds == [5, 6]
+    for index, seed in enumerate(batch.seeds):
+        alone = pipeline.generate(GenerationRequest(PROMPT, steps=6, cfg_scale=1.0, seed=seed))
+        assert psnr(batch.images[index], alone.images[0]) >= 40.0
+        assert f"Seed: {seed}," in batch.parameters[index]
+
+
+def test_unguided_engine_refuses_guidance(tiny_engine_batch2_unguided):
+    from sdfast.errors import RequestError
+
+    with pytest.raises(RequestError, match="without classifier-free guidance"):
+        Pipeline.load(tiny_engine_batch2_unguided).generate(GenerationRequest(PROMPT, steps=2, cfg_scale=7.5))
+
+
+def test_unsupported_scheduler_options_are_refused(pipeline):
+    from sdfast.errors import ConfigError
+    from sdfast.sampling.registry import resolve_sampler
+
+    config = {**pipeline.scheduler_config, "use_karras_sigmas": True}
+    with pytest.raises(ConfigError, match="use_karras_sigmas"):
+        resolve_sampler("euler").plan(config, pipeline.schedule, 10)

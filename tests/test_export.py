@@ -44,13 +44,18 @@ def test_onnx_graphs_have_only_static_shapes(tiny_engine):
             assert tuple(d.dim_value for d in dims) == declared[value.name]
 
 
-def test_unet_batch_follows_guidance(tiny_model, tmp_path):
-    out = export_engine(ExportRequest(model=str(tiny_model), out=tmp_path / "noguide", guidance=False, batch=2, height=32, width=48))
-    manifest = read_manifest(out)
-    unet = manifest.components["unet"]
-    assert unet.inputs[0].shape == (2, 4, 4, 6)  # batch B without guidance, latents 32/8 x 48/8
-    assert manifest.components["vae_decoder"].outputs[0].shape == (2, 3, 32, 48)
+def test_unet_batch_follows_guidance(tiny_engine_batch2_unguided):
+    manifest = read_manifest(tiny_engine_batch2_unguided)
+    assert manifest.components["unet"].inputs[0].shape == (2, 4, 8, 8)  # batch B without guidance
+    assert manifest.components["text_encoder"].inputs[0].shape == (2, 77)
+    assert manifest.components["vae_decoder"].outputs[0].shape == (2, 3, 64, 64)
     assert manifest.data["source"]["random_weights"] is False  # a folder passed by path is the user's model
+
+
+def test_non_square_size(tiny_model, tmp_path):
+    manifest = read_manifest(export_engine(ExportRequest(model=str(tiny_model), out=tmp_path / "e", height=32, width=48)))
+    assert manifest.components["unet"].inputs[0].shape == (2, 4, 4, 6)  # latents 32/8 x 48/8
+    assert manifest.components["vae_decoder"].outputs[0].shape == (1, 3, 32, 48)
 
 
 @pytest.mark.parametrize(
@@ -89,9 +94,37 @@ def test_failed_export_leaves_nothing_behind(tiny_model, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_interrupted_export_leaves_nothing_behind(tiny_model, tmp_path, monkeypatch):
+    from sdfast.export import onnx_export
+
+    real_export = onnx_export.export_to_onnx
+
+    def interrupt_at_unet(module, recipe, *args, **kwargs):
+        if recipe.name == "unet":
+            raise KeyboardInterrupt
+        return real_export(module, recipe, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "export_to_onnx", interrupt_at_unet)
+    with pytest.raises(KeyboardInterrupt):
+        export_engine(ExportRequest(model=str(tiny_model), out=tmp_path / "engine"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_force_refuses_to_replace_what_is_not_an_engine_dir(tiny_model, tmp_path):
+    documents = tmp_path / "documents"
+    documents.mkdir()
+    (documents / "thesis.txt").write_text("precious")
+    with pytest.raises(ConfigError, match="not an engine dir"):
+        check_request(ExportRequest(model="tiny", out=documents, force=True))
+    with pytest.raises(ConfigError, match="overlaps the model folder"):
+        check_request(ExportRequest(model=str(tiny_model), out=tiny_model / "engine", force=True))
+    assert (documents / "thesis.txt").read_text() == "precious"
+
+
 def test_force_replaces_an_engine_dir(tiny_model, tmp_path):
     out = tmp_path / "engine"
     out.mkdir()
+    (out / "manifest.json").write_text("{}")  # an (old) engine dir
     (out / "stale.txt").write_text("old")
     export_engine(ExportRequest(model=str(tiny_model), out=out, force=True, height=32, width=32))
     assert not (out / "stale.txt").exists() and read_manifest(out).geometry["height"] == 32

@@ -28,16 +28,16 @@ def run(args: argparse.Namespace) -> int:
     data, geometry, source = manifest.data, manifest.geometry, manifest.data["source"]
     rows = [
         ("engine dir", str(manifest.root)),
-        ("format", f"{data['format']} v{data['format_version']}, created {data['created']}"),
-        ("model", f"{source['name']} ({source['path']})" + ("  [RANDOM WEIGHTS]" if source.get("random_weights") else "")),
+        ("format", f"{data['format']} v{data['format_version']}, created {data.get('created', '?')}"),
+        ("model", f"{source['name']} ({source.get('path', '?')})" + ("  [RANDOM WEIGHTS]" if source.get("random_weights") else "")),
         ("fingerprint", f"{source['fingerprint']}  (model hash {manifest.model_hash})"),
-        ("family", data["family"]),
+        ("family", data.get("family", "?")),
         ("size", f"{geometry['width']}x{geometry['height']}, batch {geometry['batch']}, "
                  f"guidance {'on (U-Net batch ' + str(geometry['unet_batch']) + ')' if geometry['guidance'] else 'off'}"),
-        ("precision", data["precision"]),
+        ("precision", data.get("precision", "?")),
         ("prediction", f"{data['model']['prediction_type']}, VAE scaling factor {data['model']['vae_scaling_factor']}"),
         ("scheduler", f"{data['scheduler'].get('class')} config ({data['scheduler']['file']})"),
-        ("libraries", ", ".join(f"{k} {v}" for k, v in data["libraries"].items())),
+        ("libraries", ", ".join(f"{k} {v}" for k, v in data.get("libraries", {}).items())),
     ]
     if args.verify:
         rows.append(("files", "all sha256 match the manifest"))

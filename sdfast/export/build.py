@@ -47,6 +47,11 @@ def check_request(request: ExportRequest) -> None:
         raise ConfigError(f"'{out}' already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"'{out}' exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise ConfigError(f"'{out}' is not empty and is not an engine dir; --force only replaces engine dirs")
+    model = Path(request.model).absolute()
+    if model.is_dir() and (out.absolute() == model or model in out.absolute().parents or out.absolute() in model.parents):
+        raise ConfigError(f"--out '{out}' overlaps the model folder '{request.model}'")
     parent = out.absolute().parent
     if not parent.is_dir():
         raise ConfigError(f"cannot write '{out}': directory '{parent}' does not exist")
@@ -125,6 +130,13 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
         f"({'with' if request.guidance else 'without'} classifier-free guidance), {request.precision}"
     )
 
+    tokenizer_info = _copy_tokenizer(model, folder, staging, dims["text_length"])
+    scheduler_dir = staging / "scheduler"
+    scheduler_dir.mkdir()
+    shutil.copy(folder / "scheduler" / "scheduler_config.json", scheduler_dir / "scheduler_config.json")
+    scheduler_info = {"file": "scheduler/scheduler_config.json", "files": _hashed(staging, [scheduler_dir / "scheduler_config.json"]),
+                      "class": model.scheduler_config.get("_class_name")}
+
     components = {}
     raw_dir = staging / ".raw"
     raw_dir.mkdir()
@@ -149,7 +161,7 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
         shutil.rmtree(raw_dir / "unused", ignore_errors=True)
         for leftover in raw_dir.glob(f"{name}.onnx*"):
             leftover.unlink()
-        file_info = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}
+        file_info = _hashed(staging, files)
         entry = {
             "file": files[0].name,
             "files": file_info,
@@ -176,11 +188,6 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
             )
         components[name] = entry
     raw_dir.rmdir()
-
-    tokenizer_info = _copy_tokenizer(model, folder, staging)
-    scheduler_dir = staging / "scheduler"
-    scheduler_dir.mkdir()
-    shutil.copy(folder / "scheduler" / "scheduler_config.json", scheduler_dir / "scheduler_config.json")
     progress(f"export finished in {time.perf_counter() - started:.1f} s")
 
     return {
@@ -209,7 +216,7 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
         },
         "precision": request.precision,
         "tokenizer": tokenizer_info,
-        "scheduler": {"file": "scheduler/scheduler_config.json", "class": model.scheduler_config.get("_class_name")},
+        "scheduler": scheduler_info,
         "components": components,
         "libraries": _library_versions(),
         "export_seconds": round(time.perf_counter() - started, 1),
@@ -233,20 +240,27 @@ def _dimensions(request: ExportRequest, recipe, model) -> dict[str, int]:
     }
 
 
-def _copy_tokenizer(model, folder: Path, staging: Path) -> dict:
+def _hashed(root: Path, paths: list[Path]) -> dict[str, dict]:
+    return {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths}
+
+
+def _copy_tokenizer(model, folder: Path, staging: Path, text_length: int) -> dict:
     """A tokenizer.json for the lean runtime (converted by transformers if the folder has only vocab/merges)."""
     target = staging / "tokenizer"
-    model.tokenizer.save_pretrained(target)
+    tokenizer = model.tokenizer
+    tokenizer.save_pretrained(target)
     for name in ("vocab.json", "merges.txt"):
         if (folder / "tokenizer" / name).is_file():
             shutil.copy(folder / "tokenizer" / name, target / name)
+    special = {"bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id}
     if not (target / "tokenizer.json").is_file():
         raise ExportError(f"could not produce tokenizer.json from {folder / 'tokenizer'}")
-    tokenizer = model.tokenizer
+    missing = [key for key, value in special.items() if value is None]
+    if missing:
+        raise ExportError(f"the tokenizer in {folder / 'tokenizer'} defines no {', '.join(missing)} token")
     return {
         "file": "tokenizer/tokenizer.json",
-        "bos_id": int(tokenizer.bos_token_id),
-        "eos_id": int(tokenizer.eos_token_id),
-        "pad_id": int(tokenizer.pad_token_id),
-        "max_length": int(tokenizer.model_max_length),
+        "files": _hashed(staging, sorted(p for p in target.iterdir() if p.is_file())),
+        **{key: int(value) for key, value in special.items()},
+        "max_length": text_length,
     }

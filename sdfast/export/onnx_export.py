@@ -53,6 +53,8 @@ def export_to_onnx(module: torch.nn.Module, recipe: ComponentRecipe, inputs: dic
 
 def _check_static(path: Path, recipe: ComponentRecipe) -> None:
     model = onnx.load(str(path), load_external_data=False)
+    if (len(model.graph.input), len(model.graph.output)) != (len(recipe.inputs), len(recipe.outputs)):
+        raise RuntimeError(f"exported {path.name}: {len(model.graph.input)} inputs and {len(model.graph.output)} outputs, the recipe has {len(recipe.inputs)} and {len(recipe.outputs)}")
     for value, expected in zip(list(model.graph.input) + list(model.graph.output), recipe.inputs + recipe.outputs):
         dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim)
         if value.name != expected.name or dims != expected.shape:

@@ -87,13 +87,22 @@ class Manifest:
     def path(self, relative: str) -> Path:
         return self.root / relative
 
+    def listed_files(self) -> dict[str, dict]:
+        """Every file the engine dir must hold: components, tokenizer and scheduler, with sha256 and size."""
+        files = {}
+        for component in self.components.values():
+            files.update(component.files)
+        files.update(self.data["tokenizer"]["files"])
+        files.update(self.data["scheduler"]["files"])
+        return files
+
     def verify_files(self, full: bool = True) -> None:
         """Every listed file is present with its size, and (``full``) its sha256."""
-        for component in self.components.values():
-            for relative, expected in component.files.items():
-                path = self.path(relative)
-                if not path.is_file():
-                    raise EngineError(f"engine dir {self.root}: {component.name} file '{relative}' is missing")
+        for relative, expected in self.listed_files().items():
+            path = self.path(relative)
+            if not path.is_file():
+                raise EngineError(f"engine dir {self.root}: file '{relative}' is missing")
+            try:
                 size = path.stat().st_size
                 if size != expected["bytes"]:
                     raise EngineError(
@@ -101,10 +110,8 @@ class Manifest:
                     )
                 if full and sha256_file(path) != expected["sha256"]:
                     raise EngineError(f"engine dir {self.root}: '{relative}' does not match its sha256 in the manifest (corrupt or replaced)")
-        for key in ("file",):
-            for section in (self.data["tokenizer"], self.data["scheduler"]):
-                if not self.path(section[key]).is_file():
-                    raise EngineError(f"engine dir {self.root}: '{section[key]}' is missing")
+            except OSError as error:
+                raise EngineError(f"engine dir {self.root}: cannot read '{relative}': {error.strerror or error}") from None
 
 
 def read_manifest(engine_dir: str | Path) -> Manifest:
@@ -129,9 +136,58 @@ def read_manifest(engine_dir: str | Path) -> Manifest:
             f"{path}: engine format version {version}, this sdfast reads version {FORMAT_VERSION}; re-export the model"
         )
     try:
+        _check_structure(data)
         components = {name: ComponentInfo.from_json(name, info) for name, info in data["components"].items()}
-        for key in ("geometry", "model", "tokenizer", "scheduler", "source"):
-            data[key]  # noqa: B018 - presence check
-    except (KeyError, TypeError, ValueError) as error:
-        raise EngineError(f"{path}: manifest is incomplete or malformed ({error})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise EngineError(f"{path}: manifest is incomplete or malformed ({type(error).__name__}: {error})") from None
     return Manifest(root=root, data=data, components=components)
+
+
+# What the runtime reads, and the type it must have: checked once, so no later lookup can fail.
+_REQUIRED = {
+    "geometry": {"height": int, "width": int, "batch": int, "guidance": bool, "unet_batch": int, "latent_channels": int,
+                 "latent_height": int, "latent_width": int, "text_length": int},
+    "model": {"vae_scaling_factor": (int, float), "prediction_type": str},
+    "tokenizer": {"file": str, "files": dict, "bos_id": int, "eos_id": int, "pad_id": int, "max_length": int},
+    "scheduler": {"file": str, "files": dict},
+    "source": {"name": str, "fingerprint": str},
+    "components": {},
+}
+_TENSOR_DTYPES = ("float32", "float16", "int64", "int32")
+
+
+def _safe_relative(name: str) -> str:
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts or not name:
+        raise ValueError(f"file name '{name}' is not a plain relative path inside the engine dir")
+    return name
+
+
+def _check_structure(data: dict) -> None:
+    for section, fields in _REQUIRED.items():
+        if not isinstance(data.get(section), dict):
+            raise ValueError(f"'{section}' must be an object")
+        for field_name, kind in fields.items():
+            value = data[section].get(field_name)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(f"'{section}.{field_name}' is missing or of the wrong type")
+    for section in ("tokenizer", "scheduler"):
+        _check_files(data[section]["files"])
+        if data[section]["file"] not in data[section]["files"]:
+            raise ValueError(f"'{section}.file' is not among its hashed files")
+    for name, info in data["components"].items():
+        if not isinstance(info, dict) or not isinstance(info.get("files"), dict) or not isinstance(info.get("file"), str):
+            raise ValueError(f"component '{name}' must have 'file' and 'files'")
+        _check_files(info["files"])
+        if info["file"] not in info["files"]:
+            raise ValueError(f"component '{name}': its file is not among its hashed files")
+        for tensor in list(info.get("inputs", [])) + list(info.get("outputs", [])):
+            if tensor.get("dtype") not in _TENSOR_DTYPES or not all(isinstance(d, int) and d > 0 for d in tensor.get("shape", [None])):
+                raise ValueError(f"component '{name}': tensor '{tensor.get('name')}' needs a static shape and a dtype of {_TENSOR_DTYPES}")
+
+
+def _check_files(files: dict) -> None:
+    for name, entry in files.items():
+        _safe_relative(name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("bytes"), int):
+            raise ValueError(f"file entry '{name}' needs 'sha256' and 'bytes'")

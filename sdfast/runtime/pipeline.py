@@ -18,7 +18,7 @@ from sdfast.runtime.manifest import Manifest, read_manifest
 from sdfast.runtime.tokenizer import PromptTokenizer
 from sdfast.sampling.denoiser import Denoiser
 from sdfast.sampling.noise import TorchCompatibleGenerator
-from sdfast.sampling.registry import resolve_sampler
+from sdfast.sampling.registry import check_supported, resolve_sampler
 from sdfast.sampling.schedules import NoiseSchedule
 
 MAX_STEPS = 1000
@@ -95,6 +95,13 @@ class Pipeline:
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "cpu", verify: str = "full") -> "Pipeline":
         """Read and check the manifest and files, then create the engines. ``verify``: 'full' (sha256) or 'size'."""
+        try:
+            return cls._load(engine_dir, backend, verify)
+        except (KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as error:
+            raise EngineError(f"engine dir {engine_dir}: unusable ({type(error).__name__}: {error})") from None
+
+    @classmethod
+    def _load(cls, engine_dir: str | Path, backend: str, verify: str) -> "Pipeline":
         if verify not in ("full", "size"):
             raise RequestError(f"verify must be 'full' or 'size', not '{verify}'")
         manifest = read_manifest(engine_dir)
@@ -113,6 +120,7 @@ class Pipeline:
             scheduler_config = json.loads(scheduler_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
             raise EngineError(f"cannot read {scheduler_path}: {error}") from None
+        check_supported(scheduler_config)
         return cls(manifest, engines, tokenizer, scheduler_config, backend)
 
     # -- request checks -------------------------------------------------------------------------------
@@ -126,6 +134,13 @@ class Pipeline:
                 f"this engine was built for {self.width}x{self.height} (width x height), batch {self.batch_size}; "
                 f"the request asks for {width}x{height}, batch {batch} (re-export with --width/--height/--batch)"
             )
+        for label, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
+            if not isinstance(text, str):
+                raise RequestError(f"{label} must be text")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError(f"{label} is not valid UTF-8 text") from None
         if not isinstance(request.steps, int) or not 1 <= request.steps <= MAX_STEPS:
             raise RequestError(f"steps must be an integer from 1 to {MAX_STEPS}, not {request.steps}")
         if not math.isfinite(request.cfg_scale) or request.cfg_scale < 0:
@@ -188,6 +203,7 @@ class Pipeline:
     def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
         batch = self._check(request)
         spec = resolve_sampler(request.sampler)
+        plan = spec.plan(self.scheduler_config, self.schedule, request.steps)  # refuses what it cannot do, before any work
         started = time.perf_counter()
         timings, warnings = StageTimings(), []
         use_cfg = self.guidance and request.cfg_scale > 1  # as diffusers: guidance only above 1
@@ -196,7 +212,6 @@ class Pipeline:
         hidden = self._encode_text(request, batch, use_cfg, warnings)
         timings.text_encoder = time.perf_counter() - stage
 
-        plan = spec.plan(self.scheduler_config, self.schedule, request.steps)
         seeds = [request.seed + i for i in range(batch)]
         # Image i's initial noise is torch.randn with seed + i: equal to diffusers for batch 1, and to A1111's per-image seeds.
         generators = [TorchCompatibleGenerator(seed) for seed in seeds]

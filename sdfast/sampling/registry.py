@@ -7,7 +7,7 @@ from typing import Callable
 
 import numpy as np
 
-from sdfast.errors import RequestError
+from sdfast.errors import ConfigError, RequestError
 from sdfast.sampling import samplers
 from sdfast.sampling.schedules import NoiseSchedule, SamplingPlan, ddim_plan, euler_plan
 
@@ -23,14 +23,33 @@ class SamplerSpec:
     stochastic: bool = False
 
     def plan(self, scheduler_config: dict, schedule: NoiseSchedule, steps: int) -> SamplingPlan:
+        check_supported(scheduler_config)
         spacing = scheduler_config.get("timestep_spacing") or self.default_spacing
         return self.make_plan(scheduler_config, schedule, steps, spacing)
 
 
+# Scheduler options that would change the result, with the values sdfast implements. Anything else is refused
+# rather than silently giving an image that differs from diffusers.
+_SUPPORTED_OPTIONS = {
+    "use_karras_sigmas": (None, False),
+    "use_exponential_sigmas": (None, False),
+    "use_beta_sigmas": (None, False),
+    "timestep_type": (None, "discrete"),
+    "final_sigmas_type": (None, "zero"),
+    "interpolation_type": (None, "linear"),
+    "rescale_betas_zero_snr": (None, False),
+    "thresholding": (None, False),
+}
+
+
+def check_supported(scheduler_config: dict) -> None:
+    for option, allowed in _SUPPORTED_OPTIONS.items():
+        if scheduler_config.get(option) not in allowed:
+            raise ConfigError(f"the model's scheduler config sets {option}={scheduler_config[option]!r}, which sdfast does not support yet")
+
+
 def _run_ddim(model, x, plan: SamplingPlan, callback=None, *, scheduler_config: dict, noise=None, eta: float = 0.0):
     clip = scheduler_config.get("clip_sample_range", 1.0) if scheduler_config.get("clip_sample", True) else None
-    if scheduler_config.get("thresholding"):
-        raise RequestError("DDIM with dynamic thresholding is not supported")
     return samplers.sample_ddim(
         model, x, plan.sigmas, callback, eta=eta, noise=noise, clip_denoised=clip, landing_sigmas=plan.landing_sigmas
     )

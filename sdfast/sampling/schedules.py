@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sdfast.errors import ConfigError
+from sdfast.errors import ConfigError, RequestError
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
@@ -86,6 +86,8 @@ class NoiseSchedule:
 
 def spaced_timesteps(num_train: int, steps: int, spacing: str, steps_offset: int) -> np.ndarray:
     """Descending inference timesteps for a diffusers ``timestep_spacing`` (see 'Common Diffusion Noise Schedules', Table 2)."""
+    if not 1 <= steps <= num_train:
+        raise RequestError(f"steps must be from 1 to the schedule's {num_train} training timesteps, not {steps}")
     if spacing == "linspace":
         return np.linspace(0, num_train - 1, steps, dtype=np.float32)[::-1].copy()
     if spacing == "leading":
@@ -144,6 +146,8 @@ def ddim_plan(config: dict, schedule: NoiseSchedule, steps: int, spacing: str) -
     if spacing == "linspace":
         timesteps = timesteps.round()
     timesteps = timesteps.astype(np.int64)
+    if timesteps.max() >= num_train or timesteps.min() < 0:
+        raise RequestError(f"DDIM with {steps} steps and this model's timestep spacing reaches timestep {timesteps.max()}, outside 0..{num_train - 1}")
     ac = schedule.alphas_cumprod.astype(np.float64)
     final_alpha = 1.0 if config.get("set_alpha_to_one", True) else float(ac[0])
     sigmas = [schedule.sigma_at(ac[t]) for t in timesteps] + [schedule.sigma_at(final_alpha)]

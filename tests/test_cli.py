@@ -180,6 +180,11 @@ def test_generate_refuses_prompt_that_is_not_utf8(tiny_engine, tmp_path):
     assert b"not valid UTF-8" in completed.stderr
 
 
+def test_export_refuses_out_below_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert_clean_error(run_cli("export", "--model", "tiny", "--out", tmp_path / "file" / "engine"), "is not a directory")
+
+
 def test_export_force_refuses_a_folder_that_is_not_an_engine_dir(tmp_path):
     (tmp_path / "documents").mkdir()
     (tmp_path / "documents" / "thesis.txt").write_text("precious")

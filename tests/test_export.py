@@ -52,8 +52,8 @@ def test_unet_batch_follows_guidance(tiny_engine_batch2_unguided):
     assert manifest.data["source"]["random_weights"] is False  # a folder passed by path is the user's model
 
 
-def test_non_square_size(tiny_model, tmp_path):
-    manifest = read_manifest(export_engine(ExportRequest(model=str(tiny_model), out=tmp_path / "e", height=32, width=48)))
+def test_non_square_size_into_new_directories(tiny_model, tmp_path):
+    manifest = read_manifest(export_engine(ExportRequest(model=str(tiny_model), out=tmp_path / "new" / "dirs" / "e", height=32, width=48)))
     assert manifest.components["unet"].inputs[0].shape == (2, 4, 4, 6)  # latents 32/8 x 48/8
     assert manifest.components["vae_decoder"].outputs[0].shape == (1, 3, 32, 48)
 

@@ -52,11 +52,11 @@ def check_request(request: ExportRequest) -> None:
     model = Path(request.model).absolute()
     if model.is_dir() and (out.absolute() == model or model in out.absolute().parents or out.absolute() in model.parents):
         raise ConfigError(f"--out '{out}' overlaps the model folder '{request.model}'")
-    parent = out.absolute().parent
-    if not parent.is_dir():
-        raise ConfigError(f"cannot write '{out}': directory '{parent}' does not exist")
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"cannot write '{out}': permission denied in '{parent}'")
+    existing = next(p for p in out.absolute().parents if p.exists())  # missing parents are created
+    if not existing.is_dir():
+        raise ConfigError(f"cannot write '{out}': '{existing}' is not a directory")
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"cannot write '{out}': permission denied in '{existing}'")
 
 
 def _library_versions() -> dict[str, str]:
@@ -86,6 +86,7 @@ def export_engine(request: ExportRequest, progress: Progress = lambda _: None) -
     check_model_folder(folder, recipe.data["pipeline_classes"])
 
     out = request.out
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.absolute().parent))
     umask = os.umask(0)
     os.umask(umask)

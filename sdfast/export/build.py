@@ -159,7 +159,6 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
         step = time.perf_counter()
         files = optimize_offline(raw_path, staging / f"{name}.onnx")
         optimized_s = time.perf_counter() - step
-        shutil.rmtree(raw_dir / "unused", ignore_errors=True)
         for leftover in raw_dir.glob(f"{name}.onnx*"):
             leftover.unlink()
         file_info = _hashed(staging, files)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 
 from sdfast.errors import ConfigError
 
@@ -78,8 +77,3 @@ class Recipe:
             return tuple(resolved)
 
         return ComponentRecipe(name, resolve(spec["inputs"]), resolve(spec["outputs"]), float(tolerance))
-
-
-def recipe_path_hint() -> Path:
-    """Where recipes live in a source checkout (for messages and docs)."""
-    return Path(__file__).resolve().parents[2] / "export"

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from sdfast.errors import EngineError
-from sdfast.runtime.manifest import ComponentInfo, TensorSpec
+from sdfast.runtime.manifest import ComponentInfo
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
@@ -119,7 +119,3 @@ def get_backend(name: str) -> Backend:
     if backend is None:
         raise EngineError(f"unknown backend '{name}'; choose one of {', '.join(BACKENDS)}")
     return backend
-
-
-def tensor_spec_str(spec: TensorSpec) -> str:
-    return f"{spec.name}[{'x'.join(map(str, spec.shape))}] {spec.dtype}"

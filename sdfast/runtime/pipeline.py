@@ -227,7 +227,7 @@ class Pipeline:
         )
         callback = (lambda i, _x: on_step(i + 1, plan.steps)) if on_step else None
         x = noise * np.float32(plan.initial_noise_scale)
-        x = spec.run(denoiser, x, plan, callback, scheduler_config=self.scheduler_config, noise=step_noise)
+        x = spec.run(denoiser, x, plan, callback, scheduler_config=spec.config_for(self.scheduler_config), noise=step_noise)
         latents = x * np.float32(plan.final_scale)  # latents: [B, 4, h, w], VP form
 
         stage = time.perf_counter()

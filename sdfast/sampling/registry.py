@@ -1,9 +1,8 @@
 """Sampler names users know (AUTOMATIC1111 and diffusers) mapped to sdfast's samplers and plans."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import partial
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 
@@ -20,12 +19,19 @@ class SamplerSpec:
     default_spacing: str  # the diffusers class's own default, used when the config names none
     make_plan: Callable[[dict, NoiseSchedule, int, str], SamplingPlan]
     run: Callable[..., np.ndarray]  # run(model, x, plan, callback, *, scheduler_config, noise)
-    stochastic: bool = False
+    stochastic: bool = False  # draws fresh noise from the seeded generator at each step
+    # Scheduler options this sampler sets on top of the model's config, e.g. {"use_karras_sigmas": True} for "... Karras".
+    config_overrides: dict[str, Any] = field(default_factory=dict)
 
-    def plan(self, scheduler_config: dict, schedule: NoiseSchedule, steps: int) -> SamplingPlan:
-        check_supported(scheduler_config)
-        spacing = scheduler_config.get("timestep_spacing") or self.default_spacing
-        return self.make_plan(scheduler_config, schedule, steps, spacing)
+    def config_for(self, model_config: dict) -> dict:
+        """The scheduler config this sampler runs with: the model's, plus the sampler's own overrides."""
+        return {**model_config, **self.config_overrides}
+
+    def plan(self, model_config: dict, schedule: NoiseSchedule, steps: int) -> SamplingPlan:
+        check_supported(model_config)
+        config = self.config_for(model_config)
+        spacing = config.get("timestep_spacing") or self.default_spacing
+        return self.make_plan(config, schedule, steps, spacing)
 
 
 # Scheduler options that would change the result, with the values sdfast implements. Anything else is refused

@@ -1,0 +1,57 @@
+"""Drive a diffusers scheduler and an sdfast sampler through the same loop, stand-in model and seeded noise."""
+import inspect
+
+import numpy as np
+import torch
+
+import diffusers
+
+from sdfast.sampling.denoiser import Denoiser
+from sdfast.sampling.noise import TorchCompatibleGenerator
+from sdfast.sampling.registry import resolve_sampler
+from sdfast.sampling.schedules import NoiseSchedule
+
+SD15_SCHEDULER = {  # stable-diffusion-v1-5's scheduler_config.json
+    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "trained_betas": None,
+}
+SHAPE = (1, 4, 8, 8)
+
+
+def stand_in_model(x: np.ndarray, t: float) -> np.ndarray:
+    """A smooth, deterministic fake U-Net output that depends on both the input and the timestep."""
+    return (0.6 * np.tanh(x) + 0.3 * np.cos(x * 1.7 + t / 250.0) + 0.05 * (t / 1000.0)).astype(np.float32)
+
+
+def run_diffusers(cls_name: str, config: dict, steps: int, seed: int, prediction_type: str, **step_options) -> np.ndarray:
+    """diffusers' own denoising loop (as StableDiffusionPipeline runs it) with ``torch.Generator('cpu').manual_seed(seed)``."""
+    scheduler = getattr(diffusers, cls_name).from_config({**config, "prediction_type": prediction_type})
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    latents = torch.randn(SHAPE, generator=generator) * scheduler.init_noise_sigma
+    extra = dict(step_options)
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        extra["generator"] = generator
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(latents, t)
+        output = torch.from_numpy(stand_in_model(model_input.numpy(), float(t)))
+        latents = scheduler.step(output, t, latents, **extra).prev_sample
+    return latents.numpy()
+
+
+def run_sdfast(name: str, config: dict, steps: int, seed: int, prediction_type: str, **options) -> np.ndarray:
+    """sdfast's sampler loop as Pipeline.generate runs it, on the same stand-in model and seed."""
+    spec = resolve_sampler(name)
+    schedule = NoiseSchedule.from_config(config)
+    plan = spec.plan(config, schedule, steps)
+    generator = TorchCompatibleGenerator(seed)
+    denoiser = Denoiser(stand_in_model, prediction_type, lambda sigma: plan.timestep_for(sigma, schedule))
+    x = generator.randn(SHAPE) * np.float32(plan.initial_noise_scale)
+    x = spec.run(denoiser, x, plan, scheduler_config=spec.config_for(config), noise=generator.randn, **options)
+    return x * np.float32(plan.final_scale)
+
+
+def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
+    """max |ours - reference| / max |reference|: elementwise relative error is meaningless near zero."""
+    return float(np.abs(ours - reference).max() / np.abs(reference).max())

@@ -84,6 +84,13 @@ class NoiseSchedule:
         return float((1 - weight) * low + weight * high)
 
 
+def karras_sigmas(count: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
+    """``count`` descending sigmas spaced as Karras et al. 2022, eq. 5 (diffusers _convert_to_karras), float64."""
+    ramp = np.linspace(0, 1, count)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
 def spaced_timesteps(num_train: int, steps: int, spacing: str, steps_offset: int) -> np.ndarray:
     """Descending inference timesteps for a diffusers ``timestep_spacing`` (see 'Common Diffusion Noise Schedules', Table 2)."""
     if not 1 <= steps <= num_train:

@@ -1,5 +1,8 @@
 """Drive a diffusers scheduler and an sdfast sampler through the same loop, stand-in model and seeded noise."""
+import copy
+import functools
 import inspect
+import json
 
 import numpy as np
 import torch
@@ -24,16 +27,35 @@ def stand_in_model(x: np.ndarray, t: float) -> np.ndarray:
     return (0.6 * np.tanh(x) + 0.3 * np.cos(x * 1.7 + t / 250.0) + 0.05 * (t / 1000.0)).astype(np.float32)
 
 
-def run_diffusers(cls_name: str, config: dict, steps: int, seed: int, prediction_type: str, **step_options) -> np.ndarray:
-    """diffusers' own denoising loop (as StableDiffusionPipeline runs it) with ``torch.Generator('cpu').manual_seed(seed)``."""
-    scheduler = getattr(diffusers, cls_name).from_config({**config, "prediction_type": prediction_type})
+@functools.lru_cache(maxsize=None)
+def _fresh_scheduler(cls_name: str, config_json: str):
+    return getattr(diffusers, cls_name).from_config(json.loads(config_json))
+
+
+def run_diffusers(
+    cls_name: str, config: dict, steps: int, seed: int, prediction_type: str, *, reuse_scheduler: bool = False,
+    stop_after: int | None = None, **step_options
+) -> np.ndarray:
+    """diffusers' own denoising loop (as StableDiffusionPipeline runs it) with ``torch.Generator('cpu').manual_seed(seed)``.
+
+    ``reuse_scheduler`` copies a scheduler built once per class and config instead of building one per call (the same
+    state: KDPM2's constructor alone runs set_timesteps over all training timesteps, a quarter second).
+    ``stop_after`` ends the loop after that many scheduler steps and returns the latents there, in the scheduler's form.
+    """
+    full_config = {**config, "prediction_type": prediction_type}
+    if reuse_scheduler:
+        scheduler = copy.deepcopy(_fresh_scheduler(cls_name, json.dumps(full_config, sort_keys=True)))
+    else:
+        scheduler = getattr(diffusers, cls_name).from_config(full_config)
     scheduler.set_timesteps(steps)
     generator = torch.Generator("cpu").manual_seed(seed)
     latents = torch.randn(SHAPE, generator=generator) * scheduler.init_noise_sigma
     extra = dict(step_options)
     if "generator" in inspect.signature(scheduler.step).parameters:
         extra["generator"] = generator
-    for t in scheduler.timesteps:
+    for i, t in enumerate(scheduler.timesteps):
+        if i == stop_after:
+            break
         model_input = scheduler.scale_model_input(latents, t)
         output = torch.from_numpy(stand_in_model(model_input.numpy(), float(t)))
         latents = scheduler.step(output, t, latents, **extra).prev_sample

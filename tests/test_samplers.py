@@ -7,21 +7,146 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from sdfast.errors import RequestError
-from sdfast.sampling.registry import resolve_sampler, sampler_names
-from tests.sampler_harness import SD15_SCHEDULER, relative_error, run_diffusers, run_sdfast
+from sdfast.errors import ConfigError, RequestError
+from sdfast.sampling.denoiser import Denoiser
+from sdfast.sampling.noise import TorchCompatibleGenerator
+from sdfast.sampling.registry import SAMPLERS, resolve_sampler, sampler_names
+from sdfast.sampling.schedules import NoiseSchedule
+from tests.sampler_harness import SD15_SCHEDULER, SHAPE, relative_error, run_diffusers, run_sdfast, stand_in_model
+
+# sdfast key -> the diffusers class that is its reference (Karras variants run it with the spec's config_for(config))
+DIFFUSERS_REFERENCES = {
+    "euler": "EulerDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "euler_karras": "EulerDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "heun_karras": "HeunDiscreteScheduler",
+    "dpm2": "KDPM2DiscreteScheduler",
+    "dpm2_karras": "KDPM2DiscreteScheduler",
+    "dpm2_a": "KDPM2AncestralDiscreteScheduler",
+    "dpm2_a_karras": "KDPM2AncestralDiscreteScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "lms_karras": "LMSDiscreteScheduler",
+    "plms": "PNDMScheduler",
+}
+
 
 @pytest.mark.parametrize("steps", [1, 4, 20, 50])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("spacing", [None, "leading", "linspace", "trailing"])
-@pytest.mark.parametrize("sampler,cls_name", [("euler", "EulerDiscreteScheduler"), ("ddim", "DDIMScheduler")])
+@pytest.mark.parametrize("sampler,cls_name", DIFFUSERS_REFERENCES.items())
 def test_sampler_matches_diffusers(sampler, cls_name, spacing, prediction_type, steps):
     config = dict(SD15_SCHEDULER)
     if spacing:
         config["timestep_spacing"] = spacing
-    reference = run_diffusers(cls_name, config, steps, seed=3, prediction_type=prediction_type)
+    reference = run_diffusers(
+        cls_name, resolve_sampler(sampler).config_for(config), steps, seed=3, prediction_type=prediction_type, reuse_scheduler=True
+    )
     ours = run_sdfast(sampler, config, steps, seed=3, prediction_type=prediction_type)
     assert relative_error(ours, reference) < 1e-5
+
+
+def k_diffusion_dpmpp_2s_ancestral(config: dict, steps: int, seed: int, prediction_type: str) -> np.ndarray:
+    """DPM++ 2S a's reference: diffusers has no scheduler for it (its docs list it as "N/A"); A1111 runs k-diffusion's.
+
+    The loop below is a torch transcription of k-diffusion's sample_dpmpp_2s_ancestral (crowsonkb/k-diffusion,
+    k_diffusion/sampling.py; eta = s_noise = 1), on diffusers' EulerDiscreteScheduler sigmas, timesteps and
+    init_noise_sigma, with fresh noise from the seeded torch.Generator as A1111 draws it.
+    """
+    scheduler = diffusers.EulerDiscreteScheduler.from_config({**config, "prediction_type": prediction_type})
+    scheduler.set_timesteps(steps)
+    sigmas, timesteps = scheduler.sigmas, scheduler.timesteps
+    log_sigmas = np.log(np.array(((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod) ** 0.5))
+
+    def model(x, sigma):  # k-diffusion's CompVisDenoiser / CompVisVDenoiser around the stand-in U-Net
+        index = (sigmas[:-1] == sigma).nonzero()
+        t = float(timesteps[index[0]]) if len(index) else float(scheduler._sigma_to_t(np.array(sigma.item()), log_sigmas))
+        output = torch.from_numpy(stand_in_model((x / (sigma**2 + 1) ** 0.5).numpy(), t))
+        if prediction_type == "epsilon":
+            return x - output * sigma
+        return x / (sigma**2 + 1) - output * sigma / (sigma**2 + 1) ** 0.5
+
+    def get_ancestral_step(sigma_from, sigma_to, eta=1.0):
+        sigma_up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        return sigma_down, sigma_up
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    x = torch.randn(SHAPE, generator=generator) * scheduler.init_noise_sigma
+    sigma_fn = lambda t: t.neg().exp()  # noqa: E731 (as k-diffusion writes it)
+    t_fn = lambda sigma: sigma.log().neg()  # noqa: E731
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1])
+        if sigma_down == 0:
+            # Euler method
+            d = (x - denoised) / sigmas[i]
+            dt = sigma_down - sigmas[i]
+            x = x + d * dt
+        else:
+            # DPM-Solver++(2S)
+            t, t_next = t_fn(sigmas[i]), t_fn(sigma_down)
+            r = 1 / 2
+            h = t_next - t
+            s = t + r * h
+            x_2 = (sigma_fn(s) / sigma_fn(t)) * x - (-h * r).expm1() * denoised
+            denoised_2 = model(x_2, sigma_fn(s))
+            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised_2
+        # Noise addition
+        if sigmas[i + 1] > 0:
+            x = x + torch.randn(x.shape, generator=generator) * sigma_up
+    return x.numpy()
+
+
+@pytest.mark.parametrize("steps", [1, 4, 20, 50])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("spacing", [None, "leading", "linspace", "trailing"])
+@pytest.mark.parametrize("sampler", ["dpmpp_2s_a", "dpmpp_2s_a_karras"])
+def test_dpmpp_2s_ancestral_matches_k_diffusion(sampler, spacing, prediction_type, steps):
+    config = dict(SD15_SCHEDULER)
+    if spacing:
+        config["timestep_spacing"] = spacing
+    reference = k_diffusion_dpmpp_2s_ancestral(resolve_sampler(sampler).config_for(config), steps, 3, prediction_type)
+    ours = run_sdfast(sampler, config, steps, seed=3, prediction_type=prediction_type)
+    assert relative_error(ours, reference) < 1e-5
+
+
+@pytest.mark.parametrize("steps", [4, 20])
+def test_heun_clip_sample_matches_diffusers(steps):
+    config = {**SD15_SCHEDULER, "clip_sample": True, "clip_sample_range": 0.5}
+    reference = run_diffusers("HeunDiscreteScheduler", config, steps, seed=5, prediction_type="epsilon")
+    ours = run_sdfast("heun", config, steps, seed=5, prediction_type="epsilon")
+    assert relative_error(ours, reference) < 1e-5
+
+
+def test_plms_refuses_the_runge_kutta_warm_up():
+    with pytest.raises(ConfigError, match="skip_prk_steps"):
+        run_sdfast("plms", {**SD15_SCHEDULER, "skip_prk_steps": False}, 20, seed=3, prediction_type="epsilon")
+
+
+def _run_with_step_noise(spec, noise_seed: int) -> tuple[np.ndarray, int]:
+    """One run from fixed initial latents, with per-step noise from ``noise_seed``; also counts the callbacks."""
+    schedule = NoiseSchedule.from_config(SD15_SCHEDULER)
+    plan = spec.plan(SD15_SCHEDULER, schedule, 6)
+    denoiser = Denoiser(stand_in_model, "epsilon", lambda sigma: plan.timestep_for(sigma, schedule))
+    x = TorchCompatibleGenerator(0).randn(SHAPE) * np.float32(plan.initial_noise_scale)
+    calls = []
+    x = spec.run(
+        denoiser, x, plan, lambda i, _x: calls.append(i), scheduler_config=spec.config_for(SD15_SCHEDULER),
+        noise=TorchCompatibleGenerator(noise_seed).randn,
+    )
+    assert calls == list(range(plan.steps))  # one callback per step, as the pipeline's progress counts them
+    return x, plan.steps
+
+
+@pytest.mark.parametrize("key", sorted(SAMPLERS))
+def test_step_noise_matters_exactly_for_stochastic_samplers(key):
+    spec = SAMPLERS[key]
+    first, _ = _run_with_step_noise(spec, 1)
+    second, _ = _run_with_step_noise(spec, 2)
+    assert np.isfinite(first).all()
+    assert (relative_error(first, second) > 1e-3) == spec.stochastic
 
 
 @pytest.mark.parametrize("steps", [4, 20])
@@ -32,9 +157,26 @@ def test_ddim_eta_and_clip_match_diffusers(steps):
     assert relative_error(ours, reference) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["Euler", "euler", "EULERDISCRETESCHEDULER", "ddim", "DDIMScheduler"])
-def test_sampler_names_resolve_case_insensitively(name):
-    assert resolve_sampler(name).key in {"euler", "ddim"}
+@pytest.mark.parametrize(
+    "name,key",
+    [
+        ("Euler", "euler"), ("euler", "euler"), ("EULERDISCRETESCHEDULER", "euler"), ("ddim", "ddim"), ("DDIMScheduler", "ddim"),
+        ("Euler a", "euler_a"), ("euler A", "euler_a"), ("EulerAncestralDiscreteScheduler", "euler_a"),
+        ("Euler Karras", "euler_karras"), ("Heun", "heun"), ("heun karras", "heun_karras"), ("HeunDiscreteScheduler", "heun"),
+        ("DPM2", "dpm2"), ("DPM2 Karras", "dpm2_karras"), ("KDPM2DiscreteScheduler", "dpm2"), ("DPM2 a", "dpm2_a"),
+        ("dpm2 a karras", "dpm2_a_karras"), ("DPM2 A KARRAS", "dpm2_a_karras"), ("KDPM2AncestralDiscreteScheduler", "dpm2_a"),
+        ("LMS", "lms"), ("LMS Karras", "lms_karras"), ("lmsdiscretescheduler", "lms"), ("PLMS", "plms"),
+        ("PNDMScheduler", "plms"), ("DPM++ 2S a", "dpmpp_2s_a"), ("dpm++ 2s a karras", "dpmpp_2s_a_karras"),
+    ],
+)
+def test_sampler_names_resolve_case_insensitively(name, key):
+    assert resolve_sampler(name).key == key
+
+
+def test_empty_diffusers_names_are_not_sampler_names():
+    assert "" not in sampler_names()
+    with pytest.raises(RequestError):
+        resolve_sampler("")
 
 
 def test_unknown_sampler_lists_valid_names():

@@ -8,7 +8,17 @@ import numpy as np
 
 from sdfast.errors import ConfigError, RequestError
 from sdfast.sampling import samplers
-from sdfast.sampling.schedules import NoiseSchedule, SamplingPlan, ddim_plan, euler_plan
+from sdfast.sampling import solver_plans
+from sdfast.sampling.schedules import (
+    NoiseSchedule,
+    SamplingPlan,
+    ddim_plan,
+    dpm2_ancestral_plan,
+    dpm2_plan,
+    euler_plan,
+    lms_plan,
+    pndm_plan,
+)
 
 
 @dataclass(frozen=True)
@@ -20,8 +30,17 @@ class SamplerSpec:
     make_plan: Callable[[dict, NoiseSchedule, int, str], SamplingPlan]
     run: Callable[..., np.ndarray]  # run(model, x, plan, callback, *, scheduler_config, noise)
     stochastic: bool = False  # draws fresh noise from the seeded generator at each step
+    starts_late: bool = True  # can start part-way through its schedule (img2img, inpainting)
+    # The diffusers class that, with config_overrides, gives this sampler, when diffusers_class is "" (not an alias).
+    equivalent_class: str = ""
+    seeded_tree: bool = False  # takes each image's seed for its Brownian tree (DPM++ SDE, as diffusers' noise_sampler_seed)
     # Scheduler options this sampler sets on top of the model's config, e.g. {"use_karras_sigmas": True} for "... Karras".
     config_overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scheduler_class(self) -> str:
+        """The diffusers scheduler this sampler reproduces (with config_overrides); "" for k-diffusion-only samplers."""
+        return self.diffusers_class or self.equivalent_class
 
     def config_for(self, model_config: dict) -> dict:
         """The scheduler config this sampler runs with: the model's, plus the sampler's own overrides."""
@@ -65,11 +84,103 @@ def _run_euler(model, x, plan: SamplingPlan, callback=None, *, scheduler_config:
     return samplers.sample_euler(model, x, plan.sigmas, callback)
 
 
+def _step_noise(noise):
+    if noise is None:
+        raise ValueError("this sampler draws fresh noise at every step and needs a noise source")
+    return noise
+
+
+def _run_euler_ancestral(model, x, plan: SamplingPlan, callback=None, *, scheduler_config: dict, noise=None):
+    return samplers.sample_euler_ancestral(model, x, plan.sigmas, callback, noise=_step_noise(noise))
+
+
+def _run_heun(model, x, plan: SamplingPlan, callback=None, *, scheduler_config: dict, noise=None):
+    clip = scheduler_config.get("clip_sample_range", 1.0) if scheduler_config.get("clip_sample", False) else None
+    return samplers.sample_heun(model, x, plan.sigmas, callback, clip_denoised=clip)
+
+
+def _run_dpm2(model, x, plan: SamplingPlan, callback=None, *, scheduler_config: dict, noise=None):
+    return samplers.sample_dpm_2(model, x, plan.sigmas, callback, sigmas_mid=plan.midpoint_sigmas)
+
+
+def _run_dpm2_ancestral(model, x, plan: SamplingPlan, callback=None, *, scheduler_config: dict, noise=None):
+    return samplers.sample_dpm_2_ancestral(
+        model, x, plan.sigmas, callback, noise=_step_noise(noise), sigmas_mid=plan.midpoint_sigmas
+    )
+
+
+def _run_lms(model, x, plan: SamplingPlan, callback=None, *, scheduler_config: dict, noise=None):
+    return samplers.sample_lms(model, x, plan.sigmas, callback)
+
+
+def _run_plms(model, x, plan: SamplingPlan, callback=None, *, scheduler_config: dict, noise=None):
+    # diffusers' PNDM extrapolates the network's own output, which is v for v-predicting models (the Denoiser says which).
+    predicts_v = getattr(model, "prediction_type", "epsilon") == "v_prediction"
+    return samplers.sample_plms(
+        model, x, plan.sigmas, callback, predicts_v=predicts_v, landing_sigmas=plan.landing_sigmas, warmup_sigma=plan.warmup_sigma
+    )
+
+
+def _run_dpmpp_2s_ancestral(model, x, plan: SamplingPlan, callback=None, *, scheduler_config: dict, noise=None):
+    return samplers.sample_dpmpp_2s_ancestral(model, x, plan.sigmas, callback, noise=_step_noise(noise))
+
+
 SAMPLERS: dict[str, SamplerSpec] = {
     spec.key: spec
     for spec in (
         SamplerSpec("euler", "Euler", "EulerDiscreteScheduler", "linspace", euler_plan, _run_euler),
         SamplerSpec("ddim", "DDIM", "DDIMScheduler", "leading", ddim_plan, _run_ddim),
+        # "Karras" variants are their diffusers class with use_karras_sigmas; diffusers_class is "" where no class's defaults
+        # give the sampler. DPM++ 2S a has no diffusers class: it is k-diffusion's (as A1111), on Euler's sigmas.
+        SamplerSpec("euler_a", "Euler a", "EulerAncestralDiscreteScheduler", "linspace", euler_plan, _run_euler_ancestral, stochastic=True),
+        SamplerSpec("euler_karras", "Euler Karras", "", "linspace", euler_plan, _run_euler, config_overrides={"use_karras_sigmas": True}, equivalent_class="EulerDiscreteScheduler"),
+        SamplerSpec("heun", "Heun", "HeunDiscreteScheduler", "linspace", euler_plan, _run_heun),
+        SamplerSpec("heun_karras", "Heun Karras", "", "linspace", euler_plan, _run_heun, config_overrides={"use_karras_sigmas": True}, equivalent_class="HeunDiscreteScheduler"),
+        SamplerSpec("dpm2", "DPM2", "KDPM2DiscreteScheduler", "linspace", dpm2_plan, _run_dpm2),
+        SamplerSpec("dpm2_karras", "DPM2 Karras", "", "linspace", dpm2_plan, _run_dpm2, config_overrides={"use_karras_sigmas": True}, equivalent_class="KDPM2DiscreteScheduler"),
+        SamplerSpec(
+            "dpm2_a", "DPM2 a", "KDPM2AncestralDiscreteScheduler", "linspace", dpm2_ancestral_plan, _run_dpm2_ancestral, stochastic=True
+        ),
+        SamplerSpec(
+            "dpm2_a_karras", "DPM2 a Karras", "", "linspace", dpm2_ancestral_plan, _run_dpm2_ancestral, stochastic=True,
+            config_overrides={"use_karras_sigmas": True}, equivalent_class="KDPM2AncestralDiscreteScheduler",
+        ),
+        SamplerSpec("lms", "LMS", "LMSDiscreteScheduler", "linspace", lms_plan, _run_lms),
+        SamplerSpec("lms_karras", "LMS Karras", "", "linspace", lms_plan, _run_lms, config_overrides={"use_karras_sigmas": True}, equivalent_class="LMSDiscreteScheduler"),
+        SamplerSpec("plms", "PLMS", "PNDMScheduler", "leading", pndm_plan, _run_plms, starts_late=False),
+        SamplerSpec("dpmpp_2s_a", "DPM++ 2S a", "", "linspace", euler_plan, _run_dpmpp_2s_ancestral, stochastic=True),
+        SamplerSpec(
+            "dpmpp_2s_a_karras", "DPM++ 2S a Karras", "", "linspace", euler_plan, _run_dpmpp_2s_ancestral, stochastic=True,
+            config_overrides={"use_karras_sigmas": True},
+        ),
+        # Multistep and solver samplers (solver_plans.py, multistep.py). DPM++ 2M and 2M SDE pin DPMSolverMultistep's
+        # algorithm and order; DPM++ SDE takes its noise from a Brownian tree, as diffusers' DPMSolverSDEScheduler.
+        SamplerSpec(
+            "dpmpp_2m", "DPM++ 2M", "DPMSolverMultistepScheduler", "linspace", solver_plans.dpm_solver_plan, solver_plans.run_dpmpp_2m,
+            config_overrides={"algorithm_type": "dpmsolver++", "solver_order": 2},
+        ),
+        SamplerSpec(
+            "dpmpp_2m_karras", "DPM++ 2M Karras", "", "linspace", solver_plans.dpm_solver_plan, solver_plans.run_dpmpp_2m,
+            config_overrides={"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}, equivalent_class="DPMSolverMultistepScheduler",
+        ),
+        SamplerSpec(
+            "dpmpp_2m_sde", "DPM++ 2M SDE", "", "linspace", solver_plans.dpm_solver_plan, solver_plans.run_dpmpp_2m_sde, stochastic=True,
+            config_overrides={"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, equivalent_class="DPMSolverMultistepScheduler",
+        ),
+        SamplerSpec(
+            "dpmpp_2m_sde_karras", "DPM++ 2M SDE Karras", "", "linspace", solver_plans.dpm_solver_plan, solver_plans.run_dpmpp_2m_sde,
+            stochastic=True, config_overrides={"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}, equivalent_class="DPMSolverMultistepScheduler",
+        ),
+        SamplerSpec(
+            "dpmpp_sde", "DPM++ SDE", "DPMSolverSDEScheduler", "linspace", solver_plans.dpm_sde_plan, solver_plans.run_dpmpp_sde, stochastic=True,
+            starts_late=False, seeded_tree=True,
+        ),
+        SamplerSpec(
+            "dpmpp_sde_karras", "DPM++ SDE Karras", "", "linspace", solver_plans.dpm_sde_plan, solver_plans.run_dpmpp_sde, stochastic=True,
+            config_overrides={"use_karras_sigmas": True}, equivalent_class="DPMSolverSDEScheduler", starts_late=False, seeded_tree=True,
+        ),
+        SamplerSpec("unipc", "UniPC", "UniPCMultistepScheduler", "linspace", solver_plans.unipc_plan, solver_plans.run_unipc),
+        SamplerSpec("lcm", "LCM", "LCMScheduler", "leading", solver_plans.lcm_plan, solver_plans.run_lcm, stochastic=True, starts_late=False),
     )
 }
 
@@ -78,13 +189,14 @@ def _aliases() -> dict[str, str]:
     table = {}
     for spec in SAMPLERS.values():
         for name in (spec.key, spec.a1111_name, spec.diffusers_class):
-            table[name.lower()] = spec.key
+            if name:  # diffusers_class is "" for samplers no diffusers class gives by default
+                table[name.lower()] = spec.key
     return table
 
 
 def sampler_names() -> list[str]:
     """Every accepted name, for help and error messages."""
-    return sorted({name for spec in SAMPLERS.values() for name in (spec.key, spec.a1111_name, spec.diffusers_class)}, key=str.lower)
+    return sorted({name for spec in SAMPLERS.values() for name in (spec.key, spec.a1111_name, spec.diffusers_class) if name}, key=str.lower)
 
 
 def resolve_sampler(name: str) -> SamplerSpec:

@@ -59,9 +59,15 @@ def main() -> int:
     geometry = pipeline.manifest.geometry
     rng = np.random.default_rng(0)
     engines = pipeline.engines
-    feeds = {name: {s.name: (rng.integers(0, 1000, s.shape) if s.dtype == "int64" else rng.standard_normal(s.shape)) for s in engine.info.inputs}
+
+    def shape_of(info, spec) -> tuple[int, ...]:  # a dynamic axis (the prompt's tokens) at its smallest: one 77-token chunk
+        return tuple(info.dynamic[d].min if isinstance(d, str) else d for d in spec.shape)
+
+    feeds = {name: {s.name: (rng.integers(0, 1000, shape_of(engine.info, s)) if s.dtype == "int64" else rng.standard_normal(shape_of(engine.info, s)))
+                    for s in engine.info.inputs}
              for name, engine in engines.items()}
     feeds["unet"]["timestep"] = np.full(feeds["unet"]["timestep"].shape, 500.0)
+    feeds["text_encoder"]["clip_skip"] = np.ones(1, dtype=np.int64)
     stages = {}
     for name, label in (("text_encoder", "text encoder"), ("unet", "U-Net step"), ("vae_decoder", "VAE decode")):
         print(f"timing {label} ...", file=sys.stderr, flush=True)

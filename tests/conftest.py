@@ -37,6 +37,15 @@ def tiny_engine(tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_inpaint_engine(sdfast_cache, tmp_path_factory) -> Path:
+    """The tiny model with a 9-channel inpainting U-Net, exported."""
+    from sdfast.export.build import ExportRequest, export_engine
+
+    out = tmp_path_factory.mktemp("engines") / "tiny-inpaint-64"
+    return export_engine(ExportRequest(model="tiny-inpaint", out=out))
+
+
+@pytest.fixture(scope="session")
 def tiny_engine_batch2_unguided(tiny_model, tmp_path_factory) -> Path:
     from sdfast.export.build import ExportRequest, export_engine
 

@@ -1,4 +1,5 @@
 """The engine dir: static shapes, hashes and parity in the manifest, atomic writes, refusals before work."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -33,15 +34,26 @@ def test_manifest_describes_every_component(tiny_engine):
         assert parity["passed"] and parity["max_rel"] <= parity["tolerance_rel"] and parity["max_abs"] >= 0
 
 
-def test_onnx_graphs_have_only_static_shapes(tiny_engine):
+def test_onnx_graphs_are_static_but_for_the_prompt_length(tiny_engine):
     manifest = read_manifest(tiny_engine)
+    assert manifest.data["dynamic_dims"] == {"text_tokens": {"multiple_of": 77, "min": 77, "max": 77 * 8}}
     for component in manifest.components.values():
         graph = onnx.load(str(tiny_engine / component.file)).graph
         declared = {t.name: t.shape for t in component.inputs + component.outputs}
         for value in list(graph.input) + list(graph.output):
             dims = value.type.tensor_type.shape.dim
-            assert all(d.HasField("dim_value") for d in dims), f"{component.name}.{value.name} has a dynamic axis"
-            assert tuple(d.dim_value for d in dims) == declared[value.name]
+            expected = declared[value.name]
+            for dim, size in zip(dims, expected, strict=True):
+                if isinstance(size, str):  # only the U-Net's prompt tokens are dynamic
+                    assert (component.name, value.name, size) == ("unet", "encoder_hidden_states", "text_tokens")
+                    assert not dim.HasField("dim_value")
+                else:
+                    assert dim.HasField("dim_value") and dim.dim_value == size, f"{component.name}.{value.name}"
+
+
+def test_max_prompt_chunks_is_checked(tiny_model, tmp_path):
+    with pytest.raises(ConfigError, match="max prompt chunks"):
+        check_request(ExportRequest(model=str(tiny_model), out=tmp_path / "f", max_prompt_chunks=0))
 
 
 def test_unet_batch_follows_guidance(tiny_engine_batch2_unguided):
@@ -53,9 +65,12 @@ def test_unet_batch_follows_guidance(tiny_engine_batch2_unguided):
 
 
 def test_non_square_size_into_new_directories(tiny_model, tmp_path):
-    manifest = read_manifest(export_engine(ExportRequest(model=str(tiny_model), out=tmp_path / "new" / "dirs" / "e", height=32, width=48)))
+    out = tmp_path / "new" / "dirs" / "e"
+    manifest = read_manifest(export_engine(ExportRequest(model=str(tiny_model), out=out, height=32, width=48, max_prompt_chunks=2)))
     assert manifest.components["unet"].inputs[0].shape == (2, 4, 4, 6)  # latents 32/8 x 48/8
     assert manifest.components["vae_decoder"].outputs[0].shape == (1, 3, 32, 48)
+    assert manifest.data["dynamic_dims"]["text_tokens"] == {"multiple_of": 77, "min": 77, "max": 154}
+    assert manifest.geometry["max_text_chunks"] == 2
 
 
 @pytest.mark.parametrize(
@@ -85,7 +100,7 @@ def test_failed_export_leaves_nothing_behind(tiny_model, tmp_path, monkeypatch):
 
     def strict(self, name, dims, precision):
         component = original(self, name, dims, precision)
-        return type(component)(component.name, component.inputs, component.outputs, 1e-30 if name == "unet" else component.tolerance)
+        return dataclasses.replace(component, tolerance=1e-30) if name == "unet" else component
 
     monkeypatch.setattr(recipe_module.Recipe, "component", strict)
     out = tmp_path / "engine"

@@ -31,6 +31,7 @@ class ExportRequest:
     guidance: bool = True
     force: bool = False
     family: str = "sd15"
+    max_prompt_chunks: int | None = None  # None: the recipe's default; prompts up to this many 75-token chunks
 
 
 def check_request(request: ExportRequest) -> None:
@@ -40,6 +41,8 @@ def check_request(request: ExportRequest) -> None:
             raise ConfigError(f"{label} {value} is not a positive multiple of 8; Stable Diffusion works on 8x8 latent cells")
     if request.batch < 1:
         raise ConfigError(f"batch {request.batch} must be at least 1")
+    if request.max_prompt_chunks is not None and not 1 <= request.max_prompt_chunks <= 64:
+        raise ConfigError(f"max prompt chunks {request.max_prompt_chunks} must be from 1 to 64")
     if request.precision not in PRECISIONS:
         raise ConfigError(f"precision '{request.precision}' is not supported yet; choose one of {', '.join(PRECISIONS)}")
     out = request.out
@@ -138,6 +141,7 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
     scheduler_info = {"file": "scheduler/scheduler_config.json", "files": _hashed(staging, [scheduler_dir / "scheduler_config.json"]),
                       "class": model.scheduler_config.get("_class_name")}
 
+    dynamic_json = {dim.name: dim.to_json() for dim in recipe.dynamic_dims(dims).values()}
     components = {}
     raw_dir = staging / ".raw"
     raw_dir.mkdir()
@@ -146,11 +150,10 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
         component = recipe.component(name, dims, request.precision)
         label = f"[{index}/{len(names)}] {name}"
         module = WRAPPERS[name](model).eval()
-        inputs = sample_inputs(component, model)
         step = time.perf_counter()
         raw_path = raw_dir / f"{name}.onnx"
         try:
-            export_to_onnx(module, component, inputs, raw_path, recipe.opset)
+            export_to_onnx(module, component, sample_inputs(component, model, "trace"), raw_path, recipe.opset)
         except Exception as error:  # noqa: BLE001 - exporter failures are many types; report one line
             raise ExportError(f"{name}: ONNX export failed: {str(error).strip().splitlines()[0]}") from None
         exported_s = time.perf_counter() - step
@@ -174,10 +177,14 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
         progress(f"{label}: optimized offline in {optimized_s:.1f} s ({sum(f['bytes'] for f in file_info.values()) / 2**20:.1f} MiB)")
 
         step = time.perf_counter()
-        engine = get_backend("cpu").load(ComponentInfo.from_json(name, entry), staging / entry["file"])
+        inputs = sample_inputs(component, model, "parity")
+        engine = get_backend("cpu").load(ComponentInfo.from_json(name, entry, dynamic_json), staging / entry["file"])
         parity = compare(engine.run(inputs), torch_outputs(module, component, inputs), component.tolerance)
         del engine
-        entry["parity"] = {**parity.to_json(), "backend": "cpu", "reference": f"torch {torch.__version__} fp32 CPU"}
+        entry["parity"] = {
+            **parity.to_json(), "backend": "cpu", "reference": f"torch {torch.__version__} fp32 CPU",
+            "input_shapes": {key: list(value.shape) for key, value in inputs.items()},
+        }
         entry["export_seconds"] = round(time.perf_counter() - step + exported_s + optimized_s, 2)
         verdict = "ok" if parity.passed else "FAILED"
         progress(f"{label}: parity vs PyTorch max_abs {parity.max_abs:.2e}, max_rel {parity.max_rel:.2e} (tolerance {parity.tolerance:.0e}) {verdict}")
@@ -206,13 +213,16 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
             "height": dims["height"], "width": dims["width"], "batch": request.batch, "guidance": request.guidance,
             "unet_batch": dims["unet_batch"], "latent_channels": dims["latent_channels"],
             "latent_height": dims["latent_height"], "latent_width": dims["latent_width"], "text_length": dims["text_length"],
+            "max_text_chunks": dims["max_text_chunks"],
         },
+        "dynamic_dims": dynamic_json,
         "model": {
             "vae_scaling_factor": float(model.vae.config.scaling_factor),
             "prediction_type": model.scheduler_config.get("prediction_type", "epsilon"),
             "latent_factor": recipe.latent_factor,
             "unet_in_channels": dims["unet_in_channels"],
             "text_hidden": dims["text_hidden"],
+            "text_layers": int(model.text_encoder.config.num_hidden_layers),  # clip skip goes from 1 to this
         },
         "precision": request.precision,
         "tokenizer": tokenizer_info,
@@ -237,6 +247,7 @@ def _dimensions(request: ExportRequest, recipe, model) -> dict[str, int]:
         "latent_height": height // factor, "latent_width": width // factor,
         "latent_channels": int(model.vae.config.latent_channels), "unet_in_channels": int(model.unet.config.in_channels),
         "text_length": text_length, "text_hidden": int(model.text_encoder.config.hidden_size),
+        "max_text_chunks": request.max_prompt_chunks or int(recipe.defaults.get("max_text_chunks", 1)),
     }
 
 

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +45,7 @@ class BuiltinModel:
     unet: dict = field(default_factory=dict)
     vae: dict = field(default_factory=dict)
     text_encoder: dict = field(default_factory=dict)
+    pipeline_class: str = "StableDiffusionPipeline"
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -68,6 +69,13 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32,
         ),
     ),
+}
+# An inpainting variant of tiny: a 9-channel U-Net (latents, mask, masked-image latents), as SD 1.5 inpainting has.
+BUILTIN_MODELS["tiny-inpaint"] = replace(
+    BUILTIN_MODELS["tiny"], name="tiny-inpaint", description="tiny with a 9-channel inpainting U-Net (random weights), for tests",
+    unet={**BUILTIN_MODELS["tiny"].unet, "in_channels": 9}, pipeline_class="StableDiffusionInpaintPipeline",
+)
+BUILTIN_MODELS |= {
     "sd15": BuiltinModel(
         name="sd15",
         description="Stable Diffusion 1.5 architecture and configs with RANDOM weights (real latency, noise images)",
@@ -139,7 +147,7 @@ def save_builtin(model: BuiltinModel, folder: Path) -> None:
     transformers.logging.set_verbosity_error()  # before diffusers' pipeline imports probe optional image processors
     transformers.logging.disable_progress_bar()
     import diffusers
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     diffusers.logging.set_verbosity_error()
@@ -159,7 +167,7 @@ def save_builtin(model: BuiltinModel, folder: Path) -> None:
     vae = AutoencoderKL(**model.vae).eval()
     scheduler = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
 
-    pipeline = StableDiffusionPipeline(
+    pipeline = getattr(diffusers, model.pipeline_class)(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )

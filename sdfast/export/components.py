@@ -9,14 +9,22 @@ from sdfast.export.source import LoadedModel
 
 
 class TextEncoder(torch.nn.Module):
-    """input_ids [B, 77] -> last_hidden_state [B, 77, D] (after the final layer norm, as diffusers uses it)."""
+    """(input_ids [B, 77], clip_skip [1]) -> prompt_embeds [B, 77, D]: layer -clip_skip's hidden state, final-layer-normed.
+
+    A1111's "Clip skip" (1 = the last layer, which is diffusers' prompt_embeds; diffusers' ``clip_skip=k`` is ours k + 1).
+    """
 
     def __init__(self, model: LoadedModel):
         super().__init__()
         self.text_encoder = model.text_encoder
+        # transformers 5 moved the layer norm from CLIPTextModel.text_model to CLIPTextModel itself
+        self.final_layer_norm = getattr(model.text_encoder, "text_model", model.text_encoder).final_layer_norm
 
-    def forward(self, input_ids):
-        return self.text_encoder(input_ids, return_dict=False)[0]
+    def forward(self, input_ids, clip_skip):
+        hidden_states = self.text_encoder(input_ids, output_hidden_states=True, return_dict=True).hidden_states
+        layers = torch.stack(hidden_states[1:])  # layers: [L, B, 77, D]; hidden_states[0] is the embeddings
+        index = (layers.shape[0] - clip_skip).clamp(0, layers.shape[0] - 1)  # the runtime refuses out-of-range values
+        return self.final_layer_norm(layers.index_select(0, index.reshape(1)).squeeze(0))
 
 
 class UNet(torch.nn.Module):
@@ -56,22 +64,28 @@ class VaeEncoder(torch.nn.Module):
 WRAPPERS = {"text_encoder": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
 
 
-def sample_inputs(recipe: ComponentRecipe, model: LoadedModel, seed: int = 1234) -> dict[str, np.ndarray]:
-    """Seeded inputs in each input's realistic range, used for tracing and for the parity check."""
+def sample_inputs(recipe: ComponentRecipe, model: LoadedModel, purpose: str = "trace", seed: int = 1234) -> dict[str, np.ndarray]:
+    """Seeded inputs in each input's realistic range, for tracing (``purpose='trace'``) or the parity check ('parity').
+
+    The two differ where the graph must not be tied to the traced value: dynamic axes and clip_skip.
+    """
     rng = np.random.default_rng(seed)
     scaling = float(model.vae.config.scaling_factor)
     inputs = {}
     for tensor in recipe.inputs:
+        shape = tensor.concrete_shape(recipe.dynamic, purpose)
         if tensor.name == "input_ids":
             vocab = int(model.text_encoder.config.vocab_size)
-            value = rng.integers(0, vocab, size=tensor.shape, dtype=np.int64)
+            value = rng.integers(0, vocab, size=shape, dtype=np.int64)
+        elif tensor.name == "clip_skip":
+            value = np.full(shape, 2 if purpose == "trace" else 1, dtype=np.int64)
         elif tensor.name == "timestep":
-            value = np.linspace(999, 1, tensor.shape[0]).astype(np.float32)
+            value = np.linspace(999, 1, shape[0]).astype(np.float32)
         elif tensor.name == "image":
-            value = rng.uniform(-1, 1, size=tensor.shape).astype(np.float32)
+            value = rng.uniform(-1, 1, size=shape).astype(np.float32)
         elif tensor.name == "latent":
-            value = (rng.standard_normal(tensor.shape) / scaling).astype(np.float32)
+            value = (rng.standard_normal(shape) / scaling).astype(np.float32)
         else:
-            value = rng.standard_normal(tensor.shape).astype(np.float32)
+            value = rng.standard_normal(shape).astype(np.float32)
         inputs[tensor.name] = value
     return inputs

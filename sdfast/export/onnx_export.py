@@ -34,8 +34,15 @@ def _quiet_exporter():
 
 
 def export_to_onnx(module: torch.nn.Module, recipe: ComponentRecipe, inputs: dict[str, np.ndarray], path: Path, opset: int) -> None:
-    """Trace ``module`` with torch.export at the recipe's fixed shapes (no dynamic axes) and save ONNX."""
+    """Trace ``module`` with torch.export at the recipe's shapes (fixed, but for its declared dynamic axes) and save ONNX."""
     args = tuple(torch.from_numpy(inputs[t.name]) for t in recipe.inputs)
+    dynamic_shapes = None
+    if recipe.dynamic:
+        multiples = {name: torch.export.Dim(name, min=1, max=dim.max_multiple) for name, dim in recipe.dynamic.items()}
+        dynamic_shapes = tuple(
+            {axis: recipe.dynamic[d].multiple_of * multiples[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} or None
+            for t in recipe.inputs
+        )
     weights_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
@@ -46,6 +53,7 @@ def export_to_onnx(module: torch.nn.Module, recipe: ComponentRecipe, inputs: dic
             opset_version=opset,
             dynamo=True,
             optimize=True,
+            dynamic_shapes=dynamic_shapes,
         )
         program.save(str(path), external_data=weights_bytes > EXTERNAL_DATA_THRESHOLD)
     _check_static(path, recipe)
@@ -57,7 +65,8 @@ def _check_static(path: Path, recipe: ComponentRecipe) -> None:
         raise RuntimeError(f"exported {path.name}: {len(model.graph.input)} inputs and {len(model.graph.output)} outputs, the recipe has {len(recipe.inputs)} and {len(recipe.outputs)}")
     for value, expected in zip(list(model.graph.input) + list(model.graph.output), recipe.inputs + recipe.outputs):
         dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim)
-        if value.name != expected.name or dims != expected.shape:
+        wanted = tuple(-1 if isinstance(d, str) else d for d in expected.shape)  # dynamic axes are symbolic in the graph
+        if value.name != expected.name or dims != wanted:
             raise RuntimeError(f"exported {path.name}: {value.name}{dims} differs from the recipe's {expected.name}{expected.shape}")
 
 

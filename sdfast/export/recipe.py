@@ -17,13 +17,33 @@ def recipe_text(family: str) -> str:
 
 
 @dataclass(frozen=True)
+class DynamicDim:
+    """An axis left dynamic in the ONNX graph: any multiple of ``multiple_of``, up to ``max_multiple`` of them."""
+
+    name: str
+    multiple_of: int
+    max_multiple: int
+    trace_multiple: int  # the size the exporter traces with (not 1, or torch.export specializes the axis)
+    parity_multiple: int  # the size the export-time parity check runs at
+
+    def to_json(self) -> dict:
+        return {"multiple_of": self.multiple_of, "min": self.multiple_of, "max": self.multiple_of * self.max_multiple}
+
+
+@dataclass(frozen=True)
 class ResolvedTensor:
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]  # a str is the name of a DynamicDim
     dtype: str
 
     def to_json(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    def concrete_shape(self, dynamic: dict[str, DynamicDim], purpose: str) -> tuple[int, ...]:
+        """The shape with each dynamic axis at its 'trace' or 'parity' size."""
+        return tuple(
+            d if isinstance(d, int) else dynamic[d].multiple_of * getattr(dynamic[d], f"{purpose}_multiple") for d in self.shape
+        )
 
 
 @dataclass(frozen=True)
@@ -32,6 +52,7 @@ class ComponentRecipe:
     inputs: tuple[ResolvedTensor, ...]
     outputs: tuple[ResolvedTensor, ...]
     tolerance: float
+    dynamic: dict[str, DynamicDim]  # the dynamic axes this component's tensors use
 
 
 @dataclass(frozen=True)
@@ -62,18 +83,37 @@ class Recipe:
     def component_names(self) -> list[str]:
         return list(self.data["components"])
 
+    def dynamic_dims(self, dims: dict[str, int]) -> dict[str, DynamicDim]:
+        """The recipe's dynamic axes with their bounds resolved from ``dims``."""
+        return {
+            name: DynamicDim(
+                name, int(dims[spec["multiple_of"]]), int(dims[spec["max_multiple"]]),
+                int(spec["trace_multiple"]), int(spec["parity_multiple"]),
+            )
+            for name, spec in self.data.get("dynamic", {}).items()
+        }
+
     def component(self, name: str, dims: dict[str, int], precision: str) -> ComponentRecipe:
-        """One component with every symbolic dimension replaced by its value from ``dims``."""
+        """One component with every static symbolic dimension replaced by its value from ``dims``."""
         spec = self.data["components"][name]
         tolerance = spec.get("tolerance", {}).get(precision)
         if tolerance is None:
             raise ConfigError(f"recipe '{self.family}' has no {precision} parity tolerance for {name}")
+        dynamic = self.dynamic_dims(dims)
+        used = {}
 
         def resolve(tensors: list[dict]) -> tuple[ResolvedTensor, ...]:
             resolved = []
             for tensor in tensors:
-                shape = tuple(d if isinstance(d, int) else dims[d] for d in tensor["shape"])
-                resolved.append(ResolvedTensor(tensor["name"], shape, tensor["dtype"]))
+                shape = []
+                for d in tensor["shape"]:
+                    if isinstance(d, str) and d in dynamic:
+                        used[d] = dynamic[d]
+                        shape.append(d)
+                    else:
+                        shape.append(d if isinstance(d, int) else dims[d])
+                resolved.append(ResolvedTensor(tensor["name"], tuple(shape), tensor["dtype"]))
             return tuple(resolved)
 
-        return ComponentRecipe(name, resolve(spec["inputs"]), resolve(spec["outputs"]), float(tolerance))
+        inputs, outputs = resolve(spec["inputs"]), resolve(spec["outputs"])
+        return ComponentRecipe(name, inputs, outputs, float(tolerance), used)

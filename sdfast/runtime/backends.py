@@ -25,10 +25,22 @@ class Engine(ABC):
             value = feeds.get(spec.name)
             if value is None:
                 raise EngineError(f"{self.info.name}: input '{spec.name}' not given")
-            if tuple(value.shape) != spec.shape:
-                raise EngineError(f"{self.info.name}: input '{spec.name}' has shape {tuple(value.shape)}, the engine was built for {spec.shape}")
+            if not self._shape_fits(tuple(value.shape), spec.shape):
+                raise EngineError(f"{self.info.name}: input '{spec.name}' has shape {tuple(value.shape)}, the engine was built for {self.describe(spec.shape)}")
             checked[spec.name] = np.ascontiguousarray(value, dtype=_NUMPY_DTYPES[spec.dtype])
         return checked
+
+    def _shape_fits(self, shape: tuple[int, ...], declared: tuple[int | str, ...]) -> bool:
+        return len(shape) == len(declared) and all(
+            self.info.dynamic[d].accepts(n) if isinstance(d, str) else n == d for n, d in zip(shape, declared)
+        )
+
+    def describe(self, declared: tuple[int | str, ...]) -> tuple:
+        """A declared shape for messages: a dynamic axis reads as 'name=min..max step k'."""
+        return tuple(
+            f"{d}={self.info.dynamic[d].min}..{self.info.dynamic[d].max} step {self.info.dynamic[d].multiple_of}" if isinstance(d, str) else d
+            for d in declared
+        )
 
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -104,7 +116,12 @@ class OrtBackend(Backend):
 def _check_session_matches(session, info: ComponentInfo) -> None:
     graph_inputs = {i.name: tuple(i.shape) for i in session.get_inputs()}
     for spec in info.inputs:
-        if graph_inputs.get(spec.name) != spec.shape:
+        graph_shape = graph_inputs.get(spec.name)
+        # onnxruntime reports a symbolic axis by its name (a str) or None; the manifest names it too
+        matches = graph_shape is not None and len(graph_shape) == len(spec.shape) and all(
+            (not isinstance(g, int)) if isinstance(d, str) else g == d for g, d in zip(graph_shape, spec.shape)
+        )
+        if not matches:
             raise EngineError(f"{info.name}: the ONNX file's input '{spec.name}' {graph_inputs.get(spec.name)} differs from the manifest's {spec.shape}")
 
 

@@ -10,7 +10,7 @@ from sdfast.errors import EngineError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "sdfast-engine"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: clip_skip input, dynamic prompt length (dynamic_dims), text_layers
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 _HASH_CHUNK = 8 << 20
 
@@ -24,14 +24,27 @@ def sha256_file(path: Path) -> str:
 
 
 @dataclass(frozen=True)
+class DynamicDim:
+    """An axis the engine takes at any multiple of ``multiple_of`` from ``min`` to ``max`` (the prompt's tokens)."""
+
+    name: str
+    multiple_of: int
+    min: int
+    max: int
+
+    def accepts(self, size: int) -> bool:
+        return self.min <= size <= self.max and size % self.multiple_of == 0
+
+
+@dataclass(frozen=True)
 class TensorSpec:
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]  # a str names one of the manifest's dynamic_dims
     dtype: str
 
     @classmethod
     def from_json(cls, data: dict) -> "TensorSpec":
-        return cls(name=data["name"], shape=tuple(int(d) for d in data["shape"]), dtype=data["dtype"])
+        return cls(name=data["name"], shape=tuple(d if isinstance(d, str) else int(d) for d in data["shape"]), dtype=data["dtype"])
 
 
 @dataclass(frozen=True)
@@ -42,9 +55,10 @@ class ComponentInfo:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     precision: str
+    dynamic: dict[str, DynamicDim]  # the manifest's dynamic axes, by name
 
     @classmethod
-    def from_json(cls, name: str, data: dict) -> "ComponentInfo":
+    def from_json(cls, name: str, data: dict, dynamic: dict | None = None) -> "ComponentInfo":
         return cls(
             name=name,
             file=data["file"],
@@ -52,6 +66,7 @@ class ComponentInfo:
             inputs=tuple(TensorSpec.from_json(t) for t in data["inputs"]),
             outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
             precision=data["precision"],
+            dynamic={key: DynamicDim(key, int(d["multiple_of"]), int(d["min"]), int(d["max"])) for key, d in (dynamic or {}).items()},
         )
 
 
@@ -137,7 +152,7 @@ def read_manifest(engine_dir: str | Path) -> Manifest:
         )
     try:
         _check_structure(data)
-        components = {name: ComponentInfo.from_json(name, info) for name, info in data["components"].items()}
+        components = {name: ComponentInfo.from_json(name, info, data["dynamic_dims"]) for name, info in data["components"].items()}
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise EngineError(f"{path}: manifest is incomplete or malformed ({type(error).__name__}: {error})") from None
     return Manifest(root=root, data=data, components=components)
@@ -146,12 +161,13 @@ def read_manifest(engine_dir: str | Path) -> Manifest:
 # What the runtime reads, and the type it must have: checked once, so no later lookup can fail.
 _REQUIRED = {
     "geometry": {"height": int, "width": int, "batch": int, "guidance": bool, "unet_batch": int, "latent_channels": int,
-                 "latent_height": int, "latent_width": int, "text_length": int},
-    "model": {"vae_scaling_factor": (int, float), "prediction_type": str},
+                 "latent_height": int, "latent_width": int, "text_length": int, "max_text_chunks": int},
+    "model": {"vae_scaling_factor": (int, float), "prediction_type": str, "unet_in_channels": int, "text_layers": int},
     "tokenizer": {"file": str, "files": dict, "bos_id": int, "eos_id": int, "pad_id": int, "max_length": int},
     "scheduler": {"file": str, "files": dict},
     "source": {"name": str, "fingerprint": str},
     "components": {},
+    "dynamic_dims": {},
 }
 _TENSOR_DTYPES = ("float32", "float16", "int64", "int32")
 
@@ -171,6 +187,9 @@ def _check_structure(data: dict) -> None:
             value = data[section].get(field_name)
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise ValueError(f"'{section}.{field_name}' is missing or of the wrong type")
+    for name, dim in data["dynamic_dims"].items():
+        if not isinstance(dim, dict) or not all(isinstance(dim.get(k), int) and dim[k] > 0 for k in ("multiple_of", "min", "max")):
+            raise ValueError(f"dynamic dim '{name}' needs positive integers multiple_of, min and max")
     for section in ("tokenizer", "scheduler"):
         _check_files(data[section]["files"])
         if data[section]["file"] not in data[section]["files"]:
@@ -182,8 +201,15 @@ def _check_structure(data: dict) -> None:
         if info["file"] not in info["files"]:
             raise ValueError(f"component '{name}': its file is not among its hashed files")
         for tensor in list(info.get("inputs", [])) + list(info.get("outputs", [])):
-            if tensor.get("dtype") not in _TENSOR_DTYPES or not all(isinstance(d, int) and d > 0 for d in tensor.get("shape", [None])):
-                raise ValueError(f"component '{name}': tensor '{tensor.get('name')}' needs a static shape and a dtype of {_TENSOR_DTYPES}")
+            shape_ok = all(
+                (isinstance(d, int) and not isinstance(d, bool) and d > 0) or (isinstance(d, str) and d in data["dynamic_dims"])
+                for d in tensor.get("shape", [None])
+            )
+            if tensor.get("dtype") not in _TENSOR_DTYPES or not shape_ok:
+                raise ValueError(
+                    f"component '{name}': tensor '{tensor.get('name')}' needs a shape of positive sizes or declared dynamic dims, "
+                    f"and a dtype of {_TENSOR_DTYPES}"
+                )
 
 
 def _check_files(files: dict) -> None:

@@ -42,10 +42,32 @@ def test_info_prints_the_manifest(tiny_engine):
     assert json.loads(run_cli("info", tiny_engine, "--json").stdout)["format"] == "sdfast-engine"
 
 
-def test_long_prompt_is_truncated_with_a_warning(tiny_engine, tmp_path):
-    completed = run_cli("generate", tiny_engine, " ".join(["apple"] * 90), "--steps", "2", "-o", tmp_path / "long.png", "--quiet")
+def test_img2img_inpainting_n_iter_and_clip_skip_flags(tiny_engine, tmp_path):
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(init)  # not 64x64
+    Image.fromarray(np.full((64, 64), 255, dtype=np.uint8), mode="L").save(mask)
+    completed = run_cli("generate", tiny_engine, " ".join(["apple"] * 90), "--steps", "4", "--init-image", init, "--mask", mask,
+                        "--strength", "0.5", "--n-iter", "2", "--seed", "7", "--clip-skip", "2", "--sampler", "dpm++ 2m karras",
+                        "-o", tmp_path / "edit.png")
     assert completed.returncode == 0, completed.stderr
-    assert "the last 15 token(s) were dropped" in completed.stderr
+    assert "init image is 96x80; resized to the engine's 64x64" in completed.stderr
+    assert "dropped" not in completed.stderr  # 90 tokens: two chunks, nothing cut
+    for index in (0, 1):
+        parameters = Image.open(tmp_path / f"edit-{index}.png").info["parameters"]
+        for field in (f"Seed: {7 + index},", "Denoising strength: 0.5", "Clip skip: 2", "Sampler: DPM++ 2M Karras"):
+            assert field in parameters
+
+
+def test_generate_refuses_bad_init_images_and_masks(tiny_engine, tmp_path):
+    out = tmp_path / "x.png"
+    assert_clean_error(run_cli("generate", tiny_engine, "x", "--init-image", tmp_path / "none.png", "-o", out), "init image", "does not exist")
+    (tmp_path / "text.png").write_text("hello")
+    assert_clean_error(run_cli("generate", tiny_engine, "x", "--init-image", tmp_path / "text.png", "-o", out), "not a readable image")
+    assert_clean_error(run_cli("generate", tiny_engine, "x", "--mask", tmp_path / "text.png", "-o", out), "--mask needs --init-image")
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "black.png")
+    assert_clean_error(run_cli("generate", tiny_engine, "x", "--init-image", tmp_path / "black.png", "--strength", "1.5", "-o", out), "strength must be")
+    assert_clean_error(run_cli("generate", tiny_engine, "x", "--clip-skip", "0", "-o", out), "clip skip must be")
+    assert not out.exists()
 
 
 def test_export_refuses_missing_model_folder(tmp_path):
@@ -115,7 +137,7 @@ def test_generate_refuses_unknown_sampler(tiny_engine, tmp_path):
 
 def test_generate_refuses_size_the_engine_was_not_built_for(tiny_engine, tmp_path):
     assert_clean_error(run_cli("generate", tiny_engine, "x", "--width", "128", "-o", tmp_path / "x.png"), "built for 64x64", "128x64")
-    assert_clean_error(run_cli("generate", tiny_engine, "x", "--batch-size", "3", "-o", tmp_path / "x.png"), "batch 1", "batch 3")
+    assert_clean_error(run_cli("generate", tiny_engine, "x", "--batch-size", "3", "-o", tmp_path / "x.png"), "batch 1", "not 3")
 
 
 def test_generate_refuses_unwritable_output(tiny_engine, tmp_path):

@@ -7,6 +7,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from sdfast.runtime.images import psnr
 from sdfast.runtime.pipeline import GenerationRequest, Pipeline
+from sdfast.sampling.registry import SAMPLERS
 
 PROMPT, NEGATIVE = "a red apple on a table", "blurry"
 
@@ -28,7 +29,7 @@ def pipeline(tiny_engine):
     [("euler", "EulerDiscreteScheduler", 20, 7.5), ("ddim", "DDIMScheduler", 20, 7.5), ("euler", "EulerDiscreteScheduler", 8, 1.0)],
 )
 def test_image_matches_diffusers(pipeline, reference_pipeline, sampler, scheduler_class, steps, cfg):
-    reference_pipeline.scheduler = getattr(diffusers, scheduler_class).from_config(reference_pipeline.scheduler.config)
+    reference_pipeline.scheduler = getattr(diffusers, scheduler_class).from_config(pipeline.scheduler_config)
     expected = reference_pipeline(
         PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=cfg, height=64, width=64,
         generator=torch.Generator("cpu").manual_seed(42), output_type="np",
@@ -38,6 +39,25 @@ def test_image_matches_diffusers(pipeline, reference_pipeline, sampler, schedule
     assert result.images.shape == expected.shape == (1, 64, 64, 3)
     assert result.images.std() > 10, "a saturated or flat image would make the comparison meaningless"
     assert psnr(result.images, expected) >= 40.0
+
+
+@pytest.mark.parametrize("key", [spec.key for spec in SAMPLERS.values() if spec.scheduler_class])
+def test_every_sampler_matches_its_diffusers_scheduler_end_to_end(pipeline, reference_pipeline, key):
+    """The whole pipeline, with guidance, for each sampler; DPM++ SDE's Brownian tree gets noise_sampler_seed = the seed."""
+    spec = SAMPLERS[key]
+    config = spec.config_for(pipeline.scheduler_config)  # the model's own config, not the previous test's scheduler
+    if spec.seeded_tree:
+        config["noise_sampler_seed"] = 42
+    reference_pipeline.scheduler = getattr(diffusers, spec.scheduler_class).from_config(config)
+    expected = reference_pipeline(
+        PROMPT, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=7.5, height=64, width=64,
+        generator=torch.Generator("cpu").manual_seed(42), output_type="np",
+    ).images
+    expected = (expected * 255).round().astype(np.uint8)
+    result = pipeline.generate(GenerationRequest(PROMPT, NEGATIVE, steps=6, cfg_scale=7.5, seed=42, sampler=spec.a1111_name))
+    assert result.images.std() > 10
+    assert psnr(result.images, expected) >= 40.0
+    assert f"Sampler: {spec.a1111_name}," in result.parameters[0]
 
 
 def test_same_seed_same_image_other_seed_other_image(pipeline):

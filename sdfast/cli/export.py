@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="a diffusers-format folder, or a built-in random-weight model: tiny, sd15")
+    parser.add_argument("--model", required=True,
+                        help="a diffusers-format folder, or a built-in random-weight model: tiny, tiny-inpaint, sd15")
     parser.add_argument("--out", required=True, type=Path, help="the engine dir to write")
     parser.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: the model's native size)")
     parser.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's native size)")
@@ -14,6 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="fp32", help="weights precision: fp32 (default)")
     parser.add_argument("--no-guidance", dest="guidance", action="store_false",
                         help="export the U-Net at batch B instead of 2B: no classifier-free guidance, twice as fast per step")
+    parser.add_argument("--max-prompt-chunks", type=int,
+                        help="longest prompt the U-Net takes, in 75-token chunks (default 8, i.e. 600 tokens)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
@@ -23,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
     request = ExportRequest(
         model=args.model, out=args.out, height=args.height, width=args.width, batch=args.batch,
-        precision=args.precision, guidance=args.guidance, force=args.force,
+        precision=args.precision, guidance=args.guidance, force=args.force, max_prompt_chunks=args.max_prompt_chunks,
     )
     check_request(request)  # refuse bad shapes and paths before importing torch
     export_engine(request, ElapsedLog("export"))

@@ -13,13 +13,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale; 1 disables guidance (default 7.5)")
     parser.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same image as diffusers (default 0)")
-    parser.add_argument("--sampler", default="euler", help="sampler, by A1111 or diffusers name: Euler, DDIM (default euler)")
+    parser.add_argument("--sampler", default="euler",
+                        help="sampler, by A1111 or diffusers name, e.g. 'Euler a', 'DPM++ 2M Karras' (default euler; see 'sdfast samplers')")
     parser.add_argument("--height", type=int, help="must equal the engine's (default: the engine's)")
     parser.add_argument("--width", type=int, help="must equal the engine's (default: the engine's)")
-    parser.add_argument("--batch-size", type=int, help="must equal the engine's batch (default: the engine's)")
+    parser.add_argument("--batch-size", type=int, help="images per U-Net call, 1 to the engine's batch (default: the engine's)")
+    parser.add_argument("--n-iter", type=int, default=1, help="batches to run; image k gets seed + k, as A1111 (default 1)")
+    parser.add_argument("--clip-skip", type=int, default=1, help="A1111's clip skip: 1 is the last text-encoder layer (default 1)")
+    parser.add_argument("--init-image", type=Path, help="img2img: start from this image (resized to the engine's size, with a warning)")
+    parser.add_argument("--strength", type=float,
+                        help="img2img denoising strength 0..1 (default 0.75; 1.0 on a 9-channel inpainting engine)")
+    parser.add_argument("--mask", type=Path, help="inpainting: white repaints, black keeps (needs --init-image)")
     parser.add_argument("--backend", default="cpu", help="execution backend: cpu, cuda (default cpu)")
     parser.add_argument("--verify", default="full", choices=("full", "size"), help="check engine files by sha256 (full) or size only")
-    parser.add_argument("-o", "--output", type=Path, default=Path("sdfast.png"), help="output PNG; with batch B > 1, NAME-0.png ... NAME-(B-1).png")
+    parser.add_argument("-o", "--output", type=Path, default=Path("sdfast.png"),
+                        help="output PNG; with N > 1 images (batch x n-iter), NAME-0.png ... NAME-(N-1).png")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or timing summary")
 
 
@@ -32,26 +40,41 @@ def output_paths(output: Path, count: int) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from sdfast.runtime.images import check_output_path, save_png
+    from sdfast.errors import RequestError
+    from sdfast.runtime.images import check_output_path, load_init_image, load_mask, save_png
     from sdfast.runtime.pipeline import GenerationRequest, Pipeline
     from sdfast.sampling.registry import resolve_sampler
 
     resolve_sampler(args.sampler)  # an unknown sampler is refused before loading anything
     check_output_path(args.output)
+    if args.mask is not None and args.init_image is None:
+        raise RequestError("--mask needs --init-image (the image to inpaint)")
+    if args.strength is not None and args.init_image is None:
+        raise RequestError("--strength needs --init-image")
     pipeline = Pipeline.load(args.engine_dir, backend=args.backend, verify=args.verify)
+    warnings: list[str] = []
+    init_image = load_init_image(args.init_image, pipeline.width, pipeline.height, warnings) if args.init_image else None
+    mask = load_mask(args.mask, pipeline.width, pipeline.height, warnings) if args.mask else None
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
-        sampler=args.sampler, height=args.height, width=args.width, batch_size=args.batch_size,
+        sampler=args.sampler, height=args.height, width=args.width, batch_size=args.batch_size, n_iter=args.n_iter,
+        clip_skip=args.clip_skip, init_image=init_image, mask=mask, strength=args.strength,
     )
-    paths = output_paths(args.output, pipeline.batch_size)
+    batch = args.batch_size if args.batch_size is not None else pipeline.batch_size
+    paths = output_paths(args.output, max(batch, 1) * max(args.n_iter, 1))
     for path in paths:
         check_output_path(path)
 
-    bar = None if args.quiet else tqdm(total=args.steps, desc="sampling", unit="step", file=sys.stderr, leave=False)
-    result = pipeline.generate(request, on_step=(lambda done, total: bar.update(1)) if bar else None)
-    if bar:
+    bar = None if args.quiet else tqdm(desc="sampling", unit="step", file=sys.stderr, leave=False)
+
+    def on_step(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    result = pipeline.generate(request, on_step=on_step if bar is not None else None)
+    if bar is not None:
         bar.close()
-    for warning in result.warnings:
+    for warning in warnings + result.warnings:
         print(f"sdfast generate: warning: {warning}", file=sys.stderr)
     for pixels, path, parameters in zip(result.images, paths, result.parameters):
         save_png(pixels, path, parameters)
@@ -61,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"timing ({pipeline.backend}, {pipeline.width}x{pipeline.height}, U-Net batch {pipeline.manifest.geometry['unet_batch']}): "
             f"text encoder {summary['text_encoder_ms']:.0f} ms | U-Net step median {summary['unet_step_median_ms']:.0f} ms "
-            f"(min {summary['unet_step_min_ms']:.0f}, max {summary['unet_step_max_ms']:.0f}) x {args.steps} | "
+            f"(min {summary['unet_step_min_ms']:.0f}, max {summary['unet_step_max_ms']:.0f}) x {len(result.timings.unet_steps)} | "
             f"VAE decode {summary['vae_decode_ms']:.0f} ms | total {summary['total_ms'] / 1e3:.2f} s",
             file=sys.stderr,
         )

@@ -57,6 +57,47 @@ def save_png(pixels: np.ndarray, path: Path, parameters: str) -> None:
             os.unlink(temporary)
 
 
+def _open_image(path: Path, label: str):
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise RequestError(f"{label} '{path}' does not exist" if not path.exists() else f"{label} '{path}' is not a file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise RequestError(f"{label} '{path}' is not a readable image ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+
+
+def _fit(image, width: int, height: int, label: str, warnings: list[str]):
+    """Resize to the engine's size with Lanczos, as diffusers' VaeImageProcessor does, and say so."""
+    from PIL import Image
+
+    if image.size == (width, height):
+        return image
+    warnings.append(f"{label} is {image.size[0]}x{image.size[1]}; resized to the engine's {width}x{height}")
+    return image.resize((width, height), resample=Image.Resampling.LANCZOS)
+
+
+def load_init_image(path: Path, width: int, height: int, warnings: list[str]) -> np.ndarray:
+    """An image file -> [1, 3, H, W] float32 in [-1, 1] at the engine's size (RGB; alpha is dropped)."""
+    image = _fit(_open_image(path, "init image").convert("RGB"), width, height, "init image", warnings)
+    pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)  # pixels: [H, W, 3] in [0, 1]
+    return (pixels.transpose(2, 0, 1)[None] * np.float32(2.0) - np.float32(1.0)).astype(np.float32)
+
+
+def load_mask(path: Path, width: int, height: int, warnings: list[str]) -> np.ndarray:
+    """A mask image (white = repaint, black = keep) -> [1, 1, H, W] float32 of 0 and 1, as diffusers' mask processor."""
+    image = _fit(_open_image(path, "mask").convert("L"), width, height, "mask", warnings)
+    values = np.asarray(image, dtype=np.float32) / np.float32(255.0)  # values: [H, W] in [0, 1]
+    mask = (values >= 0.5).astype(np.float32)[None, None]
+    if not mask.any():
+        warnings.append("the mask is all black: nothing will be repainted")
+    return mask
+
+
 def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
     """Peak signal-to-noise ratio in dB between two images of the same shape (inf when identical)."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))

@@ -15,13 +15,16 @@ from sdfast.errors import EngineError, RequestError
 from sdfast.runtime.backends import Engine, get_backend
 from sdfast.runtime.images import infotext, to_uint8
 from sdfast.runtime.manifest import Manifest, read_manifest
+from sdfast.runtime.prompts import PromptChunks, apply_emphasis, pad_pair, tokenize_weighted
 from sdfast.runtime.tokenizer import PromptTokenizer
 from sdfast.sampling.denoiser import Denoiser
 from sdfast.sampling.noise import TorchCompatibleGenerator
 from sdfast.sampling.registry import check_supported, resolve_sampler
-from sdfast.sampling.schedules import NoiseSchedule
+from sdfast.sampling.schedules import NoiseSchedule, SamplingPlan
 
 MAX_STEPS = 1000
+MAX_ITERATIONS = 10000
+DEFAULT_STRENGTH = 0.75  # A1111's img2img denoising strength
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 
@@ -35,7 +38,12 @@ class GenerationRequest:
     sampler: str = "euler"
     height: int | None = None  # None: the engine's size
     width: int | None = None
-    batch_size: int | None = None  # None: the engine's batch
+    batch_size: int | None = None  # images per U-Net call, 1 .. the engine's batch (None: the engine's)
+    n_iter: int = 1  # batches run one after another; image k of the whole run gets seed + k, as A1111
+    clip_skip: int = 1  # A1111's "Clip skip": 1 is the last text-encoder layer
+    init_image: np.ndarray | None = None  # [1, 3, H, W] in [-1, 1] (images.load_init_image): img2img / inpainting
+    mask: np.ndarray | None = None  # [1, 1, H, W] of 0 and 1, 1 = repaint (images.load_mask): inpainting
+    strength: float | None = None  # img2img denoising strength; None: 0.75 (A1111), 1.0 on a 9-channel inpainting engine
 
 
 @dataclass
@@ -43,6 +51,7 @@ class StageTimings:
     """Wall seconds per stage of one generation."""
 
     text_encoder: float = 0.0
+    vae_encode: float = 0.0
     unet_steps: list[float] = field(default_factory=list)
     vae_decode: float = 0.0
     total: float = 0.0
@@ -51,6 +60,7 @@ class StageTimings:
         steps = sorted(self.unet_steps)
         return {
             "text_encoder_ms": self.text_encoder * 1e3,
+            "vae_encode_ms": self.vae_encode * 1e3,
             "unet_step_median_ms": float(np.median(steps)) * 1e3 if steps else 0.0,
             "unet_step_min_ms": steps[0] * 1e3 if steps else 0.0,
             "unet_step_max_ms": steps[-1] * 1e3 if steps else 0.0,
@@ -62,10 +72,10 @@ class StageTimings:
 
 @dataclass
 class GenerationResult:
-    images: np.ndarray  # [B, H, W, 3] uint8
+    images: np.ndarray  # [N, H, W, 3] uint8, N = batch_size x n_iter
     seeds: list[int]
     parameters: list[str]  # A1111 infotext per image
-    latents: np.ndarray  # [B, 4, H/8, W/8] final latents, before the VAE scaling
+    latents: np.ndarray  # [N, 4, H/8, W/8] final latents, before the VAE scaling
     timings: StageTimings
     warnings: list[str]
 
@@ -91,6 +101,9 @@ class Pipeline:
         self.batch_size = int(geometry["batch"])
         self.guidance = bool(geometry["guidance"])
         self.latent_shape = (int(geometry["latent_channels"]), int(geometry["latent_height"]), int(geometry["latent_width"]))
+        self.max_text_chunks = int(geometry["max_text_chunks"])
+        self.text_layers = int(manifest.model["text_layers"])
+        self.inpainting_unet = int(manifest.model["unet_in_channels"]) == 2 * self.latent_shape[0] + 1  # latents, mask, masked latents
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "cpu", verify: str = "full") -> "Pipeline":
@@ -107,10 +120,11 @@ class Pipeline:
         manifest = read_manifest(engine_dir)
         manifest.verify_files(full=verify == "full")
         runtime_backend = get_backend(backend)
-        needed = ("text_encoder", "unet", "vae_decoder")
         engines = {}
-        for name in needed:
+        for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
             if name not in manifest.components:
+                if name == "vae_encoder":
+                    continue  # optional: only img2img and inpainting need it
                 raise EngineError(f"engine dir {manifest.root} has no {name}")
             engines[name] = runtime_backend.load(manifest.components[name], manifest.path(manifest.components[name].file))
         tok = manifest.tokenizer
@@ -128,12 +142,16 @@ class Pipeline:
     def _check(self, request: GenerationRequest) -> int:
         height = request.height if request.height is not None else self.height
         width = request.width if request.width is not None else self.width
-        batch = request.batch_size if request.batch_size is not None else self.batch_size
-        if (height, width, batch) != (self.height, self.width, self.batch_size):
+        if (height, width) != (self.height, self.width):
             raise RequestError(
-                f"this engine was built for {self.width}x{self.height} (width x height), batch {self.batch_size}; "
-                f"the request asks for {width}x{height}, batch {batch} (re-export with --width/--height/--batch)"
+                f"this engine was built for {self.width}x{self.height} (width x height); the request asks for "
+                f"{width}x{height} (re-export with --width/--height)"
             )
+        batch = request.batch_size if request.batch_size is not None else self.batch_size
+        if not isinstance(batch, int) or not 1 <= batch <= self.batch_size:
+            raise RequestError(f"batch size must be from 1 to the engine's batch {self.batch_size}, not {batch} (re-export with --batch)")
+        if not isinstance(request.n_iter, int) or not 1 <= request.n_iter <= MAX_ITERATIONS:
+            raise RequestError(f"n_iter must be an integer from 1 to {MAX_ITERATIONS}, not {request.n_iter}")
         for label, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
             if not isinstance(text, str):
                 raise RequestError(f"{label} must be text")
@@ -143,43 +161,93 @@ class Pipeline:
                 raise RequestError(f"{label} is not valid UTF-8 text") from None
         if not isinstance(request.steps, int) or not 1 <= request.steps <= MAX_STEPS:
             raise RequestError(f"steps must be an integer from 1 to {MAX_STEPS}, not {request.steps}")
-        if not math.isfinite(request.cfg_scale) or request.cfg_scale < 0:
+        if not isinstance(request.cfg_scale, (int, float)) or not math.isfinite(request.cfg_scale) or request.cfg_scale < 0:
             raise RequestError(f"cfg scale must be a finite number >= 0, not {request.cfg_scale}")
         if request.cfg_scale > 1 and not self.guidance:
             raise RequestError("this engine was exported without classifier-free guidance (--no-guidance): use cfg scale 1")
         if not isinstance(request.seed, int) or request.seed < 0:
             raise RequestError(f"seed must be an integer >= 0, not {request.seed}")
+        if not isinstance(request.clip_skip, int) or not 1 <= request.clip_skip <= self.text_layers:
+            raise RequestError(f"clip skip must be an integer from 1 to the text encoder's {self.text_layers} layers, not {request.clip_skip}")
+        self._check_images(request)
         return batch
+
+    def _check_images(self, request: GenerationRequest) -> None:
+        image_shape = (1, 3, self.height, self.width)
+        if request.mask is not None and request.init_image is None:
+            raise RequestError("a mask needs an init image to inpaint")
+        if self.inpainting_unet and (request.init_image is None or request.mask is None):
+            raise RequestError("this engine holds a 9-channel inpainting U-Net: it needs an init image and a mask")
+        if request.init_image is not None:
+            if "vae_encoder" not in self.engines:
+                raise RequestError("this engine dir has no VAE encoder, which img2img and inpainting need")
+            if not isinstance(request.init_image, np.ndarray) or request.init_image.shape != image_shape:
+                raise RequestError(f"init image must be a [1, 3, {self.height}, {self.width}] array (see images.load_init_image)")
+        if request.mask is not None and (not isinstance(request.mask, np.ndarray) or request.mask.shape != (1, 1, self.height, self.width)):
+            raise RequestError(f"mask must be a [1, 1, {self.height}, {self.width}] array (see images.load_mask)")
+        if request.strength is not None:
+            if request.init_image is None:
+                raise RequestError("strength only applies with an init image")
+            if not isinstance(request.strength, (int, float)) or not 0.0 <= request.strength <= 1.0:
+                raise RequestError(f"strength must be from 0.0 to 1.0, not {request.strength}")
+
+    def _strength(self, request: GenerationRequest) -> float | None:
+        if request.init_image is None:
+            return None
+        if request.strength is not None:
+            return float(request.strength)
+        return 1.0 if self.inpainting_unet else DEFAULT_STRENGTH
 
     # -- stages ---------------------------------------------------------------------------------------
 
-    def _encode_text(self, request: GenerationRequest, batch: int, use_cfg: bool, warnings: list[str]) -> np.ndarray:
-        positive = self.tokenizer.encode(request.prompt)
-        if positive.dropped_tokens:
-            warnings.append(
-                f"prompt is longer than {self.tokenizer.max_length - 2} tokens: the last {positive.dropped_tokens} "
-                "token(s) were dropped"
-            )
-        negative = self.tokenizer.encode(request.negative_prompt)
-        if negative.dropped_tokens:
-            warnings.append(f"negative prompt: the last {negative.dropped_tokens} token(s) were dropped")
-        if self.guidance:
-            # Unconditional rows first, as diffusers concatenates them; with cfg <= 1 both halves are conditional.
-            first_half = negative.ids if use_cfg else positive.ids
-            rows = [first_half] * batch + [positive.ids] * batch
-        else:
-            rows = [positive.ids] * batch
-        input_ids = np.stack(rows)  # input_ids: [unet_batch, 77]
-        (hidden,) = self.engines["text_encoder"].run({"input_ids": input_ids})
-        return _finite_or_raise("text encoder", hidden)  # hidden: [unet_batch, 77, D]
+    def _encode_text(self, request: GenerationRequest, use_cfg: bool, warnings: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """A1111-style prompts: (cond, uncond) embeddings, each [chunks * 77, D], of equal length when both exist."""
+        prompts = [tokenize_weighted(self.tokenizer, request.prompt)]
+        if use_cfg:
+            prompts.append(tokenize_weighted(self.tokenizer, request.negative_prompt))
+        for index, label in enumerate(("prompt", "negative prompt")[: len(prompts)]):
+            if prompts[index].chunks > self.max_text_chunks:
+                warnings.append(
+                    f"{label} has {prompts[index].token_count} tokens, {prompts[index].chunks} chunks of 75; this engine takes "
+                    f"{self.max_text_chunks} chunks (export --max-prompt-chunks): the rest was dropped"
+                )
+                prompts[index] = PromptChunks(prompts[index].ids[: self.max_text_chunks], prompts[index].weights[: self.max_text_chunks], -1)
+        if use_cfg:
+            prompts = list(pad_pair(prompts[0], prompts[1], self.tokenizer))
 
-    def _unet_function(self, hidden: np.ndarray, cfg_scale: float, use_cfg: bool, timings: StageTimings):
+        rows = np.concatenate([p.ids for p in prompts])  # rows: [total chunks, 77], every chunk of every prompt
+        engine = self.engines["text_encoder"]
+        per_call = engine.info.inputs[0].shape[0]
+        clip_skip = np.asarray([request.clip_skip], dtype=np.int64)
+        outputs = []
+        for first in range(0, len(rows), per_call):
+            group = rows[first : first + per_call]
+            padded = np.concatenate([group, np.repeat(group[-1:], per_call - len(group), axis=0)])  # the engine's fixed batch
+            (hidden,) = engine.run({"input_ids": padded, "clip_skip": clip_skip})
+            outputs.append(_finite_or_raise("text encoder", hidden)[: len(group)])
+        hidden = np.concatenate(outputs)  # hidden: [total chunks, 77, D]
+        embeddings, first = [], 0
+        for prompt in prompts:
+            chunks = apply_emphasis(hidden[first : first + prompt.chunks], prompt.weights)  # chunks: [C, 77, D]
+            embeddings.append(chunks.reshape(-1, chunks.shape[-1]))  # [C * 77, D]
+            first += prompt.chunks
+        return embeddings[0], (embeddings[1] if use_cfg else None)
+
+    def _unet_hidden(self, cond: np.ndarray, uncond: np.ndarray | None) -> np.ndarray:
+        """encoder_hidden_states [unet_batch, T, D]: unconditional rows first, as diffusers concatenates them."""
+        rows = self.batch_size
+        if self.guidance:
+            return np.stack([uncond if uncond is not None else cond] * rows + [cond] * rows)  # cfg <= 1: both halves conditional
+        return np.stack([cond] * rows)
+
+    def _unet_function(self, hidden: np.ndarray, cfg_scale: float, use_cfg: bool, timings: StageTimings, conditioning: np.ndarray | None):
         engine = self.engines["unet"]
         unet_batch = hidden.shape[0]
 
         def predict(x_in: np.ndarray, timestep: float) -> np.ndarray:
-            # x_in: [B, 4, h, w], already scaled by c_in
-            sample = np.concatenate([x_in, x_in]) if self.guidance else x_in  # sample: [unet_batch, 4, h, w]
+            # x_in: [B, 4, h, w], already scaled by c_in; conditioning: [B, 5, h, w] (mask, masked-image latents) or None
+            sample = x_in if conditioning is None else np.concatenate([x_in, conditioning], axis=1)
+            sample = np.concatenate([sample, sample]) if self.guidance else sample  # sample: [unet_batch, C, h, w]
             timesteps = np.full((unet_batch,), timestep, dtype=np.float32)
             started = time.perf_counter()
             (output,) = engine.run({"sample": sample, "timestep": timesteps, "encoder_hidden_states": hidden})
@@ -192,6 +260,13 @@ class Pipeline:
 
         return predict
 
+    def encode_image(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[1, 3, H, W] in [-1, 1] -> the VAE posterior (mean, std), each [1, 4, h, w], already times the scaling factor."""
+        rows = self.engines["vae_encoder"].info.inputs[0].shape[0]
+        mean, std = self.engines["vae_encoder"].run({"image": np.repeat(image, rows, axis=0)})
+        scaling = np.float32(self.manifest.model["vae_scaling_factor"])
+        return _finite_or_raise("VAE encoder", mean[:1]) * scaling, _finite_or_raise("VAE encoder", std[:1]) * scaling
+
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """VP latents [B, 4, h, w] -> images [B, 3, H, W] in [-1, 1]."""
         scaled = latents / np.float32(self.manifest.model["vae_scaling_factor"])
@@ -201,44 +276,85 @@ class Pipeline:
     # -- the whole thing ------------------------------------------------------------------------------
 
     def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
+        """Every image of the request: n_iter batches of batch_size images, seeds seed, seed + 1, ..."""
         batch = self._check(request)
         spec = resolve_sampler(request.sampler)
         plan = spec.plan(self.scheduler_config, self.schedule, request.steps)  # refuses what it cannot do, before any work
+        strength = self._strength(request)
+        start_step = 0
+        if strength is not None:
+            # diffusers' get_timesteps: the last int(steps * strength) steps run, starting from the noised image
+            start_step = request.steps - min(int(request.steps * strength), request.steps)
+            if not spec.starts_late:
+                raise RequestError(f"{spec.a1111_name} cannot start part-way through its schedule, as img2img and inpainting need; choose another sampler")
+            if start_step >= plan.steps:
+                raise RequestError(f"strength {strength} with {request.steps} steps leaves no step to run (steps x strength must be >= 1)")
+            plan = plan.starting_at(start_step)
         started = time.perf_counter()
         timings, warnings = StageTimings(), []
         use_cfg = self.guidance and request.cfg_scale > 1  # as diffusers: guidance only above 1
 
         stage = time.perf_counter()
-        hidden = self._encode_text(request, batch, use_cfg, warnings)
+        cond, uncond = self._encode_text(request, use_cfg, warnings)
+        hidden = self._unet_hidden(cond, uncond)  # hidden: [unet_batch, T, D]
         timings.text_encoder = time.perf_counter() - stage
 
-        seeds = [request.seed + i for i in range(batch)]
-        # Image i's initial noise is torch.randn with seed + i: equal to diffusers for batch 1, and to A1111's per-image seeds.
-        generators = [TorchCompatibleGenerator(seed) for seed in seeds]
-        noise = np.concatenate([g.randn((1, *self.latent_shape)) for g in generators])  # noise: [B, 4, h, w]
+        source = None
+        if request.init_image is not None:
+            stage = time.perf_counter()
+            source = _ImageSource.encode(self, request.init_image, request.mask)
+            timings.vae_encode = time.perf_counter() - stage
 
-        def step_noise(shape: tuple[int, ...]) -> np.ndarray:
+        images, latents, seeds = [], [], []
+        total_steps = plan.steps * request.n_iter
+        for iteration in range(request.n_iter):
+            iteration_seeds = [request.seed + iteration * batch + i for i in range(batch)]
+            done = iteration * plan.steps
+            progress = (lambda i, _x, done=done: on_step(done + i + 1, total_steps)) if on_step else None
+            x = self._sample(request, spec, plan, hidden, use_cfg, iteration_seeds, source, strength, timings, progress)
+            stage = time.perf_counter()
+            images.append(to_uint8(self.decode(x))[:batch])
+            timings.vae_decode += time.perf_counter() - stage
+            latents.append(x[:batch])
+            seeds += iteration_seeds
+        timings.total = time.perf_counter() - started
+
+        parameters = [self._infotext(request, spec.a1111_name, seed, batch, index % batch, strength) for index, seed in enumerate(seeds)]
+        return GenerationResult(np.concatenate(images), seeds, parameters, np.concatenate(latents), timings, warnings)
+
+    def _sample(self, request, spec, plan, hidden, use_cfg, seeds, source, strength, timings, progress) -> np.ndarray:
+        """One batch: initial latents from the seeds (and the image), the sampler loop, back to VP form. -> [B_engine, 4, h, w]."""
+        # Image i draws from a torch-compatible generator seeded seed + i, in diffusers' order; rows past the requested
+        # batch (the engine's batch is fixed) repeat the first seed and are dropped.
+        generators = [TorchCompatibleGenerator(seeds[row] if row < len(seeds) else seeds[0]) for row in range(self.batch_size)]
+        one = (1, *self.latent_shape)
+
+        def draw(shape: tuple[int, ...] = one) -> np.ndarray:  # one draw per image: [B, ...]
             return np.concatenate([g.randn((1, *shape[1:])) for g in generators])
 
+        conditioning = None
+        if source is None:
+            x = draw() * np.float32(plan.initial_noise_scale)  # x: [B, 4, h, w], VE form
+        else:
+            x, conditioning = source.initial_latents(draw, plan, strength, self.inpainting_unet)
+
         denoiser = Denoiser(
-            self._unet_function(hidden, request.cfg_scale, use_cfg, timings),
+            self._unet_function(hidden, request.cfg_scale, use_cfg, timings, conditioning),
             self.manifest.model["prediction_type"],
             lambda sigma: plan.timestep_for(sigma, self.schedule),
         )
-        callback = (lambda i, _x: on_step(i + 1, plan.steps)) if on_step else None
-        x = noise * np.float32(plan.initial_noise_scale)
-        x = spec.run(denoiser, x, plan, callback, scheduler_config=spec.config_for(self.scheduler_config), noise=step_noise)
-        latents = x * np.float32(plan.final_scale)  # latents: [B, 4, h, w], VP form
+        callback = progress
+        if source is not None and source.blends(self.inpainting_unet):
+            callback = source.blend_callback(plan, progress)
+        # DPM++ SDE: image i's Brownian tree is seeded with its seed, i.e. diffusers' noise_sampler_seed = seed
+        tree_seeds = {"seeds": [seeds[row] if row < len(seeds) else seeds[0] for row in range(self.batch_size)]} if spec.seeded_tree else {}
+        x = spec.run(denoiser, x, plan, callback, scheduler_config=spec.config_for(self.scheduler_config), noise=draw, **tree_seeds)
+        x = x * np.float32(plan.final_scale)  # x: [B, 4, h, w], VP form
+        if source is not None and source.blends(self.inpainting_unet):
+            x = source.keep_known(x)
+        return x
 
-        stage = time.perf_counter()
-        images = to_uint8(self.decode(latents))
-        timings.vae_decode = time.perf_counter() - stage
-        timings.total = time.perf_counter() - started
-
-        parameters = [self._infotext(request, spec.a1111_name, seed) for seed in seeds]
-        return GenerationResult(images, seeds, parameters, latents, timings, warnings)
-
-    def _infotext(self, request: GenerationRequest, sampler_name: str, seed: int) -> str:
+    def _infotext(self, request: GenerationRequest, sampler_name: str, seed: int, batch: int, position: int, strength: float | None) -> str:
         return infotext(
             request.prompt,
             request.negative_prompt,
@@ -250,6 +366,74 @@ class Pipeline:
                 "Size": f"{self.width}x{self.height}",
                 "Model hash": self.manifest.model_hash,
                 "Model": self.manifest.model_name,
+                "Denoising strength": strength,
+                "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+                "Batch size": batch if batch > 1 else None,
+                "Batch pos": position if batch > 1 else None,
                 "Version": f"sdfast {__version__}",
             },
         )
+
+
+@dataclass
+class _ImageSource:
+    """The init image (and mask) of img2img and inpainting, encoded once per request and reused by every batch."""
+
+    mean: np.ndarray  # [1, 4, h, w], scaled latents' posterior mean
+    std: np.ndarray  # [1, 4, h, w]
+    mask: np.ndarray | None  # [1, 1, h, w] latent-resolution mask, 1 = repaint (nearest, as diffusers' interpolate)
+    masked_mean: np.ndarray | None  # [1, 4, h, w] posterior of the image with the masked region blanked (9-channel U-Nets)
+    masked_std: np.ndarray | None
+    rows: int  # the engine's batch: every array below has this many rows
+    known: np.ndarray | None = None  # [B, 4, h, w] the sampled image latents of the current batch
+    noise: np.ndarray | None = None  # [B, 4, h, w] the current batch's initial noise
+
+    @classmethod
+    def encode(cls, pipeline: "Pipeline", image: np.ndarray, mask: np.ndarray | None) -> "_ImageSource":
+        mean, std = pipeline.encode_image(image)
+        latent_mask = masked_mean = masked_std = None
+        if mask is not None:
+            factor = image.shape[-1] // mean.shape[-1]
+            latent_mask = mask[:, :, ::factor, ::factor].astype(np.float32)  # torch interpolate 'nearest' at an integer factor
+            if pipeline.inpainting_unet:
+                masked_mean, masked_std = pipeline.encode_image(image * (mask < 0.5))
+        return cls(mean, std, latent_mask, masked_mean, masked_std, pipeline.batch_size)
+
+    def blends(self, inpainting_unet: bool) -> bool:
+        """Ordinary U-Nets inpaint by blending the known region back after each step; 9-channel ones see the mask."""
+        return self.mask is not None and not inpainting_unet
+
+    def initial_latents(self, draw, plan: SamplingPlan, strength: float, inpainting_unet: bool):
+        """x [B, 4, h, w] in VE form, and the 9-channel conditioning, drawing noise in StableDiffusion(Img2Img|Inpaint)Pipeline's order."""
+        rows = lambda a: np.repeat(a, self.rows, axis=0)  # noqa: E731
+        strength_max = strength == 1.0 and self.mask is not None  # the inpaint pipeline starts from pure noise at strength 1
+        needs_image = not (inpainting_unet and strength_max)
+        self.known = rows(self.mean) + rows(self.std) * draw() if needs_image else None  # DiagonalGaussian.sample
+        self.noise = draw()
+        if strength_max:
+            x = self.noise * np.float32(plan.initial_noise_scale)
+        else:
+            x = self.known + self.noise * np.float32(plan.sigmas[0])  # scheduler.add_noise at the first timestep, in VE form
+        conditioning = None
+        if self.mask is not None:
+            masked = draw()  # the inpaint pipeline always samples the masked image's posterior (unused by 4-channel U-Nets)
+            if inpainting_unet:
+                conditioning = np.concatenate([rows(self.mask), rows(self.masked_mean) + rows(self.masked_std) * masked], axis=1)
+        return x, conditioning
+
+    def blend_callback(self, plan: SamplingPlan, progress):
+        """After step i, the known region is the image noised to sigma i + 1 (diffusers' StableDiffusionInpaintPipeline, 4-channel)."""
+        keep = np.float32(1.0) - self.mask
+        last = plan.steps - 1
+
+        def callback(i: int, x: np.ndarray):
+            if progress:
+                progress(i, x)
+            if i == last:
+                return x  # the final blend happens in VP form, after the loop
+            return keep * (self.known + self.noise * np.float32(plan.sigmas[i + 1])) + self.mask * x
+
+        return callback
+
+    def keep_known(self, x: np.ndarray) -> np.ndarray:
+        return (np.float32(1.0) - self.mask) * self.known + self.mask * x

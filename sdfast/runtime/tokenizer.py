@@ -36,3 +36,11 @@ class PromptTokenizer:
         ids = [self.bos_id, *tokens[:room], self.eos_id]
         ids += [self.pad_id] * (self.max_length - len(ids))
         return EncodedPrompt(ids=np.asarray(ids, dtype=np.int64), dropped_tokens=dropped)
+
+    def tokens(self, text: str) -> list[int]:
+        """The token ids of ``text``: no BOS/EOS, no padding, no truncation (as ``encode`` tokenizes before it wraps)."""
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def token_id(self, token: str) -> int | None:
+        """The id of one vocabulary entry (e.g. ``",</w>"``), or None when the vocabulary lacks it."""
+        return self._tokenizer.token_to_id(token)

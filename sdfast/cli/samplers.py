@@ -1,0 +1,49 @@
+"""sdfast samplers: every sampler with its A1111 name, diffusers scheduler and the options it sets."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+
+
+def sampler_table() -> list[dict]:
+    from sdfast.sampling.registry import SAMPLERS
+
+    return [
+        {
+            "name": spec.a1111_name,
+            "key": spec.key,
+            "diffusers": spec.scheduler_class or None,
+            "options": dict(spec.config_overrides),
+            "stochastic": spec.stochastic,
+            "img2img": spec.starts_late,
+        }
+        for spec in SAMPLERS.values()
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = sampler_table()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ("A1111 name", "key", "diffusers scheduler (options)", "noise", "img2img")
+    lines = [
+        (
+            row["name"],
+            row["key"],
+            (row["diffusers"] or "none (k-diffusion only)") + "".join(f" {k}={v}" for k, v in row["options"].items()),
+            "per step" if row["stochastic"] else "initial only",
+            "yes" if row["img2img"] else "no",
+        )
+        for row in rows
+    ]
+    widths = [max(len(str(line[i])) for line in [header, *lines]) for i in range(len(header))]
+    for line in [header, tuple("-" * w for w in widths), *lines]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip())
+    print("\nNames are case-insensitive: the A1111 name, the key, or a diffusers class name (which picks the sampler its defaults")
+    print("give, e.g. DPMSolverMultistepScheduler -> DPM++ 2M). The scheduler's other options come from the model's config.")
+    return 0

@@ -212,3 +212,17 @@ def test_export_force_refuses_a_folder_that_is_not_an_engine_dir(tmp_path):
     (tmp_path / "documents" / "thesis.txt").write_text("precious")
     assert_clean_error(run_cli("export", "--model", "tiny", "--out", tmp_path / "documents", "--force"), "not an engine dir")
     assert (tmp_path / "documents" / "thesis.txt").exists()
+
+
+def test_samplers_lists_every_sampler_with_what_it_maps_to():
+    from sdfast.sampling.registry import SAMPLERS
+
+    table = run_cli("samplers")
+    assert table.returncode == 0, table.stderr
+    for spec in SAMPLERS.values():
+        assert spec.a1111_name in table.stdout
+    rows = {row["name"]: row for row in json.loads(run_cli("samplers", "--json").stdout)}
+    assert len(rows) == len(SAMPLERS) >= 23
+    assert rows["DPM++ 2M Karras"]["diffusers"] == "DPMSolverMultistepScheduler"
+    assert rows["DPM++ 2M Karras"]["options"]["use_karras_sigmas"] is True
+    assert rows["DPM++ 2S a"]["diffusers"] is None and rows["Euler a"]["stochastic"] is True

@@ -168,6 +168,9 @@ def test_batch_writes_numbered_pngs_with_their_own_seeds(tiny_engine_batch2_ungu
         (lambda m: m["geometry"].update(height="64"), "geometry.height"),
         (lambda m: m["components"]["unet"]["files"].update({"../../etc/passwd": {"sha256": "0", "bytes": 1}}), "relative path"),
         (lambda m: m.pop("tokenizer"), "tokenizer"),
+        (lambda m: m["tokenizer"].update(max_length=2), "max_length"),
+        (lambda m: m["geometry"].update(max_text_chunks=0), "max_text_chunks"),
+        (lambda m: m["dynamic_dims"]["text_tokens"].update(min=1000), "min <= max"),
     ],
 )
 def test_generate_refuses_malformed_manifest_fields(engine_copy, tmp_path, mutate, fragment):
@@ -176,6 +179,13 @@ def test_generate_refuses_malformed_manifest_fields(engine_copy, tmp_path, mutat
     (engine_copy / "manifest.json").write_text(json.dumps(manifest))
     assert_clean_error(run_cli("generate", engine_copy, "x", "-o", tmp_path / "x.png"), fragment)
     assert_clean_error(run_cli("info", engine_copy), fragment)
+
+
+def test_generate_refuses_an_engine_without_the_inputs_it_feeds(engine_copy, tmp_path):
+    manifest = json.loads((engine_copy / "manifest.json").read_text())
+    manifest["components"]["text_encoder"]["inputs"] = []
+    (engine_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert_clean_error(run_cli("generate", engine_copy, "x", "-o", tmp_path / "x.png"), "no input 'input_ids'")
 
 
 def test_generate_refuses_changed_tokenizer(engine_copy, tmp_path):

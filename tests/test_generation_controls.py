@@ -110,6 +110,17 @@ def test_bad_init_images_are_refused_in_one_line(tmp_path, content, message):
     assert "\n" not in str(error.value)
 
 
+def test_sixteen_bit_images_are_scaled_and_huge_ones_refused(tmp_path):
+    gradient = np.linspace(0, 65535, SIZE * SIZE).reshape(SIZE, SIZE).astype(np.uint16)
+    Image.fromarray(gradient).save(tmp_path / "g16.png")  # mode I;16
+    image = load_init_image(tmp_path / "g16.png", SIZE, SIZE, [])
+    assert image.min() == -1.0 and image.max() == 1.0 and abs(float(image.mean())) < 0.01  # not clipped to white
+    assert load_mask(tmp_path / "g16.png", SIZE, SIZE, []).mean() == pytest.approx(0.5, abs=0.01)
+    Image.new("1", (15000, 12000)).save(tmp_path / "bomb.png")  # 22 KB on disk, 180 Mpixel when decoded
+    with pytest.raises(RequestError, match="not a readable image"):
+        load_init_image(tmp_path / "bomb.png", SIZE, SIZE, [])
+
+
 # -- inpainting ---------------------------------------------------------------------------------------------
 
 
@@ -151,6 +162,11 @@ def test_inpainting_unet_matches_diffusers(tiny_inpaint_engine, init_image, mask
     assert psnr(result.images, expected) >= 40.0
     with pytest.raises(RequestError, match="9-channel inpainting U-Net"):
         inpaint.generate(GenerationRequest(PROMPT, steps=2))
+    # At strength 1 nothing starts part-way, so samplers that cannot start late still inpaint.
+    whole = inpaint.generate(GenerationRequest(PROMPT, steps=3, seed=9, init_image=image, mask=mask, sampler="DPM++ SDE Karras"))
+    assert whole.images.shape == (1, SIZE, SIZE, 3)
+    with pytest.raises(RequestError, match="cannot start part-way"):
+        inpaint.generate(GenerationRequest(PROMPT, steps=4, seed=9, init_image=image, mask=mask, sampler="PLMS", strength=0.5))
 
 
 def test_mask_needs_an_init_image(pipeline, mask_image):
@@ -223,6 +239,13 @@ def test_prompt_beyond_the_engines_chunks_is_cut_with_a_warning(pipeline):
     very_long = "apple " * (75 * pipeline.max_text_chunks + 10)
     result = pipeline.generate(GenerationRequest(very_long, steps=1, seed=0))
     assert any("chunks" in warning and "dropped" in warning for warning in result.warnings)
+
+
+def test_runaway_emphasis_is_refused(pipeline):
+    with pytest.raises(RequestError, match="emphasis"):
+        pipeline.generate(GenerationRequest("(" * 200 + "apple", steps=1))
+    with pytest.raises(RequestError, match="emphasis"):
+        pipeline.generate(GenerationRequest("(apple:" + "9" * 45 + ")", steps=1))
 
 
 def test_emphasis_weights(pipeline):

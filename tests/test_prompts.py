@@ -256,3 +256,15 @@ def test_pad_to_chunks_appends_empty_prompt_chunks(tokenizer):
     first, second = pad_pair(short, long, tokenizer)
     assert first.chunks == second.chunks == 3 and second is long
     assert np.array_equal(first.ids, padded.ids)
+
+
+def test_pad_other_than_eos_puts_eos_right_after_the_tokens(tokenizer):
+    """SD 2.x tokenizers pad with 0: each chunk is [BOS, tokens, EOS, pad...], as diffusers' tokenizer lays out a prompt."""
+    zero_pad = PromptTokenizer(tokenizer.path, tokenizer.bos_id, tokenizer.eos_id, 0, 77)
+    for prompt in PLAIN:
+        assert tokenize_weighted(zero_pad, prompt).ids[0].tolist() == zero_pad.encode(prompt).ids.tolist()
+    chunks = tokenize_weighted(zero_pad, " ".join(["apple"] * 80))
+    assert chunks.ids[1, :7].tolist() == [zero_pad.bos_id] + [one(zero_pad, "apple")] * 5 + [zero_pad.eos_id]
+    assert np.all(chunks.ids[1, 7:] == 0) and chunks.ids[0, 76] == zero_pad.eos_id
+    padded = pad_to_chunks(tokenize_weighted(zero_pad, "apple"), 2, zero_pad)
+    assert padded.ids[1].tolist() == tokenize_weighted(zero_pad, "").ids[0].tolist()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 
@@ -71,21 +72,28 @@ def run(args: argparse.Namespace) -> int:
         bar.total = total
         bar.update(done - bar.n)
 
-    result = pipeline.generate(request, on_step=on_step if bar is not None else None)
+    started = time.perf_counter()
+    text_encoder_ms, unet_steps, vae_decode_ms, written = 0.0, [], [], 0
+    for result in pipeline.generate_batches(request, on_step=on_step if bar is not None else None):
+        for warning in warnings + result.warnings:
+            print(f"sdfast generate: warning: {warning}", file=sys.stderr)
+        warnings = []
+        for pixels, parameters in zip(result.images, result.parameters):  # each batch is saved as soon as it is done
+            save_png(pixels, paths[written], parameters)
+            (bar.write if bar is not None else print)(str(paths[written]), file=sys.stdout)
+            written += 1
+        text_encoder_ms += result.timings.text_encoder * 1e3
+        unet_steps += result.timings.unet_steps
+        vae_decode_ms.append(result.timings.vae_decode * 1e3)
     if bar is not None:
         bar.close()
-    for warning in warnings + result.warnings:
-        print(f"sdfast generate: warning: {warning}", file=sys.stderr)
-    for pixels, path, parameters in zip(result.images, paths, result.parameters):
-        save_png(pixels, path, parameters)
-        print(path)
     if not args.quiet:
-        summary = result.timings.summary()
+        steps = sorted(unet_steps)
         print(
             f"timing ({pipeline.backend}, {pipeline.width}x{pipeline.height}, U-Net batch {pipeline.manifest.geometry['unet_batch']}): "
-            f"text encoder {summary['text_encoder_ms']:.0f} ms | U-Net step median {summary['unet_step_median_ms']:.0f} ms "
-            f"(min {summary['unet_step_min_ms']:.0f}, max {summary['unet_step_max_ms']:.0f}) x {len(result.timings.unet_steps)} | "
-            f"VAE decode {summary['vae_decode_ms']:.0f} ms | total {summary['total_ms'] / 1e3:.2f} s",
+            f"text encoder {text_encoder_ms:.0f} ms | U-Net step median {steps[len(steps) // 2] * 1e3:.0f} ms "
+            f"(min {steps[0] * 1e3:.0f}, max {steps[-1] * 1e3:.0f}) x {len(steps)} | "
+            f"VAE decode {sorted(vae_decode_ms)[len(vae_decode_ms) // 2]:.0f} ms per batch | total {time.perf_counter() - started:.2f} s",
             file=sys.stderr,
         )
     return 0

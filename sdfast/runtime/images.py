@@ -58,17 +58,27 @@ def save_png(pixels: np.ndarray, path: Path, parameters: str) -> None:
 
 
 def _open_image(path: Path, label: str):
-    from PIL import Image, UnidentifiedImageError
+    """The image, upright (EXIF orientation applied, as diffusers' load_image and A1111), in an 8-bit mode."""
+    import warnings
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
         raise RequestError(f"{label} '{path}' does not exist" if not path.exists() else f"{label} '{path}' is not a file")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a huge image is refused, not half-loaded
+            with Image.open(path) as image:
+                image.load()
+                image = ImageOps.exif_transpose(image)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise RequestError(f"{label} '{path}' is not a readable image ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+    if image.mode.startswith("I;16"):  # 16-bit: scale to 8 bits (Pillow's convert would clip at 255)
+        image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257.0).round().astype(np.uint8), mode="L")
+    elif image.mode in ("I", "F"):
+        raise RequestError(f"{label} '{path}' has 32-bit {'integer' if image.mode == 'I' else 'float'} pixels; save it as 8- or 16-bit")
+    return image
 
 
 def _fit(image, width: int, height: int, label: str, warnings: list[str]):

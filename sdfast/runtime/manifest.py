@@ -57,6 +57,13 @@ class ComponentInfo:
     precision: str
     dynamic: dict[str, DynamicDim]  # the manifest's dynamic axes, by name
 
+    def input(self, name: str) -> TensorSpec:
+        """The input called ``name``; an engine without it was not made by this sdfast's export."""
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        raise EngineError(f"{self.name}: the manifest lists no input '{name}' (re-export the model)")
+
     @classmethod
     def from_json(cls, name: str, data: dict, dynamic: dict | None = None) -> "ComponentInfo":
         return cls(
@@ -187,9 +194,16 @@ def _check_structure(data: dict) -> None:
             value = data[section].get(field_name)
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise ValueError(f"'{section}.{field_name}' is missing or of the wrong type")
+    for field_name, value in data["geometry"].items():
+        if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
+            raise ValueError(f"'geometry.{field_name}' must be positive")
+    if not 3 <= data["tokenizer"]["max_length"] == data["geometry"]["text_length"]:
+        raise ValueError("'tokenizer.max_length' must equal 'geometry.text_length' (at least 3)")
     for name, dim in data["dynamic_dims"].items():
-        if not isinstance(dim, dict) or not all(isinstance(dim.get(k), int) and dim[k] > 0 for k in ("multiple_of", "min", "max")):
-            raise ValueError(f"dynamic dim '{name}' needs positive integers multiple_of, min and max")
+        if not isinstance(dim, dict) or not all(
+            isinstance(dim.get(k), int) and not isinstance(dim[k], bool) and dim[k] > 0 for k in ("multiple_of", "min", "max")
+        ) or dim["min"] > dim["max"]:
+            raise ValueError(f"dynamic dim '{name}' needs positive integers multiple_of, min <= max")
     for section in ("tokenizer", "scheduler"):
         _check_files(data[section]["files"])
         if data[section]["file"] not in data[section]["files"]:

@@ -6,7 +6,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -25,6 +25,11 @@ from sdfast.sampling.schedules import NoiseSchedule, SamplingPlan
 MAX_STEPS = 1000
 MAX_ITERATIONS = 10000
 DEFAULT_STRENGTH = 0.75  # A1111's img2img denoising strength
+# The inputs the pipeline feeds each engine, by name.
+_FED_INPUTS = {
+    "text_encoder": ("input_ids", "clip_skip"), "unet": ("sample", "timestep", "encoder_hidden_states"),
+    "vae_decoder": ("latent",), "vae_encoder": ("image",),
+}
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 
@@ -127,6 +132,10 @@ class Pipeline:
                     continue  # optional: only img2img and inpainting need it
                 raise EngineError(f"engine dir {manifest.root} has no {name}")
             engines[name] = runtime_backend.load(manifest.components[name], manifest.path(manifest.components[name].file))
+        for name, inputs in _FED_INPUTS.items():
+            if name in engines:
+                for input_name in inputs:
+                    engines[name].info.input(input_name)
         tok = manifest.tokenizer
         tokenizer = PromptTokenizer(manifest.path(tok["file"]), tok["bos_id"], tok["eos_id"], tok["pad_id"], tok["max_length"])
         scheduler_path = manifest.path(manifest.data["scheduler"]["file"])
@@ -217,7 +226,7 @@ class Pipeline:
 
         rows = np.concatenate([p.ids for p in prompts])  # rows: [total chunks, 77], every chunk of every prompt
         engine = self.engines["text_encoder"]
-        per_call = engine.info.inputs[0].shape[0]
+        per_call = engine.info.input("input_ids").shape[0]
         clip_skip = np.asarray([request.clip_skip], dtype=np.int64)
         outputs = []
         for first in range(0, len(rows), per_call):
@@ -262,7 +271,7 @@ class Pipeline:
 
     def encode_image(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[1, 3, H, W] in [-1, 1] -> the VAE posterior (mean, std), each [1, 4, h, w], already times the scaling factor."""
-        rows = self.engines["vae_encoder"].info.inputs[0].shape[0]
+        rows = self.engines["vae_encoder"].info.input("image").shape[0]
         mean, std = self.engines["vae_encoder"].run({"image": np.repeat(image, rows, axis=0)})
         scaling = np.float32(self.manifest.model["vae_scaling_factor"])
         return _finite_or_raise("VAE encoder", mean[:1]) * scaling, _finite_or_raise("VAE encoder", std[:1]) * scaling
@@ -277,6 +286,23 @@ class Pipeline:
 
     def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
         """Every image of the request: n_iter batches of batch_size images, seeds seed, seed + 1, ..."""
+        batches = list(self.generate_batches(request, on_step))
+        timings = StageTimings(
+            text_encoder=batches[0].timings.text_encoder, vae_encode=batches[0].timings.vae_encode,
+            unet_steps=[t for b in batches for t in b.timings.unet_steps], vae_decode=sum(b.timings.vae_decode for b in batches),
+            total=sum(b.timings.total for b in batches),
+        )
+        return GenerationResult(
+            np.concatenate([b.images for b in batches]), [s for b in batches for s in b.seeds],
+            [p for b in batches for p in b.parameters], np.concatenate([b.latents for b in batches]), timings, batches[0].warnings,
+        )
+
+    def generate_batches(self, request: GenerationRequest, on_step: StepCallback | None = None) -> Iterator[GenerationResult]:
+        """``generate`` one batch at a time, so a caller can save each batch as soon as it is done.
+
+        The request is checked, and the prompt (and init image) encoded, before the first batch; the first result carries
+        those stages' timings and every warning.
+        """
         batch = self._check(request)
         spec = resolve_sampler(request.sampler)
         plan = spec.plan(self.scheduler_config, self.schedule, request.steps)  # refuses what it cannot do, before any work
@@ -285,7 +311,7 @@ class Pipeline:
         if strength is not None:
             # diffusers' get_timesteps: the last int(steps * strength) steps run, starting from the noised image
             start_step = request.steps - min(int(request.steps * strength), request.steps)
-            if not spec.starts_late:
+            if not spec.starts_late and start_step > 0:
                 raise RequestError(f"{spec.a1111_name} cannot start part-way through its schedule, as img2img and inpainting need; choose another sampler")
             if start_step >= plan.steps:
                 raise RequestError(f"strength {strength} with {request.steps} steps leaves no step to run (steps x strength must be >= 1)")
@@ -305,22 +331,19 @@ class Pipeline:
             source = _ImageSource.encode(self, request.init_image, request.mask)
             timings.vae_encode = time.perf_counter() - stage
 
-        images, latents, seeds = [], [], []
         total_steps = plan.steps * request.n_iter
         for iteration in range(request.n_iter):
-            iteration_seeds = [request.seed + iteration * batch + i for i in range(batch)]
+            seeds = [request.seed + iteration * batch + i for i in range(batch)]
             done = iteration * plan.steps
             progress = (lambda i, _x, done=done: on_step(done + i + 1, total_steps)) if on_step else None
-            x = self._sample(request, spec, plan, hidden, use_cfg, iteration_seeds, source, strength, timings, progress)
+            x = self._sample(request, spec, plan, hidden, use_cfg, seeds, source, strength, timings, progress)
             stage = time.perf_counter()
-            images.append(to_uint8(self.decode(x))[:batch])
-            timings.vae_decode += time.perf_counter() - stage
-            latents.append(x[:batch])
-            seeds += iteration_seeds
-        timings.total = time.perf_counter() - started
-
-        parameters = [self._infotext(request, spec.a1111_name, seed, batch, index % batch, strength) for index, seed in enumerate(seeds)]
-        return GenerationResult(np.concatenate(images), seeds, parameters, np.concatenate(latents), timings, warnings)
+            images = to_uint8(self.decode(x))[:batch]
+            timings.vae_decode = time.perf_counter() - stage
+            timings.total = time.perf_counter() - started
+            parameters = [self._infotext(request, spec.a1111_name, seed, batch, index, strength) for index, seed in enumerate(seeds)]
+            yield GenerationResult(images, seeds, parameters, x[:batch], timings, warnings if iteration == 0 else [])
+            timings, started = StageTimings(), time.perf_counter()
 
     def _sample(self, request, spec, plan, hidden, use_cfg, seeds, source, strength, timings, progress) -> np.ndarray:
         """One batch: initial latents from the seeds (and the image), the sampler loop, back to VP form. -> [B_engine, 4, h, w]."""

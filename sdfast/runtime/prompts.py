@@ -41,6 +41,7 @@ from sdfast.runtime.tokenizer import PromptTokenizer
 ROUND_MULTIPLIER = 1.1  # ( ... )
 SQUARE_MULTIPLIER = 1 / 1.1  # [ ... ]
 COMMA_TOKEN = ",</w>"
+MAX_WEIGHT = 1e4  # beyond this a weight only produces inf/NaN embeddings
 BREAK = "BREAK"
 _BREAK_WEIGHT = -1.0  # the weight that marks a BREAK fragment in parse_prompt_attention's output
 
@@ -105,6 +106,8 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
                 factor = float(piece.group("value"))
             except ValueError:
                 raise RequestError(f"prompt emphasis weight '{piece.group('value')}' is not a number") from None
+            if not np.isfinite(np.float32(factor)):
+                raise RequestError(f"prompt emphasis weight '{piece.group('value')}' is too large")
             scale_from(open_round.pop(), factor)
         elif piece.group() == ")" and open_round:
             scale_from(open_round.pop(), ROUND_MULTIPLIER)
@@ -171,14 +174,13 @@ def tokenize_weighted(tokenizer: PromptTokenizer, text: str, comma_backtrack: in
     if ids or not done:
         close_chunk()
 
-    padding = [tokenizer.pad_id] * room
-    all_ids = [[tokenizer.bos_id, *chunk, *padding[len(chunk):], tokenizer.eos_id] for chunk, _ in done]
+    # [BOS, tokens, EOS, pad...] as diffusers' tokenizer lays out one prompt (A1111 puts EOS last; the same when pad is EOS)
+    all_ids = [[tokenizer.bos_id, *chunk, tokenizer.eos_id, *[tokenizer.pad_id] * (room - len(chunk))] for chunk, _ in done]
     all_weights = [[1.0, *chunk, *[1.0] * (room - len(chunk)), 1.0] for _, chunk in done]
-    return PromptChunks(
-        ids=np.asarray(all_ids, dtype=np.int64),
-        weights=np.asarray(all_weights, dtype=np.float32),
-        token_count=token_count,
-    )
+    weights_array = np.asarray(all_weights, dtype=np.float32)
+    if not np.isfinite(weights_array).all() or np.abs(weights_array).max() > MAX_WEIGHT:
+        raise RequestError(f"prompt emphasis multiplies a weight beyond {MAX_WEIGHT:g} (too many nested brackets?)")
+    return PromptChunks(ids=np.asarray(all_ids, dtype=np.int64), weights=weights_array, token_count=token_count)
 
 
 def pad_to_chunks(prompt: PromptChunks, count: int, tokenizer: PromptTokenizer) -> PromptChunks:

@@ -27,6 +27,7 @@ class PromptTokenizer:
             raise EngineError(f"cannot read tokenizer '{path}': {str(error).splitlines()[0]}") from None
         self._tokenizer.no_padding()  # sdfast pads and truncates itself, as diffusers asks transformers to
         self._tokenizer.no_truncation()
+        self.path = Path(path)
         self.bos_id, self.eos_id, self.pad_id, self.max_length = bos_id, eos_id, pad_id, max_length
 
     def encode(self, prompt: str) -> EncodedPrompt:

@@ -60,6 +60,23 @@ def test_every_sampler_matches_its_diffusers_scheduler_end_to_end(pipeline, refe
     assert f"Sampler: {spec.a1111_name}," in result.parameters[0]
 
 
+def test_ddim_eta_matches_diffusers(pipeline, reference_pipeline):
+    reference_pipeline.scheduler = diffusers.DDIMScheduler.from_config(pipeline.scheduler_config)
+    expected = reference_pipeline(
+        PROMPT, negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=7.5, eta=0.6, height=64, width=64,
+        generator=torch.Generator("cpu").manual_seed(42), output_type="np",
+    ).images
+    expected = (expected * 255).round().astype(np.uint8)
+    result = pipeline.generate(GenerationRequest(PROMPT, NEGATIVE, steps=8, seed=42, sampler="DDIM", eta=0.6))
+    plain = pipeline.generate(GenerationRequest(PROMPT, NEGATIVE, steps=8, seed=42, sampler="DDIM"))
+    assert psnr(result.images, expected) >= 40.0 and not np.array_equal(result.latents, plain.latents)
+    assert "Eta DDIM: 0.6" in result.parameters[0]
+    from sdfast.errors import RequestError
+
+    with pytest.raises(RequestError, match="eta applies to DDIM only"):
+        pipeline.generate(GenerationRequest(PROMPT, steps=2, sampler="Euler", eta=0.5))
+
+
 def test_same_seed_same_image_other_seed_other_image(pipeline):
     request = GenerationRequest(PROMPT, steps=4, seed=7)
     first, second = pipeline.generate(request), pipeline.generate(request)

@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, help="must equal the engine's (default: the engine's)")
     parser.add_argument("--batch-size", type=int, help="images per U-Net call, 1 to the engine's batch (default: the engine's)")
     parser.add_argument("--n-iter", type=int, default=1, help="batches to run; image k gets seed + k, as A1111 (default 1)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta, 0..1: 0 is deterministic (default 0)")
     parser.add_argument("--clip-skip", type=int, default=1, help="A1111's clip skip: 1 is the last text-encoder layer (default 1)")
     parser.add_argument("--init-image", type=Path, help="img2img: start from this image (resized to the engine's size, with a warning)")
     parser.add_argument("--strength", type=float,
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
         sampler=args.sampler, height=args.height, width=args.width, batch_size=args.batch_size, n_iter=args.n_iter,
-        clip_skip=args.clip_skip, init_image=init_image, mask=mask, strength=args.strength,
+        clip_skip=args.clip_skip, init_image=init_image, mask=mask, strength=args.strength, eta=args.eta,
     )
     batch = args.batch_size if args.batch_size is not None else pipeline.batch_size
     paths = output_paths(args.output, max(batch, 1) * max(args.n_iter, 1))

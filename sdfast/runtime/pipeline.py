@@ -49,6 +49,7 @@ class GenerationRequest:
     init_image: np.ndarray | None = None  # [1, 3, H, W] in [-1, 1] (images.load_init_image): img2img / inpainting
     mask: np.ndarray | None = None  # [1, 1, H, W] of 0 and 1, 1 = repaint (images.load_mask): inpainting
     strength: float | None = None  # img2img denoising strength; None: 0.75 (A1111), 1.0 on a 9-channel inpainting engine
+    eta: float = 0.0  # DDIM's eta: 0 is deterministic DDIM, 1 adds DDPM-like noise from the seed's generator
 
 
 @dataclass
@@ -176,6 +177,10 @@ class Pipeline:
             raise RequestError("this engine was exported without classifier-free guidance (--no-guidance): use cfg scale 1")
         if not isinstance(request.seed, int) or request.seed < 0:
             raise RequestError(f"seed must be an integer >= 0, not {request.seed}")
+        if not isinstance(request.eta, (int, float)) or not 0.0 <= request.eta <= 1.0:
+            raise RequestError(f"eta must be from 0.0 to 1.0, not {request.eta}")
+        if request.eta and not resolve_sampler(request.sampler).takes_eta:
+            raise RequestError(f"eta applies to DDIM only, not to {resolve_sampler(request.sampler).a1111_name}")
         if not isinstance(request.clip_skip, int) or not 1 <= request.clip_skip <= self.text_layers:
             raise RequestError(f"clip skip must be an integer from 1 to the text encoder's {self.text_layers} layers, not {request.clip_skip}")
         self._check_images(request)
@@ -370,8 +375,10 @@ class Pipeline:
         if source is not None and source.blends(self.inpainting_unet):
             callback = source.blend_callback(plan, progress)
         # DPM++ SDE: image i's Brownian tree is seeded with its seed, i.e. diffusers' noise_sampler_seed = seed
-        tree_seeds = {"seeds": [seeds[row] if row < len(seeds) else seeds[0] for row in range(self.batch_size)]} if spec.seeded_tree else {}
-        x = spec.run(denoiser, x, plan, callback, scheduler_config=spec.config_for(self.scheduler_config), noise=draw, **tree_seeds)
+        options = {"seeds": [seeds[row] if row < len(seeds) else seeds[0] for row in range(self.batch_size)]} if spec.seeded_tree else {}
+        if spec.takes_eta:
+            options["eta"] = float(request.eta)
+        x = spec.run(denoiser, x, plan, callback, scheduler_config=spec.config_for(self.scheduler_config), noise=draw, **options)
         x = x * np.float32(plan.final_scale)  # x: [B, 4, h, w], VP form
         if source is not None and source.blends(self.inpainting_unet):
             x = source.keep_known(x)
@@ -390,6 +397,7 @@ class Pipeline:
                 "Model hash": self.manifest.model_hash,
                 "Model": self.manifest.model_name,
                 "Denoising strength": strength,
+                "Eta DDIM": request.eta if request.eta else None,
                 "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
                 "Batch size": batch if batch > 1 else None,
                 "Batch pos": position if batch > 1 else None,

@@ -33,7 +33,8 @@ class SamplerSpec:
     starts_late: bool = True  # can start part-way through its schedule (img2img, inpainting)
     # The diffusers class that, with config_overrides, gives this sampler, when diffusers_class is "" (not an alias).
     equivalent_class: str = ""
-    seeded_tree: bool = False  # takes each image's seed for its Brownian tree (DPM++ SDE, as diffusers' noise_sampler_seed)
+    seeded_tree: bool = False
+    takes_eta: bool = False  # run(..., eta=) sets the noise of DDIM's eta (Song et al. 2020, eq. 16)  # takes each image's seed for its Brownian tree (DPM++ SDE, as diffusers' noise_sampler_seed)
     # Scheduler options this sampler sets on top of the model's config, e.g. {"use_karras_sigmas": True} for "... Karras".
     config_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -129,7 +130,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     spec.key: spec
     for spec in (
         SamplerSpec("euler", "Euler", "EulerDiscreteScheduler", "linspace", euler_plan, _run_euler),
-        SamplerSpec("ddim", "DDIM", "DDIMScheduler", "leading", ddim_plan, _run_ddim),
+        SamplerSpec("ddim", "DDIM", "DDIMScheduler", "leading", ddim_plan, _run_ddim, takes_eta=True),
         # "Karras" variants are their diffusers class with use_karras_sigmas; diffusers_class is "" where no class's defaults
         # give the sampler. DPM++ 2S a has no diffusers class: it is k-diffusion's (as A1111), on Euler's sigmas.
         SamplerSpec("euler_a", "Euler a", "EulerAncestralDiscreteScheduler", "linspace", euler_plan, _run_euler_ancestral, stochastic=True),

@@ -371,14 +371,14 @@ class Pipeline:
             self.manifest.model["prediction_type"],
             lambda sigma: plan.timestep_for(sigma, self.schedule),
         )
-        callback = progress
+        callback, model = progress, denoiser
         if source is not None and source.blends(self.inpainting_unet):
-            callback = source.blend_callback(plan, progress)
+            callback, model = source.blend_callback(plan, progress), source.blending_model(denoiser, plan)
         # DPM++ SDE: image i's Brownian tree is seeded with its seed, i.e. diffusers' noise_sampler_seed = seed
         options = {"seeds": [seeds[row] if row < len(seeds) else seeds[0] for row in range(self.batch_size)]} if spec.seeded_tree else {}
         if spec.takes_eta:
             options["eta"] = float(request.eta)
-        x = spec.run(denoiser, x, plan, callback, scheduler_config=spec.config_for(self.scheduler_config), noise=draw, **options)
+        x = spec.run(model, x, plan, callback, scheduler_config=spec.config_for(self.scheduler_config), noise=draw, **options)
         x = x * np.float32(plan.final_scale)  # x: [B, 4, h, w], VP form
         if source is not None and source.blends(self.inpainting_unet):
             x = source.keep_known(x)
@@ -465,6 +465,31 @@ class _ImageSource:
             return keep * (self.known + self.noise * np.float32(plan.sigmas[i + 1])) + self.mask * x
 
         return callback
+
+    def blending_model(self, denoiser, plan: SamplingPlan):
+        """The denoiser, but every evaluation after the first sees x with the known region noised to its sigma.
+
+        After a full step this changes nothing (the callback already blended x there, and blending twice is exact
+        with a 0/1 mask). Between the two evaluations of Heun or DPM2 it is diffusers' blend after each scheduler call:
+        returning x - x_b + D(x_b) makes the sampler's derivative (x - D) / sigma the blended one.
+        """
+        keep = np.float32(1.0) - self.mask
+        evaluations = 0
+
+        def model(x: np.ndarray, sigma: float) -> np.ndarray:
+            nonlocal evaluations
+            evaluations += 1
+            if evaluations == 1:
+                return denoiser(x, sigma)  # diffusers does not blend before the first step
+            level = np.float32(sigma)
+            if plan.midpoint_sigmas is not None and (level == plan.midpoint_sigmas).any():
+                # diffusers' KDPM2 add_noise looks the midpoint timestep up in its interleaved sigmas: the next sigma
+                level = plan.sigmas[1:][np.flatnonzero(level == plan.midpoint_sigmas)[0]]
+            blended = keep * (self.known + self.noise * level) + self.mask * x
+            return (x - blended) + denoiser(blended, sigma)
+
+        model.prediction_type = denoiser.prediction_type  # PLMS reads it
+        return model
 
     def keep_known(self, x: np.ndarray) -> np.ndarray:
         return (np.float32(1.0) - self.mask) * self.known + self.mask * x

@@ -179,8 +179,9 @@ class Pipeline:
             raise RequestError(f"seed must be an integer >= 0, not {request.seed}")
         if not isinstance(request.eta, (int, float)) or not 0.0 <= request.eta <= 1.0:
             raise RequestError(f"eta must be from 0.0 to 1.0, not {request.eta}")
-        if request.eta and not resolve_sampler(request.sampler).takes_eta:
-            raise RequestError(f"eta applies to DDIM only, not to {resolve_sampler(request.sampler).a1111_name}")
+        sampler = resolve_sampler(request.sampler)
+        if request.eta and not sampler.takes_eta:
+            raise RequestError(f"eta applies to DDIM only, not to {sampler.a1111_name}")
         if not isinstance(request.clip_skip, int) or not 1 <= request.clip_skip <= self.text_layers:
             raise RequestError(f"clip skip must be an integer from 1 to the text encoder's {self.text_layers} layers, not {request.clip_skip}")
         self._check_images(request)
@@ -354,7 +355,8 @@ class Pipeline:
         """One batch: initial latents from the seeds (and the image), the sampler loop, back to VP form. -> [B_engine, 4, h, w]."""
         # Image i draws from a torch-compatible generator seeded seed + i, in diffusers' order; rows past the requested
         # batch (the engine's batch is fixed) repeat the first seed and are dropped.
-        generators = [TorchCompatibleGenerator(seeds[row] if row < len(seeds) else seeds[0]) for row in range(self.batch_size)]
+        row_seeds = [seeds[row] if row < len(seeds) else seeds[0] for row in range(self.batch_size)]
+        generators = [TorchCompatibleGenerator(seed) for seed in row_seeds]
         one = (1, *self.latent_shape)
 
         def draw(shape: tuple[int, ...] = one) -> np.ndarray:  # one draw per image: [B, ...]
@@ -375,7 +377,7 @@ class Pipeline:
         if source is not None and source.blends(self.inpainting_unet):
             callback, model = source.blend_callback(plan, progress), source.blending_model(denoiser, plan)
         # DPM++ SDE: image i's Brownian tree is seeded with its seed, i.e. diffusers' noise_sampler_seed = seed
-        options = {"seeds": [seeds[row] if row < len(seeds) else seeds[0] for row in range(self.batch_size)]} if spec.seeded_tree else {}
+        options = {"seeds": row_seeds} if spec.seeded_tree else {}
         if spec.takes_eta:
             options["eta"] = float(request.eta)
         x = spec.run(model, x, plan, callback, scheduler_config=spec.config_for(self.scheduler_config), noise=draw, **options)
@@ -454,7 +456,6 @@ class _ImageSource:
 
     def blend_callback(self, plan: SamplingPlan, progress):
         """After step i, the known region is the image noised to sigma i + 1 (diffusers' StableDiffusionInpaintPipeline, 4-channel)."""
-        keep = np.float32(1.0) - self.mask
         last = plan.steps - 1
 
         def callback(i: int, x: np.ndarray):
@@ -462,7 +463,7 @@ class _ImageSource:
                 progress(i, x)
             if i == last:
                 return x  # the final blend happens in VP form, after the loop
-            return keep * (self.known + self.noise * np.float32(plan.sigmas[i + 1])) + self.mask * x
+            return self._blend(x, plan.sigmas[i + 1])
 
         return callback
 
@@ -473,7 +474,6 @@ class _ImageSource:
         with a 0/1 mask). Between the two evaluations of Heun or DPM2 it is diffusers' blend after each scheduler call:
         returning x - x_b + D(x_b) makes the sampler's derivative (x - D) / sigma the blended one.
         """
-        keep = np.float32(1.0) - self.mask
         evaluations = 0
 
         def model(x: np.ndarray, sigma: float) -> np.ndarray:
@@ -485,11 +485,16 @@ class _ImageSource:
             if plan.midpoint_sigmas is not None and (level == plan.midpoint_sigmas).any():
                 # diffusers' KDPM2 add_noise looks the midpoint timestep up in its interleaved sigmas: the next sigma
                 level = plan.sigmas[1:][np.flatnonzero(level == plan.midpoint_sigmas)[0]]
-            blended = keep * (self.known + self.noise * level) + self.mask * x
+            blended = self._blend(x, level)
             return (x - blended) + denoiser(blended, sigma)
 
         model.prediction_type = denoiser.prediction_type  # PLMS reads it
         return model
 
+    def _blend(self, x: np.ndarray, sigma: float) -> np.ndarray:
+        """x with the known region replaced by the image latents noised to ``sigma`` (VE form; exact for a 0/1 mask)."""
+        return (np.float32(1.0) - self.mask) * (self.known + self.noise * np.float32(sigma)) + self.mask * x
+
     def keep_known(self, x: np.ndarray) -> np.ndarray:
+        """The final blend, in VP form: the known region is exactly the image latents."""
         return (np.float32(1.0) - self.mask) * self.known + self.mask * x

@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "export": ("sdfast.cli.export", "export a diffusers Stable Diffusion folder (or a built-in model) to an engine dir"),
     "generate": ("sdfast.cli.generate", "generate images from a prompt with an engine dir"),
     "info": ("sdfast.cli.info", "show what an engine dir's manifest says"),
+    "bench": ("sdfast.cli.bench", "per-stage latency on every backend (CPU, CUDA, TensorRT, diffusers), with the CPU's peak"),
     "samplers": ("sdfast.cli.samplers", "list the samplers, by A1111 and diffusers name, with what each maps to"),
 }
 

@@ -157,7 +157,8 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
         except Exception as error:  # noqa: BLE001 - exporter failures are many types; report one line
             raise ExportError(f"{name}: ONNX export failed: {str(error).strip().splitlines()[0]}") from None
         exported_s = time.perf_counter() - step
-        progress(f"{label}: exported to ONNX in {exported_s:.1f} s")
+        flops = _flops_entry(raw_path, component)
+        progress(f"{label}: exported to ONNX in {exported_s:.1f} s ({flops['per_call'] / 1e9:.3g} GFLOP per call)")
 
         step = time.perf_counter()
         files = optimize_offline(raw_path, staging / f"{name}.onnx")
@@ -173,6 +174,7 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
             "precision": request.precision,
             "opset": recipe.opset,
             "optimization": {"tool": "onnxruntime", "level": "ORT_ENABLE_EXTENDED", "for": "CPUExecutionProvider"},
+            "flops": flops,
         }
         progress(f"{label}: optimized offline in {optimized_s:.1f} s ({sum(f['bytes'] for f in file_info.values()) / 2**20:.1f} MiB)")
 
@@ -230,6 +232,18 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
         "components": components,
         "libraries": _library_versions(),
         "export_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _flops_entry(raw_path: Path, component) -> dict:
+    """The arithmetic of one call, counted on the exported graph (before any runtime rewrites it)."""
+    from sdfast.export.flops import COUNTED_OPS, count_flops
+
+    shapes = {t.name: t.concrete_shape(component.dynamic, "parity") for t in component.inputs}  # dynamic axes at their smallest
+    return {
+        "per_call": count_flops(raw_path, shapes),
+        "input_shapes": {name: list(shape) for name, shape in shapes.items()},
+        "counts": f"2 x multiply-accumulates of {', '.join(COUNTED_OPS)}",
     }
 
 

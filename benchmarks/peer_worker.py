@@ -1,0 +1,217 @@
+"""One peer system, loaded once, timed on command: the child side of compare_peers.py.
+
+    python benchmarks/peer_worker.py PEER --model FOLDER --height H --width W --cache DIR [--engine DIR]
+
+It prints one JSON line per answer on its standard output and reads one JSON command per line on its
+standard input: {"op": "unet", "n": 3} times n U-Net calls (batch 2, classifier-free guidance), {"op": "e2e",
+"steps": 4} times one whole text-to-image call, {"op": "quit"} ends. Libraries' own chatter goes to stderr.
+The peers run in their own virtualenv (optimum-onnx pins older diffusers and transformers); sdfast runs in
+the caller's environment. Each peer gets the same random latents, timestep and prompt embeddings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROMPT = "a photograph of an astronaut riding a horse"
+GUIDANCE = 7.5
+
+
+def unet_inputs(height: int, width: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "sample": rng.standard_normal((2, 4, height // 8, width // 8), dtype=np.float32),  # [2B, 4, H/8, W/8]
+        "encoder_hidden_states": rng.standard_normal((2, 77, 768), dtype=np.float32),  # [2B, 77, 768]
+    }
+
+
+class DiffusersPeer:
+    """diffusers eager, fp32 on the CPU (the reference every runtime is compared with)."""
+
+    def __init__(self, args):
+        import torch
+        from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        self.torch = torch
+        self.pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None, requires_safety_checker=False)
+        self.pipe.scheduler = EulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.precision = "fp32"
+
+    def feeds(self, inputs):
+        return {key: self.torch.from_numpy(value) for key, value in inputs.items()}
+
+    def unet(self, feeds):
+        with self.torch.no_grad():
+            return self.pipe.unet(feeds["sample"], self.torch.tensor(500.0), encoder_hidden_states=feeds["encoder_hidden_states"]).sample
+
+    def e2e(self, height, width, steps):
+        self.pipe(PROMPT, height=height, width=width, num_inference_steps=steps, guidance_scale=GUIDANCE, output_type="np",
+                  generator=self.torch.Generator().manual_seed(0))
+
+
+class OptimumOrtPeer(DiffusersPeer):
+    """Hugging Face Optimum's ONNX Runtime pipeline (optimum-onnx), fp32, CPUExecutionProvider."""
+
+    def __init__(self, args):
+        import torch
+        from diffusers import EulerDiscreteScheduler
+        from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+        self.torch = torch
+        exported = Path(args.cache) / "optimum-onnx"
+        if not (exported / "model_index.json").is_file():
+            from optimum.exporters.onnx import main_export
+
+            _say_progress(f"optimum: exporting {args.model} to ONNX (once)")
+            main_export(args.model, output=exported, task="text-to-image", do_validation=False)
+        started = time.perf_counter()
+        self.pipe = ORTStableDiffusionPipeline.from_pretrained(exported, provider="CPUExecutionProvider")
+        self.load_s = time.perf_counter() - started
+        self.pipe.scheduler = EulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.precision = "fp32"
+
+
+class OpenVinoPeer(DiffusersPeer):
+    """OpenVINO through optimum-intel, reshaped to static shapes as OpenVINO recommends."""
+
+    precision_hint: str | None = "f32"
+
+    def __init__(self, args):
+        import torch
+        from diffusers import EulerDiscreteScheduler
+        from optimum.intel import OVStableDiffusionPipeline
+
+        self.torch = torch
+        exported = Path(args.cache) / "openvino-ir"
+        if not (exported / "model_index.json").is_file():
+            _say_progress(f"optimum-intel: converting {args.model} to OpenVINO IR (once)")
+            pipe = OVStableDiffusionPipeline.from_pretrained(args.model, export=True, compile=False, load_in_8bit=False)
+            pipe.save_pretrained(exported)
+            del pipe
+        config = {"PERFORMANCE_HINT": "LATENCY"}
+        if self.precision_hint:
+            config["INFERENCE_PRECISION_HINT"] = self.precision_hint
+        started = time.perf_counter()
+        self.pipe = OVStableDiffusionPipeline.from_pretrained(exported, compile=False, ov_config=config)
+        self.pipe.reshape(batch_size=1, height=args.height, width=args.width, num_images_per_prompt=1)
+        self.pipe.compile()
+        self.load_s = time.perf_counter() - started
+        self.pipe.scheduler = EulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.precision = str(self.pipe.unet.request.get_property("INFERENCE_PRECISION_HINT"))
+
+    def feeds(self, inputs):
+        return inputs
+
+    def unet(self, feeds):
+        return self.pipe.unet(sample=feeds["sample"], timestep=np.array([500.0], dtype=np.float32), encoder_hidden_states=feeds["encoder_hidden_states"])
+
+
+class OpenVinoDefaultPeer(OpenVinoPeer):
+    """OpenVINO at the CPU plugin's default precision (bf16 where the CPU has it, else f32)."""
+
+    precision_hint = None
+
+
+class SdfastPeer:
+    """sdfast's lean runtime on one backend, over an engine dir exported at the same size."""
+
+    def __init__(self, args, backend: str):
+        from sdfast.runtime.pipeline import Pipeline
+
+        started = time.perf_counter()
+        self.pipeline = Pipeline.load(args.engine, backend=backend, verify="size")
+        self.load_s = time.perf_counter() - started
+        self.engine = self.pipeline.engines["unet"]
+        self.precision = self.pipeline.manifest.data["precision"]
+
+    def feeds(self, inputs):
+        return {**inputs, "timestep": np.full(2, 500.0, dtype=np.float32)}
+
+    def unet(self, feeds):
+        return self.engine.run(feeds)
+
+    def e2e(self, height, width, steps):
+        from sdfast.runtime.pipeline import GenerationRequest
+
+        self.pipeline.generate(GenerationRequest(prompt=PROMPT, steps=steps, cfg_scale=GUIDANCE, sampler="euler", seed=0))
+
+
+PEERS = {
+    "diffusers": DiffusersPeer,
+    "optimum-ort": OptimumOrtPeer,
+    "openvino-fp32": OpenVinoPeer,
+    "openvino-default": OpenVinoDefaultPeer,
+}
+
+
+def _say_progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("peer")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--height", type=int, required=True)
+    parser.add_argument("--width", type=int, required=True)
+    parser.add_argument("--cache", required=True)
+    parser.add_argument("--engine", help="sdfast engine dir (sdfast peers)")
+    args = parser.parse_args()
+
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # anything a library prints goes to stderr
+    sys.stdout = sys.stderr
+
+    def answer(**fields) -> None:
+        answers.write(json.dumps(fields) + "\n")
+
+    started = time.perf_counter()
+    try:
+        if args.peer.startswith("sdfast-"):
+            peer = SdfastPeer(args, args.peer.removeprefix("sdfast-"))
+        else:
+            peer = PEERS[args.peer](args)
+    except Exception as error:  # noqa: BLE001 - reported to the parent as the peer's exact error
+        answer(ok=False, error=f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}")
+        return 1
+    load_s = getattr(peer, "load_s", time.perf_counter() - started)
+    feeds = peer.feeds(unet_inputs(args.height, args.width))
+    output = np.asarray(peer.unet(feeds)[0] if isinstance(peer, SdfastPeer) else _to_numpy(peer.unet(feeds)))
+    answer(ok=True, load_s=load_s, precision=peer.precision, output_rms=float(np.sqrt(np.mean(output.astype(np.float64) ** 2))))
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["op"] == "quit":
+            break
+        if command["op"] == "unet":
+            samples = []
+            for _ in range(command["n"]):
+                tick = time.perf_counter()
+                peer.unet(feeds)
+                samples.append((time.perf_counter() - tick) * 1e3)
+            answer(ok=True, unet_ms=samples)
+        elif command["op"] == "e2e":
+            tick = time.perf_counter()
+            peer.e2e(args.height, args.width, command["steps"])
+            answer(ok=True, e2e_ms=(time.perf_counter() - tick) * 1e3)
+    return 0
+
+
+def _to_numpy(output) -> np.ndarray:
+    value = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+    if isinstance(value, dict):
+        value = value.get("sample", value.get("out_sample", next(iter(value.values()))))
+    return value.detach().numpy() if hasattr(value, "detach") else np.asarray(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

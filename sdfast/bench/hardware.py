@@ -1,0 +1,99 @@
+"""This machine's CPU, its theoretical FLOP/s peak derived from the ISA, and a measured large-matmul figure."""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    name: str
+    vendor: str
+    family: int
+    model: int
+    cores: int  # logical CPUs this process may use
+    ghz: float
+    flags: frozenset[str]
+
+    @classmethod
+    def detect(cls, cpuinfo: str | None = None) -> "CpuInfo":
+        if cpuinfo is None:
+            try:
+                cpuinfo = Path("/proc/cpuinfo").read_text()
+            except OSError:
+                cpuinfo = ""
+        fields: dict[str, str] = {}
+        for line in cpuinfo.splitlines():
+            if not line.strip():
+                break  # the first processor's block describes them all
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+        name = fields.get("model name", platform.processor() or "unknown")
+        nominal = re.search(r"@\s*([\d.]+)\s*GHz", name)
+        ghz = float(nominal.group(1)) if nominal else float(fields.get("cpu MHz", 0) or 0) / 1000
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return cls(name, fields.get("vendor_id", ""), int(fields.get("cpu family", 0) or 0), int(fields.get("model", 0) or 0),
+                   cores, ghz, frozenset(fields.get("flags", "").split()))
+
+
+@dataclass(frozen=True)
+class Peak:
+    fp32_gflops: float
+    bf16_gflops: float | None  # None where the CPU has no bf16 arithmetic
+    int8_gops: float | None  # None without VNNI
+    derivation: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def fma_units(cpu: CpuInfo) -> tuple[int, str]:
+    """FMA pipes per core at the widest vector width, from the microarchitecture (the ISA flags cannot tell)."""
+    if cpu.vendor == "AuthenticAMD":
+        if cpu.family >= 0x1A:
+            return 2, "Zen 5: two 512-bit FMA pipes"
+        if cpu.family == 0x19 and "avx512f" in cpu.flags:
+            return 1, "Zen 4: AVX-512 on two 256-bit FMA pipes, one 512-bit FMA per cycle"
+        return 2, "Zen 1-3: two 256-bit FMA pipes"
+    if "avx512f" in cpu.flags:
+        return 2, "Intel Xeon with AVX-512: two 512-bit FMA units (ports 0+1 fused and port 5)"
+    return 2, "two FMA units (assumed)"
+
+
+def theoretical_peak(cpu: CpuInfo) -> Peak:
+    """cores x GHz x FMA units x fp32 lanes x 2 FLOPs per FMA; bf16 doubles the lanes (vdpbf16ps), VNNI int8 quadruples them."""
+    lanes = 16 if "avx512f" in cpu.flags else 8 if "avx2" in cpu.flags else 4
+    isa = "AVX-512" if lanes == 16 else "AVX2" if lanes == 8 else "SSE"
+    units, why = fma_units(cpu)
+    fp32 = cpu.cores * cpu.ghz * units * lanes * 2
+    has_bf16 = "avx512_bf16" in cpu.flags or "amx_bf16" in cpu.flags
+    has_vnni = "avx512_vnni" in cpu.flags or "avx_vnni" in cpu.flags
+    derivation = (f"{cpu.cores} cores x {cpu.ghz:.2f} GHz x {units} FMA/cycle x {lanes} fp32 lanes ({isa}) x 2 FLOP/FMA "
+                  f"= {fp32:.0f} GFLOP/s fp32 [{why}; nominal clock, AVX-512 may run lower]")
+    if has_bf16:
+        derivation += "; bf16 x2 (avx512_bf16 dot products)" + (", AMX tiles not counted" if "amx_bf16" in cpu.flags else "")
+    else:
+        derivation += "; no bf16 arithmetic (no avx512_bf16 or amx_bf16: bf16 would be emulated)"
+    if has_vnni:
+        derivation += "; int8 x4 (VNNI vpdpbusd)"
+    return Peak(round(fp32, 1), round(2 * fp32, 1) if has_bf16 else None, round(4 * fp32, 1) if has_vnni else None, derivation)
+
+
+def measured_sgemm_gflops(n: int = 2048, repeat: int = 5) -> float:
+    """numpy's float32 matmul (its BLAS, all threads) on n x n matrices: median GFLOP/s of ``repeat`` calls."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    a @ b  # warm-up
+    seconds = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        a @ b
+        seconds.append(time.perf_counter() - started)
+    return round(2 * n**3 / sorted(seconds)[len(seconds) // 2] / 1e9, 1)

@@ -1,0 +1,203 @@
+"""One backend's figures, measured in a process of its own (so load time is a cold start and peak RSS is its own).
+
+    python -m sdfast.bench.measure BACKEND --engine DIR [--unguided-engine DIR] --repeat N --steps N
+
+Prints one JSON object: {"rows": [...]} or {"error": "..."}. Engine backends run the engine dir's files
+through sdfast's runtime; the ``torch`` backend runs diffusers on the same weights (the engine's source
+folder): eager fp32 on the CPU, fp16 on CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sdfast.bench.stats import Summary, time_ms
+
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+def _row(metric: str, summary: Summary | None = None, value: float | None = None, note: str = "") -> dict:
+    if summary is not None:
+        return {"metric": metric, "median": summary.median, "p90": summary.p90, "min": summary.min, "max": summary.max, "n": summary.n, "note": note}
+    return {"metric": metric, "median": value, "p90": None, "min": None, "max": None, "n": 1, "note": note}
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _device_memory_mib(pid: int) -> float | None:
+    """This process's GPU memory as nvidia-smi reports it (allocators keep their pools, so it is the peak)."""
+    try:
+        listing = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in listing.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) == 2 and fields[0] == str(pid):
+            return float(fields[1])
+    return None
+
+
+def _derived_rows(stages: dict[str, Summary], end_to_end: Summary, steps: int, unet_flops: int | None, peak_fp32: float | None) -> list[dict]:
+    """Host overhead per step (end to end minus engine time, over the steps) and the U-Net's achieved GFLOP/s."""
+    rows = []
+    guided = stages.get("unet_step_cfg") or stages.get("unet_step")
+    engine_ms = stages["text_encoder"].median + steps * guided.median + stages["vae_decode"].median
+    rows.append(_row("host_overhead_per_step", value=(end_to_end.median - engine_ms) / steps,
+                     note="" if "unet_step_cfg" in stages or "unet_step" in stages else "no U-Net figure"))
+    if unet_flops and "unet_step_cfg" in stages:
+        gflops = unet_flops / (stages["unet_step_cfg"].median / 1e3) / 1e9
+        rows.append(_row("unet_gflops", value=gflops, note=f"{unet_flops / 1e9:.4g} GFLOP per guided call"))
+        if peak_fp32:
+            rows.append(_row("unet_peak_fraction", value=100 * gflops / peak_fp32))
+    return rows
+
+
+def measure_engine(backend: str, engine: Path, unguided: Path | None, repeat: int, steps: int, peak_fp32: float | None) -> list[dict]:
+    from sdfast.runtime.pipeline import GenerationRequest, Pipeline
+
+    started = time.perf_counter()
+    pipeline = Pipeline.load(engine, backend=backend, verify="size")
+    rows = [_row("load", value=time.perf_counter() - started)]
+    engines = pipeline.engines
+    geometry = pipeline.manifest.geometry
+    rng = np.random.default_rng(0)
+    batch, latent = geometry["batch"], (geometry["latent_channels"], geometry["latent_height"], geometry["latent_width"])
+    ids_shape = engines["text_encoder"].info.input("input_ids").shape  # [2B or B, 77]: uncond and cond prompts in one call
+    text_feeds = {"input_ids": rng.integers(0, 1000, ids_shape).astype(np.int64), "clip_skip": np.ones(1, np.int64)}
+    hidden = engines["text_encoder"].run(text_feeds)[0][-batch:]  # [B, 77, hidden]: the conditional half
+
+    def unet_feeds(unet_batch: int, in_channels: int) -> dict[str, np.ndarray]:
+        return {"sample": rng.standard_normal((unet_batch, in_channels, *latent[1:]), dtype=np.float32),  # [2B, 4, H/8, W/8]
+                "timestep": np.full(unet_batch, 500.0, np.float32),
+                "encoder_hidden_states": np.repeat(hidden, unet_batch // batch, axis=0)}
+
+    in_channels = pipeline.manifest.data["model"].get("unet_in_channels", latent[0])
+    stages: dict[str, Summary] = {"text_encoder": time_ms(lambda: engines["text_encoder"].run(text_feeds), repeat)}
+    guided_name = "unet_step_cfg" if geometry["guidance"] else "unet_step"
+    feeds = unet_feeds(geometry["unet_batch"], in_channels)
+    stages[guided_name] = time_ms(lambda: engines["unet"].run(feeds), repeat)
+    if unguided is not None:
+        other = Pipeline.load(unguided, backend=backend, verify="size")
+        other_feeds = unet_feeds(other.manifest.geometry["unet_batch"], in_channels)
+        other_name = "unet_step_cfg" if other.manifest.geometry["guidance"] else "unet_step"
+        stages[other_name] = time_ms(lambda: other.engines["unet"].run(other_feeds), repeat)
+        del other
+    latents = rng.standard_normal((batch, *latent), dtype=np.float32)
+    stages["vae_decode"] = time_ms(lambda: engines["vae_decoder"].run({"latent": latents}), repeat)
+    if "vae_encoder" in engines:
+        image = rng.uniform(-1, 1, (batch, 3, geometry["height"], geometry["width"])).astype(np.float32)
+        stages["vae_encode"] = time_ms(lambda: engines["vae_encoder"].run({"image": image}), repeat)
+    rows += [_row(name, summary) for name, summary in stages.items()]
+
+    request = GenerationRequest(prompt=PROMPT, steps=steps, sampler="euler", seed=0, cfg_scale=7.5 if geometry["guidance"] else 1.0)
+    end_to_end = time_ms(lambda: pipeline.generate(request), max(1, min(repeat, 3)), warmup=0)
+    rows.append(_row("end_to_end", end_to_end))
+    unet_flops = pipeline.manifest.data["components"]["unet"].get("flops", {}).get("per_call")
+    rows += _derived_rows(stages, end_to_end, steps, unet_flops, peak_fp32)
+    return rows
+
+
+def measure_torch(engine: Path, repeat: int, steps: int, peak_fp32: float | None) -> list[dict]:
+    """diffusers on the engine's source weights: the reference every backend is compared with."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from sdfast.runtime.manifest import read_manifest
+
+    manifest = read_manifest(engine)
+    folder = Path(manifest.data["source"]["path"])
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"the engine's source model folder '{folder}' is not here")
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    started = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False).to(device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    rows = [_row("load", value=time.perf_counter() - started)]
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    g = manifest.geometry
+    batch = g["batch"]
+    generator = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=generator).to(device, dtype)
+
+    def timed(fn):
+        def run():
+            with torch.no_grad():
+                fn()
+            sync()
+        return time_ms(run, repeat)
+
+    ids = torch.randint(0, 1000, (batch, g["text_length"]), generator=generator).to(device)
+    hidden = pipe.text_encoder(ids)[0]
+    stages = {"text_encoder": timed(lambda: pipe.text_encoder(ids))}
+    t = torch.tensor(500.0, device=device)
+    sample2, sample1 = randn(2 * batch, 4, g["latent_height"], g["latent_width"]), randn(batch, 4, g["latent_height"], g["latent_width"])
+    hidden2 = torch.cat([hidden, hidden])
+    stages["unet_step_cfg"] = timed(lambda: pipe.unet(sample2, t, encoder_hidden_states=hidden2))
+    stages["unet_step"] = timed(lambda: pipe.unet(sample1, t, encoder_hidden_states=hidden))
+    stages["vae_decode"] = timed(lambda: pipe.vae.decode(sample1 / pipe.vae.config.scaling_factor))
+    image = (torch.rand((batch, 3, g["height"], g["width"]), generator=generator) * 2 - 1).to(device, dtype)
+    stages["vae_encode"] = timed(lambda: pipe.vae.encode(image))
+    rows += [_row(name, summary) for name, summary in stages.items()]
+
+    def whole():
+        pipe([PROMPT] * batch, height=g["height"], width=g["width"], num_inference_steps=steps, guidance_scale=7.5, output_type="np",
+             generator=torch.Generator().manual_seed(0))
+        sync()
+    end_to_end = time_ms(whole, max(1, min(repeat, 3)), warmup=0)
+    rows.append(_row("end_to_end", end_to_end))
+    unet_flops = manifest.data["components"]["unet"].get("flops", {}).get("per_call")
+    rows += _derived_rows(stages, end_to_end, steps, unet_flops, None if cuda else peak_fp32)
+    if cuda:
+        rows.append(_row("peak_device_memory", value=torch.cuda.max_memory_allocated() / 2**20, note="torch.cuda.max_memory_allocated"))
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("backend")
+    parser.add_argument("--engine", type=Path, required=True)
+    parser.add_argument("--unguided-engine", type=Path)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--peak-fp32", type=float)
+    args = parser.parse_args()
+
+    answer = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # libraries' chatter goes to stderr; stdout carries the JSON
+    try:
+        if args.backend == "torch":
+            rows = measure_torch(args.engine, args.repeat, args.steps, args.peak_fp32)
+        else:
+            rows = measure_engine(args.backend, args.engine, args.unguided_engine, args.repeat, args.steps, args.peak_fp32)
+    except Exception as error:  # noqa: BLE001 - one line back to the parent, which reports it
+        text = str(error).strip().splitlines()
+        answer.write(json.dumps({"error": f"{type(error).__name__}: {text[0] if text else ''}"}))
+        return 1
+    rows.append(_row("peak_rss", value=_peak_rss_mib()))
+    if args.backend in ("cuda", "tensorrt"):
+        device = _device_memory_mib(os.getpid())
+        if device is not None:
+            rows.append(_row("peak_device_memory", value=device, note="nvidia-smi, this process"))
+    answer.write(json.dumps({"rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

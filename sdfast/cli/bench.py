@@ -1,0 +1,197 @@
+"""sdfast bench: per-stage latency of every backend on one workload, with the CPU's peak beside it."""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import importlib.util
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+from sdfast.errors import ConfigError
+
+ALL_BACKENDS = ("cpu", "cuda", "tensorrt", "torch")
+FORMATS = ("table", "md", "json", "csv")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("engine_dir", nargs="?", type=Path, help="an engine dir to measure (default: export --model first)")
+    parser.add_argument("--model", help="export this first, cached: tiny (default), sd15, or a diffusers folder")
+    parser.add_argument("--backends", default=",".join(ALL_BACKENDS),
+                        help=f"comma-separated, from {', '.join(ALL_BACKENDS)}; unavailable ones are skipped with the reason (default: all)")
+    parser.add_argument("--height", type=int, help="image height (with --model; with an engine dir it must match)")
+    parser.add_argument("--width", type=int, help="image width (with --model; with an engine dir it must match)")
+    parser.add_argument("--batch", type=int, help="images per call (with --model; with an engine dir it must match)")
+    parser.add_argument("--steps", type=int, default=8, help="sampler steps of the end-to-end run (default 8)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per stage after one warm-up (default 5)")
+    parser.add_argument("--format", default="table", choices=FORMATS, help="output format (default table)")
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here (the schema --merge reads)")
+    parser.add_argument("--plot", type=Path, help="write a bar plot of per-stage latency by backend (PNG, needs matplotlib)")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                        help="measure nothing: show saved results (e.g. from two machines) side by side")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sdfast.bench.report import BenchRun, merge, plot, render
+
+    if args.merge:
+        runs = merge([BenchRun.load(path) for path in args.merge])
+    else:
+        runs = [_measure(args)]
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(render(runs, "json") + "\n")
+    if args.plot:
+        _say(f"plot written to {plot(runs, args.plot)}")
+    print(render(runs, args.format))
+    return 0
+
+
+def _say(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def _check_args(args: argparse.Namespace) -> list[str]:
+    if args.repeat < 1 or args.steps < 1:
+        raise ConfigError("--repeat and --steps must be at least 1")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in ALL_BACKENDS]
+    if unknown or not backends:
+        raise ConfigError(f"unknown backend '{(unknown or [''])[0]}'; choose from {', '.join(ALL_BACKENDS)}")
+    if args.engine_dir and args.model:
+        raise ConfigError("give an engine dir or --model, not both")
+    return list(dict.fromkeys(backends))
+
+
+def backend_availability(name: str) -> tuple[bool, str]:
+    """(usable here, why not) for a bench backend: sdfast's runtime backends, or diffusers itself ('torch')."""
+    if name == "torch":
+        missing = [m for m in ("torch", "diffusers") if importlib.util.find_spec(m) is None]
+        return (not missing, f"{' and '.join(missing)} not installed (pip install 'sdfast[export]')" if missing else "")
+    from sdfast.runtime.backends import BACKENDS
+
+    if name not in BACKENDS:
+        if importlib.util.find_spec("tensorrt") is None:
+            return False, "the tensorrt package is not installed (TensorRT 10 with a CUDA GPU)"
+        return False, "sdfast has no TensorRT engine backend in this version"
+    return BACKENDS[name].available()
+
+
+def _engines(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """The engine dir to measure and, with --model, its twin without guidance (for the unguided U-Net step)."""
+    from sdfast.runtime.manifest import read_manifest
+
+    if args.engine_dir:
+        manifest = read_manifest(args.engine_dir)
+        geometry = manifest.geometry
+        for key in ("height", "width", "batch"):
+            wanted = getattr(args, key)
+            if wanted is not None and wanted != geometry[key]:
+                raise ConfigError(f"the engine dir was built for {key} {geometry[key]}, not {wanted}; export one at that size, or bench with --model")
+        return args.engine_dir, None
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("diffusers") is None:
+        raise ConfigError("bench --model exports first and needs torch and diffusers (pip install 'sdfast[export]'); or pass an ENGINE_DIR")
+    return _cached_engine(args, guidance=True), _cached_engine(args, guidance=False)
+
+
+def _cached_engine(args: argparse.Namespace, guidance: bool) -> Path:
+    from sdfast import __version__
+    from sdfast.cli.progress import ElapsedLog
+    from sdfast.export.build import ExportRequest, check_request, export_engine
+    from sdfast.export.builtin import BUILTIN_MODELS, cache_root
+    from sdfast.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME
+
+    model = args.model or "tiny"
+    if model not in BUILTIN_MODELS and not Path(model).is_dir():
+        raise ConfigError(f"--model '{model}' is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a folder")
+    label = model if model in BUILTIN_MODELS else "folder-" + hashlib.sha1(str(Path(model).resolve()).encode()).hexdigest()[:12]
+    size = f"{args.width or 'native'}x{args.height or 'native'}"
+    out = cache_root() / "bench-engines" / f"{label}-{size}-b{args.batch or 1}-{'cfg' if guidance else 'nocfg'}"
+    request = ExportRequest(model=model, out=out, height=args.height, width=args.width, batch=args.batch or 1, guidance=guidance, force=True)
+    try:
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
+        fresh = (manifest["format_version"] == FORMAT_VERSION and manifest["libraries"]["sdfast"] == __version__
+                 and "flops" in manifest["components"]["unet"] and manifest["source"]["builtin"] == (model in BUILTIN_MODELS))
+        if fresh and model not in BUILTIN_MODELS:
+            from sdfast.export.source import weights_fingerprint
+
+            fresh = manifest["source"]["fingerprint"] == weights_fingerprint(Path(model))
+    except (OSError, ValueError, KeyError, TypeError):
+        fresh = False
+    if fresh:
+        _say(f"using the cached engine {out}")
+        return out
+    check_request(request)
+    _say(f"exporting {model} ({'with' if guidance else 'without'} guidance) to {out}")
+    export_engine(request, ElapsedLog("bench"))
+    return out
+
+
+def _measure(args: argparse.Namespace):
+    from sdfast import __version__
+    from sdfast.bench.hardware import CpuInfo, measured_sgemm_gflops, theoretical_peak
+    from sdfast.bench.report import BenchRun, Row
+    from sdfast.runtime.manifest import read_manifest
+
+    backends = _check_args(args)
+    usable, skipped = [], []
+    for name in backends:
+        ok, why = backend_availability(name)
+        (usable if ok else skipped).append(name if ok else {"backend": name, "reason": why})
+    for skip in skipped:
+        _say(f"skipping {skip['backend']}: {skip['reason']}")
+    if not usable:
+        raise ConfigError("no requested backend is available here: " + "; ".join(f"{s['backend']}: {s['reason']}" for s in skipped))
+    engine, unguided = _engines(args)
+    manifest = read_manifest(engine)
+
+    cpu = CpuInfo.detect()
+    peak = theoretical_peak(cpu)
+    _say("measuring a large sgemm (numpy float32) ...")
+    sgemm = measured_sgemm_gflops()
+    run = BenchRun(
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        command="sdfast bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+        machine={"cpu": cpu.name, "cores": cpu.cores, "ghz": cpu.ghz, "platform": platform.platform(), "peak": peak.to_json(),
+                 "sgemm_gflops": sgemm},
+        versions={"sdfast": __version__, "python": platform.python_version(), **_versions()},
+        workload={"model": manifest.model_name, "height": manifest.geometry["height"], "width": manifest.geometry["width"],
+                  "batch": manifest.geometry["batch"], "steps": args.steps, "repeat": args.repeat, "precision": manifest.data["precision"],
+                  "engine": str(engine)},
+        skipped=skipped,
+    )
+    for index, name in enumerate(usable, 1):
+        _say(f"[{index}/{len(usable)}] {name}: load, stages x{args.repeat}, end to end at {args.steps} steps ...")
+        command = [sys.executable, "-m", "sdfast.bench.measure", name, "--engine", str(engine), "--repeat", str(args.repeat),
+                   "--steps", str(args.steps), "--peak-fp32", str(peak.fp32_gflops)]
+        if unguided is not None and name != "torch":
+            command += ["--unguided-engine", str(unguided)]
+        child = subprocess.run(command, capture_output=True, text=True)
+        try:
+            answer = json.loads(child.stdout)
+        except json.JSONDecodeError:
+            tail = (child.stderr.strip().splitlines() or [f"exit status {child.returncode}"])[-1]
+            answer = {"error": f"the measuring process died: {tail}"}
+        if "error" in answer:
+            _say(f"{name} failed: {answer['error']}")
+            run.skipped.append({"backend": name, "reason": f"failed: {answer['error']}"})
+            continue
+        run.rows += [Row(backend=name, **row) for row in answer["rows"]]
+        step = run.value(name, "unet_step_cfg") or run.value(name, "unet_step")
+        _say(f"[{index}/{len(usable)}] {name}: U-Net step {step.median:.1f} ms" if step else f"{name}: done")
+    return run
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("onnxruntime", "onnxruntime-gpu", "numpy", "torch", "diffusers", "tensorrt"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found

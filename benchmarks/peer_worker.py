@@ -107,7 +107,8 @@ class OpenVinoPeer(DiffusersPeer):
         self.load_s = time.perf_counter() - started
         self.pipe.scheduler = EulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
         self.pipe.set_progress_bar_config(disable=True)
-        self.precision = str(self.pipe.unet.request.get_property("INFERENCE_PRECISION_HINT"))
+        hint = self.pipe.unet.request.get_property("INFERENCE_PRECISION_HINT")
+        self.precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
 
     def feeds(self, inputs):
         return inputs

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import importlib.util
 import json
 import platform
@@ -98,36 +97,10 @@ def _engines(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 
 def _cached_engine(args: argparse.Namespace, guidance: bool) -> Path:
-    from sdfast import __version__
+    from sdfast.bench.engines import cached_engine
     from sdfast.cli.progress import ElapsedLog
-    from sdfast.export.build import ExportRequest, check_request, export_engine
-    from sdfast.export.builtin import BUILTIN_MODELS, cache_root
-    from sdfast.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME
 
-    model = args.model or "tiny"
-    if model not in BUILTIN_MODELS and not Path(model).is_dir():
-        raise ConfigError(f"--model '{model}' is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a folder")
-    label = model if model in BUILTIN_MODELS else "folder-" + hashlib.sha1(str(Path(model).resolve()).encode()).hexdigest()[:12]
-    size = f"{args.width or 'native'}x{args.height or 'native'}"
-    out = cache_root() / "bench-engines" / f"{label}-{size}-b{args.batch or 1}-{'cfg' if guidance else 'nocfg'}"
-    request = ExportRequest(model=model, out=out, height=args.height, width=args.width, batch=args.batch or 1, guidance=guidance, force=True)
-    try:
-        manifest = json.loads((out / MANIFEST_NAME).read_text())
-        fresh = (manifest["format_version"] == FORMAT_VERSION and manifest["libraries"]["sdfast"] == __version__
-                 and "flops" in manifest["components"]["unet"] and manifest["source"]["builtin"] == (model in BUILTIN_MODELS))
-        if fresh and model not in BUILTIN_MODELS:
-            from sdfast.export.source import weights_fingerprint
-
-            fresh = manifest["source"]["fingerprint"] == weights_fingerprint(Path(model))
-    except (OSError, ValueError, KeyError, TypeError):
-        fresh = False
-    if fresh:
-        _say(f"using the cached engine {out}")
-        return out
-    check_request(request)
-    _say(f"exporting {model} ({'with' if guidance else 'without'} guidance) to {out}")
-    export_engine(request, ElapsedLog("bench"))
-    return out
+    return cached_engine(args.model or "tiny", args.height, args.width, args.batch or 1, guidance, _say, ElapsedLog("bench"))
 
 
 def _measure(args: argparse.Namespace):
@@ -137,6 +110,7 @@ def _measure(args: argparse.Namespace):
     from sdfast.runtime.manifest import read_manifest
 
     backends = _check_args(args)
+    engines = _engines(args) if args.engine_dir else None  # an engine dir's geometry is checked before anything runs
     usable, skipped = [], []
     for name in backends:
         ok, why = backend_availability(name)
@@ -145,7 +119,7 @@ def _measure(args: argparse.Namespace):
         _say(f"skipping {skip['backend']}: {skip['reason']}")
     if not usable:
         raise ConfigError("no requested backend is available here: " + "; ".join(f"{s['backend']}: {s['reason']}" for s in skipped))
-    engine, unguided = _engines(args)
+    engine, unguided = engines or _engines(args)
     manifest = read_manifest(engine)
 
     cpu = CpuInfo.detect()

@@ -32,6 +32,7 @@ class ExportRequest:
     force: bool = False
     family: str = "sd15"
     max_prompt_chunks: int | None = None  # None: the recipe's default; prompts up to this many 75-token chunks
+    cpu_variant: bool = True  # also save each graph fully optimized for onnxruntime's CPU provider (fast cold start)
 
 
 def check_request(request: ExportRequest) -> None:
@@ -162,6 +163,13 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
 
         step = time.perf_counter()
         files = optimize_offline(raw_path, staging / f"{name}.onnx")
+        variants = {}
+        if request.cpu_variant:
+            import onnxruntime
+
+            cpu_files = optimize_offline(raw_path, staging / f"{name}.cpu.onnx", "ORT_ENABLE_ALL")
+            variants["cpu"] = {"file": cpu_files[0].name, "files": _hashed(staging, cpu_files), "optimization": {
+                "tool": "onnxruntime", "level": "ORT_ENABLE_ALL", "for": "CPUExecutionProvider", "onnxruntime": onnxruntime.__version__}}
         optimized_s = time.perf_counter() - step
         for leftover in raw_dir.glob(f"{name}.onnx*"):
             leftover.unlink()
@@ -173,28 +181,36 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
             "outputs": [t.to_json() for t in component.outputs],
             "precision": request.precision,
             "opset": recipe.opset,
-            "optimization": {"tool": "onnxruntime", "level": "ORT_ENABLE_EXTENDED", "for": "CPUExecutionProvider"},
+            "optimization": {"tool": "onnxruntime", "level": "ORT_ENABLE_EXTENDED", "for": "any execution provider"},
             "flops": flops,
         }
-        progress(f"{label}: optimized offline in {optimized_s:.1f} s ({sum(f['bytes'] for f in file_info.values()) / 2**20:.1f} MiB)")
+        size_mib = sum(f["bytes"] for v in [{"files": file_info}, *variants.values()] for f in v["files"].values()) / 2**20
+        progress(f"{label}: optimized offline in {optimized_s:.1f} s ({size_mib:.1f} MiB{', with a CPU variant' if variants else ''})")
 
         step = time.perf_counter()
         inputs = sample_inputs(component, model, "parity")
-        engine = get_backend("cpu").load(ComponentInfo.from_json(name, entry, dynamic_json), staging / entry["file"])
-        parity = compare(engine.run(inputs), torch_outputs(module, component, inputs), component.tolerance)
-        del engine
-        entry["parity"] = {
-            **parity.to_json(), "backend": "cpu", "reference": f"torch {torch.__version__} fp32 CPU",
-            "input_shapes": {key: list(value.shape) for key, value in inputs.items()},
-        }
+        expected = torch_outputs(module, component, inputs)
+        cpu = get_backend("cpu")
+        for variant_name, target in [("portable", entry), *variants.items()]:
+            info = ComponentInfo.from_json(name, {**entry, "variants": variants if variant_name != "portable" else {}}, dynamic_json)
+            engine = cpu.load(info, staging / entry["file"])
+            parity = compare(engine.run(inputs), expected, component.tolerance)
+            del engine
+            target["parity"] = {
+                **parity.to_json(), "backend": "cpu", "reference": f"torch {torch.__version__} fp32 CPU",
+                "input_shapes": {key: list(value.shape) for key, value in inputs.items()},
+            }
+            verdict = "ok" if parity.passed else "FAILED"
+            progress(f"{label}: {variant_name if variants else ''}{' ' if variants else ''}parity vs PyTorch max_abs {parity.max_abs:.2e}, "
+                     f"max_rel {parity.max_rel:.2e} (tolerance {parity.tolerance:.0e}) {verdict}")
+            if not parity.passed:
+                raise ExportError(
+                    f"{name}: ONNX output differs from PyTorch ({variant_name} graph) by max_rel {parity.max_rel:.3g}"
+                    f"{'' if parity.finite else ' with NaN/inf'}, above the {request.precision} tolerance {parity.tolerance:g}"
+                )
+        if variants:
+            entry["variants"] = variants
         entry["export_seconds"] = round(time.perf_counter() - step + exported_s + optimized_s, 2)
-        verdict = "ok" if parity.passed else "FAILED"
-        progress(f"{label}: parity vs PyTorch max_abs {parity.max_abs:.2e}, max_rel {parity.max_rel:.2e} (tolerance {parity.tolerance:.0e}) {verdict}")
-        if not parity.passed:
-            raise ExportError(
-                f"{name}: ONNX output differs from PyTorch by max_rel {parity.max_rel:.3g}"
-                f"{'' if parity.finite else ' with NaN/inf'}, above the {request.precision} tolerance {parity.tolerance:g}"
-            )
         components[name] = entry
     raw_dir.rmdir()
     progress(f"export finished in {time.perf_counter() - started:.1f} s")

@@ -70,12 +70,16 @@ def _check_static(path: Path, recipe: ComponentRecipe) -> None:
             raise RuntimeError(f"exported {path.name}: {value.name}{dims} differs from the recipe's {expected.name}{expected.shape}")
 
 
-def optimize_offline(raw: Path, out: Path) -> list[Path]:
-    """Run onnxruntime's basic and extended graph optimizations once and save the result; returns the files written."""
+def optimize_offline(raw: Path, out: Path, level: str = "ORT_ENABLE_EXTENDED") -> list[Path]:
+    """Run onnxruntime's graph optimizations once and save the result; returns the files written.
+
+    ORT_ENABLE_EXTENDED stays portable across execution providers; ORT_ENABLE_ALL adds the CPU's blocked
+    (NCHWc) layouts, so its file is for the CPU provider of this onnxruntime version only.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     options.optimized_model_filepath = str(out)
     options.log_severity_level = 3
     files = [out]

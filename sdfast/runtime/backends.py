@@ -74,7 +74,11 @@ class OrtEngine(Engine):
 
 
 class OrtBackend(Backend):
-    """onnxruntime with one execution provider; the graph was optimized at export, so loading is quick."""
+    """onnxruntime with one execution provider.
+
+    Where the export saved a variant fully optimized for this provider by this onnxruntime version (the CPU's
+    NCHWc layouts), it loads with optimizations off: a cold start of seconds instead of a re-optimization.
+    """
 
     def __init__(self, name: str, provider: str, threads: int = 0):
         self.name = name
@@ -90,11 +94,12 @@ class OrtBackend(Backend):
             return False, f"onnxruntime {ort.__version__} has no {self.provider} (install onnxruntime-gpu for cuda)"
         return True, ""
 
-    def session_options(self):
+    def session_options(self, optimize: bool = True):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        level = ort.GraphOptimizationLevel
+        options.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
         options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
         return options
@@ -105,8 +110,12 @@ class OrtBackend(Backend):
         ok, why = self.available()
         if not ok:
             raise EngineError(f"backend '{self.name}' is not available: {why}")
+        variant = info.variants.get(self.name)
+        preoptimized = variant is not None and variant.get("optimization", {}).get("onnxruntime") == ort.__version__
+        if preoptimized:
+            path = path.with_name(variant["file"])
         try:
-            session = ort.InferenceSession(str(path), self.session_options(), providers=[self.provider])
+            session = ort.InferenceSession(str(path), self.session_options(optimize=not preoptimized), providers=[self.provider])
         except Exception as error:  # noqa: BLE001
             raise EngineError(f"cannot load {info.name} from '{path}': {str(error).splitlines()[0]}") from None
         _check_session_matches(session, info)

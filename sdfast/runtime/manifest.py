@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdfast.errors import EngineError
@@ -56,6 +56,7 @@ class ComponentInfo:
     outputs: tuple[TensorSpec, ...]
     precision: str
     dynamic: dict[str, DynamicDim]  # the manifest's dynamic axes, by name
+    variants: dict[str, dict] = field(default_factory=dict)  # backend -> {"file", "files", "optimization"}: pre-optimized for it
 
     def input(self, name: str) -> TensorSpec:
         """The input called ``name``; an engine without it was not made by this sdfast's export."""
@@ -74,6 +75,7 @@ class ComponentInfo:
             outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
             precision=data["precision"],
             dynamic={key: DynamicDim(key, int(d["multiple_of"]), int(d["min"]), int(d["max"])) for key, d in (dynamic or {}).items()},
+            variants=dict(data.get("variants", {})),
         )
 
 
@@ -114,6 +116,8 @@ class Manifest:
         files = {}
         for component in self.components.values():
             files.update(component.files)
+            for variant in component.variants.values():
+                files.update(variant["files"])
         files.update(self.data["tokenizer"]["files"])
         files.update(self.data["scheduler"]["files"])
         return files

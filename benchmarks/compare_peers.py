@@ -1,0 +1,224 @@
+"""sdfast against the peers on one workload: the SD 1.5 U-Net step, batch 2 with guidance, fp32 on the CPU.
+
+    python benchmarks/compare_peers.py [--height 256 --width 256] [--rounds 5] [--calls 2] [--e2e-steps 0]
+
+Every system is loaded once in a process of its own (peer_worker.py), all in this process tree; then the
+rounds alternate between them, so a noisy neighbour hurts every system alike. Peers:
+
+- diffusers eager (fp32), Optimum's ONNX Runtime pipeline (optimum-onnx), OpenVINO through optimum-intel
+  (static reshape, fp32, and its default precision where that differs: bf16 on CPUs with avx512_bf16/AMX);
+- sdfast on its CPU backend, from an engine dir exported at the same size.
+
+The peers need their own virtualenv (optimum-onnx 0.1.0 pins transformers<4.58, hence diffusers 0.39);
+this script creates it with pip the first time (--venv). A peer that cannot be installed or loaded is
+reported with its exact error. Results go to benchmarks/results/peers_<model>_<size>.{json,md}, with the
+machine, every environment's versions, the command and the date.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "peer_worker.py"
+PEER_REQUIREMENTS = [  # what optimum-onnx 0.1.0 allows; optimum-intel must then be 1.27
+    "optimum-onnx[onnxruntime]==0.1.0", "optimum-intel[openvino]==1.27.0", "diffusers==0.39.*", "transformers<4.58",
+    "huggingface-hub<1.0", "accelerate", "psutil",
+]
+PEERS = ("diffusers", "optimum-ort", "openvino-fp32", "openvino-default", "sdfast-cpu")
+
+
+def say(message: str) -> None:
+    print(f"compare_peers: {message}", file=sys.stderr, flush=True)
+
+
+def ensure_peer_venv(venv: Path) -> tuple[Path | None, str]:
+    """The peers' python, creating the virtualenv if needed; (None, the exact error) if it cannot be made."""
+    python = venv / "bin" / "python"
+    marker = venv / ".sdfast-peers-ready"
+    if marker.is_file() and python.is_file():
+        return python, ""
+    say(f"creating the peers' virtualenv {venv} (torch==2.13.0 first, then {' '.join(PEER_REQUIREMENTS)})")
+    steps = [[sys.executable, "-m", "venv", str(venv)],
+             [str(python), "-m", "pip", "install", "-q", "torch==2.13.0"],
+             [str(python), "-m", "pip", "install", "-q", *PEER_REQUIREMENTS]]
+    for command in steps:
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            lines = [line for line in (done.stderr or done.stdout).strip().splitlines() if "ERROR" in line] or (done.stderr or "?").strip().splitlines()[-1:]
+            return None, f"`{' '.join(command[-3:])}` failed: {lines[0] if lines else done.returncode}"
+    marker.write_text("ok\n")
+    return python, ""
+
+
+def versions_of(python: Path, packages: list[str]) -> dict[str, str]:
+    code = ("import importlib.metadata as m, json, sys\nout = {}\nfor p in sys.argv[1:]:\n    try: out[p] = m.version(p)\n"
+            "    except m.PackageNotFoundError: pass\nprint(json.dumps(out))")
+    done = subprocess.run([str(python), "-c", code, *packages], capture_output=True, text=True)
+    return json.loads(done.stdout) if done.returncode == 0 else {}
+
+
+class Worker:
+    """One peer's process: loaded once, then asked for timed U-Net calls."""
+
+    def __init__(self, name: str, python: Path, args: list[str], log: Path):
+        self.name = name
+        self.log = open(log, "w")
+        self.process = subprocess.Popen([str(python), str(WORKER), name, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self.log, text=True, bufsize=1)
+        self.ready = self._read()
+
+    def _read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            self.log.flush()
+            tail = Path(self.log.name).read_text().strip().splitlines()
+            return {"ok": False, "error": f"the worker died: {tail[-1] if tail else 'no output'}"}
+        return json.loads(line)
+
+    def ask(self, **command) -> dict:
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.write('{"op": "quit"}\n')
+                self.process.stdin.flush()
+                self.process.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+        self.log.close()
+
+
+def summary(samples: list[float]) -> dict:
+    ordered = sorted(samples)
+    return {"median_ms": statistics.median(ordered), "p90_ms": ordered[max(0, -(-9 * len(ordered) // 10) - 1)],
+            "min_ms": ordered[0], "max_ms": ordered[-1], "n": len(ordered)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--height", type=int, default=256)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
+    parser.add_argument("--calls", type=int, default=2, help="timed U-Net calls per system per round (default 2)")
+    parser.add_argument("--e2e-steps", type=int, default=0, help="also time one whole text-to-image run of this many Euler steps per round")
+    parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, from {', '.join(PEERS)} (default: all)")
+    parser.add_argument("--engine", type=Path, help="sdfast engine dir at this size (default: export the built-in sd15, cached)")
+    parser.add_argument("--venv", type=Path, default=HERE / ".peers-venv", help="the peers' virtualenv (created if missing)")
+    parser.add_argument("--cache", type=Path, help="where the peers' exported models are kept (default: $SDFAST_CACHE/peers)")
+    parser.add_argument("--out", type=Path, help="JSON results (default benchmarks/results/peers_sd15_<W>x<H>.json, and .md beside it)")
+    args = parser.parse_args()
+
+    from sdfast.bench.hardware import CpuInfo, theoretical_peak
+    from sdfast.bench.engines import cached_engine
+    from sdfast.cli.progress import ElapsedLog
+    from sdfast.export.builtin import cache_root, ensure_builtin
+
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        parser.error(f"unknown peer '{unknown[0]}'; choose from {', '.join(PEERS)}")
+    cpu = CpuInfo.detect()
+    model = ensure_builtin("sd15", say)
+    cache = args.cache or cache_root() / "peers" / "sd15"
+    cache.mkdir(parents=True, exist_ok=True)
+    engine = args.engine or cached_engine("sd15", args.height, args.width, 1, True, say, ElapsedLog("compare_peers"))
+
+    failures: dict[str, str] = {}
+    if "openvino-default" in peers and not ({"avx512_bf16", "amx_bf16"} & cpu.flags):
+        failures["openvino-default"] = "not run: this CPU has no bf16 arithmetic, so OpenVINO's default precision here is f32, i.e. openvino-fp32"
+    peer_python = None
+    if any(not p.startswith("sdfast") and p not in failures for p in peers):
+        peer_python, error = ensure_peer_venv(args.venv)
+        if peer_python is None:
+            failures.update({p: error for p in peers if not p.startswith("sdfast")})
+    common = ["--model", str(model), "--height", str(args.height), "--width", str(args.width), "--cache", str(cache), "--engine", str(engine)]
+    logs = (args.out or HERE / "results" / "x").parent / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    workers: list[Worker] = []
+    for name in peers:
+        if name in failures:
+            say(f"{name}: {failures[name]}")
+            continue
+        say(f"loading {name} ...")
+        worker = Worker(name, Path(sys.executable) if name.startswith("sdfast") else peer_python, common, logs / f"{name}_{args.width}x{args.height}.log")
+        if not worker.ready.get("ok"):
+            failures[name] = worker.ready.get("error", "unknown error")
+            say(f"{name} failed: {failures[name]}")
+            worker.close()
+            continue
+        say(f"{name}: loaded in {worker.ready['load_s']:.1f} s at {worker.ready['precision']}")
+        workers.append(worker)
+
+    samples = {w.name: [] for w in workers}
+    e2e = {w.name: [] for w in workers}
+    try:
+        for round_index in range(args.rounds):
+            order = workers[round_index % len(workers):] + workers[:round_index % len(workers)] if workers else []
+            for worker in order:
+                samples[worker.name] += worker.ask(op="unet", n=args.calls)["unet_ms"]
+                if args.e2e_steps:
+                    e2e[worker.name].append(worker.ask(op="e2e", steps=args.e2e_steps)["e2e_ms"])
+            say(f"round {round_index + 1}/{args.rounds}: " + ", ".join(f"{n} {statistics.median(s):.0f} ms" for n, s in samples.items()))
+    finally:
+        for worker in workers:
+            worker.close()
+
+    results = {w.name: {**summary(samples[w.name]), "load_s": w.ready["load_s"], "precision": w.ready["precision"],
+                        "output_rms": w.ready.get("output_rms"), **({"e2e": summary(e2e[w.name])} if e2e[w.name] else {})}
+               for w in workers}
+    reference = next((n for n in ("sdfast-cpu",) if n in results), None)
+    if reference:
+        for name, figures in results.items():
+            figures["sdfast_ratio"] = results[reference]["median_ms"] / figures["median_ms"]  # < 1: sdfast is faster
+    record = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/compare_peers.py " + " ".join(sys.argv[1:]),
+        "machine": {"cpu": cpu.name, "cores": cpu.cores, "platform": platform.platform(), "peak": theoretical_peak(cpu).to_json()},
+        "workload": {"model": "sd15 architecture, random weights", "height": args.height, "width": args.width, "unet_batch": 2,
+                     "guidance": True, "rounds": args.rounds, "calls_per_round": args.calls, "e2e_steps": args.e2e_steps},
+        "versions": {"sdfast_env": versions_of(Path(sys.executable), ["sdfast", "onnxruntime", "numpy", "torch"]),
+                     "peers_env": versions_of(peer_python, ["torch", "diffusers", "transformers", "optimum", "optimum-onnx",
+                                                            "optimum-intel", "onnxruntime", "openvino"]) if peer_python else {}},
+        "results": results,
+        "not_run": failures,
+    }
+    out = args.out or HERE / "results" / f"peers_sd15_{args.width}x{args.height}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    markdown = render_markdown(record, reference)
+    out.with_suffix(".md").write_text(markdown + "\n")
+    print(markdown)
+    return 0
+
+
+def render_markdown(record: dict, reference: str | None) -> str:
+    w, m = record["workload"], record["machine"]
+    lines = [f"### SD 1.5 U-Net step, {w['width']}x{w['height']}, batch 2 with guidance, CPU",
+             "", f"{m['cpu']}, {m['cores']} cores; {record['date']}; `{record['command']}`", "",
+             "| system | precision | median ms | p90 | min-max | cold start s | sdfast / system |", "|---|---|---:|---:|---:|---:|---:|"]
+    for name, r in sorted(record["results"].items(), key=lambda item: item[1]["median_ms"]):
+        ratio = f"{r['sdfast_ratio']:.2f}" if "sdfast_ratio" in r else "-"
+        lines.append(f"| {name} | {r['precision']} | {r['median_ms']:.0f} | {r['p90_ms']:.0f} | {r['min_ms']:.0f}-{r['max_ms']:.0f} | "
+                     f"{r['load_s']:.1f} | {ratio} |")
+    for name, why in record["not_run"].items():
+        lines.append(f"| {name} | - | - | - | - | - | {why} |")
+    lines += ["", f"{w['rounds']} alternating rounds x {w['calls_per_round']} calls per system, after one warm-up call; "
+              f"ratio = sdfast median / system median (below 1: sdfast is faster)."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

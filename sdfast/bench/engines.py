@@ -1,0 +1,42 @@
+"""Engine dirs that bench exports on demand, cached under $SDFAST_CACHE/bench-engines and re-exported when stale."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
+
+from sdfast.errors import ConfigError
+
+
+def cached_engine(model: str, height: int | None, width: int | None, batch: int, guidance: bool,
+                  log: Callable[[str], None], progress: Callable[[str], None]) -> Path:
+    """An engine dir of ``model`` at this geometry: the cached one if it is current, else a fresh export."""
+    from sdfast import __version__
+    from sdfast.export.build import ExportRequest, check_request, export_engine
+    from sdfast.export.builtin import BUILTIN_MODELS, cache_root
+    from sdfast.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME
+
+    builtin = model in BUILTIN_MODELS
+    if not builtin and not Path(model).is_dir():
+        raise ConfigError(f"--model '{model}' is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a folder")
+    label = model if builtin else "folder-" + hashlib.sha1(str(Path(model).resolve()).encode()).hexdigest()[:12]
+    out = cache_root() / "bench-engines" / f"{label}-{width or 'native'}x{height or 'native'}-b{batch}-{'cfg' if guidance else 'nocfg'}"
+    try:
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
+        fresh = (manifest["format_version"] == FORMAT_VERSION and manifest["libraries"]["sdfast"] == __version__
+                 and "flops" in manifest["components"]["unet"] and manifest["source"]["builtin"] == builtin)
+        if fresh and not builtin:
+            from sdfast.export.source import weights_fingerprint
+
+            fresh = manifest["source"]["fingerprint"] == weights_fingerprint(Path(model))
+    except (OSError, ValueError, KeyError, TypeError):
+        fresh = False
+    if fresh:
+        log(f"using the cached engine {out}")
+        return out
+    request = ExportRequest(model=model, out=out, height=height, width=width, batch=batch, guidance=guidance, force=True)
+    check_request(request)
+    log(f"exporting {model} ({'with' if guidance else 'without'} guidance) to {out}")
+    export_engine(request, progress)
+    return out

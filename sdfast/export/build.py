@@ -119,7 +119,7 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
     import torch
 
     from sdfast.export.components import WRAPPERS, sample_inputs
-    from sdfast.export.onnx_export import export_to_onnx, optimize_offline
+    from sdfast.export.onnx_export import export_to_onnx, optimize_offline, rewrite_for_cpu
     from sdfast.export.parity import compare, torch_outputs
     from sdfast.export.source import load_model, weights_fingerprint
     from sdfast.runtime.backends import get_backend
@@ -167,11 +167,14 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
         if request.cpu_variant:
             import onnxruntime
 
-            cpu_files = optimize_offline(raw_path, staging / f"{name}.cpu.onnx", "ORT_ENABLE_ALL")
+            rewritten = raw_dir / f"{name}.cpu.onnx"
+            rewrites = rewrite_for_cpu(raw_path, rewritten)
+            cpu_files = optimize_offline(rewritten, staging / f"{name}.cpu.onnx", "ORT_ENABLE_ALL")
             variants["cpu"] = {"file": cpu_files[0].name, "files": _hashed(staging, cpu_files), "optimization": {
-                "tool": "onnxruntime", "level": "ORT_ENABLE_ALL", "for": "CPUExecutionProvider", "onnxruntime": onnxruntime.__version__}}
+                "tool": "onnxruntime", "level": "ORT_ENABLE_ALL", "for": "CPUExecutionProvider", "onnxruntime": onnxruntime.__version__,
+                "rewrites": rewrites}}
         optimized_s = time.perf_counter() - step
-        for leftover in raw_dir.glob(f"{name}.onnx*"):
+        for leftover in raw_dir.glob(f"{name}.*"):
             leftover.unlink()
         file_info = _hashed(staging, files)
         entry = {

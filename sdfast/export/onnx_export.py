@@ -90,3 +90,26 @@ def optimize_offline(raw: Path, out: Path, level: str = "ORT_ENABLE_EXTENDED") -
         files.append(out.with_name(data_name))
     ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"])
     return files
+
+
+WINOGRAD_MIN_TILES = 64  # 3x3 convolutions on maps of at least 16x16: below that the larger weights cost more than they save
+
+
+def rewrite_for_cpu(raw: Path, out: Path) -> dict[str, int]:
+    """The CPU variant's graph: 3x3 convolutions as Winograd F(2x2, 3x3), attention as MultiHeadAttention.
+
+    Measured on the sd15 U-Net (benchmarks/results/README.md); both keep fp32 and pass the export's parity check.
+    """
+    from onnx import numpy_helper
+
+    from sdfast.export.attention import fuse_attention
+    from sdfast.export.winograd import rewrite_convolutions
+
+    model = onnx.load(str(raw))
+    del model.graph.value_info[:]  # stale after the rewrites; onnxruntime infers its own
+    weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer if len(init.dims) in (1, 4)}
+    model, convolutions = rewrite_convolutions(model, weights, WINOGRAD_MIN_TILES)  # first: it needs ONNX's shape inference
+    del weights
+    model, attentions = fuse_attention(model)
+    onnx.save(model, str(out), save_as_external_data=True, location=out.name + ".data", size_threshold=1024)
+    return {"winograd_f2x2_3x3": convolutions, "fused_attention": attentions}

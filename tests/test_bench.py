@@ -192,3 +192,15 @@ def test_bench_merge_refuses_a_file_that_is_not_a_result(tmp_path):
     bogus.write_text('{"hello": 1}')
     done = run_cli("bench", "--merge", bogus)
     assert done.returncode == 2 and "is not an sdfast bench result" in done.stderr
+
+
+def test_bench_modules_import_no_heavy_library():
+    """The CPU/CUDA measurements run on the lean runtime; only the 'torch' backend and --model exports import torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sdfast.bench.measure, sdfast.bench.report, sdfast.bench.hardware, sdfast.bench.engines, sdfast.cli.bench\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    modules = set(eval(done.stdout.strip().splitlines()[-1]))
+    assert not modules & {"torch", "diffusers", "transformers", "onnx", "matplotlib"}, modules & {"torch", "diffusers", "transformers", "onnx"}

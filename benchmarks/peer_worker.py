@@ -38,7 +38,7 @@ class DiffusersPeer:
         import torch
         from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
         self.torch = torch
         self.pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None, requires_safety_checker=False)
         self.pipe.scheduler = EulerDiscreteScheduler.from_config(self.pipe.scheduler.config)

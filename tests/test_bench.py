@@ -150,7 +150,7 @@ def test_bench_measures_available_backends_and_says_why_others_are_skipped(tiny_
     done = run_cli("bench", tiny_engine, "--backends", "cpu,cuda,tensorrt,torch", "--repeat", "2", "--steps", "2",
                    "--format", "csv", "--out", out, "--plot", plot)
     assert done.returncode == 0, done.stderr
-    run = BenchRun.load(out)
+    (run,) = BenchRun.load(out)
     skipped = {s["backend"]: s["reason"] for s in run.skipped}
     import onnxruntime
 
@@ -204,3 +204,18 @@ def test_bench_modules_import_no_heavy_library():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     modules = set(eval(done.stdout.strip().splitlines()[-1]))
     assert not modules & {"torch", "diffusers", "transformers", "onnx", "matplotlib"}, modules & {"torch", "diffusers", "transformers", "onnx"}
+
+
+def test_hyperthreads_of_one_core_count_once():
+    """Two logical CPUs on one physical core share its FMA units: the peak counts the core once."""
+    import os
+
+    usable = sorted(os.sched_getaffinity(0))[:2]
+    if len(usable) < 2:
+        pytest.skip("needs two usable CPUs")
+    block = ICE_LAKE.strip() + "\nphysical id\t: 0\ncore id\t\t: 0\n"
+    siblings = "\n\n".join(block.replace("processor\t: 0", f"processor\t: {cpu}") for cpu in usable) + "\n\n"
+    assert CpuInfo.detect(siblings).cores == 1
+    two_cores = "\n\n".join(block.replace("processor\t: 0", f"processor\t: {cpu}").replace("core id\t\t: 0", f"core id\t\t: {i}")
+                            for i, cpu in enumerate(usable)) + "\n\n"
+    assert CpuInfo.detect(two_cores).cores == 2

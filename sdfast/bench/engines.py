@@ -25,7 +25,8 @@ def cached_engine(model: str, height: int | None, width: int | None, batch: int,
     try:
         manifest = json.loads((out / MANIFEST_NAME).read_text())
         fresh = (manifest["format_version"] == FORMAT_VERSION and manifest["libraries"]["sdfast"] == __version__
-                 and "flops" in manifest["components"]["unet"] and manifest["source"]["builtin"] == builtin)
+                 and "flops" in manifest["components"]["unet"] and manifest["source"]["builtin"] == builtin
+                 and _variant_current(manifest["components"]["unet"]))
         if fresh and not builtin:
             from sdfast.export.source import weights_fingerprint
 
@@ -40,3 +41,13 @@ def cached_engine(model: str, height: int | None, width: int | None, batch: int,
     log(f"exporting {model} ({'with' if guidance else 'without'} guidance) to {out}")
     export_engine(request, progress)
     return out
+
+
+def _variant_current(unet: dict) -> bool:
+    """The CPU variant was made by this onnxruntime on this ISA, so the cpu backend will use it."""
+    import onnxruntime
+
+    from sdfast.runtime.backends import cpu_isa
+
+    made_for = unet.get("variants", {}).get("cpu", {}).get("optimization", {})
+    return made_for.get("onnxruntime") == onnxruntime.__version__ and made_for.get("isa") == cpu_isa()

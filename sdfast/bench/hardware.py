@@ -17,7 +17,7 @@ class CpuInfo:
     vendor: str
     family: int
     model: int
-    cores: int  # logical CPUs this process may use
+    cores: int  # physical cores this process may use (logical CPUs where the OS does not say)
     ghz: float
     flags: frozenset[str]
 
@@ -28,16 +28,16 @@ class CpuInfo:
                 cpuinfo = Path("/proc/cpuinfo").read_text()
             except OSError:
                 cpuinfo = ""
-        fields: dict[str, str] = {}
-        for line in cpuinfo.splitlines():
-            if not line.strip():
-                break  # the first processor's block describes them all
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
+        blocks = [dict((k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in block.splitlines()))
+                  for block in cpuinfo.split("\n\n") if block.strip()]
+        fields = blocks[0] if blocks else {}  # the first processor's block describes the model
         name = fields.get("model name", platform.processor() or "unknown")
         nominal = re.search(r"@\s*([\d.]+)\s*GHz", name)
         ghz = float(nominal.group(1)) if nominal else float(fields.get("cpu MHz", 0) or 0) / 1000
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+        # physical cores: hyperthreads of one core share its FMA units, so count (package, core) pairs
+        pairs = {(b.get("physical id"), b.get("core id")) for b in blocks if b.get("processor", "").isdigit() and int(b["processor"]) in usable}
+        cores = len(pairs) if pairs and all(None not in pair for pair in pairs) else len(usable)
         return cls(name, fields.get("vendor_id", ""), int(fields.get("cpu family", 0) or 0), int(fields.get("model", 0) or 0),
                    cores, ghz, frozenset(fields.get("flags", "").split()))
 

@@ -24,7 +24,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "vae_encode": ("ms", "VAE encode"),
     "end_to_end": ("ms", "end to end, N steps"),
     "host_overhead_per_step": ("ms", "host overhead per step"),
-    "unet_gflops": ("GFLOP/s", "U-Net achieved"),
+    "unet_gflops": ("GFLOP/s", "U-Net effective"),
     "unet_peak_fraction": ("%", "U-Net share of fp32 peak"),
     "peak_rss": ("MiB", "peak RSS"),
     "peak_device_memory": ("MiB", "peak device memory"),
@@ -75,6 +75,9 @@ class BenchRun:
     def from_json(cls, data: dict, source: str = "bench results") -> "BenchRun":
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
             raise ConfigError(f"{source} is not an sdfast bench result (schema {SCHEMA})")
+        missing = [k for k in ("model", "height", "width", "batch", "steps", "repeat", "precision") if k not in data.get("workload", {})]
+        if missing:
+            raise ConfigError(f"{source} does not follow the bench schema: its workload lacks {', '.join(missing)}")
         try:
             rows = [Row(**{k: v for k, v in r.items() if k != "unit"}) for r in data["rows"]]
             return cls(data["date"], data["command"], data["machine"], data["versions"], data["workload"], rows, data.get("skipped", []))
@@ -82,11 +85,13 @@ class BenchRun:
             raise ConfigError(f"{source} does not follow the bench schema: {error}") from None
 
     @classmethod
-    def load(cls, path: Path) -> "BenchRun":
+    def load(cls, path: Path) -> list["BenchRun"]:
+        """The runs in a results file: one run, or the list that --out writes after a --merge."""
         try:
-            return cls.from_json(json.loads(Path(path).read_text()), f"'{path}'")
-        except (OSError, json.JSONDecodeError) as error:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"cannot read bench results '{path}': {error}") from None
+        return [cls.from_json(item, f"'{path}'") for item in (data if isinstance(data, list) else [data])]
 
     def value(self, backend: str, metric: str) -> Row | None:
         return next((r for r in self.rows if r.backend == backend and r.metric == metric), None)
@@ -171,7 +176,7 @@ def render(runs: list[BenchRun], fmt: str) -> str:
 
 def merge(runs: list[BenchRun]) -> list[BenchRun]:
     """Runs from several machines side by side; they must be comparable (same model and size)."""
-    keys = {(r.workload["model"], r.workload["height"], r.workload["width"], r.workload["batch"]) for r in runs}
+    keys = {tuple(r.workload[k] for k in ("model", "height", "width", "batch", "steps", "precision")) for r in runs}
     if len(keys) > 1:
         raise ConfigError(f"cannot merge runs of different workloads: {sorted(keys)}")
     return runs
@@ -205,7 +210,11 @@ def plot(runs: list[BenchRun], path: Path) -> Path:
     axis.legend(fontsize=8)
     figure.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=120)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot write the plot '{path}': {error}") from None
+    finally:
+        plt.close(figure)
     return path

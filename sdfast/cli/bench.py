@@ -37,12 +37,15 @@ def run(args: argparse.Namespace) -> int:
     from sdfast.bench.report import BenchRun, merge, plot, render
 
     if args.merge:
-        runs = merge([BenchRun.load(path) for path in args.merge])
+        runs = merge([run for path in args.merge for run in BenchRun.load(path)])
     else:
         runs = [_measure(args)]
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(render(runs, "json") + "\n")
+        try:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(render(runs, "json") + "\n")
+        except OSError as error:
+            raise ConfigError(f"cannot write --out '{args.out}': {error.strerror or error}") from None
     if args.plot:
         _say(f"plot written to {plot(runs, args.plot)}")
     print(render(runs, args.format))
@@ -140,7 +143,9 @@ def _measure(args: argparse.Namespace):
     for index, name in enumerate(usable, 1):
         _say(f"[{index}/{len(usable)}] {name}: load, stages x{args.repeat}, end to end at {args.steps} steps ...")
         command = [sys.executable, "-m", "sdfast.bench.measure", name, "--engine", str(engine), "--repeat", str(args.repeat),
-                   "--steps", str(args.steps), "--peak-fp32", str(peak.fp32_gflops)]
+                   "--steps", str(args.steps)]
+        if name in ("cpu", "torch"):  # the CPU's peak means nothing for a GPU backend (torch uses it only without CUDA)
+            command += ["--peak-fp32", str(peak.fp32_gflops)]
         if unguided is not None and name != "torch":
             command += ["--unguided-engine", str(unguided)]
         child = subprocess.run(command, capture_output=True, text=True)

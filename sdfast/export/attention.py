@@ -19,6 +19,8 @@ class _Graph:
         for node in graph.node:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
+        for output in graph.output:  # a graph output is a consumer no rewrite may take away
+            self.consumers.setdefault(output.name, []).append(helper.make_node("Identity", [output.name], [output.name + "_graph_output"]))
         self.constants = {init.name: init for init in graph.initializer}
         for node in graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":

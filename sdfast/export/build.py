@@ -122,7 +122,7 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
     from sdfast.export.onnx_export import export_to_onnx, optimize_offline, rewrite_for_cpu
     from sdfast.export.parity import compare, torch_outputs
     from sdfast.export.source import load_model, weights_fingerprint
-    from sdfast.runtime.backends import get_backend
+    from sdfast.runtime.backends import cpu_isa, get_backend
     from sdfast.runtime.manifest import ComponentInfo
 
     started = time.perf_counter()
@@ -158,8 +158,12 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
         except Exception as error:  # noqa: BLE001 - exporter failures are many types; report one line
             raise ExportError(f"{name}: ONNX export failed: {str(error).strip().splitlines()[0]}") from None
         exported_s = time.perf_counter() - step
-        flops = _flops_entry(raw_path, component)
-        progress(f"{label}: exported to ONNX in {exported_s:.1f} s ({flops['per_call'] / 1e9:.3g} GFLOP per call)")
+        try:
+            flops = _flops_entry(raw_path, component)
+        except Exception as error:  # noqa: BLE001 - onnx raises many types; the count is informative, not essential
+            flops = {"per_call": None, "error": str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}
+        counted = f"{flops['per_call'] / 1e9:.3g} GFLOP per call" if flops["per_call"] else "FLOPs not counted: " + flops["error"]
+        progress(f"{label}: exported to ONNX in {exported_s:.1f} s ({counted})")
 
         step = time.perf_counter()
         files = optimize_offline(raw_path, staging / f"{name}.onnx")
@@ -168,11 +172,15 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
             import onnxruntime
 
             rewritten = raw_dir / f"{name}.cpu.onnx"
-            rewrites = rewrite_for_cpu(raw_path, rewritten)
+            try:
+                rewrites = rewrite_for_cpu(raw_path, rewritten)
+            except Exception as error:  # noqa: BLE001 - a rewrite that fails leaves the plain graph, said in one line
+                progress(f"{label}: CPU rewrites skipped ({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''})")
+                rewritten, rewrites = raw_path, {"skipped": True}
             cpu_files = optimize_offline(rewritten, staging / f"{name}.cpu.onnx", "ORT_ENABLE_ALL")
             variants["cpu"] = {"file": cpu_files[0].name, "files": _hashed(staging, cpu_files), "optimization": {
                 "tool": "onnxruntime", "level": "ORT_ENABLE_ALL", "for": "CPUExecutionProvider", "onnxruntime": onnxruntime.__version__,
-                "rewrites": rewrites}}
+                "isa": cpu_isa(), "rewrites": rewrites}}
         optimized_s = time.perf_counter() - step
         for leftover in raw_dir.glob(f"{name}.*"):
             leftover.unlink()

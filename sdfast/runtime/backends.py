@@ -58,6 +58,16 @@ class Backend(ABC):
     def load(self, info: ComponentInfo, path: Path) -> Engine: ...
 
 
+def cpu_isa() -> str:
+    """The widest x86 vector ISA here (onnxruntime's NCHWc block size follows it): avx512f, avx2, or other."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+
+
 class OrtEngine(Engine):
     def __init__(self, info: ComponentInfo, session):
         super().__init__(info)
@@ -111,7 +121,9 @@ class OrtBackend(Backend):
         if not ok:
             raise EngineError(f"backend '{self.name}' is not available: {why}")
         variant = info.variants.get(self.name)
-        preoptimized = variant is not None and variant.get("optimization", {}).get("onnxruntime") == ort.__version__
+        made_for = (variant or {}).get("optimization", {})
+        # the NCHWc blocks in that file depend on the onnxruntime version and on the vector ISA it was saved on
+        preoptimized = variant is not None and made_for.get("onnxruntime") == ort.__version__ and made_for.get("isa") == cpu_isa()
         if preoptimized:
             path = path.with_name(variant["file"])
         try:

@@ -101,9 +101,10 @@ class Worker:
 
 
 def summary(samples: list[float]) -> dict:
-    ordered = sorted(samples)
-    return {"median_ms": statistics.median(ordered), "p90_ms": ordered[max(0, -(-9 * len(ordered) // 10) - 1)],
-            "min_ms": ordered[0], "max_ms": ordered[-1], "n": len(ordered)}
+    from sdfast.bench.stats import Summary
+
+    figures = Summary.of(samples)
+    return {"median_ms": figures.median, "p90_ms": figures.p90, "min_ms": figures.min, "max_ms": figures.max, "n": figures.n}
 
 
 def main() -> int:

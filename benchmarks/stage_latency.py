@@ -3,7 +3,7 @@
     python benchmarks/stage_latency.py ENGINE_DIR [--repeat 5] [--backend cpu] [--json benchmarks/results/NAME.json]
 
 Each stage runs once to warm up, then --repeat times; the table gives median, min, max and std in ms.
-(`sdfast bench` will grow out of this with the backend comparison and peers.)
+Kept to re-run the figures recorded with it; `sdfast bench` supersedes it (every backend, p90, cold start, FLOP/s).
 """
 from __future__ import annotations
 
@@ -19,17 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sdfast.bench.hardware import CpuInfo
 from sdfast.runtime.pipeline import Pipeline
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def time_stage(run, repeat: int) -> dict[str, float]:
@@ -84,7 +75,7 @@ def main() -> int:
         record = {
             "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
+            "machine": {"cpu": CpuInfo.detect().name, "cores": os.cpu_count(), "platform": platform.platform()},
             "versions": {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "python": platform.python_version()},
             "engine": {"model": pipeline.manifest.model_name, **geometry, "precision": pipeline.manifest.data["precision"]},
             "backend": args.backend, "load_s": load_s, "stages": stages,

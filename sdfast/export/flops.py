@@ -28,11 +28,12 @@ def count_flops(path: Path, input_shapes: dict[str, tuple[int, ...]]) -> int:
             dim.dim_value = size  # also replaces a symbolic dim_param
     del model.graph.value_info[:]  # stale symbolic shapes; infer again from the now static inputs
     model = shape_inference.infer_shapes(model, data_prop=True)
-    shapes = _known_shapes(model)
+    shapes = known_shapes(model)
     return sum(_node_flops(node, shapes) for node in model.graph.node if node.op_type in COUNTED_OPS)
 
 
-def _known_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+def known_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Every tensor whose shape is fully static after shape inference: initializers, inputs, intermediates, Constant outputs."""
     shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
     for value in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
         dims = value.type.tensor_type.shape.dim

@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
+from sdfast.export.flops import known_shapes
+
 B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64)  # input transform
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64)  # weight transform
 A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)  # output transform
@@ -62,11 +64,7 @@ def rewrite_convolutions(model: onnx.ModelProto, weights: dict[str, np.ndarray],
     ``weights`` maps initializer names to their arrays (the model may keep them in external data).
     """
     inferred = shape_inference.infer_shapes(_without_large_weights(model), data_prop=True)
-    shapes = {}
-    for value in list(inferred.graph.input) + list(inferred.graph.value_info):
-        dims = value.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
-            shapes[value.name] = tuple(d.dim_value for d in dims)
+    shapes = known_shapes(inferred)
     graph = model.graph
     new_nodes, new_initializers, count = [], [], 0
     shared = {"wino_bt": input_filters(), "wino_at": output_matrix()}

@@ -1,6 +1,7 @@
 """Execution backends: one small engine class per runtime behind one interface (rembg's sessions/ style)."""
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -58,6 +59,7 @@ class Backend(ABC):
     def load(self, info: ComponentInfo, path: Path) -> Engine: ...
 
 
+@functools.cache
 def cpu_isa() -> str:
     """The widest x86 vector ISA here (onnxruntime's NCHWc block size follows it): avx512f, avx2, or other."""
     try:

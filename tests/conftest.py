@@ -59,3 +59,11 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
         [sys.executable, "-m", "sdfast", *map(str, args)],
         capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16_engine(tiny_model, tmp_path_factory) -> Path:
+    from sdfast.export.build import ExportRequest, export_engine
+
+    out = tmp_path_factory.mktemp("engines") / "tiny-64-fp16"
+    return export_engine(ExportRequest(model="tiny", out=out, precision="fp16"))

@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: the model's native size)")
     parser.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's native size)")
     parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
-    parser.add_argument("--precision", default="fp32", help="weights precision: fp32 (default)")
+    parser.add_argument("--precision", default="fp32", help="weights precision: fp32 (default) or fp16 (U-Net and text encoder; the VAE stays fp32, see export/sd15.toml)")
     parser.add_argument("--no-guidance", dest="guidance", action="store_false",
                         help="export the U-Net at batch B instead of 2B: no classifier-free guidance, twice as fast per step")
     parser.add_argument("--max-prompt-chunks", type=int,

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Callable
 
 from sdfast import __version__
-from sdfast.errors import ConfigError, ExportError
+from sdfast.errors import ConfigError, EngineError, ExportError
 from sdfast.runtime.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, sha256_file
 
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "fp16")
 Progress = Callable[[str], None]
 
 
@@ -119,10 +119,10 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
     import torch
 
     from sdfast.export.components import WRAPPERS, sample_inputs
-    from sdfast.export.onnx_export import export_to_onnx, optimize_offline, rewrite_for_cpu
+    from sdfast.export.onnx_export import export_to_onnx
     from sdfast.export.parity import compare, torch_outputs
     from sdfast.export.source import load_model, weights_fingerprint
-    from sdfast.runtime.backends import cpu_isa, get_backend
+    from sdfast.runtime.backends import get_backend
     from sdfast.runtime.manifest import ComponentInfo
 
     started = time.perf_counter()
@@ -166,21 +166,7 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
         progress(f"{label}: exported to ONNX in {exported_s:.1f} s ({counted})")
 
         step = time.perf_counter()
-        files = optimize_offline(raw_path, staging / f"{name}.onnx")
-        variants = {}
-        if request.cpu_variant:
-            import onnxruntime
-
-            rewritten = raw_dir / f"{name}.cpu.onnx"
-            try:
-                rewrites = rewrite_for_cpu(raw_path, rewritten)
-            except Exception as error:  # noqa: BLE001 - a rewrite that fails leaves the plain graph, said in one line
-                progress(f"{label}: CPU rewrites skipped ({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''})")
-                rewritten, rewrites = raw_path, {"skipped": True}
-            cpu_files = optimize_offline(rewritten, staging / f"{name}.cpu.onnx", "ORT_ENABLE_ALL")
-            variants["cpu"] = {"file": cpu_files[0].name, "files": _hashed(staging, cpu_files), "optimization": {
-                "tool": "onnxruntime", "level": "ORT_ENABLE_ALL", "for": "CPUExecutionProvider", "onnxruntime": onnxruntime.__version__,
-                "isa": cpu_isa(), "rewrites": rewrites}}
+        files, variants, fp16_record = _graphs(request, component, raw_path, staging, label, progress)
         optimized_s = time.perf_counter() - step
         for leftover in raw_dir.glob(f"{name}.*"):
             leftover.unlink()
@@ -190,21 +176,32 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
             "files": file_info,
             "inputs": [t.to_json() for t in component.inputs],
             "outputs": [t.to_json() for t in component.outputs],
-            "precision": request.precision,
+            "precision": component.precision,
+            **({"fp16": fp16_record} if fp16_record else {}),
             "opset": recipe.opset,
             "optimization": {"tool": "onnxruntime", "level": "ORT_ENABLE_EXTENDED", "for": "any execution provider"},
             "flops": flops,
         }
         size_mib = sum(f["bytes"] for v in [{"files": file_info}, *variants.values()] for f in v["files"].values()) / 2**20
-        progress(f"{label}: optimized offline in {optimized_s:.1f} s ({size_mib:.1f} MiB{', with a CPU variant' if variants else ''})")
+        with_variants = f", with {' and '.join(v.upper() for v in variants)} variant{'s' if len(variants) > 1 else ''}" if variants else ""
+        progress(f"{label}: optimized offline in {optimized_s:.1f} s ({component.precision}, {size_mib:.1f} MiB{with_variants})")
 
         step = time.perf_counter()
         inputs = sample_inputs(component, model, "parity")
         expected = torch_outputs(module, component, inputs)
         cpu = get_backend("cpu")
         for variant_name, target in [("portable", entry), *variants.items()]:
-            info = ComponentInfo.from_json(name, {**entry, "variants": variants if variant_name != "portable" else {}}, dynamic_json)
-            engine = cpu.load(info, staging / entry["file"])
+            # the CPU variant loads through the backend's own variant choice; the CUDA variant is loaded on the CPU directly
+            listed = variants if variant_name == "cpu" else {}
+            info = ComponentInfo.from_json(name, {**entry, "file": target["file"], "variants": listed}, dynamic_json)
+            try:
+                engine = cpu.load(info, staging / (entry if variant_name == "cpu" else target)["file"])
+            except EngineError as error:
+                if variant_name != "cuda":
+                    raise
+                target["parity"] = {"checked": False, "why": f"the CPU provider cannot run it ({error})"}
+                progress(f"{label}: cuda parity not checked here: the CPU provider cannot run its fused ops")
+                continue
             parity = compare(engine.run(inputs), expected, component.tolerance)
             del engine
             target["parity"] = {
@@ -217,7 +214,7 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
             if not parity.passed:
                 raise ExportError(
                     f"{name}: ONNX output differs from PyTorch ({variant_name} graph) by max_rel {parity.max_rel:.3g}"
-                    f"{'' if parity.finite else ' with NaN/inf'}, above the {request.precision} tolerance {parity.tolerance:g}"
+                    f"{'' if parity.finite else ' with NaN/inf'}, above the {component.precision} tolerance {parity.tolerance:g}"
                 )
         if variants:
             entry["variants"] = variants
@@ -260,6 +257,48 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
         "libraries": _library_versions(),
         "export_seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def _graphs(request: ExportRequest, component, raw_path: Path, staging: Path, label: str, progress: Progress):
+    """The component's files: the portable graph (fp32 or fp16) and its per-backend variants.
+
+    fp32: the portable graph, plus the CPU variant (Winograd, MHA, onnxruntime's NCHWc layouts for this CPU).
+    fp16: the portable graph converted to fp16, plus the CUDA variant (MHA and the GPU fusions, then fp16).
+    Returns (files, variants, the manifest's fp16 record or None).
+    """
+    import onnxruntime
+
+    from sdfast.export.fp16 import convert_to_fp16
+    from sdfast.export.onnx_export import optimize_offline, rewrite_for_cpu, rewrite_for_cuda
+    from sdfast.runtime.backends import cpu_isa
+
+    name, raw_dir = component.name, raw_path.parent
+    variants: dict[str, dict] = {}
+    if component.precision == "fp16":
+        optimized = optimize_offline(raw_path, raw_dir / f"{name}.fp32.onnx")[0]
+        files, fp16_record = convert_to_fp16(optimized, staging / f"{name}.onnx", list(component.keep_fp32_ops))
+        if component.ort_model_type:
+            fused_path = raw_dir / f"{name}.cuda32.onnx"
+            fusions = rewrite_for_cuda(raw_path, fused_path, component.ort_model_type)
+            cuda_files, _ = convert_to_fp16(fused_path, staging / f"{name}.cuda.onnx", list(component.keep_fp32_ops))
+            variants["cuda"] = {"file": cuda_files[0].name, "files": _hashed(staging, cuda_files), "optimization": {
+                "tool": "onnxruntime.transformers.optimizer", "model_type": component.ort_model_type, "for": "CUDAExecutionProvider",
+                "onnxruntime": onnxruntime.__version__, "fusions": fusions}}
+        return files, variants, fp16_record
+    files = optimize_offline(raw_path, staging / f"{name}.onnx")
+    fp16_record = {"kept_fp32": "whole component", "why": component.whole_fp32_reason} if component.whole_fp32_reason else None
+    if request.cpu_variant:
+        rewritten = raw_dir / f"{name}.cpu.onnx"
+        try:
+            rewrites = rewrite_for_cpu(raw_path, rewritten)
+        except Exception as error:  # noqa: BLE001 - a rewrite that fails leaves the plain graph, said in one line
+            progress(f"{label}: CPU rewrites skipped ({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''})")
+            rewritten, rewrites = raw_path, {"skipped": True}
+        cpu_files = optimize_offline(rewritten, staging / f"{name}.cpu.onnx", "ORT_ENABLE_ALL")
+        variants["cpu"] = {"file": cpu_files[0].name, "files": _hashed(staging, cpu_files), "optimization": {
+            "tool": "onnxruntime", "level": "ORT_ENABLE_ALL", "for": "CPUExecutionProvider", "onnxruntime": onnxruntime.__version__,
+            "isa": cpu_isa(), "rewrites": rewrites}}
+    return files, variants, fp16_record
 
 
 def _flops_entry(raw_path: Path, component) -> dict:

@@ -113,3 +113,33 @@ def rewrite_for_cpu(raw: Path, out: Path) -> dict[str, int]:
     model, attentions = fuse_attention(model)
     onnx.save(model, str(out), save_as_external_data=True, location=out.name + ".data", size_threshold=1024)
     return {"winograd_f2x2_3x3": convolutions, "fused_attention": attentions}
+
+
+def rewrite_for_cuda(raw: Path, out: Path, ort_model_type: str) -> dict[str, int]:
+    """The CUDA variant's fp32 graph: attention as MultiHeadAttention (flash attention on the CUDA provider), then
+    onnxruntime's transformer optimizer with its GPU fusions for ``ort_model_type`` (unet, clip, vae).
+
+    Returns the fused-op counts, so the manifest shows which fusions matched this exporter's graph. The optimizer's
+    NhwcConv is left off: without a fused NHWC GroupNorm beside it, it wraps each Conv in two Transposes; the cuda
+    backend asks the provider for NHWC convolutions instead (``prefer_nhwc``).
+    """
+    import collections
+
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from sdfast.export.attention import fuse_attention
+
+    model = onnx.load(str(raw))
+    del model.graph.value_info[:]
+    model, attentions = fuse_attention(model)
+    options = FusionOptions(ort_model_type)
+    options.enable_nhwc_conv = False
+    options.enable_packed_qkv = False  # the fused MHA above takes Q, K, V apart
+    options.enable_packed_kv = False
+    with _quiet_exporter(), contextlib.redirect_stderr(io.StringIO()):
+        optimized = optimize_model(model, model_type=ort_model_type, num_heads=0, hidden_size=0, opt_level=0,
+                                   optimization_options=options, use_gpu=True)
+    fused = collections.Counter(node.op_type for node in optimized.model.graph.node if node.domain == "com.microsoft")
+    onnx.save(optimized.model, str(out), save_as_external_data=True, location=out.name + ".data", size_threshold=1024)
+    return {"fused_attention": attentions, **{f"com.microsoft.{op}": n for op, n in sorted(fused.items())}}

@@ -53,6 +53,10 @@ class ComponentRecipe:
     outputs: tuple[ResolvedTensor, ...]
     tolerance: float
     dynamic: dict[str, DynamicDim]  # the dynamic axes this component's tensors use
+    precision: str = "fp32"  # what this component is exported in (an fp16 export keeps some components fp32)
+    keep_fp32_ops: tuple[str, ...] = ()  # op types that stay fp32 inside its fp16 graph
+    whole_fp32_reason: str | None = None  # why an fp16 export keeps this component fp32
+    ort_model_type: str | None = None  # onnxruntime transformer optimizer's model type, for GPU fusions
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,9 @@ class Recipe:
     def component(self, name: str, dims: dict[str, int], precision: str) -> ComponentRecipe:
         """One component with every static symbolic dimension replaced by its value from ``dims``."""
         spec = self.data["components"][name]
+        whole_fp32_reason = spec.get("fp16_whole_fp32") if precision == "fp16" else None
+        if whole_fp32_reason:
+            precision = "fp32"
         tolerance = spec.get("tolerance", {}).get(precision)
         if tolerance is None:
             raise ConfigError(f"recipe '{self.family}' has no {precision} parity tolerance for {name}")
@@ -116,4 +123,7 @@ class Recipe:
             return tuple(resolved)
 
         inputs, outputs = resolve(spec["inputs"]), resolve(spec["outputs"])
-        return ComponentRecipe(name, inputs, outputs, float(tolerance), used)
+        return ComponentRecipe(
+            name, inputs, outputs, float(tolerance), used, precision,
+            tuple(spec.get("fp16_keep_fp32_ops", ())), whole_fp32_reason, spec.get("ort_model_type"),
+        )

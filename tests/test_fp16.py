@@ -1,0 +1,129 @@
+"""fp16 export: the converted graphs, the components kept fp32, parity, and the NaN guard on a real fp16 overflow."""
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from sdfast.errors import EngineError
+from sdfast.export.fp16 import convert_to_fp16
+from sdfast.runtime.manifest import sha256_file
+from sdfast.runtime.pipeline import GenerationRequest, Pipeline
+from tests.conftest import run_cli
+
+
+def _initializer_types(path) -> set[int]:
+    model = onnx.load(str(path))
+    return {init.data_type for init in model.graph.initializer if len(init.dims) >= 2}  # weights, not shape constants
+
+
+def test_fp16_manifest_and_graphs(tiny_fp16_engine):
+    manifest = json.loads((tiny_fp16_engine / "manifest.json").read_text())
+    assert manifest["precision"] == "fp16"
+    components = manifest["components"]
+    for name in ("text_encoder", "unet"):
+        entry = components[name]
+        assert entry["precision"] == "fp16"
+        assert entry["fp16"]["io_dtype"] == "float32" and entry["fp16"]["fp16_nodes"] > 0
+        assert entry["parity"]["passed"] and 0 < entry["parity"]["max_rel"] <= entry["parity"]["tolerance_rel"] <= 2e-2
+        assert entry["parity"]["max_rel"] > 1e-5, "fp16 rounding should be visible against the fp32 reference"
+        assert _initializer_types(tiny_fp16_engine / entry["file"]) == {TensorProto.FLOAT16}
+        session = ort.InferenceSession(str(tiny_fp16_engine / entry["file"]), providers=["CPUExecutionProvider"])
+        assert {i.type for i in session.get_inputs() if i.name != "input_ids" and i.name != "clip_skip"} <= {"tensor(float)"}
+        assert {o.type for o in session.get_outputs()} == {"tensor(float)"}
+        cuda = entry["variants"]["cuda"]
+        assert set(entry["variants"]) == {"cuda"}, "fp16 components get no CPU variant"
+        assert (tiny_fp16_engine / cuda["file"]).is_file() and cuda["optimization"]["for"] == "CUDAExecutionProvider"
+        assert cuda["parity"]["passed"]
+    assert components["unet"]["variants"]["cuda"]["optimization"]["fusions"]["com.microsoft.MultiHeadAttention"] > 0
+    for name in ("vae_decoder", "vae_encoder"):
+        entry = components[name]
+        assert entry["precision"] == "fp32" and entry["fp16"]["kept_fp32"] == "whole component" and "fp32" in entry["fp16"]["why"] or "fp16" in entry["fp16"]["why"]
+        assert entry["parity"]["tolerance_rel"] == 1e-4
+        assert _initializer_types(tiny_fp16_engine / entry["file"]) == {TensorProto.FLOAT}
+
+
+def test_block_list_keeps_ops_fp32(tiny_fp16_engine, tmp_path):
+    """An op type on the recipe's list computes in fp32 between Casts, and the record counts it."""
+    source = tmp_path / "unet32.onnx"
+    weights = numpy_helper.from_array(np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Softmax", ["h"], ["s"], axis=-1),
+             helper.make_node("MatMul", ["s", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], [weights])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(source))
+    _, record = convert_to_fp16(source, tmp_path / "kept.onnx", ["Softmax"])
+    assert record["kept_fp32_ops"] == {"Softmax": 1} and record["requested_fp32_ops"] == ["Softmax"]
+    converted = onnx.load(str(tmp_path / "kept.onnx"))
+    softmax = next(n for n in converted.graph.node if n.op_type == "Softmax")
+    producer = next(n for n in converted.graph.node if softmax.input[0] in n.output)
+    assert producer.op_type == "Cast" and helper.get_attribute_value(producer.attribute[0]) == TensorProto.FLOAT
+    _, plain = convert_to_fp16(source, tmp_path / "plain.onnx", [])
+    assert "Softmax" not in plain["kept_fp32_ops"]
+    x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    expected = ort.InferenceSession(str(source)).run(None, {"x": x})[0]
+    for name in ("kept.onnx", "plain.onnx"):
+        got = ort.InferenceSession(str(tmp_path / name)).run(None, {"x": x})[0]
+        np.testing.assert_allclose(got, expected, rtol=0, atol=5e-3)
+
+
+def test_converter_duplicate_casts_are_repaired(tmp_path):
+    """A weight shared by fp16 and fp32 ops: onnxruntime's converter emits two identical Casts; the result must load."""
+    weight, bias = numpy_helper.from_array(np.ones(8, np.float32), "w"), numpy_helper.from_array(np.zeros(8, np.float32), "b")
+    nodes = [helper.make_node("LayerNormalization", ["x", "w", "b"], ["y1"]), helper.make_node("Mul", ["y1", "w"], ["m"]),
+             helper.make_node("LayerNormalization", ["m", "w", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], [weight, bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "ln.onnx"))
+    _, record = convert_to_fp16(tmp_path / "ln.onnx", tmp_path / "ln16.onnx", ["LayerNormalization"])
+    assert record["duplicate_casts_removed"] == 1
+    x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
+    expected = ort.InferenceSession(str(tmp_path / "ln.onnx")).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(tmp_path / "ln16.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-2)
+
+
+def test_fp16_image_is_close_to_fp32(tiny_engine, tiny_fp16_engine):
+    request = GenerationRequest(prompt="a lighthouse at dusk", steps=6, seed=11, sampler="euler")
+    ours = Pipeline.load(tiny_fp16_engine).generate(request)
+    reference = Pipeline.load(tiny_engine).generate(request)
+    assert ours.images.shape == reference.images.shape
+    diff = ours.images.astype(np.float64) - reference.images
+    psnr = 10 * np.log10(255.0**2 / max(float(np.mean(diff**2)), 1e-12))
+    assert 25 < psnr < 100, psnr  # close, and not the same engine twice
+
+
+def _overflowing_copy(engine_dir, tmp_path):
+    """The fp16 engine with one U-Net weight scaled past fp16's range: a real overflow in a real fp16 graph."""
+    copy = tmp_path / "overflow"
+    shutil.copytree(engine_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    entry = manifest["components"]["unet"]
+    model = onnx.load(str(copy / entry["file"]))
+    last_conv = [node for node in model.graph.node if node.op_type == "Conv"][-1]  # conv_out, which writes noise_pred
+    weight = next(i for i in model.graph.initializer if i.name == last_conv.input[1])
+    assert weight.data_type == TensorProto.FLOAT16
+    values = numpy_helper.to_array(weight).astype(np.float32)
+    weight.CopyFrom(numpy_helper.from_array((np.sign(values) * 60000.0 + values).astype(np.float16), weight.name))
+    onnx.save(model, str(copy / entry["file"]))
+    entry["files"][entry["file"]] = {"sha256": sha256_file(copy / entry["file"]), "bytes": (copy / entry["file"]).stat().st_size}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_nan_guard_names_the_stage(tiny_fp16_engine, tmp_path):
+    broken = _overflowing_copy(tiny_fp16_engine, tmp_path)
+    with pytest.raises(EngineError, match="U-Net produced NaN or inf"):
+        Pipeline.load(broken).generate(GenerationRequest(prompt="x", steps=2))
+    out = tmp_path / "black.png"
+    result = run_cli("generate", broken, "x", "--steps", "2", "-o", out)
+    assert result.returncode != 0 and "U-Net produced NaN or inf" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()

@@ -179,7 +179,7 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
             "precision": component.precision,
             **({"fp16": fp16_record} if fp16_record else {}),
             "opset": recipe.opset,
-            "optimization": {"tool": "onnxruntime", "level": "ORT_ENABLE_EXTENDED", "for": "any execution provider"},
+            "optimization": {"tool": "onnxruntime", "level": "ORT_ENABLE_BASIC", "for": "any execution provider; standard ONNX ops only (TensorRT parses it)"},
             "flops": flops,
         }
         size_mib = sum(f["bytes"] for v in [{"files": file_info}, *variants.values()] for f in v["files"].values()) / 2**20

@@ -70,11 +70,12 @@ def _check_static(path: Path, recipe: ComponentRecipe) -> None:
             raise RuntimeError(f"exported {path.name}: {value.name}{dims} differs from the recipe's {expected.name}{expected.shape}")
 
 
-def optimize_offline(raw: Path, out: Path, level: str = "ORT_ENABLE_EXTENDED") -> list[Path]:
+def optimize_offline(raw: Path, out: Path, level: str = "ORT_ENABLE_BASIC") -> list[Path]:
     """Run onnxruntime's graph optimizations once and save the result; returns the files written.
 
-    ORT_ENABLE_EXTENDED stays portable across execution providers; ORT_ENABLE_ALL adds the CPU's blocked
-    (NCHWc) layouts, so its file is for the CPU provider of this onnxruntime version only.
+    ORT_ENABLE_BASIC (constant folding, redundant nodes) keeps to standard ONNX ops, so the file serves every
+    onnxruntime provider and TensorRT's ONNX parser; ORT_ENABLE_ALL adds contrib ops and the CPU's blocked (NCHWc)
+    layouts, so its file is for the CPU provider of this onnxruntime version only.
     """
     import onnxruntime as ort
 

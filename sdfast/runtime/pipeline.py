@@ -13,6 +13,7 @@ import numpy as np
 from sdfast import __version__
 from sdfast.errors import EngineError, RequestError
 from sdfast.runtime.backends import Engine, get_backend
+from sdfast.runtime.device_loop import LoopInputs, run_on_host
 from sdfast.runtime.images import infotext, to_uint8
 from sdfast.runtime.manifest import Manifest, read_manifest
 from sdfast.runtime.prompts import PromptChunks, apply_emphasis, pad_pair, tokenize_weighted
@@ -21,7 +22,9 @@ from sdfast.sampling.denoiser import Denoiser
 from sdfast.sampling.noise import TorchCompatibleGenerator
 from sdfast.sampling.registry import check_supported, resolve_sampler
 from sdfast.sampling.schedules import NoiseSchedule, SamplingPlan
+from sdfast.sampling.tables import sampler_table
 
+LOOPS = ("auto", "table", "numpy")
 MAX_STEPS = 1000
 MAX_ITERATIONS = 10000
 DEFAULT_STRENGTH = 0.75  # A1111's img2img denoising strength
@@ -102,6 +105,8 @@ class Pipeline:
         self.scheduler_config = scheduler_config
         self.schedule = NoiseSchedule.from_config(scheduler_config)
         self.backend = backend
+        self.loop = "auto"  # "auto": the engine's device loop where it has one; "table": the tabulated loop in numpy; "numpy": the samplers
+        self._tables: dict[tuple, object] = {}
         geometry = manifest.geometry
         self.height, self.width = int(geometry["height"]), int(geometry["width"])
         self.batch_size = int(geometry["batch"])
@@ -112,10 +117,18 @@ class Pipeline:
         self.inpainting_unet = int(manifest.model["unet_in_channels"]) == 2 * self.latent_shape[0] + 1  # latents, mask, masked latents
 
     @classmethod
-    def load(cls, engine_dir: str | Path, backend: str = "cpu", verify: str = "full") -> "Pipeline":
-        """Read and check the manifest and files, then create the engines. ``verify``: 'full' (sha256) or 'size'."""
+    def load(cls, engine_dir: str | Path, backend: str = "cpu", verify: str = "full", loop: str = "auto") -> "Pipeline":
+        """Read and check the manifest and files, then create the engines. ``verify``: 'full' (sha256) or 'size'.
+
+        ``loop``: 'auto' runs the sampler loop on the device where the backend can (cuda, tensorrt) and as numpy samplers
+        elsewhere; 'table' runs the device loop's arithmetic in numpy (what CI checks); 'numpy' always runs the samplers.
+        """
+        if loop not in LOOPS:
+            raise RequestError(f"loop must be one of {', '.join(LOOPS)}, not '{loop}'")
         try:
-            return cls._load(engine_dir, backend, verify)
+            pipeline = cls._load(engine_dir, backend, verify)
+            pipeline.loop = loop
+            return pipeline
         except (KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as error:
             raise EngineError(f"engine dir {engine_dir}: unusable ({type(error).__name__}: {error})") from None
 
@@ -365,6 +378,9 @@ class Pipeline:
         conditioning = None
         if source is None:
             x = draw() * np.float32(plan.initial_noise_scale)  # x: [B, 4, h, w], VE form
+            table = self._table(request, spec, plan)
+            if table is not None:
+                return self._sample_tabulated(table, x, draw, hidden, request.cfg_scale, use_cfg, timings, progress)
         else:
             x, conditioning = source.initial_latents(draw, plan, strength, self.inpainting_unet)
 
@@ -385,6 +401,33 @@ class Pipeline:
         if source is not None and source.blends(self.inpainting_unet):
             x = source.keep_known(x)
         return x
+
+    def _table(self, request: GenerationRequest, spec, plan: SamplingPlan):
+        """The sampler's coefficient table when this request runs the tabulated loop, else None (the numpy samplers)."""
+        device_loop = getattr(self.engines["unet"], "table_loop", None)
+        if self.loop == "numpy" or (self.loop == "auto" and device_loop is None):
+            return None
+        key = (spec.key, request.steps, float(request.eta))
+        if key not in self._tables:
+            self._tables[key] = sampler_table(spec, plan, self.scheduler_config, self.manifest.model["prediction_type"], self.schedule,
+                                              float(request.eta))
+        return self._tables[key]  # None: this sampler is not a fixed linear recurrence (DPM++ SDE's Brownian tree)
+
+    def _sample_tabulated(self, table, x, draw, hidden, cfg_scale, use_cfg, timings: StageTimings, progress) -> np.ndarray:
+        """The loop over the table, on the device (cuda, tensorrt) or in numpy; noise drawn up front in the samplers' order."""
+        noise = np.stack([draw() for _ in range(table.noise_draws)]) if table.noise_draws else None  # [draws, B, 4, h, w]
+        inputs = LoopInputs(table, x, hidden, float(cfg_scale), use_cfg, self.guidance, noise)
+        step_of = {int(done): step for step, done in enumerate(table.step_ends)}
+
+        def on_eval(done: int, seconds: float) -> None:
+            timings.unet_steps.append(seconds)
+            if progress and done in step_of:
+                progress(step_of[done], None)
+
+        unet = self.engines["unet"]
+        device_loop = getattr(unet, "table_loop", None)
+        final = device_loop(inputs, on_eval) if self.loop == "auto" else run_on_host(unet, inputs, on_eval)
+        return final * np.float32(table.final_scale)  # [B, 4, h, w], VP form
 
     def _infotext(self, request: GenerationRequest, sampler_name: str, seed: int, batch: int, position: int, strength: float | None) -> str:
         return infotext(

@@ -1,0 +1,102 @@
+"""Samplers as data: the coefficient tables the CUDA kernel consumes, checked against the numpy samplers they come from."""
+import json
+
+import numpy as np
+import pytest
+
+from sdfast.runtime.device_loop import StepScalars, fused_step, guide
+from sdfast.runtime.pipeline import GenerationRequest, Pipeline
+from sdfast.sampling.noise import TorchCompatibleGenerator
+from sdfast.sampling.registry import SAMPLERS
+from sdfast.sampling.schedules import NoiseSchedule
+from sdfast.sampling.tables import MAX_HISTORY, run_table, sampler_table
+
+TABULATED = [key for key, spec in SAMPLERS.items() if not spec.seeded_tree]
+
+
+@pytest.fixture(scope="module")
+def scheduler_config(tiny_engine):
+    return json.loads((tiny_engine / "scheduler" / "scheduler_config.json").read_text())
+
+
+def _mixing_model(seed: int):
+    """A nonlinear stand-in for D(x; sigma) that mixes channels, unlike the one tabulate checks itself with."""
+    mix = np.random.default_rng(seed).standard_normal((4, 4)).astype(np.float32) * 0.5
+
+    def model(x, sigma):
+        mixed = np.einsum("ij,bjhw->bihw", mix, x).astype(np.float32)
+        return (np.sin(mixed / np.float32(1.0 + sigma)) * np.float32(2.0)).astype(np.float32)
+
+    return model
+
+
+@pytest.mark.parametrize("key", TABULATED)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_table_reproduces_the_sampler(key, prediction_type, scheduler_config):
+    spec = SAMPLERS[key]
+    config = {**scheduler_config, "prediction_type": prediction_type}
+    schedule = NoiseSchedule.from_config(config)
+    plan = spec.plan(config, schedule, 12)
+    table = sampler_table(spec, plan, config, prediction_type, schedule)
+    assert table is not None, key
+    assert table.x_coeffs.shape == (table.evaluations, MAX_HISTORY) and table.step_ends[-1] == table.evaluations
+    assert len(table.step_ends) == plan.steps
+    assert table.noise_draws > 0 if spec.stochastic else table.noise_draws == 0
+    model = _mixing_model(7)
+    generator = TorchCompatibleGenerator(5)
+    x0 = generator.randn((1, 4, 8, 8)) * np.float32(plan.initial_noise_scale)
+    noise = np.stack([generator.randn((1, 4, 8, 8)) for _ in range(table.noise_draws)]) if table.noise_draws else None
+    drawn = iter(noise if noise is not None else [])
+    options = {"eta": 0.0} if spec.takes_eta else {}
+
+    def counted(x, sigma):
+        return model(x, sigma)
+
+    counted.prediction_type = prediction_type
+    expected = spec.run(counted, x0, plan, None, scheduler_config=spec.config_for(config), noise=lambda shape: next(drawn), **options)
+    got = run_table(table, x0, lambda s, j: model(s, float(table.sigmas[j])), noise)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5 * max(1.0, float(np.abs(expected).max())))
+    # the timesteps and scalings are the Denoiser's: timestep j is the plan's at that sigma
+    assert np.array_equal(table.timesteps, np.asarray([plan.timestep_for(float(s), schedule) for s in table.sigmas], np.float32))
+
+
+def test_no_table_where_the_update_is_not_linear(scheduler_config):
+    schedule = NoiseSchedule.from_config(scheduler_config)
+    sde = SAMPLERS["dpmpp_sde"]
+    assert sampler_table(sde, sde.plan(scheduler_config, schedule, 8), scheduler_config, "epsilon", schedule) is None  # Brownian tree
+    clipped = {**scheduler_config, "clip_sample": True, "clip_sample_range": 1.0}  # DDIM clamps x0: not linear in it
+    ddim = SAMPLERS["ddim"]
+    assert sampler_table(ddim, ddim.plan(clipped, schedule, 8), clipped, "epsilon", schedule) is None
+    plain = {**scheduler_config, "clip_sample": False}
+    assert sampler_table(ddim, ddim.plan(plain, schedule, 8), plain, "epsilon", schedule) is not None
+
+
+def test_kernel_arithmetic_guidance_and_history():
+    """fused_step is the kernel's per-element formula: guidance, D_j, the update over the ring, noise."""
+    rng = np.random.default_rng(0)
+    rows, shape = 2, (2, 4, 3, 3)
+    unet_out = rng.standard_normal((2 * rows, 4, 3, 3)).astype(np.float32)
+    guided = guide(unet_out, rows, True, True, 7.5)
+    np.testing.assert_allclose(guided, unet_out[:2] + 7.5 * (unet_out[2:] - unet_out[:2]), rtol=1e-6)
+    np.testing.assert_array_equal(guide(unet_out, rows, True, False, 7.5), unet_out[2:])
+    states = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
+    estimates = [None] + [rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
+    noise = rng.standard_normal((2, *shape)).astype(np.float32)
+    scalars = StepScalars((0.5, 0.1, 0.0, 0.0), (0.3, -0.2, 0.05, 0.01), 0.7, 1, 1.0, -2.0, 0.4, 500.0, True)
+    denoised, state = fused_step(scalars, guided, states, estimates, noise)
+    np.testing.assert_allclose(denoised, states[0] - 2.0 * guided, rtol=1e-6)
+    expected = 0.5 * states[0] + 0.1 * states[1] + 0.3 * denoised - 0.2 * estimates[1] + 0.05 * estimates[2] + 0.01 * estimates[3] + 0.7 * noise[1]
+    np.testing.assert_allclose(state, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m", "heun", "lms", "unipc"])
+def test_tabulated_loop_matches_the_samplers_through_the_engine(tiny_engine, sampler):
+    """The device loop's arithmetic over the real U-Net engine gives the numpy samplers' latents (cfg combine included)."""
+    request = GenerationRequest(prompt="a red bicycle", negative_prompt="blurry", steps=6, seed=21, sampler=sampler, cfg_scale=6.0)
+    reference = Pipeline.load(tiny_engine, loop="numpy").generate(request)
+    steps_seen = []
+    tabulated = Pipeline.load(tiny_engine, loop="table").generate(request, on_step=lambda done, total: steps_seen.append((done, total)))
+    scale = float(np.abs(reference.latents).max())
+    np.testing.assert_allclose(tabulated.latents, reference.latents, rtol=0, atol=1e-5 * scale)
+    assert steps_seen == [(i, 6) for i in range(1, 7)]
+    assert len(tabulated.timings.unet_steps) == len(reference.timings.unet_steps)

@@ -73,13 +73,9 @@ def backend_availability(name: str) -> tuple[bool, str]:
     if name == "torch":
         missing = [m for m in ("torch", "diffusers") if importlib.util.find_spec(m) is None]
         return (not missing, f"{' and '.join(missing)} not installed (pip install 'sdfast[export]')" if missing else "")
-    from sdfast.runtime.backends import BACKENDS
+    from sdfast.runtime.backends import get_backend
 
-    if name not in BACKENDS:
-        if importlib.util.find_spec("tensorrt") is None:
-            return False, "the tensorrt package is not installed (TensorRT 10 with a CUDA GPU)"
-        return False, "sdfast has no TensorRT engine backend in this version"
-    return BACKENDS[name].available()
+    return get_backend(name).available()
 
 
 def _engines(args: argparse.Namespace) -> tuple[Path, Path | None]:

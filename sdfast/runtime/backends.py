@@ -148,14 +148,18 @@ def _check_session_matches(session, info: ComponentInfo) -> None:
             raise EngineError(f"{info.name}: the ONNX file's input '{spec.name}' {graph_inputs.get(spec.name)} differs from the manifest's {spec.shape}")
 
 
-BACKENDS: dict[str, Backend] = {
-    "cpu": OrtBackend("cpu", "CPUExecutionProvider"),
-    "cuda": OrtBackend("cuda", "CUDAExecutionProvider"),
-}
+BACKENDS: dict[str, Backend] = {"cpu": OrtBackend("cpu", "CPUExecutionProvider")}
+# The GPU backends live in gpu_backends.py and are made on first use (their imports stay lazy: cuda-python, tensorrt).
+_GPU_BACKENDS = {"cuda": "OrtCudaBackend", "tensorrt": "TensorRTBackend"}
+BACKEND_NAMES = ("cpu", *_GPU_BACKENDS)
 
 
 def get_backend(name: str) -> Backend:
+    if name not in BACKENDS and name in _GPU_BACKENDS:
+        from sdfast.runtime import gpu_backends
+
+        BACKENDS[name] = getattr(gpu_backends, _GPU_BACKENDS[name])()
     backend = BACKENDS.get(name)
     if backend is None:
-        raise EngineError(f"unknown backend '{name}'; choose one of {', '.join(BACKENDS)}")
+        raise EngineError(f"unknown backend '{name}'; choose one of {', '.join(BACKEND_NAMES)}")
     return backend

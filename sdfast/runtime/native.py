@@ -16,8 +16,8 @@ ABI_VERSION = 1
 HISTORY = 4
 LIBRARY_NAME = "libsdfast_kernels.so"
 
-_float4 = ctypes.c_float * HISTORY
-_pointer4 = ctypes.c_void_p * HISTORY
+Coefficients = ctypes.c_float * HISTORY
+Pointers = ctypes.c_void_p * HISTORY
 
 
 class StepArgs(ctypes.Structure):
@@ -25,9 +25,9 @@ class StepArgs(ctypes.Structure):
 
     _fields_ = [
         ("unet_out", ctypes.c_void_p), ("unet_in", ctypes.c_void_p), ("timestep", ctypes.c_void_p),
-        ("states", _pointer4), ("estimates", _pointer4), ("estimate_out", ctypes.c_void_p), ("state_out", ctypes.c_void_p),
+        ("states", Pointers), ("estimates", Pointers), ("estimate_out", ctypes.c_void_p), ("state_out", ctypes.c_void_p),
         ("noise", ctypes.c_void_p),
-        ("state_coeffs", _float4), ("estimate_coeffs", _float4), ("noise_coeff", ctypes.c_float),
+        ("state_coeffs", Coefficients), ("estimate_coeffs", Coefficients), ("noise_coeff", ctypes.c_float),
         ("c_skip", ctypes.c_float), ("c_out", ctypes.c_float), ("c_in_next", ctypes.c_float), ("timestep_next", ctypes.c_float),
         ("cfg_scale", ctypes.c_float),
         ("per_row", ctypes.c_int64), ("rows", ctypes.c_int64), ("unet_row_stride", ctypes.c_int64),

@@ -64,6 +64,7 @@ class StageTimings:
     unet_steps: list[float] = field(default_factory=list)
     vae_decode: float = 0.0
     total: float = 0.0
+    host_queue_s: float | None = None  # device loops: host seconds spent queuing the steps (the GPU waits only if this exceeds them)
 
     def summary(self) -> dict[str, float]:
         steps = sorted(self.unet_steps)
@@ -310,6 +311,7 @@ class Pipeline:
             text_encoder=batches[0].timings.text_encoder, vae_encode=batches[0].timings.vae_encode,
             unet_steps=[t for b in batches for t in b.timings.unet_steps], vae_decode=sum(b.timings.vae_decode for b in batches),
             total=sum(b.timings.total for b in batches),
+            host_queue_s=None if batches[0].timings.host_queue_s is None else sum(b.timings.host_queue_s or 0.0 for b in batches),
         )
         return GenerationResult(
             np.concatenate([b.images for b in batches]), [s for b in batches for s in b.seeds],
@@ -427,6 +429,10 @@ class Pipeline:
         unet = self.engines["unet"]
         device_loop = getattr(unet, "table_loop", None)
         final = device_loop(inputs, on_eval) if self.loop == "auto" else run_on_host(unet, inputs, on_eval)
+        measured = getattr(getattr(unet, "_loop", None), "last", None) if self.loop == "auto" else None
+        if measured:  # on the device the host only queues: the step time is the loop's wall time over its evaluations
+            timings.unet_steps[-table.evaluations:] = [measured["wall_s"] / measured["evaluations"]] * measured["evaluations"]
+            timings.host_queue_s = measured["host_s"]
         return final * np.float32(table.final_scale)  # [B, 4, h, w], VP form
 
     def _infotext(self, request: GenerationRequest, sampler_name: str, seed: int, batch: int, position: int, strength: float | None) -> str:

@@ -1,0 +1,354 @@
+"""GPU backends: onnxruntime's CUDA provider (IO binding, CUDA graphs) and TensorRT 10, with the sampler loop on the device.
+
+Both keep the U-Net's inputs and outputs in fixed device buffers and expose ``table_loop`` (pipeline.py runs the
+tabulated sampler through it): per evaluation, one U-Net launch (a CUDA graph replay) and one sdfast_sampler_step
+kernel on the same stream. The text encoder and VAE run once per image with host copies.
+
+Written against onnxruntime-gpu's and TensorRT 10's documented Python APIs and cuda-python; no GPU was available
+where this was written, so none of it has run yet (README, "GPU backends").
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from sdfast.errors import EngineError
+from sdfast.runtime.backends import Backend, Engine, OrtBackend, OrtEngine, _check_session_matches
+from sdfast.runtime.device_loop import EvalCallback, LoopInputs, run_on_host
+from sdfast.runtime.manifest import ComponentInfo
+
+log = logging.getLogger("sdfast.gpu")
+Progress = Callable[[str], None]
+
+
+def _gpu_count() -> int:
+    from sdfast.runtime.cuda_device import cudart
+
+    error, count = cudart().cudaGetDeviceCount()
+    return int(count) if int(error) == 0 else 0
+
+
+class _SharedStream:
+    """One CUDA stream per backend, made on first use: every engine's work queues on it in order."""
+
+    def __init__(self):
+        self._stream = None
+
+    def get(self):
+        from sdfast.runtime.cuda_device import Stream
+
+        if self._stream is None:
+            self._stream = Stream()
+        return self._stream
+
+
+# -- onnxruntime CUDA -------------------------------------------------------------------------------------------
+
+
+class OrtCudaEngine(OrtEngine):
+    """A component on the CUDA provider, fed from numpy (text encoder, VAE: once per image)."""
+
+
+class OrtCudaUnetEngine(OrtEngine):
+    """The U-Net with IO binding: fixed device buffers per prompt length, a CUDA graph per length (gpu_graph_id)."""
+
+    def __init__(self, info: ComponentInfo, session, stream, cuda_graphs: bool):
+        super().__init__(info, session)
+        self.stream, self.cuda_graphs = stream, cuda_graphs
+        self._bound: dict[int, tuple] = {}  # prompt tokens -> (binding, run options, sample, timestep, hidden, output)
+        self._loop = None
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One call from numpy, through the bound buffers (a CUDA-graph session runs only through its binding)."""
+        if not self.cuda_graphs:
+            return super().run(feeds)
+        feeds = self.check_feeds(feeds)
+        binding, _, sample, timestep, states, output = self._binding(feeds["encoder_hidden_states"], feeds["sample"].shape[0])
+        sample.update_inplace(feeds["sample"])
+        timestep.update_inplace(feeds["timestep"])
+        states.update_inplace(feeds["encoder_hidden_states"])
+        self.session.run_with_iobinding(binding)  # synchronizes: the output is ready
+        return [output.numpy()]
+
+    def _binding(self, hidden: np.ndarray, rows: int):
+        import onnxruntime as ort
+
+        tokens = hidden.shape[1]
+        if tokens not in self._bound:
+            sample_spec, output_spec = self.info.input("sample"), self.info.outputs[0]
+            device = lambda shape: ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, "cuda", 0)  # noqa: E731
+            sample = device((rows, *sample_spec.shape[1:]))
+            timestep = device((rows,))
+            states = device(hidden.shape)
+            output = device((rows, *output_spec.shape[1:]))
+            binding = self.session.io_binding()
+            binding.bind_ortvalue_input("sample", sample)
+            binding.bind_ortvalue_input("timestep", timestep)
+            binding.bind_ortvalue_input("encoder_hidden_states", states)
+            binding.bind_ortvalue_output(output_spec.name, output)
+            options = ort.RunOptions()
+            options.add_run_config_entry("disable_synchronize_execution_providers", "1")  # no host sync after each step
+            if self.cuda_graphs:
+                options.add_run_config_entry("gpu_graph_id", str(len(self._bound) + 1))  # one graph per prompt length
+            self._bound[tokens] = (binding, options, sample, timestep, states, output)
+        return self._bound[tokens]
+
+    def table_loop(self, inputs: LoopInputs, on_eval: EvalCallback | None) -> np.ndarray:
+        from sdfast.runtime.gpu_loop import GpuLoop
+        from sdfast.runtime.native import load_kernels
+
+        kernels = load_kernels()
+        if kernels is None or not self.cuda_graphs:
+            return run_on_host(self, inputs, on_eval)  # no kernels built: the update runs on the host each step
+        table, rows = inputs.table, inputs.unet_rows
+        binding, options, sample, timestep, states, output = self._binding(inputs.hidden, rows)
+        repeat = 2 if inputs.guided else 1
+        sample.update_inplace(np.ascontiguousarray(np.concatenate([inputs.x * table.c_in[0]] * repeat), np.float32))
+        timestep.update_inplace(np.full((rows,), table.timesteps[0], np.float32))
+        states.update_inplace(np.ascontiguousarray(inputs.hidden, np.float32))
+        if self._loop is None:
+            self._loop = GpuLoop(self.stream, kernels, inputs.x.shape)
+        stride = int(np.prod(self.info.input("sample").shape[1:]))
+        return self._loop.run(inputs, sample.data_ptr(), timestep.data_ptr(), output.data_ptr(), stride,
+                              lambda: self.session.run_with_iobinding(binding, options), on_eval)
+
+
+class OrtCudaBackend(OrtBackend):
+    """onnxruntime-gpu's CUDA provider: the export's CUDA variant (fp16, fused attention), cuDNN's exhaustive search."""
+
+    def __init__(self):
+        super().__init__("cuda", "CUDAExecutionProvider")
+        self._stream = _SharedStream()
+
+    def available(self) -> tuple[bool, str]:
+        ok, why = super().available()
+        if not ok:
+            return ok, why
+        try:
+            count = _gpu_count()
+        except EngineError as error:
+            return False, str(error)
+        return (True, "") if count else (False, "no CUDA device is visible")
+
+    def provider_options(self, info: ComponentInfo, cuda_graphs: bool) -> dict[str, str]:
+        options = {
+            "device_id": "0",
+            "cudnn_conv_algo_search": "EXHAUSTIVE",  # each conv's fastest algorithm, measured once per session
+            "cudnn_conv_use_max_workspace": "1",
+            "prefer_nhwc": "1",  # NHWC convolutions, the tensor cores' layout
+            "user_compute_stream": str(self._stream.get().pointer),
+        }
+        if cuda_graphs:
+            options["enable_cuda_graph"] = "1"
+        return options
+
+    def load(self, info: ComponentInfo, path: Path) -> Engine:
+        import onnxruntime as ort
+
+        ok, why = self.available()
+        if not ok:
+            raise EngineError(f"backend 'cuda' is not available: {why}")
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # the CUDA and cuDNN libraries that pip's nvidia-* packages bring
+        variant = info.variants.get("cuda")
+        if variant is not None:
+            path = path.with_name(variant["file"])
+        from sdfast.runtime.native import load_kernels
+
+        cuda_graphs = info.name == "unet" and load_kernels() is not None
+        providers = [("CUDAExecutionProvider", self.provider_options(info, cuda_graphs)), "CPUExecutionProvider"]
+        try:
+            session = ort.InferenceSession(str(path), self.session_options(optimize=True), providers=providers)
+        except Exception as error:  # noqa: BLE001
+            raise EngineError(f"cannot load {info.name} from '{path}' on CUDA: {str(error).splitlines()[0]}") from None
+        if "CUDAExecutionProvider" not in session.get_providers():
+            raise EngineError(f"{info.name}: onnxruntime fell back to the CPU (is onnxruntime-gpu installed, and CUDA 12/13 found?)")
+        _check_session_matches(session, info)
+        if info.name == "unet":
+            return OrtCudaUnetEngine(info, session, self._stream.get(), cuda_graphs)
+        return OrtCudaEngine(info, session)
+
+
+# -- TensorRT ---------------------------------------------------------------------------------------------------
+
+
+def _trt():
+    try:
+        import tensorrt
+    except ImportError as error:
+        raise EngineError(f"TensorRT is not installed ({error})") from None
+    return tensorrt
+
+
+class _BuildProgress:
+    """TensorRT's IProgressMonitor, reporting each top-level phase (building takes minutes)."""
+
+    def __new__(cls, trt, label: str, report: Progress):
+        class Monitor(trt.IProgressMonitor):
+            def __init__(self):
+                trt.IProgressMonitor.__init__(self)
+
+            def phase_start(self, phase_name, parent_phase, num_steps):
+                if parent_phase is None:
+                    report(f"{label}: {phase_name} ({num_steps} steps)")
+
+            def step_complete(self, phase_name, step):
+                return True  # never cancel
+
+            def phase_finish(self, phase_name):
+                pass
+
+        return Monitor()
+
+
+def build_plan(info: ComponentInfo, onnx_path: Path, profile, timing_cache: Path, report: Progress) -> bytes:
+    """A serialized TensorRT engine from the ONNX graph: strongly typed (fp16 where the graph is), one shape profile."""
+    trt = _trt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # reads external weights next to the file
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineError(f"{info.name}: TensorRT cannot parse {onnx_path.name}: {errors or 'unknown error'}")
+    config = builder.create_builder_config()
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    shapes = builder.create_optimization_profile()
+    for name, low, optimal, high in profile:
+        shapes.set_shape(name, low, optimal, high)
+    config.add_optimization_profile(shapes)
+    monitor = _BuildProgress(trt, f"tensorrt {info.name}", report)
+    config.progress_monitor = monitor
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineError(f"{info.name}: TensorRT could not build an engine (see its log above)")
+    timing_cache.parent.mkdir(exist_ok=True)
+    from sdfast.runtime.trt_cache import _atomic_write
+
+    _atomic_write(timing_cache, bytes(config.get_timing_cache().serialize()))
+    return bytes(serialized)
+
+
+class TrtEngine(Engine):
+    """A deserialized TensorRT engine with device buffers at its largest shapes, allocated once."""
+
+    def __init__(self, info: ComponentInfo, engine, stream):
+        super().__init__(info)
+        from sdfast.runtime.cuda_device import DeviceBuffer
+
+        trt = _trt()
+        self.engine, self.stream = engine, stream
+        self.context = engine.create_execution_context()
+        self.buffers = {}
+        for spec in (*info.inputs, *info.outputs):
+            largest = tuple(d if isinstance(d, int) else info.dynamic[d].max for d in spec.shape)
+            dtype = trt.nptype(engine.get_tensor_dtype(spec.name))
+            self.buffers[spec.name] = DeviceBuffer(largest, dtype)
+            self.context.set_tensor_address(spec.name, self.buffers[spec.name].pointer)
+        self._graphs: dict[tuple, object] = {}
+        self._loop = None
+
+    def _enqueue(self) -> None:
+        if not self.context.execute_async_v3(self.stream.pointer):
+            raise EngineError(f"{self.info.name}: TensorRT execution failed")
+
+    def _set_inputs(self, feeds: dict[str, np.ndarray]) -> None:
+        for name, value in feeds.items():
+            self.context.set_input_shape(name, tuple(value.shape))
+            self.buffers[name].upload(value, self.stream)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self._set_inputs(self.check_feeds(feeds))
+        self._enqueue()
+        outputs = [self.buffers[spec.name].download(self.stream, tuple(self.context.get_tensor_shape(spec.name))) for spec in self.info.outputs]
+        return [o.astype(np.float32) if o.dtype == np.float16 else o for o in outputs]
+
+    def table_loop(self, inputs: LoopInputs, on_eval: EvalCallback | None) -> np.ndarray:
+        from sdfast.runtime.cuda_device import CudaGraph
+        from sdfast.runtime.gpu_loop import GpuLoop
+        from sdfast.runtime.native import load_kernels
+
+        kernels = load_kernels()
+        if kernels is None:
+            return run_on_host(self, inputs, on_eval)
+        table, rows, repeat = inputs.table, inputs.unet_rows, 2 if inputs.guided else 1
+        sample = np.concatenate([inputs.x * table.c_in[0]] * repeat).astype(np.float32)
+        self._set_inputs(self.check_feeds({"sample": sample, "timestep": np.full((rows,), table.timesteps[0], np.float32),
+                                           "encoder_hidden_states": inputs.hidden}))
+        shape = tuple(inputs.hidden.shape)
+        if shape not in self._graphs:
+            self._enqueue()  # TensorRT allocates lazily on the first run; capture after it
+            self.stream.synchronize()
+            self._graphs[shape] = CudaGraph(self.stream, self._enqueue)  # captured, not run: the inputs stay evaluation 0's
+        if self._loop is None:
+            self._loop = GpuLoop(self.stream, kernels, inputs.x.shape)
+        stride = int(np.prod(self.info.input("sample").shape[1:]))
+        graph = self._graphs[shape]
+        return self._loop.run(inputs, self.buffers["sample"].pointer, self.buffers["timestep"].pointer,
+                              self.buffers[self.info.outputs[0].name].pointer, stride, lambda: graph.replay(self.stream), on_eval)
+
+
+class TensorRTBackend(Backend):
+    """TensorRT 10 engines built on first use from the export's portable graphs, cached in the engine dir's manifest."""
+
+    name = "tensorrt"
+
+    def __init__(self):
+        self._stream = _SharedStream()
+        self.progress: Progress = log.info  # the CLI points this at its progress display
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            trt = _trt()
+            from sdfast.runtime.cuda_device import cudart
+
+            cudart()
+        except EngineError as error:
+            return False, str(error)
+        if not _gpu_count():
+            return False, f"TensorRT {trt.__version__} is installed but no CUDA device is visible"
+        return True, ""
+
+    def key(self, info: ComponentInfo):
+        from sdfast.runtime.cuda_device import device_info
+        from sdfast.runtime.trt_cache import key_for
+
+        gpu = device_info()
+        return key_for(info, gpu.name, gpu.compute_capability, _trt().__version__)
+
+    def load(self, info: ComponentInfo, path: Path) -> Engine:
+        from sdfast.runtime import trt_cache
+
+        ok, why = self.available()
+        if not ok:
+            raise EngineError(f"backend 'tensorrt' is not available: {why}")
+        engine_dir = path.parent
+        key = self.key(info)
+        plan = trt_cache.lookup(engine_dir, _manifest_data(engine_dir), key)
+        if plan is None:
+            trt_cache.writable(engine_dir)
+            self.progress(f"tensorrt {info.name}: building an engine for {key.gpu_name} (sm {key.compute_capability}, "
+                          f"TensorRT {key.tensorrt_version}); minutes, once per GPU model")
+            started = time.perf_counter()
+            data = build_plan(info, path, key.profile, engine_dir / trt_cache.PLAN_DIR / "timing.cache", self.progress)
+            plan = trt_cache.record(engine_dir, key, data, time.perf_counter() - started)
+            self.progress(f"tensorrt {info.name}: built in {time.perf_counter() - started:.0f} s -> {plan.name}")
+        trt = _trt()
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+        if engine is None:
+            raise EngineError(f"{info.name}: TensorRT could not load {plan} (delete it to rebuild)")
+        return TrtEngine(info, engine, self._stream.get())
+
+
+def _manifest_data(engine_dir: Path) -> dict:
+    import json
+
+    from sdfast.runtime.manifest import MANIFEST_NAME
+
+    return json.loads((engine_dir / MANIFEST_NAME).read_text(encoding="utf-8"))

@@ -31,7 +31,10 @@ PEER_REQUIREMENTS = [  # what optimum-onnx 0.1.0 allows; optimum-intel must then
     "optimum-onnx[onnxruntime]==0.1.0", "optimum-intel[openvino]==1.27.0", "diffusers==0.39.*", "transformers<4.58",
     "huggingface-hub<1.0", "accelerate", "psutil",
 ]
-PEERS = ("diffusers", "optimum-ort", "openvino-fp32", "openvino-default", "sdfast-cpu")
+PEERS = ("diffusers", "optimum-ort", "openvino-fp32", "openvino-default", "sdfast-cpu")  # the CPU set, the default
+# On a GPU (--peers gpu): fp16 everywhere; sdfast's GPU backends run the fp16 engine (--gpu-engine).
+GPU_PEERS = ("diffusers-cuda-fp16", "diffusers-compile", "optimum-ort-cuda", "sdfast-cuda", "sdfast-tensorrt")
+ALL_PEERS = PEERS + GPU_PEERS
 
 
 def say(message: str) -> None:
@@ -98,6 +101,14 @@ class Worker:
         self.log.close()
 
 
+def gpu_name() -> str | None:
+    try:
+        listing = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return listing.stdout.strip().splitlines()[0] if listing.returncode == 0 and listing.stdout.strip() else None
+
+
 def summary(samples: list[float]) -> dict:
     from sdfast.bench.stats import Summary
 
@@ -112,8 +123,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
     parser.add_argument("--calls", type=int, default=2, help="timed U-Net calls per system per round (default 2)")
     parser.add_argument("--e2e-steps", type=int, default=0, help="also time one whole text-to-image run of this many Euler steps per round")
-    parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, from {', '.join(PEERS)} (default: all)")
+    parser.add_argument("--peers", default=",".join(PEERS),
+                        help=f"comma-separated, from {', '.join(ALL_PEERS)}; 'gpu' for {', '.join(GPU_PEERS)} (default: the CPU set)")
     parser.add_argument("--engine", type=Path, help="sdfast engine dir at this size (default: export the built-in sd15, cached)")
+    parser.add_argument("--gpu-engine", type=Path, help="fp16 engine dir for sdfast-cuda and sdfast-tensorrt (default: export, cached)")
     parser.add_argument("--venv", type=Path, default=HERE / ".peers-venv", help="the peers' virtualenv (created if missing)")
     parser.add_argument("--cache", type=Path, help="where the peers' exported models are kept (default: $SDFAST_CACHE/peers)")
     parser.add_argument("--out", type=Path, help="JSON results (default benchmarks/results/peers_sd15_<W>x<H>.json, and .md beside it)")
@@ -125,14 +138,19 @@ def main() -> int:
     from sdfast.export.builtin import cache_root, ensure_builtin
 
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
-    unknown = [p for p in peers if p not in PEERS]
+    peers = list(GPU_PEERS) if peers == ["gpu"] else peers
+    unknown = [p for p in peers if p not in ALL_PEERS]
     if unknown:
-        parser.error(f"unknown peer '{unknown[0]}'; choose from {', '.join(PEERS)}")
+        parser.error(f"unknown peer '{unknown[0]}'; choose from {', '.join(ALL_PEERS)}")
     cpu = CpuInfo.detect()
     model = ensure_builtin("sd15", say)
     cache = args.cache or cache_root() / "peers" / "sd15"
     cache.mkdir(parents=True, exist_ok=True)
-    engine = args.engine or cached_engine("sd15", args.height, args.width, 1, True, say, ElapsedLog("compare_peers"))
+    engine = gpu_engine = None
+    if "sdfast-cpu" in peers:
+        engine = args.engine or cached_engine("sd15", args.height, args.width, 1, True, say, ElapsedLog("compare_peers"))
+    if {"sdfast-cuda", "sdfast-tensorrt"} & set(peers):
+        gpu_engine = args.gpu_engine or cached_engine("sd15", args.height, args.width, 1, True, say, ElapsedLog("compare_peers"), "fp16")
 
     failures: dict[str, str] = {}
     if "openvino-default" in peers and not ({"avx512_bf16", "amx_bf16"} & cpu.flags):
@@ -142,7 +160,7 @@ def main() -> int:
         peer_python, error = ensure_peer_venv(args.venv)
         if peer_python is None:
             failures.update({p: error for p in peers if not p.startswith("sdfast")})
-    common = ["--model", str(model), "--height", str(args.height), "--width", str(args.width), "--cache", str(cache), "--engine", str(engine)]
+    common = ["--model", str(model), "--height", str(args.height), "--width", str(args.width), "--cache", str(cache)]
     logs = (args.out or HERE / "results" / "x").parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
@@ -152,7 +170,9 @@ def main() -> int:
             say(f"{name}: {failures[name]}")
             continue
         say(f"loading {name} ...")
-        worker = Worker(name, Path(sys.executable) if name.startswith("sdfast") else peer_python, common, logs / f"{name}_{args.width}x{args.height}.log")
+        own_engine = ["--engine", str(gpu_engine if name in GPU_PEERS else engine)] if name.startswith("sdfast") else []
+        worker = Worker(name, Path(sys.executable) if name.startswith("sdfast") else peer_python, common + own_engine,
+                        logs / f"{name}_{args.width}x{args.height}.log")
         if not worker.ready.get("ok"):
             failures[name] = worker.ready.get("error", "unknown error")
             say(f"{name} failed: {failures[name]}")
@@ -178,14 +198,15 @@ def main() -> int:
     results = {w.name: {**summary(samples[w.name]), "load_s": w.ready["load_s"], "precision": w.ready["precision"],
                         "output_rms": w.ready.get("output_rms"), **({"e2e": summary(e2e[w.name])} if e2e[w.name] else {})}
                for w in workers}
-    reference = next((n for n in ("sdfast-cpu",) if n in results), None)
+    reference = next((n for n in ("sdfast-tensorrt", "sdfast-cuda", "sdfast-cpu") if n in results), None)
     if reference:
         for name, figures in results.items():
             figures["sdfast_ratio"] = results[reference]["median_ms"] / figures["median_ms"]  # < 1: sdfast is faster
     record = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/compare_peers.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpu": cpu.name, "cores": cpu.cores, "platform": platform.platform(), "peak": theoretical_peak(cpu).to_json()},
+        "machine": {"cpu": cpu.name, "cores": cpu.cores, "platform": platform.platform(), "peak": theoretical_peak(cpu).to_json(),
+                    "gpu": gpu_name()},
         "workload": {"model": "sd15 architecture, random weights", "height": args.height, "width": args.width, "unet_batch": 2,
                      "guidance": True, "rounds": args.rounds, "calls_per_round": args.calls, "e2e_steps": args.e2e_steps},
         "versions": {"sdfast_env": versions_of(Path(sys.executable), ["sdfast", "onnxruntime", "numpy", "torch"]),
@@ -205,7 +226,9 @@ def main() -> int:
 
 def render_markdown(record: dict, reference: str | None) -> str:
     w, m = record["workload"], record["machine"]
-    lines = [f"### SD 1.5 U-Net step, {w['width']}x{w['height']}, batch 2 with guidance, CPU",
+    on_gpu = bool((set(record["results"]) | set(record["not_run"])) & set(GPU_PEERS))
+    where = f"GPU ({m.get('gpu') or 'unknown'})" if on_gpu else "CPU"
+    lines = [f"### SD 1.5 U-Net step, {w['width']}x{w['height']}, batch 2 with guidance, {where}",
              "", f"{m['cpu']}, {m['cores']} cores; {record['date']}; `{record['command']}`", "",
              "| system | precision | median ms | p90 | min-max | cold start s | sdfast / system |", "|---|---|---:|---:|---:|---:|---:|"]
     for name, r in sorted(record["results"].items(), key=lambda item: item[1]["median_ms"]):

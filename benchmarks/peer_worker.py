@@ -117,6 +117,83 @@ class OpenVinoPeer(DiffusersPeer):
         return self.pipe.unet(sample=feeds["sample"], timestep=np.array([500.0], dtype=np.float32), encoder_hidden_states=feeds["encoder_hidden_states"])
 
 
+class DiffusersCudaPeer(DiffusersPeer):
+    """diffusers fp16 on CUDA with PyTorch's scaled_dot_product_attention (its default attention on torch 2)."""
+
+    def __init__(self, args):
+        import torch
+        from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("not run: torch sees no CUDA device")
+        self.torch = torch
+        started = time.perf_counter()
+        self.pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float16, safety_checker=None,
+                                                            requires_safety_checker=False).to("cuda")
+        self.pipe.scheduler = EulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.prepare()
+        self.load_s = time.perf_counter() - started
+        self.precision = "fp16"
+
+    def prepare(self):
+        pass
+
+    def feeds(self, inputs):
+        return {key: self.torch.from_numpy(value).to("cuda", self.torch.float16) for key, value in inputs.items()}
+
+    def unet(self, feeds):
+        with self.torch.no_grad():
+            out = self.pipe.unet(feeds["sample"], self.torch.tensor(500.0, device="cuda"), encoder_hidden_states=feeds["encoder_hidden_states"]).sample
+        self.torch.cuda.synchronize()
+        return out
+
+    def e2e(self, height, width, steps):
+        self.pipe(PROMPT, height=height, width=width, num_inference_steps=steps, guidance_scale=GUIDANCE, output_type="np",
+                  generator=self.torch.Generator("cuda").manual_seed(0))
+        self.torch.cuda.synchronize()
+
+
+class DiffusersCompilePeer(DiffusersCudaPeer):
+    """diffusers fp16 on CUDA, U-Net in channels_last and torch.compile (mode reduce-overhead: CUDA graphs), as diffusers' docs advise."""
+
+    def prepare(self):
+        self.pipe.unet.to(memory_format=self.torch.channels_last)
+        self.pipe.unet = self.torch.compile(self.pipe.unet, mode="reduce-overhead", fullgraph=True)
+        _say_progress("diffusers-compile: compiling the U-Net (minutes)")
+        for _ in range(3):  # compile, then record the CUDA graph
+            self.unet(self.feeds(unet_inputs(512, 512)))
+
+
+class OptimumOrtCudaPeer(DiffusersPeer):
+    """Optimum's ONNX Runtime pipeline exported in fp16 on CUDA, on the CUDAExecutionProvider (its published H100 setup)."""
+
+    def __init__(self, args):
+        import torch
+        from diffusers import EulerDiscreteScheduler
+        from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+        self.torch = torch
+        exported = Path(args.cache) / "optimum-onnx-fp16"
+        if not (exported / "model_index.json").is_file():
+            from optimum.exporters.onnx import main_export
+
+            _say_progress(f"optimum: exporting {args.model} to fp16 ONNX on CUDA (once)")
+            main_export(args.model, output=exported, task="text-to-image", device="cuda", dtype="fp16", do_validation=False)
+        started = time.perf_counter()
+        self.pipe = ORTStableDiffusionPipeline.from_pretrained(exported, provider="CUDAExecutionProvider")
+        self.load_s = time.perf_counter() - started
+        self.pipe.scheduler = EulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.precision = "fp16"
+
+    def feeds(self, inputs):
+        return {key: value.astype(np.float16) for key, value in inputs.items()}
+
+    def unet(self, feeds):
+        return self.pipe.unet(sample=feeds["sample"], timestep=np.array([500], dtype=np.int64), encoder_hidden_states=feeds["encoder_hidden_states"])
+
+
 class OpenVinoDefaultPeer(OpenVinoPeer):
     """OpenVINO at the CPU plugin's default precision (bf16 where the CPU has it, else f32)."""
 
@@ -152,6 +229,9 @@ PEERS = {
     "optimum-ort": OptimumOrtPeer,
     "openvino-fp32": OpenVinoPeer,
     "openvino-default": OpenVinoDefaultPeer,
+    "diffusers-cuda-fp16": DiffusersCudaPeer,
+    "diffusers-compile": DiffusersCompilePeer,
+    "optimum-ort-cuda": OptimumOrtCudaPeer,
 }
 
 
@@ -211,7 +291,7 @@ def _to_numpy(output) -> np.ndarray:
     value = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
     if isinstance(value, dict):
         value = value.get("sample", value.get("out_sample", next(iter(value.values()))))
-    return value.detach().numpy() if hasattr(value, "detach") else np.asarray(value)
+    return value.detach().float().cpu().numpy() if hasattr(value, "detach") else np.asarray(value, dtype=np.float32)
 
 
 if __name__ == "__main__":

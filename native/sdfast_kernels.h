@@ -30,7 +30,7 @@ typedef struct SdfastStepArgs {
   float* timestep;        /* [R]: the next evaluation's timestep */
   const float* states[SDFAST_HISTORY];     /* S_j, S_{j-1}, ... ([B, C, h, w]); NULL where the coefficient is 0 */
   const float* estimates[SDFAST_HISTORY];  /* slot 0 is written (D_j); D_{j-1}, ... are read */
-  float* estimate_out;    /* where D_j goes (may alias estimates[SDFAST_HISTORY - 1]: each thread reads before it writes) */
+  float* estimate_out;    /* where D_j goes: a free slot (gpu_loop.py passes it as estimates[0] too, which is never read) */
   float* state_out;       /* where S_{j+1} goes (may alias states[SDFAST_HISTORY - 1]: each thread reads before it writes) */
   const float* noise;     /* [B, C, h, w] this update's noise draw, or NULL */
   float state_coeffs[SDFAST_HISTORY];

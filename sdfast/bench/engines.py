@@ -10,7 +10,7 @@ from sdfast.errors import ConfigError
 
 
 def cached_engine(model: str, height: int | None, width: int | None, batch: int, guidance: bool,
-                  log: Callable[[str], None], progress: Callable[[str], None]) -> Path:
+                  log: Callable[[str], None], progress: Callable[[str], None], precision: str = "fp32") -> Path:
     """An engine dir of ``model`` at this geometry: the cached one if it is current, else a fresh export."""
     from sdfast import __version__
     from sdfast.export.build import ExportRequest, check_request, export_engine
@@ -21,12 +21,12 @@ def cached_engine(model: str, height: int | None, width: int | None, batch: int,
     if not builtin and not Path(model).is_dir():
         raise ConfigError(f"--model '{model}' is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a folder")
     label = model if builtin else "folder-" + hashlib.sha1(str(Path(model).resolve()).encode()).hexdigest()[:12]
-    out = cache_root() / "bench-engines" / f"{label}-{width or 'native'}x{height or 'native'}-b{batch}-{'cfg' if guidance else 'nocfg'}"
+    out = cache_root() / "bench-engines" / f"{label}-{width or 'native'}x{height or 'native'}-b{batch}-{'cfg' if guidance else 'nocfg'}{'' if precision == 'fp32' else '-' + precision}"
     try:
         manifest = json.loads((out / MANIFEST_NAME).read_text())
         fresh = (manifest["format_version"] == FORMAT_VERSION and manifest["libraries"]["sdfast"] == __version__
                  and "flops" in manifest["components"]["unet"] and manifest["source"]["builtin"] == builtin
-                 and _variant_current(manifest["components"]["unet"]))
+                 and manifest["precision"] == precision and (precision != "fp32" or _variant_current(manifest["components"]["unet"])))
         if fresh and not builtin:
             from sdfast.export.source import weights_fingerprint
 
@@ -36,7 +36,7 @@ def cached_engine(model: str, height: int | None, width: int | None, batch: int,
     if fresh:
         log(f"using the cached engine {out}")
         return out
-    request = ExportRequest(model=model, out=out, height=height, width=width, batch=batch, guidance=guidance, force=True)
+    request = ExportRequest(model=model, out=out, height=height, width=width, batch=batch, guidance=guidance, force=True, precision=precision)
     check_request(request)
     log(f"exporting {model} ({'with' if guidance else 'without'} guidance) to {out}")
     export_engine(request, progress)

@@ -103,13 +103,19 @@ def measure_engine(backend: str, engine: Path, unguided: Path | None, repeat: in
     rows += [_row(name, summary) for name, summary in stages.items()]
 
     request = GenerationRequest(prompt=PROMPT, steps=steps, sampler="euler", seed=0, cfg_scale=7.5 if geometry["guidance"] else 1.0)
-    overheads = []
+    overheads, in_loop, queued = [], [], []
 
     def generate():
         t = pipeline.generate(request).timings  # the same call's own engine times, so noise between runs cancels
         overheads.append((t.total - t.text_encoder - t.vae_encode - sum(t.unet_steps) - t.vae_decode) * 1e3 / steps)
+        if t.host_queue_s is not None:  # a device loop: its step is wall time over evaluations; the host only queues
+            in_loop.append(statistics.median(t.unet_steps) * 1e3)
+            queued.append(t.host_queue_s * 1e3 / len(t.unet_steps))
     end_to_end = time_ms(generate, max(1, min(repeat, 3)), warmup=0)
     rows.append(_row("end_to_end", end_to_end))
+    if in_loop:
+        rows.append(_row("unet_step_in_loop", Summary.of(in_loop), note="U-Net (CUDA graph) and the sampler kernel, per evaluation"))
+        rows.append(_row("host_queue_per_step", Summary.of(queued), note="the GPU waits on the host only if this exceeds the step"))
     unet_flops = pipeline.manifest.data["components"]["unet"].get("flops", {}).get("per_call")
     rows += _derived_rows(stages, statistics.median(overheads), "end to end minus the same runs' engine calls, over the steps",
                           unet_flops, peak_fp32)
@@ -170,6 +176,9 @@ def measure_torch(engine: Path, repeat: int, steps: int, peak_fp32: float | None
         sync()
     end_to_end = time_ms(whole, max(1, min(repeat, 3)), warmup=0)
     rows.append(_row("end_to_end", end_to_end))
+    if in_loop:
+        rows.append(_row("unet_step_in_loop", Summary.of(in_loop), note="U-Net (CUDA graph) and the sampler kernel, per evaluation"))
+        rows.append(_row("host_queue_per_step", Summary.of(queued), note="the GPU waits on the host only if this exceeds the step"))
     unet_flops = manifest.data["components"]["unet"].get("flops", {}).get("per_call")
     engine_ms = stages["text_encoder"].median + steps * stages["unet_step_cfg"].median + stages["vae_decode"].median
     rows += _derived_rows(stages, (end_to_end.median - engine_ms) / steps, "end to end minus the stage medians, over the steps (noisy)",

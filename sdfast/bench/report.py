@@ -24,6 +24,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "vae_encode": ("ms", "VAE encode"),
     "end_to_end": ("ms", "end to end, N steps"),
     "host_overhead_per_step": ("ms", "host overhead per step"),
+    "unet_step_in_loop": ("ms", "U-Net step in the device loop"),
+    "host_queue_per_step": ("ms", "host time queuing a device step"),
     "unet_gflops": ("GFLOP/s", "U-Net effective"),
     "unet_peak_fraction": ("%", "U-Net share of fp32 peak"),
     "peak_rss": ("MiB", "peak RSS"),

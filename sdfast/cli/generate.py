@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strength", type=float,
                         help="img2img denoising strength 0..1 (default 0.75; 1.0 on a 9-channel inpainting engine)")
     parser.add_argument("--mask", type=Path, help="inpainting: white repaints, black keeps (needs --init-image)")
-    parser.add_argument("--backend", default="cpu", help="execution backend: cpu, cuda (default cpu)")
+    parser.add_argument("--backend", default="cpu", help="execution backend: cpu, cuda (onnxruntime-gpu) or tensorrt (default cpu); the GPU ones keep the sampler loop on the device")
     parser.add_argument("--verify", default="full", choices=("full", "size"), help="check engine files by sha256 (full) or size only")
     parser.add_argument("-o", "--output", type=Path, default=Path("sdfast.png"),
                         help="output PNG; with N > 1 images (batch x n-iter), NAME-0.png ... NAME-(N-1).png")
@@ -53,6 +53,11 @@ def run(args: argparse.Namespace) -> int:
         raise RequestError("--mask needs --init-image (the image to inpaint)")
     if args.strength is not None and args.init_image is None:
         raise RequestError("--strength needs --init-image")
+    if args.backend == "tensorrt" and not args.quiet:
+        from sdfast.cli.progress import ElapsedLog
+        from sdfast.runtime.backends import get_backend
+
+        get_backend("tensorrt").progress = ElapsedLog("tensorrt")  # the first load on a GPU model builds its engines
     pipeline = Pipeline.load(args.engine_dir, backend=args.backend, verify=args.verify)
     warnings: list[str] = []
     init_image = load_init_image(args.init_image, pipeline.width, pipeline.height, warnings) if args.init_image else None

@@ -47,6 +47,28 @@ def device_info(device: int = 0) -> DeviceInfo:
     return DeviceInfo(name.strip("\x00 "), f"{props.major}.{props.minor}", int(props.totalGlobalMem))
 
 
+def upload_to(pointer: int, array: np.ndarray, stream: "Stream") -> None:
+    """Host -> device memory someone else owns (an onnxruntime OrtValue), on ``stream``, then waits.
+
+    Not OrtValue.update_inplace: that copies on the legacy default stream, which a non-blocking stream does not order with.
+    """
+    array = np.ascontiguousarray(array)
+    rt = cudart()
+    check(rt.cudaMemcpyAsync(pointer, array.ctypes.data, array.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.handle),
+          "cudaMemcpyAsync to the device")
+    stream.synchronize()
+
+
+def download_from(pointer: int, shape: tuple[int, ...], dtype, stream: "Stream") -> np.ndarray:
+    """Device memory someone else owns -> host, on ``stream``, then waits."""
+    out = np.empty(shape, dtype)
+    rt = cudart()
+    check(rt.cudaMemcpyAsync(out.ctypes.data, pointer, out.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.handle),
+          "cudaMemcpyAsync to the host")
+    stream.synchronize()
+    return out
+
+
 class Stream:
     """A non-blocking stream: the GPU backends queue the U-Net and the sampler kernel on it, in order, with no syncs."""
 
@@ -111,8 +133,12 @@ class CudaGraph:
         check(rt.cudaStreamBeginCapture(stream.handle, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture")
         try:
             launch()
-        finally:
-            graph = check(rt.cudaStreamEndCapture(stream.handle), "cudaStreamEndCapture")
+        except BaseException:
+            error, graph = rt.cudaStreamEndCapture(stream.handle)  # end the capture; the launch's error is the one to report
+            if int(error) == 0 and graph is not None:
+                rt.cudaGraphDestroy(graph)
+            raise
+        graph = check(rt.cudaStreamEndCapture(stream.handle), "cudaStreamEndCapture")
         self.graph = graph
         self.executable = check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
 

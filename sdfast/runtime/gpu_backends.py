@@ -26,10 +26,15 @@ Progress = Callable[[str], None]
 
 
 def _gpu_count() -> int:
-    from sdfast.runtime.cuda_device import cudart
+    """CUDA devices visible to cuda-python; an EngineError with the runtime's reason when it cannot tell."""
+    from sdfast.runtime.cuda_device import check, cudart
 
-    error, count = cudart().cudaGetDeviceCount()
-    return int(count) if int(error) == 0 else 0
+    try:
+        return int(check(cudart().cudaGetDeviceCount(), "cudaGetDeviceCount"))
+    except EngineError as error:
+        if "insufficient" in str(error).lower():  # cuda-python 13 needs driver 580+; CUDA 12 drivers need cuda-python 12
+            raise EngineError(f"{error}; with a CUDA 12 driver, pip install 'cuda-python>=12.6,<13'") from None
+        raise
 
 
 class _SharedStream:
@@ -66,13 +71,14 @@ class OrtCudaUnetEngine(OrtEngine):
         """One call from numpy, through the bound buffers (a CUDA-graph session runs only through its binding)."""
         if not self.cuda_graphs:
             return super().run(feeds)
+        from sdfast.runtime.cuda_device import download_from, upload_to
+
         feeds = self.check_feeds(feeds)
-        binding, _, sample, timestep, states, output = self._binding(feeds["encoder_hidden_states"], feeds["sample"].shape[0])
-        sample.update_inplace(feeds["sample"])
-        timestep.update_inplace(feeds["timestep"])
-        states.update_inplace(feeds["encoder_hidden_states"])
-        self.session.run_with_iobinding(binding)  # synchronizes: the output is ready
-        return [output.numpy()]
+        binding, _, call_options, sample, timestep, states, output = self._binding(feeds["encoder_hidden_states"], feeds["sample"].shape[0])
+        for value, name in ((sample, "sample"), (timestep, "timestep"), (states, "encoder_hidden_states")):
+            upload_to(value.data_ptr(), feeds[name], self.stream)
+        self.session.run_with_iobinding(binding, call_options)
+        return [download_from(output.data_ptr(), tuple(output.shape()), np.float32, self.stream)]
 
     def _binding(self, hidden: np.ndarray, rows: int):
         import onnxruntime as ort
@@ -90,11 +96,13 @@ class OrtCudaUnetEngine(OrtEngine):
             binding.bind_ortvalue_input("timestep", timestep)
             binding.bind_ortvalue_input("encoder_hidden_states", states)
             binding.bind_ortvalue_output(output_spec.name, output)
-            options = ort.RunOptions()
-            options.add_run_config_entry("disable_synchronize_execution_providers", "1")  # no host sync after each step
+            graph_id = str(len(self._bound) + 1)  # one graph per prompt length; 0 is onnxruntime's own
+            loop_options, call_options = ort.RunOptions(), ort.RunOptions()
+            loop_options.add_run_config_entry("disable_synchronize_execution_providers", "1")  # the loop syncs once, at the end
             if self.cuda_graphs:
-                options.add_run_config_entry("gpu_graph_id", str(len(self._bound) + 1))  # one graph per prompt length
-            self._bound[tokens] = (binding, options, sample, timestep, states, output)
+                loop_options.add_run_config_entry("gpu_graph_id", graph_id)
+                call_options.add_run_config_entry("gpu_graph_id", graph_id)
+            self._bound[tokens] = (binding, loop_options, call_options, sample, timestep, states, output)
         return self._bound[tokens]
 
     def table_loop(self, inputs: LoopInputs, on_eval: EvalCallback | None) -> np.ndarray:
@@ -104,12 +112,14 @@ class OrtCudaUnetEngine(OrtEngine):
         kernels = load_kernels()
         if kernels is None or not self.cuda_graphs:
             return run_on_host(self, inputs, on_eval)  # no kernels built: the update runs on the host each step
+        from sdfast.runtime.cuda_device import upload_to
+
         table, rows = inputs.table, inputs.unet_rows
-        binding, options, sample, timestep, states, output = self._binding(inputs.hidden, rows)
+        binding, options, _, sample, timestep, states, output = self._binding(inputs.hidden, rows)
         repeat = 2 if inputs.guided else 1
-        sample.update_inplace(np.ascontiguousarray(np.concatenate([inputs.x * table.c_in[0]] * repeat), np.float32))
-        timestep.update_inplace(np.full((rows,), table.timesteps[0], np.float32))
-        states.update_inplace(np.ascontiguousarray(inputs.hidden, np.float32))
+        upload_to(sample.data_ptr(), np.concatenate([inputs.x * table.c_in[0]] * repeat).astype(np.float32), self.stream)
+        upload_to(timestep.data_ptr(), np.full((rows,), table.timesteps[0], np.float32), self.stream)
+        upload_to(states.data_ptr(), inputs.hidden.astype(np.float32), self.stream)
         if self._loop is None:
             self._loop = GpuLoop(self.stream, kernels, inputs.x.shape)
         stride = int(np.prod(self.info.input("sample").shape[1:]))
@@ -160,11 +170,18 @@ class OrtCudaBackend(OrtBackend):
         from sdfast.runtime.native import load_kernels
 
         cuda_graphs = info.name == "unet" and load_kernels() is not None
-        providers = [("CUDAExecutionProvider", self.provider_options(info, cuda_graphs)), "CPUExecutionProvider"]
-        try:
-            session = ort.InferenceSession(str(path), self.session_options(optimize=True), providers=providers)
-        except Exception as error:  # noqa: BLE001
-            raise EngineError(f"cannot load {info.name} from '{path}' on CUDA: {str(error).splitlines()[0]}") from None
+        session = None
+        for graphs in ([True, False] if cuda_graphs else [False]):
+            providers = [("CUDAExecutionProvider", self.provider_options(info, graphs)), "CPUExecutionProvider"]
+            try:
+                session = ort.InferenceSession(str(path), self.session_options(optimize=True), providers=providers)
+                cuda_graphs = graphs
+                break
+            except Exception as error:  # noqa: BLE001 - CUDA graphs need every node on the GPU; without them, retry once
+                failure = str(error).splitlines()[0]
+                log.info("%s: onnxruntime refused CUDA graphs (%s); loading without them", info.name, failure)
+        if session is None:
+            raise EngineError(f"cannot load {info.name} from '{path}' on CUDA: {failure}")
         if "CUDAExecutionProvider" not in session.get_providers():
             raise EngineError(f"{info.name}: onnxruntime fell back to the CPU (is onnxruntime-gpu installed, and CUDA 12/13 found?)")
         _check_session_matches(session, info)
@@ -217,7 +234,9 @@ def build_plan(info: ComponentInfo, onnx_path: Path, profile, timing_cache: Path
         raise EngineError(f"{info.name}: TensorRT cannot parse {onnx_path.name}: {errors or 'unknown error'}")
     config = builder.create_builder_config()
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        report(f"tensorrt {info.name}: the timing cache {timing_cache} does not fit this GPU or TensorRT; starting a new one")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     shapes = builder.create_optimization_profile()
     for name, low, optimal, high in profile:
         shapes.set_shape(name, low, optimal, high)
@@ -251,15 +270,21 @@ class TrtEngine(Engine):
             self.buffers[spec.name] = DeviceBuffer(largest, dtype)
             self.context.set_tensor_address(spec.name, self.buffers[spec.name].pointer)
         self._graphs: dict[tuple, object] = {}
+        self._shapes: dict[str, tuple] = {}  # the context's input shapes now
+        self._enqueued_shapes: dict[str, tuple] = {}  # the shapes of the last eager run (a graph replays only after one)
         self._loop = None
 
     def _enqueue(self) -> None:
         if not self.context.execute_async_v3(self.stream.pointer):
             raise EngineError(f"{self.info.name}: TensorRT execution failed")
+        self._enqueued_shapes = dict(self._shapes)
 
     def _set_inputs(self, feeds: dict[str, np.ndarray]) -> None:
         for name, value in feeds.items():
-            self.context.set_input_shape(name, tuple(value.shape))
+            if tuple(value.shape) != self._shapes.get(name):
+                if not self.context.set_input_shape(name, tuple(value.shape)):
+                    raise EngineError(f"{self.info.name}: TensorRT refused shape {tuple(value.shape)} for '{name}'")
+                self._shapes[name] = tuple(value.shape)
             self.buffers[name].upload(value, self.stream)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -281,10 +306,12 @@ class TrtEngine(Engine):
         self._set_inputs(self.check_feeds({"sample": sample, "timestep": np.full((rows,), table.timesteps[0], np.float32),
                                            "encoder_hidden_states": inputs.hidden}))
         shape = tuple(inputs.hidden.shape)
+        if shape not in self._graphs or self._enqueued_shapes != self._shapes:
+            # TensorRT updates its state lazily on the first run after a shape change; a graph replays only after one
+            self._enqueue()
+            self.stream.synchronize()  # that run reads the inputs and writes only the output: evaluation 0's input stays
         if shape not in self._graphs:
-            self._enqueue()  # TensorRT allocates lazily on the first run; capture after it
-            self.stream.synchronize()
-            self._graphs[shape] = CudaGraph(self.stream, self._enqueue)  # captured, not run: the inputs stay evaluation 0's
+            self._graphs[shape] = CudaGraph(self.stream, self._enqueue)  # captured, not run
         if self._loop is None:
             self._loop = GpuLoop(self.stream, kernels, inputs.x.shape)
         stride = int(np.prod(self.info.input("sample").shape[1:]))

@@ -55,6 +55,8 @@ class GpuLoop:
                 args.states = Pointers(*(b.pointer for b in states))
                 args.estimates = Pointers(estimates[-1].pointer, *(b.pointer for b in estimates[: HISTORY - 1]))
                 args.estimate_out, args.state_out = estimates[-1].pointer, states[-1].pointer
+                if scalars.draw >= 0 and noise is None:
+                    raise EngineError(f"the sampler draws noise at evaluation {j}, but the loop was given none")
                 args.noise = noise.pointer + scalars.draw * draw_bytes if scalars.draw >= 0 else None
                 args.state_coeffs, args.estimate_coeffs = Coefficients(*scalars.state_coeffs), Coefficients(*scalars.estimate_coeffs)
                 args.noise_coeff, args.c_skip, args.c_out = scalars.noise_coeff, scalars.c_skip, scalars.c_out

@@ -127,3 +127,12 @@ def test_nan_guard_names_the_stage(tiny_fp16_engine, tmp_path):
     assert result.returncode != 0 and "U-Net produced NaN or inf" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_every_file_is_as_readable_as_the_umask_allows(tiny_fp16_engine):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in tiny_fp16_engine.rglob("*"):
+        assert path.stat().st_mode & 0o777 == ((0o777 if path.is_dir() else 0o666) & ~umask), path

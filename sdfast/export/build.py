@@ -97,6 +97,8 @@ def export_engine(request: ExportRequest, progress: Progress = lambda _: None) -
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the engine dir should not be
     try:
         manifest = _build(request, recipe, folder, builtin, staging, progress)
+        for written in staging.rglob("*"):  # some writers (large external-data files) create 0600; an engine dir is shared
+            os.chmod(written, (0o777 if written.is_dir() else 0o666) & ~umask)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")  # last: the dir now loads
         _replace_dir(staging, out)
     except BaseException:

@@ -176,9 +176,6 @@ def measure_torch(engine: Path, repeat: int, steps: int, peak_fp32: float | None
         sync()
     end_to_end = time_ms(whole, max(1, min(repeat, 3)), warmup=0)
     rows.append(_row("end_to_end", end_to_end))
-    if in_loop:
-        rows.append(_row("unet_step_in_loop", Summary.of(in_loop), note="U-Net (CUDA graph) and the sampler kernel, per evaluation"))
-        rows.append(_row("host_queue_per_step", Summary.of(queued), note="the GPU waits on the host only if this exceeds the step"))
     unet_flops = manifest.data["components"]["unet"].get("flops", {}).get("per_call")
     engine_ms = stages["text_encoder"].median + steps * stages["unet_step_cfg"].median + stages["vae_decode"].median
     rows += _derived_rows(stages, (end_to_end.median - engine_ms) / steps, "end to end minus the stage medians, over the steps (noisy)",

@@ -31,6 +31,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "peak_rss": ("MiB", "peak RSS"),
     "peak_device_memory": ("MiB", "peak device memory"),
 }
+GPU_ONLY_METRICS = ("peak_device_memory", "unet_step_in_loop", "host_queue_per_step")  # rows a CPU backend does not have
 STAGES = ("text_encoder", "unet_step_cfg", "unet_step", "vae_decode", "vae_encode")  # the plot's bars
 CSV_COLUMNS = ("date", "cpu", "cores", "model", "height", "width", "batch", "steps", "precision",
                "backend", "metric", "unit", "median", "p90", "min", "max", "n", "note")

@@ -38,6 +38,20 @@ def check_output_path(path: Path) -> None:
         raise RequestError(f"cannot write '{path}': permission denied")
 
 
+def png_bytes(pixels: np.ndarray, parameters: str) -> bytes:
+    """[H, W, 3] uint8 -> PNG bytes with the A1111 'parameters' text chunk (deterministic: same pixels, same bytes)."""
+    import io
+
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    out = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(out, format="PNG", pnginfo=info)
+    return out.getvalue()
+
+
 def save_png(pixels: np.ndarray, path: Path, parameters: str) -> None:
     """Write [H, W, 3] uint8 as PNG with a 'parameters' text chunk; atomically, so no half-written file remains."""
     from PIL import Image
@@ -74,10 +88,10 @@ def _open_image(path: Path, label: str):
                 image = ImageOps.exif_transpose(image)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise RequestError(f"{label} '{path}' is not a readable image ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
-    if image.mode.startswith("I;16"):  # 16-bit: scale to 8 bits (Pillow's convert would clip at 255)
-        image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257.0).round().astype(np.uint8), mode="L")
-    elif image.mode in ("I", "F"):
-        raise RequestError(f"{label} '{path}' has 32-bit {'integer' if image.mode == 'I' else 'float'} pixels; save it as 8- or 16-bit")
+    try:
+        image = _eight_bit(image)
+    except RequestError as error:
+        raise RequestError(f"{label} '{path}': {error}") from None
     return image
 
 
@@ -93,14 +107,35 @@ def _fit(image, width: int, height: int, label: str, warnings: list[str]):
 
 def load_init_image(path: Path, width: int, height: int, warnings: list[str]) -> np.ndarray:
     """An image file -> [1, 3, H, W] float32 in [-1, 1] at the engine's size (RGB; alpha is dropped)."""
-    image = _fit(_open_image(path, "init image").convert("RGB"), width, height, "init image", warnings)
+    return init_image_array(_open_image(path, "init image"), width, height, warnings)
+
+
+def load_mask(path: Path, width: int, height: int, warnings: list[str]) -> np.ndarray:
+    """A mask image file (white = repaint, black = keep) -> [1, 1, H, W] float32 of 0 and 1."""
+    return mask_array(_open_image(path, "mask"), width, height, warnings)
+
+
+def _eight_bit(image):
+    """16-bit greyscale scaled to 8 bits (Pillow's convert would clip at 255); 32-bit pixels refused."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(image, dtype=np.float32) / 257.0).round().astype(np.uint8), mode="L")
+    if image.mode in ("I", "F"):
+        raise RequestError(f"the image has 32-bit {'integer' if image.mode == 'I' else 'float'} pixels; save it as 8- or 16-bit")
+    return image
+
+
+def init_image_array(image, width: int, height: int, warnings: list[str]) -> np.ndarray:
+    """A PIL image -> [1, 3, H, W] float32 in [-1, 1] at the engine's size (RGB; alpha is dropped)."""
+    image = _fit(_eight_bit(image).convert("RGB"), width, height, "init image", warnings)
     pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)  # pixels: [H, W, 3] in [0, 1]
     return (pixels.transpose(2, 0, 1)[None] * np.float32(2.0) - np.float32(1.0)).astype(np.float32)
 
 
-def load_mask(path: Path, width: int, height: int, warnings: list[str]) -> np.ndarray:
-    """A mask image (white = repaint, black = keep) -> [1, 1, H, W] float32 of 0 and 1, as diffusers' mask processor."""
-    image = _fit(_open_image(path, "mask").convert("L"), width, height, "mask", warnings)
+def mask_array(image, width: int, height: int, warnings: list[str]) -> np.ndarray:
+    """A PIL mask (white = repaint, black = keep) -> [1, 1, H, W] float32 of 0 and 1, as diffusers' mask processor."""
+    image = _fit(_eight_bit(image).convert("L"), width, height, "mask", warnings)
     values = np.asarray(image, dtype=np.float32) / np.float32(255.0)  # values: [H, W] in [0, 1]
     mask = (values >= 0.5).astype(np.float32)[None, None]
     if not mask.any():

@@ -53,6 +53,7 @@ class GenerationRequest:
     mask: np.ndarray | None = None  # [1, 1, H, W] of 0 and 1, 1 = repaint (images.load_mask): inpainting
     strength: float | None = None  # img2img denoising strength; None: 0.75 (A1111), 1.0 on a 9-channel inpainting engine
     eta: float = 0.0  # DDIM's eta: 0 is deterministic DDIM, 1 adds DDPM-like noise from the seed's generator
+    seeds: list[int] | None = None  # one seed per image (batch_size x n_iter), instead of seed, seed + 1, ... (the server's micro-batches)
 
 
 @dataclass
@@ -163,6 +164,11 @@ class Pipeline:
 
     # -- request checks -------------------------------------------------------------------------------
 
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise RequestError for anything this engine cannot serve, without running it (the server checks before queuing)."""
+        self._check(request)
+        resolve_sampler(request.sampler).plan(self.scheduler_config, self.schedule, request.steps)
+
     def _check(self, request: GenerationRequest) -> int:
         height = request.height if request.height is not None else self.height
         width = request.width if request.width is not None else self.width
@@ -191,6 +197,9 @@ class Pipeline:
             raise RequestError("this engine was exported without classifier-free guidance (--no-guidance): use cfg scale 1")
         if not isinstance(request.seed, int) or request.seed < 0:
             raise RequestError(f"seed must be an integer >= 0, not {request.seed}")
+        if request.seeds is not None and (len(request.seeds) != batch * request.n_iter
+                                          or not all(isinstance(s, int) and s >= 0 for s in request.seeds)):
+            raise RequestError(f"seeds must be {batch * request.n_iter} integers >= 0, one per image")
         if not isinstance(request.eta, (int, float)) or not 0.0 <= request.eta <= 1.0:
             raise RequestError(f"eta must be from 0.0 to 1.0, not {request.eta}")
         sampler = resolve_sampler(request.sampler)
@@ -354,7 +363,8 @@ class Pipeline:
 
         total_steps = plan.steps * request.n_iter
         for iteration in range(request.n_iter):
-            seeds = [request.seed + iteration * batch + i for i in range(batch)]
+            seeds = ([request.seeds[iteration * batch + i] for i in range(batch)] if request.seeds is not None
+                     else [request.seed + iteration * batch + i for i in range(batch)])
             done = iteration * plan.steps
             progress = (lambda i, _x, done=done: on_step(done + i + 1, total_steps)) if on_step else None
             x = self._sample(request, spec, plan, hidden, use_cfg, seeds, source, strength, timings, progress)

@@ -1,0 +1,85 @@
+"""sdfast serve: the AUTOMATIC1111 and OpenAI images APIs over one engine dir, on uvicorn."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from sdfast.errors import ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("engine_dir", type=Path, help="an engine dir written by 'sdfast export'")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs --api-key)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860, as A1111)")
+    parser.add_argument("--backend", default="cpu", help="cpu, cuda or tensorrt (default cpu)")
+    parser.add_argument("--max-queue", type=int, default=16, help="jobs that may wait; more get 429 with Retry-After (default 16)")
+    parser.add_argument("--api-key", default=os.environ.get("SDFAST_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' (default: $SDFAST_API_KEY); needed to bind beyond loopback")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds a request may wait and run before 504 (default 300)")
+    parser.add_argument("--verify", choices=("full", "size"), default="full", help="check the engine files' sha256 (full) or sizes")
+    parser.add_argument("--quiet", action="store_true", help="no access log on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sdfast.serve.app import is_loopback
+
+    if not is_loopback(args.host) and not args.api_key:
+        raise ConfigError(f"refusing to bind {args.host} without --api-key: beyond loopback anyone could use this server")
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port {args.port} is not a port number")
+    if args.max_queue < 1 or args.timeout <= 0:
+        raise ConfigError("--max-queue must be at least 1 and --timeout above 0")
+    if args.api_key is not None and len(args.api_key) < 8:
+        raise ConfigError("--api-key must be at least 8 characters")
+
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"sdfast serve needs {', '.join(missing)}: pip install 'sdfast[serve]'")
+    import uvicorn
+
+    from sdfast.runtime.pipeline import Pipeline
+    from sdfast.serve.app import ServeSettings, create_app, wrap
+
+    _check_port_free(args.host, args.port)
+    pipeline = Pipeline.load(args.engine_dir, backend=args.backend, verify=args.verify)  # a bad engine dir fails before binding
+    settings = ServeSettings(max_queue=args.max_queue, api_key=args.api_key, request_timeout_s=args.timeout)
+    access = logging.getLogger("sdfast.access")
+    access.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    if not access.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+    access.propagate = False
+    lifecycle = logging.getLogger("sdfast.serve")
+    if not lifecycle.handlers:
+        lifecycle.addHandler(logging.StreamHandler(sys.stderr))
+    lifecycle.propagate = False
+    print(f"sdfast serve: {pipeline.manifest.model_name} {pipeline.width}x{pipeline.height} on {args.backend}, "
+          f"http://{args.host}:{args.port} (A1111 /sdapi/v1, OpenAI /v1/images)", file=sys.stderr, flush=True)
+    config = uvicorn.Config(wrap(create_app(pipeline, settings), settings), host=args.host, port=args.port, access_log=False,
+                            log_level="warning", timeout_graceful_shutdown=int(settings.shutdown_grace_s), lifespan="on")
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 2
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a taken or unbindable address in one line, before the engine loads."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise ConfigError(f"cannot resolve --host {host}: {error.strerror}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror}") from None

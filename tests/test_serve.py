@@ -1,0 +1,312 @@
+"""sdfast serve over real HTTP on loopback, driven by the clients people use: webuiapi (A1111) and openai."""
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+webuiapi = pytest.importorskip("webuiapi")
+openai = pytest.importorskip("openai")
+
+API_KEY = "test-key-123456"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    def __init__(self, engine: Path, *args: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"sdfast-serve-{self.port}.log", "w+")
+        self.process = subprocess.Popen([sys.executable, "-m", "sdfast", "serve", str(engine), "--port", str(self.port), "--verify", "size", *args],
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.output()}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError("server did not become ready")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> bool:
+        """SIGTERM, then True if the server shut down gracefully (uvicorn re-raises the signal once it is done)."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=60)
+            return code in (0, -signal.SIGTERM) and "sdfast serve: stopped" in self.output()
+        finally:
+            self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    running = Server(tiny_engine)
+    yield running
+    assert running.stop()
+
+
+@pytest.fixture(scope="module")
+def api(server):
+    return webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+
+
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_txt2img_same_seed_same_bytes_and_a_different_seed_differs(server, api):
+    first = api.txt2img(prompt="a red bicycle", negative_prompt="blurry", seed=1234, steps=4, width=64, height=64, sampler_name="Euler a")
+    again = api.txt2img(prompt="a red bicycle", negative_prompt="blurry", seed=1234, steps=4, width=64, height=64, sampler_name="Euler a")
+    other = api.txt2img(prompt="a red bicycle", negative_prompt="blurry", seed=1235, steps=4, width=64, height=64, sampler_name="Euler a")
+    assert first.json["images"][0] == again.json["images"][0]  # byte-identical PNGs
+    assert first.json["images"][0] != other.json["images"][0]
+    assert first.image.size == (64, 64) and np.asarray(first.image).std() > 0
+    assert first.info["seed"] == 1234 and first.info["all_seeds"] == [1234]
+    assert "Seed: 1234" in first.info["infotexts"][0] and "Sampler: Euler a" in first.info["infotexts"][0]
+    assert first.image.info.get("parameters") == first.info["infotexts"][0]  # the PNG carries its infotext
+    assert first.parameters["prompt"] == "a red bicycle"
+
+
+def test_seed_minus_one_picks_a_seed_and_reports_it(api):
+    result = api.txt2img(prompt="x", seed=-1, steps=2, width=64, height=64)
+    assert 0 <= result.info["seed"] < 2**32
+
+
+def test_batch_and_clip_skip_through_override_settings(api):
+    result = api.txt2img(prompt="x", seed=7, steps=2, width=64, height=64, batch_size=2, n_iter=2,
+                         override_settings={"CLIP_stop_at_last_layers": 2})
+    assert len(result.images) == 4 and result.info["all_seeds"] == [7, 8, 9, 10] and result.info["clip_skip"] == 2
+    assert "Clip skip: 2" in result.info["infotexts"][0]
+
+
+def test_img2img(api):
+    source = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    result = api.img2img(images=[source], prompt="a painting", seed=3, steps=4, denoising_strength=0.5, width=64, height=64)
+    assert result.image.size == (64, 64) and "Denoising strength: 0.5" in result.info["infotexts"][0]
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    inpainted = api.img2img(images=[source], mask_image=mask, prompt="a painting", seed=3, steps=4, denoising_strength=0.75,
+                            width=64, height=64)
+    assert inpainted.image.size == (64, 64)
+
+
+def test_samplers_models_options(api, server):
+    names = {s["name"] for s in api.get_samplers()}
+    assert {"Euler", "Euler a", "DPM++ 2M Karras", "DDIM", "UniPC", "LMS"} <= names
+    (model,) = api.get_sd_models()
+    assert model["model_name"] == "tiny" and model["title"] in api.util_get_model_names()
+    assert "/" not in model["filename"]  # no server path leaks
+    options = api.get_options()
+    assert options["CLIP_stop_at_last_layers"] == 1
+    assert api.set_options({"CLIP_stop_at_last_layers": 2}) is True
+    assert api.get_options()["CLIP_stop_at_last_layers"] == 2
+    api.set_options({"CLIP_stop_at_last_layers": 1})
+    assert httpx.post(f"{server.url}/sdapi/v1/options", json={"sd_model_checkpoint": "other"}).status_code == 422
+
+
+def test_openai_images_generate(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    result = client.images.generate(model="sdfast", prompt="a lighthouse", n=2, size="64x64", response_format="b64_json")
+    images = [Image.open(io.BytesIO(base64.b64decode(item.b64_json))) for item in result.data]
+    assert len(images) == 2 and all(i.size == (64, 64) for i in images)
+    assert np.abs(np.asarray(images[0], dtype=int) - np.asarray(images[1])).max() > 0  # two seeds
+    by_url = client.images.generate(model="sdfast", prompt="a lighthouse", n=1, size="64x64", response_format="url")
+    fetched = httpx.get(by_url.data[0].url)
+    assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(fetched.content)).size == (64, 64)
+    assert httpx.get(f"{server.url}/v1/images/files/nope.png").status_code == 404
+    with pytest.raises(openai.APIStatusError) as refused:  # 4xx the client understands
+        client.images.generate(model="sdfast", prompt="x", size="1024x1024")
+    assert refused.value.status_code == 422
+
+
+BAD_A1111 = [
+    ({"steps": 0}, "steps"), ({"steps": 100000}, "steps"), ({"width": 60}, "width"), ({"width": 128}, "width"),
+    ({"height": 72}, "height"), ({"sampler_name": "Euler z"}, "sampler_name"), ({"prompt": "p" * 20001}, "prompt"),
+    ({"batch_size": 64}, "batch_size"), ({"n_iter": 64}, "n_iter"), ({"batch_size": 8, "n_iter": 8}, "batch_size"),
+    ({"seed": "one"}, "seed"), ({"cfg_scale": "NaN"}, "cfg_scale"), ({"enable_hr": True}, "enable_hr"),
+    ({"override_settings": {"CLIP_stop_at_last_layers": 40}}, "override_settings.CLIP_stop_at_last_layers"),
+    ({"eta": 0.3, "sampler_name": "Euler"}, "eta"), ({"scheduler": "polyexponential"}, "scheduler"),
+]
+
+
+@pytest.mark.parametrize("change,field", BAD_A1111)
+def test_bad_txt2img_fields_get_422_naming_the_field(server, change, field):
+    response = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 64, "height": 64, **change})
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+
+
+def test_malformed_bodies_and_images_are_4xx_and_the_server_stays_up(server):
+    post = lambda path, **kw: httpx.post(f"{server.url}{path}", timeout=30, **kw)  # noqa: E731
+    assert post("/sdapi/v1/txt2img", content=b"{nope", headers={"content-type": "application/json"}).status_code == 400
+    assert post("/sdapi/v1/txt2img", content=b"[1, 2]", headers={"content-type": "application/json"}).status_code == 422
+    base = {"prompt": "x", "steps": 2, "width": 64, "height": 64}
+    bad_b64 = post("/sdapi/v1/img2img", json={**base, "init_images": ["***"]})
+    assert bad_b64.status_code == 422 and bad_b64.json()["field"] == "init_images"
+    not_image = post("/sdapi/v1/img2img", json={**base, "init_images": [base64.b64encode(b"plain text").decode()]})
+    assert not_image.status_code == 422 and "readable image" in not_image.json()["error"]
+    good = base64.b64encode(_png(Image.new("RGB", (64, 64), "white"))).decode()
+    bad_mask = post("/sdapi/v1/img2img", json={**base, "init_images": [good], "mask": "data:image/png;base64,@@"})
+    assert bad_mask.status_code == 422 and bad_mask.json()["field"] == "mask"
+    assert post("/sdapi/v1/img2img", json=base).json()["field"] == "init_images"
+    assert post("/sdapi/v1/txt2img", content=b" " * (49 << 20), headers={"content-type": "application/json"}).status_code == 413
+    assert post("/v1/images/generations", json={"prompt": "x", "n": 11}).json()["field"] == "n"
+    assert post("/v1/images/generations", json={"prompt": "x", "size": "big"}).json()["field"] == "size"
+    assert post("/v1/images/generations", json={"n": 1}).json()["field"] == "prompt"
+    assert post("/v1/images/generations", json={"prompt": "x", "response_format": "file:///etc/passwd"}).status_code == 422
+    assert post("/sdapi/v1/txt2img", json={**base, "init_images": ["/etc/passwd"]}).status_code == 200  # ignored: txt2img has no init image
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+
+
+def test_eight_concurrent_requests_all_succeed(server):
+    def one(seed):
+        return httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "seed": seed, "steps": 3, "width": 64, "height": 64}, timeout=120)
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(one, range(8)))
+    assert [r.status_code for r in responses] == [200] * 8
+    assert [json.loads(r.json()["info"])["seed"] for r in responses] == list(range(8))
+    assert len({r.json()["images"][0] for r in responses}) == 8
+
+
+def test_interrupt_stops_the_running_job_and_frees_the_slot(server, api):
+    outcome = {}
+
+    def long_job():
+        outcome["response"] = httpx.post(f"{server.url}/sdapi/v1/txt2img",
+                                         json={"prompt": "x", "steps": 150, "n_iter": 16, "width": 64, "height": 64}, timeout=120)
+
+    thread = threading.Thread(target=long_job)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and api.get_progress()["state"]["sampling_step"] == 0:
+        time.sleep(0.05)
+    progress = api.get_progress()
+    assert progress["state"]["sampling_steps"] == 150 * 16 and 0 < progress["progress"] < 1
+    started = time.monotonic()
+    api.interrupt()
+    thread.join(timeout=60)
+    assert time.monotonic() - started < 10, "interrupt did not stop the job"
+    assert outcome["response"].status_code == 409 and "interrupted" in outcome["response"].json()["error"]
+    assert api.txt2img(prompt="after", seed=1, steps=2, width=64, height=64).image.size == (64, 64)
+
+
+def test_metrics_report_queue_latency_and_statuses(server):
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("sdfast_queue_depth", "sdfast_in_flight", "sdfast_stage_seconds_bucket{le=", 'stage="unet_step"',
+                 'sdfast_requests_total{endpoint="/sdapi/v1/txt2img",status="200"}', 'status="422"'):
+        assert name in text, name
+
+
+def test_access_log_is_structured(server):
+    httpx.get(f"{server.url}/health")
+    lines = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
+    assert any(line["path"] == "/health" and line["status"] == 200 and "ms" in line for line in lines)
+
+
+def test_full_queue_answers_429_with_retry_after(tiny_engine):
+    slow = Server(tiny_engine, "--max-queue", "1")
+    try:
+        body = {"prompt": "x", "steps": 60, "width": 64, "height": 64}
+        with ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(lambda _: httpx.post(f"{slow.url}/sdapi/v1/txt2img", json=body, timeout=120), range(6)))
+        statuses = sorted(r.status_code for r in responses)
+        assert 200 in statuses and 429 in statuses and set(statuses) <= {200, 429}, statuses
+        refused = next(r for r in responses if r.status_code == 429)
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert httpx.get(f"{slow.url}/health").status_code == 200
+    finally:
+        assert slow.stop()
+
+
+def test_api_key_rules(tiny_engine):
+    refused = subprocess.run([sys.executable, "-m", "sdfast", "serve", str(tiny_engine), "--host", "0.0.0.0", "--port", str(_free_port())],
+                             capture_output=True, text=True, timeout=60, env={k: v for k, v in os.environ.items() if k != "SDFAST_API_KEY"})
+    assert refused.returncode == 2 and "refusing to bind 0.0.0.0 without --api-key" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    keyed = Server(tiny_engine, "--api-key", API_KEY)
+    try:
+        body = {"prompt": "x", "steps": 2, "width": 64, "height": 64}
+        assert httpx.post(f"{keyed.url}/sdapi/v1/txt2img", json=body).status_code == 401
+        assert httpx.post(f"{keyed.url}/sdapi/v1/txt2img", json=body, headers={"Authorization": "Bearer wrong-key-000"}).status_code == 401
+        assert httpx.post(f"{keyed.url}/sdapi/v1/txt2img", json=body, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+        assert httpx.get(f"{keyed.url}/health").status_code == 200  # probes stay open
+        client = openai.OpenAI(base_url=f"{keyed.url}/v1", api_key=API_KEY)  # the openai client sends the Bearer header
+        assert len(client.images.generate(prompt="x", n=1, size="64x64").data) == 1
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{keyed.url}/v1", api_key="wrong-key-000").images.generate(prompt="x", size="64x64")
+    finally:
+        assert keyed.stop()
+
+
+def test_graceful_shutdown_finishes_the_running_request(tiny_engine):
+    server = Server(tiny_engine)
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("r", httpx.post(
+        f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 100, "width": 64, "height": 64}, timeout=120)))
+    thread.start()
+    time.sleep(0.5)
+    assert server.stop()
+    thread.join(timeout=60)
+    assert outcome["r"].status_code == 200 and len(outcome["r"].json()["images"]) == 1
+
+
+def test_micro_batching_merges_requests_that_differ_only_in_seed(tiny_engine_batch2_unguided):
+    server = Server(tiny_engine_batch2_unguided)
+    try:
+        body = {"prompt": "a boat", "steps": 40, "cfg_scale": 1.0, "width": 64, "height": 64}
+        httpx.post(f"{server.url}/sdapi/v1/txt2img", json={**body, "seed": 99}, timeout=60)  # warm up
+        with ThreadPoolExecutor(3) as pool:
+            responses = list(pool.map(lambda seed: httpx.post(f"{server.url}/sdapi/v1/txt2img", json={**body, "seed": seed}, timeout=120),
+                                      [10, 11, 12]))
+        assert [r.status_code for r in responses] == [200] * 3
+        metrics = httpx.get(f"{server.url}/metrics").text
+        merged = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("sdfast_merged_jobs ")))
+        assert merged >= 2, "two queued requests with the same prompt should have shared one engine batch"
+        alone = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={**body, "seed": 12}, timeout=60)
+        merged_image = np.asarray(Image.open(io.BytesIO(base64.b64decode(responses[2].json()["images"][0]))), dtype=int)
+        alone_image = np.asarray(Image.open(io.BytesIO(base64.b64decode(alone.json()["images"][0]))), dtype=int)
+        assert np.abs(merged_image - alone_image).max() <= 1  # a seed gives its image whichever batch it ran in
+    finally:
+        assert server.stop()
+
+
+def test_cli_errors_are_one_line(server, tmp_path):
+    for args, message in (([str(tmp_path / "missing")], "does not exist"),
+                          ([str(server_engine(server)), "--port", str(server.port)], f"cannot listen on 127.0.0.1:{server.port}"),
+                          ([str(server_engine(server)), "--port", "0"], "is not a port number"),
+                          ([str(server_engine(server)), "--api-key", "short"], "at least 8 characters")):
+        done = subprocess.run([sys.executable, "-m", "sdfast", "serve", *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def server_engine(server) -> str:
+    return server.process.args[4]

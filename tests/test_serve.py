@@ -177,10 +177,25 @@ def test_malformed_bodies_and_images_are_4xx_and_the_server_stays_up(server):
     assert bad_mask.status_code == 422 and bad_mask.json()["field"] == "mask"
     assert post("/sdapi/v1/img2img", json=base).json()["field"] == "init_images"
     assert post("/sdapi/v1/txt2img", content=b" " * (49 << 20), headers={"content-type": "application/json"}).status_code == 413
-    assert post("/v1/images/generations", json={"prompt": "x", "n": 11}).json()["field"] == "n"
-    assert post("/v1/images/generations", json={"prompt": "x", "size": "big"}).json()["field"] == "size"
-    assert post("/v1/images/generations", json={"n": 1}).json()["field"] == "prompt"
-    assert post("/v1/images/generations", json={"prompt": "x", "response_format": "file:///etc/passwd"}).status_code == 422
+    openai_error = lambda body: post("/v1/images/generations", json=body).json()["error"]  # noqa: E731 - OpenAI's error shape
+    assert openai_error({"prompt": "x", "n": 11})["param"] == "n"
+    assert openai_error({"prompt": "x", "size": "big"})["param"] == "size"
+    assert openai_error({"n": 1})["param"] == "prompt"
+    assert openai_error({"prompt": "x", "response_format": "file:///etc/passwd"})["type"] == "invalid_request_error"
+    chunks = (b" " * (1 << 20) for _ in range(49))  # no Content-Length: refused while streaming
+    try:
+        assert post("/sdapi/v1/options", content=chunks, headers={"content-type": "application/json"}).status_code == 413
+    except (httpx.ReadError, httpx.WriteError):
+        pass  # the 413 went out mid-upload and the server closed; a client still sending sees the reset instead
+    assert post("/sdapi/v1/options", content=b"[" * 200000 + b"]" * 200000).status_code == 400
+    huge = Image.new("L", (5000, 5000))
+    big = post("/sdapi/v1/img2img", json={**base, "init_images": [base64.b64encode(_png(huge)).decode()]})
+    assert big.status_code == 413 and big.json()["field"] == "init_images"
+    assert post("/sdapi/v1/txt2img", content=json.dumps({**base, "seed": 5}).encode()).status_code == 200  # no Content-Type, as A1111
+    assert post("/sdapi/v1/txt2img", json={**base, "prompt": None, "sampler_name": None, "seed": None}).status_code == 200  # null = default
+    late = post("/sdapi/v1/img2img", json={**base, "init_images": [good], "denoising_strength": 0.01})
+    assert late.status_code == 422 and late.json()["field"] == "denoising_strength"
+    assert httpx.get(f"{server.url}/nowhere").json() == {"error": "Not Found"}
     assert post("/sdapi/v1/txt2img", json={**base, "init_images": ["/etc/passwd"]}).status_code == 200  # ignored: txt2img has no init image
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
 
@@ -216,6 +231,32 @@ def test_interrupt_stops_the_running_job_and_frees_the_slot(server, api):
     assert time.monotonic() - started < 10, "interrupt did not stop the job"
     assert outcome["response"].status_code == 409 and "interrupted" in outcome["response"].json()["error"]
     assert api.txt2img(prompt="after", seed=1, steps=2, width=64, height=64).image.size == (64, 64)
+
+
+def test_client_disconnect_frees_the_slot(server, api):
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 150, "n_iter": 16, "width": 64, "height": 64}, timeout=1.0)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and api.get_progress()["state"]["job"]:
+        time.sleep(0.1)
+    assert api.get_progress()["state"]["job"] == "", "the abandoned job still holds the engine"
+
+
+def test_identical_queued_img2img_jobs_can_be_interrupted(server, api):
+    """Jobs are told apart by identity: two equal img2img requests (arrays inside) must not confuse the queue."""
+    source = base64.b64encode(_png(Image.new("RGB", (64, 64), "gray"))).decode()
+    body = {"prompt": "x", "seed": 42, "steps": 150, "n_iter": 16, "width": 64, "height": 64, "init_images": [source], "denoising_strength": 1.0}
+    with ThreadPoolExecutor(2) as pool:
+        pending = [pool.submit(httpx.post, f"{server.url}/sdapi/v1/img2img", json=body, timeout=120) for _ in range(2)]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and api.get_progress()["state"]["sampling_step"] == 0:
+            time.sleep(0.05)
+        for _ in range(2):
+            assert httpx.post(f"{server.url}/sdapi/v1/interrupt").status_code == 200
+            time.sleep(0.5)
+        statuses = sorted(f.result().status_code for f in pending)
+    assert statuses == [409, 409], statuses
+    assert httpx.get(f"{server.url}/ready").status_code == 200
 
 
 def test_metrics_report_queue_latency_and_statuses(server):

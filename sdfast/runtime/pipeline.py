@@ -166,8 +166,23 @@ class Pipeline:
 
     def validate(self, request: GenerationRequest) -> None:
         """Raise RequestError for anything this engine cannot serve, without running it (the server checks before queuing)."""
-        self._check(request)
-        resolve_sampler(request.sampler).plan(self.scheduler_config, self.schedule, request.steps)
+        self._prepare(request)
+
+    def _prepare(self, request: GenerationRequest):
+        """(batch, sampler spec, plan from the first step that runs, img2img strength or None), or RequestError."""
+        batch = self._check(request)
+        spec = resolve_sampler(request.sampler)
+        plan = spec.plan(self.scheduler_config, self.schedule, request.steps)  # refuses what it cannot do, before any work
+        strength = self._strength(request)
+        if strength is not None:
+            # diffusers' get_timesteps: the last int(steps * strength) steps run, starting from the noised image
+            start_step = request.steps - min(int(request.steps * strength), request.steps)
+            if not spec.starts_late and start_step > 0:
+                raise RequestError(f"{spec.a1111_name} cannot start part-way through its schedule, as img2img and inpainting need; choose another sampler")
+            if start_step >= plan.steps:
+                raise RequestError(f"strength {strength} with {request.steps} steps leaves no step to run (steps x strength must be >= 1)")
+            plan = plan.starting_at(start_step)
+        return batch, spec, plan, strength
 
     def _check(self, request: GenerationRequest) -> int:
         height = request.height if request.height is not None else self.height
@@ -333,19 +348,7 @@ class Pipeline:
         The request is checked, and the prompt (and init image) encoded, before the first batch; the first result carries
         those stages' timings and every warning.
         """
-        batch = self._check(request)
-        spec = resolve_sampler(request.sampler)
-        plan = spec.plan(self.scheduler_config, self.schedule, request.steps)  # refuses what it cannot do, before any work
-        strength = self._strength(request)
-        start_step = 0
-        if strength is not None:
-            # diffusers' get_timesteps: the last int(steps * strength) steps run, starting from the noised image
-            start_step = request.steps - min(int(request.steps * strength), request.steps)
-            if not spec.starts_late and start_step > 0:
-                raise RequestError(f"{spec.a1111_name} cannot start part-way through its schedule, as img2img and inpainting need; choose another sampler")
-            if start_step >= plan.steps:
-                raise RequestError(f"strength {strength} with {request.steps} steps leaves no step to run (steps x strength must be >= 1)")
-            plan = plan.starting_at(start_step)
+        batch, spec, plan, strength = self._prepare(request)
         started = time.perf_counter()
         timings, warnings = StageTimings(), []
         use_cfg = self.guidance and request.cfg_scale > 1  # as diffusers: guidance only above 1

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from sdfast import __version__
@@ -36,6 +37,7 @@ from sdfast.serve.worker import Cancelled, QueueFull, Worker
 
 access_log = logging.getLogger("sdfast.access")
 OPEN_PATHS = ("/health", "/ready")  # probes need no key
+OPEN_PREFIXES = ("/v1/images/files/",)  # response_format=url images: their unguessable token is the credential
 CANCEL_STATUS = {"interrupted": 409, "the client disconnected": 499, "the server is shutting down": 503}
 
 
@@ -49,8 +51,13 @@ class ServeSettings:
     shutdown_grace_s: float = 30.0
 
 
-def _error(status: int, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
-    body = {"error": message, **({"field": field} if field else {})}
+def _error(status: int, message: str, field: str | None = None, headers: dict | None = None, path: str = "") -> JSONResponse:
+    """A1111 routes: {"error", "field"}; OpenAI routes: OpenAI's {"error": {"message", "type", "param", "code"}}."""
+    if path.startswith("/v1/"):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        body = {"error": {"message": message, "type": kind, "param": field, "code": None}}
+    else:
+        body = {"error": message, **({"field": field} if field else {})}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -92,33 +99,83 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        too_large = _error(413, f"request body over {self.limit >> 20} MiB", "body", path=scope.get("path", ""))
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            return await _error(413, f"request body over {self.limit >> 20} MiB", "body")(scope, receive, send)
-        seen, started = 0, False
+            return await too_large(scope, receive, send)
+        seen, started, refused = 0, False, False
 
         async def limited_receive():
-            nonlocal seen
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge()
+            if seen > self.limit:  # answer now; the app sees a client that went away and its replies are dropped
+                refused = True
+                if not started:
+                    await too_large(scope, receive, tracking_send)
+                return {"type": "http.disconnect"}
             return message
 
         async def tracking_send(message):
             nonlocal started
+            if refused and started:
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
+        async def app_send(message):
+            if not refused:
+                await tracking_send(message)
+
+        await self.app(scope, limited_receive, app_send)
+
+
+class Edge:
+    """Auth, access log and request metrics around every request (pure ASGI: a disconnect stays visible to the routes)."""
+
+    def __init__(self, app, settings: ServeSettings, metrics: Metrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status, responded = time.perf_counter(), [500], [False]
+        path = scope.get("path", "")
+
+        async def tracking_send(message):
+            if message["type"] == "http.response.start":
+                status[0], responded[0] = message["status"], True
+            await send(message)
+
+        key = self.settings.api_key
+        if key and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
+            scheme, _, supplied = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(supplied.strip().encode(), key.encode()):
+                response = _error(401, "missing or wrong API key (Authorization: Bearer KEY)", "authorization",
+                                  headers={"WWW-Authenticate": "Bearer"}, path=path)
+                await response(scope, receive, tracking_send)
+                return self._account(scope, status[0], started)
         try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await _error(413, f"request body over {self.limit >> 20} MiB", "body")(scope, receive, send)
+            await self.app(scope, receive, tracking_send)
+        except Exception as error:  # noqa: BLE001 - one line to the client, never a traceback
+            if not responded[0]:
+                await _error(500, f"internal error: {type(error).__name__}", path=path)(scope, receive, tracking_send)
+            logging.getLogger("sdfast.serve").error("sdfast serve: %s on %s: %s", type(error).__name__, path, error)
+        self._account(scope, status[0], started)
 
-
-class _TooLarge(Exception):
-    pass
+    def _account(self, scope, status: int, started: float) -> None:
+        route = scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        seconds = time.perf_counter() - started
+        self.metrics.requests.labels(endpoint, str(status)).inc()
+        self.metrics.request_seconds.labels(endpoint).observe(seconds)
+        client = scope.get("client")
+        access_log.info(json.dumps({
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), "client": client[0] if client else None,
+            "method": scope.get("method"), "path": scope.get("path"), "status": status, "ms": round(seconds * 1e3, 1),
+        }))
 
 
 def create_app(pipeline: Pipeline, settings: ServeSettings) -> FastAPI:
@@ -134,41 +191,12 @@ def create_app(pipeline: Pipeline, settings: ServeSettings) -> FastAPI:
         await asyncio.to_thread(worker.stop, settings.shutdown_grace_s)
         logging.getLogger("sdfast.serve").warning("sdfast serve: stopped")
 
-    app = FastAPI(title="sdfast", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    # A1111 takes JSON without a Content-Type header (requests.post(data=json.dumps(...))), so FastAPI must too
+    app = FastAPI(title="sdfast", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, strict_content_type=False)
     worker = Worker(pipeline, settings.max_queue)
     metrics = Metrics(worker.stats)
     worker.observe_stage = metrics.observe_stage
     app.state.worker, app.state.metrics = worker, metrics
-
-    # -- edges: auth, access log, request metrics -----------------------------------------------------------
-
-    @app.middleware("http")
-    async def edge(request: Request, call_next):
-        started = time.perf_counter()
-        if settings.api_key and request.url.path not in OPEN_PATHS:
-            supplied = request.headers.get("authorization", "")
-            if not secrets.compare_digest(supplied.encode(), f"Bearer {settings.api_key}".encode()):
-                response = _error(401, "missing or wrong API key (Authorization: Bearer KEY)", "authorization",
-                                  headers={"WWW-Authenticate": "Bearer"})
-                _account(request, response, started)
-                return response
-        try:
-            response = await call_next(request)
-        except Exception as error:  # noqa: BLE001 - one line to the client, never a traceback
-            response = _error(500, f"internal error: {type(error).__name__}")
-        _account(request, response, started)
-        return response
-
-    def _account(request: Request, response: Response, started: float) -> None:
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "unmatched")
-        seconds = time.perf_counter() - started
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.request_seconds.labels(endpoint).observe(seconds)
-        access_log.info(json.dumps({
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), "client": request.client.host if request.client else None,
-            "method": request.method, "path": request.url.path, "status": response.status_code, "ms": round(seconds * 1e3, 1),
-        }))
 
     # -- errors: 4xx naming the field --------------------------------------------------------------------------
 
@@ -177,30 +205,40 @@ def create_app(pipeline: Pipeline, settings: ServeSettings) -> FastAPI:
         first = error.errors()[0] if error.errors() else {}
         location = [str(part) for part in first.get("loc", ()) if part != "body"]
         if first.get("type") == "json_invalid":
-            return _error(400, "the body is not valid JSON", "body")
+            return _error(400, "the body is not valid JSON", "body", path=request.url.path)
         field = ".".join(location) or "body"
-        return _error(422, f"{field}: {first.get('msg', 'invalid')}", field)
+        return _error(422, f"{field}: {first.get('msg', 'invalid')}", field, path=request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        return _error(error.status_code, str(error.detail), headers=getattr(error, "headers", None), path=request.url.path)
 
     @app.exception_handler(FieldError)
     async def field_error(request: Request, error: FieldError):
-        return _error(error.status, f"{error.field}: {error.message}", error.field)
+        message = f"{error.field}: {error.message}" if error.field else error.message
+        return _error(error.status, message, error.field, path=request.url.path)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception):
+        return _error(500, f"internal error: {type(error).__name__}", path=request.url.path)
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, error: QueueFull):
-        return _error(429, f"the queue is full ({settings.max_queue} waiting); retry later", headers={"Retry-After": str(error.retry_after_s)})
+        return _error(429, f"the queue is full ({settings.max_queue} waiting); retry later", headers={"Retry-After": str(error.retry_after_s)},
+                      path=request.url.path)
 
     @app.exception_handler(Cancelled)
     async def cancelled(request: Request, error: Cancelled):
         status = CANCEL_STATUS.get(error.reason, 504 if error.reason.startswith("timed out") else 409)
-        return _error(status, f"the job was stopped: {error.reason}")
+        return _error(status, f"the job was stopped: {error.reason}", path=request.url.path)
 
     @app.exception_handler(EngineError)
     async def engine_error(request: Request, error: EngineError):
-        return _error(500, f"engine error: {error}")
+        return _error(500, f"engine error: {error}", path=request.url.path)
 
     @app.exception_handler(SdfastError)
     async def sdfast_error(request: Request, error: SdfastError):
-        return _error(422, str(error))
+        return _error(422, str(error), path=request.url.path)
 
     # -- probes and metrics --------------------------------------------------------------------------------------
 
@@ -210,8 +248,8 @@ def create_app(pipeline: Pipeline, settings: ServeSettings) -> FastAPI:
 
     @app.get("/ready")
     async def ready():
-        if not state["ready"]:
-            return _error(503, "not ready")
+        if not state["ready"] or not worker.alive:
+            return _error(503, "not ready" if state["ready"] else "starting or stopping")
         return {"ready": True, "model": pipeline.manifest.model_name, "backend": pipeline.backend,
                 "size": f"{pipeline.width}x{pipeline.height}", "batch": pipeline.batch_size}
 
@@ -252,18 +290,18 @@ def create_app(pipeline: Pipeline, settings: ServeSettings) -> FastAPI:
     async def set_options(request: Request):
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             raise FieldError("body", "is not valid JSON", status=400) from None
         if not isinstance(body, dict):
             raise FieldError("body", "must be a JSON object of option names and values")
+        checkpoint = body.get("sd_model_checkpoint")
+        if checkpoint is not None and checkpoint not in (model_title(), pipeline.manifest.model_name):
+            raise FieldError("sd_model_checkpoint", f"this server holds one model, '{model_title()}'")
         if "CLIP_stop_at_last_layers" in body:
             value = body["CLIP_stop_at_last_layers"]
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= int(pipeline.manifest.model["text_layers"]):
                 raise FieldError("CLIP_stop_at_last_layers", f"must be an integer from 1 to {pipeline.manifest.model['text_layers']}")
             state["options"]["CLIP_stop_at_last_layers"] = value
-        checkpoint = body.get("sd_model_checkpoint")
-        if checkpoint is not None and checkpoint not in (model_title(), pipeline.manifest.model_name):
-            raise FieldError("sd_model_checkpoint", f"this server holds one model, '{model_title()}'")
         return True
 
     @app.get("/sdapi/v1/progress")
@@ -292,21 +330,31 @@ def create_app(pipeline: Pipeline, settings: ServeSettings) -> FastAPI:
     async def txt2img(body: Txt2ImgRequest, request: Request):
         generation = _generation(body)
         results = await _run(generation, request)
-        return _a1111_response(body, generation, results)
+        return await asyncio.to_thread(_a1111_response, body, generation, results)
 
     @app.post("/sdapi/v1/img2img")
     async def img2img(body: Img2ImgRequest, request: Request):
         if not body.init_images:
             raise FieldError("init_images", "img2img needs one init image (base64)")
-        warnings: list[str] = []
-        init = init_image_array(decode_image("init_images", body.init_images[0]), pipeline.width, pipeline.height, warnings)
-        mask = None
-        if body.mask:
-            mask = mask_array(decode_image("mask", body.mask), pipeline.width, pipeline.height, warnings)
-            mask = 1.0 - mask if body.inpainting_mask_invert else mask
+        init, mask = await asyncio.to_thread(_images, body)  # decoding and resizing stay off the event loop
         generation = _generation(body, init, mask, body.denoising_strength)
         results = await _run(generation, request)
-        return _a1111_response(body, generation, results)
+        return await asyncio.to_thread(_a1111_response, body, generation, results)
+
+    def _images(body: Img2ImgRequest):
+        warnings: list[str] = []
+        try:
+            init = init_image_array(decode_image("init_images", body.init_images[0]), pipeline.width, pipeline.height, warnings)
+        except RequestError as error:
+            raise FieldError("init_images", str(error)) from None
+        mask = None
+        if body.mask:
+            try:
+                mask = mask_array(decode_image("mask", body.mask), pipeline.width, pipeline.height, warnings)
+            except RequestError as error:
+                raise FieldError("mask", str(error)) from None
+            mask = 1.0 - mask if body.inpainting_mask_invert else mask
+        return init, mask
 
     def _generation(body: _Request, init=None, mask=None, strength: float | None = None) -> GenerationRequest:
         problem = body.unsupported()
@@ -339,10 +387,13 @@ def create_app(pipeline: Pipeline, settings: ServeSettings) -> FastAPI:
             raise FieldError("scheduler", f"'{body.scheduler}' is not supported: use automatic, or karras")
         try:
             spec = resolve_sampler(name)
-            if scheduler == "karras" and "karras" not in spec.key:
-                spec = resolve_sampler(f"{spec.a1111_name} Karras")
         except RequestError as error:
             raise FieldError("sampler_name", str(error)) from None
+        if scheduler == "karras" and "karras" not in spec.key:
+            try:
+                spec = resolve_sampler(f"{spec.a1111_name} Karras")
+            except RequestError:
+                raise FieldError("scheduler", f"{spec.a1111_name} has no Karras form; use scheduler automatic") from None
         return spec
 
     async def _run(generation: GenerationRequest, request: Request) -> list[GenerationResult]:
@@ -395,8 +446,8 @@ def create_app(pipeline: Pipeline, settings: ServeSettings) -> FastAPI:
                                        seeds=[seed + i for i in range(body.n)])
         results = await _run(generation, request)
         data = []
-        for result in results:
-            png = png_bytes(result.images[0], result.parameters[0])
+        pngs = await asyncio.to_thread(lambda: [png_bytes(r.images[0], r.parameters[0]) for r in results])
+        for png in pngs:
             if body.response_format == "url":
                 token = images.put(png)
                 data.append({"url": f"{str(request.base_url).rstrip('/')}/v1/images/files/{token}.png", "revised_prompt": body.prompt})
@@ -416,9 +467,9 @@ def create_app(pipeline: Pipeline, settings: ServeSettings) -> FastAPI:
 
 def _field_of(message: str) -> str | None:
     """The request field a pipeline RequestError is about, from its wording."""
-    for field, words in (("steps", "steps"), ("cfg_scale", "cfg scale"), ("batch_size", "batch size"), ("n_iter", "n_iter"),
+    for field, words in (("denoising_strength", "strength"), ("sampler_name", "part-way"), ("steps", "steps"), ("cfg_scale", "cfg scale"), ("batch_size", "batch size"), ("n_iter", "n_iter"),
                          ("seed", "seed"), ("sampler_name", "sampler"), ("prompt", "prompt"), ("eta", "eta"),
-                         ("denoising_strength", "strength"), ("override_settings.CLIP_stop_at_last_layers", "clip skip"),
+                         ("override_settings.CLIP_stop_at_last_layers", "clip skip"),
                          ("init_images", "init image"), ("mask", "mask"), ("width", "built for")):
         if words in message.lower():
             return field
@@ -437,5 +488,5 @@ def is_loopback(host: str) -> bool:
 
 
 def wrap(app: FastAPI, settings: ServeSettings):
-    """The ASGI callable uvicorn runs: the app behind the body-size limit."""
-    return BodyLimit(app, settings.max_body_bytes)
+    """The ASGI callable uvicorn runs: the app behind auth, logs and metrics, behind the body-size limit."""
+    return BodyLimit(Edge(app, settings, app.state.metrics), settings.max_body_bytes)

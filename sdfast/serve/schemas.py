@@ -11,12 +11,13 @@ import binascii
 import io
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_PROMPT_CHARS = 10_000
 MAX_STEPS = 150  # A1111's UI maximum
 MAX_IMAGES = 16  # per request: batch_size x n_iter, or n
-MAX_IMAGE_BYTES = 16 << 20  # one decoded init image or mask
+MAX_IMAGE_BYTES = 16 << 20  # one encoded init image or mask
+MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_BODY_BYTES = 48 << 20
 SEED_LIMIT = 2**32  # A1111 seeds are below 2^32; -1 picks one
 
@@ -29,8 +30,15 @@ class FieldError(Exception):
         self.field, self.message, self.status = field, message, status
 
 
+def _defaults_for_nulls(data):
+    """A1111 treats a JSON null as the field's default; so does sdfast."""
+    return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    _nulls = model_validator(mode="before")(_defaults_for_nulls)
 
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
@@ -92,6 +100,8 @@ class Img2ImgRequest(_Request):
 class OpenAIImageRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
+    _nulls = model_validator(mode="before")(_defaults_for_nulls)
+
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
     n: int = Field(1, ge=1, le=10)  # OpenAI's own limit
     size: str | None = Field(None, max_length=16)
@@ -121,7 +131,9 @@ def decode_image(field: str, text: str):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=["PNG", "JPEG", "WEBP"])
+            if image.width * image.height > MAX_IMAGE_PIXELS:  # read from the header, before any pixel is decoded
+                raise FieldError(field, f"is {image.width}x{image.height}; at most {MAX_IMAGE_PIXELS} pixels", status=413)
             image.load()
             return ImageOps.exif_transpose(image)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):

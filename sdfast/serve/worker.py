@@ -7,9 +7,9 @@ when the engine was exported with a batch above 1, and their images split back b
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import itertools
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,7 +36,7 @@ class Cancelled(Exception):
         self.reason = reason
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are compared by identity: their requests hold arrays
 class Job:
     request: GenerationRequest  # with explicit seeds, one per image
     images: int
@@ -98,6 +98,7 @@ class Worker:
     async def submit(self, request: GenerationRequest, images: int, timeout_s: float, disconnected=None) -> list[GenerationResult]:
         job = Job(request, images)
         job.future = self._loop.create_future()
+        job.future.add_done_callback(lambda f: f.cancelled() or f.exception())  # read, so an abandoned one is not logged
         with self._lock:
             if self._stopping:
                 raise Cancelled("the server is shutting down")
@@ -188,12 +189,20 @@ class Worker:
             self.stats.queued = len(self._pending)
             return batch
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _run(self) -> None:
+        log = logging.getLogger("sdfast.serve")
         while True:
             self._wake.wait(timeout=0.5)
             self._wake.clear()
-            while batch := self._take():
-                self._run_batch(batch)
+            try:
+                while batch := self._take():
+                    self._run_batch(batch)
+            except Exception:  # noqa: BLE001 - the engine thread must outlive any one job's fault
+                log.exception("sdfast serve: the engine worker caught an error and goes on")
             if self._stopping:
                 return
 

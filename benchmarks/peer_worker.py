@@ -60,24 +60,25 @@ class DiffusersPeer:
 class OptimumOrtPeer(DiffusersPeer):
     """Hugging Face Optimum's ONNX Runtime pipeline (optimum-onnx), fp32, CPUExecutionProvider."""
 
+    provider, folder, export_options, precision = "CPUExecutionProvider", "optimum-onnx", {}, "fp32"
+
     def __init__(self, args):
         import torch
         from diffusers import EulerDiscreteScheduler
         from optimum.onnxruntime import ORTStableDiffusionPipeline
 
         self.torch = torch
-        exported = Path(args.cache) / "optimum-onnx"
+        exported = Path(args.cache) / self.folder
         if not (exported / "model_index.json").is_file():
             from optimum.exporters.onnx import main_export
 
-            _say_progress(f"optimum: exporting {args.model} to ONNX (once)")
-            main_export(args.model, output=exported, task="text-to-image", do_validation=False)
+            _say_progress(f"optimum: exporting {args.model} to {self.precision} ONNX (once)")
+            main_export(args.model, output=exported, task="text-to-image", do_validation=False, **self.export_options)
         started = time.perf_counter()
-        self.pipe = ORTStableDiffusionPipeline.from_pretrained(exported, provider="CPUExecutionProvider")
+        self.pipe = ORTStableDiffusionPipeline.from_pretrained(exported, provider=self.provider)
         self.load_s = time.perf_counter() - started
         self.pipe.scheduler = EulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
         self.pipe.set_progress_bar_config(disable=True)
-        self.precision = "fp32"
 
 
 class OpenVinoPeer(DiffusersPeer):
@@ -165,27 +166,10 @@ class DiffusersCompilePeer(DiffusersCudaPeer):
             self.unet(self.feeds(unet_inputs(512, 512)))
 
 
-class OptimumOrtCudaPeer(DiffusersPeer):
+class OptimumOrtCudaPeer(OptimumOrtPeer):
     """Optimum's ONNX Runtime pipeline exported in fp16 on CUDA, on the CUDAExecutionProvider (its published H100 setup)."""
 
-    def __init__(self, args):
-        import torch
-        from diffusers import EulerDiscreteScheduler
-        from optimum.onnxruntime import ORTStableDiffusionPipeline
-
-        self.torch = torch
-        exported = Path(args.cache) / "optimum-onnx-fp16"
-        if not (exported / "model_index.json").is_file():
-            from optimum.exporters.onnx import main_export
-
-            _say_progress(f"optimum: exporting {args.model} to fp16 ONNX on CUDA (once)")
-            main_export(args.model, output=exported, task="text-to-image", device="cuda", dtype="fp16", do_validation=False)
-        started = time.perf_counter()
-        self.pipe = ORTStableDiffusionPipeline.from_pretrained(exported, provider="CUDAExecutionProvider")
-        self.load_s = time.perf_counter() - started
-        self.pipe.scheduler = EulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
-        self.pipe.set_progress_bar_config(disable=True)
-        self.precision = "fp16"
+    provider, folder, export_options, precision = "CUDAExecutionProvider", "optimum-onnx-fp16", {"device": "cuda", "dtype": "fp16"}, "fp16"
 
     def feeds(self, inputs):
         return {key: value.astype(np.float16) for key, value in inputs.items()}

@@ -20,12 +20,6 @@ HERE = Path(__file__).resolve().parent
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of two uint8 images, in dB (inf when identical)."""
-    mse = float(np.mean((a.astype(np.float64) - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fp32", type=Path, required=True, help="the fp32 engine dir (the reference, on the CPU)")
@@ -37,6 +31,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
+    from sdfast.runtime.images import psnr
     from sdfast.runtime.pipeline import GenerationRequest, Pipeline
 
     reference = Pipeline.load(args.fp32, backend="cpu", verify="size", loop="numpy")

@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sdfast.errors import EngineError
 from sdfast.export.fp16 import convert_to_fp16
+from sdfast.runtime.images import psnr
 from sdfast.runtime.manifest import sha256_file
 from sdfast.runtime.pipeline import GenerationRequest, Pipeline
 from tests.conftest import run_cli
@@ -95,9 +96,8 @@ def test_fp16_image_is_close_to_fp32(tiny_engine, tiny_fp16_engine):
     ours = Pipeline.load(tiny_fp16_engine).generate(request)
     reference = Pipeline.load(tiny_engine).generate(request)
     assert ours.images.shape == reference.images.shape
-    diff = ours.images.astype(np.float64) - reference.images
-    psnr = 10 * np.log10(255.0**2 / max(float(np.mean(diff**2)), 1e-12))
-    assert 25 < psnr < 100, psnr  # close, and not the same engine twice
+    quality = psnr(ours.images, reference.images)
+    assert 25 < quality < 100, quality  # close, and not the same engine twice
 
 
 def _overflowing_copy(engine_dir, tmp_path):

@@ -6,14 +6,10 @@ import numpy as np
 import pytest
 
 from sdfast.runtime.backends import get_backend
+from sdfast.runtime.images import psnr
 from sdfast.runtime.pipeline import GenerationRequest, Pipeline
 
 pytestmark = pytest.mark.gpu
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    diff = a.astype(np.float64) - b
-    return 10 * np.log10(255.0**2 / max(float(np.mean(diff**2)), 1e-12))
 
 
 @pytest.fixture(scope="module")
@@ -36,4 +32,4 @@ def test_cuda_device_loop_matches_cpu(cuda_ready, tiny_fp16_engine, sampler):
     again = gpu.generate(request)  # the captured CUDA graph replays to the same image
     assert np.array_equal(result.images, again.images)
     cpu = Pipeline.load(tiny_fp16_engine, backend="cpu", loop="numpy").generate(request)
-    assert _psnr(result.images, cpu.images) > 30
+    assert psnr(result.images, cpu.images) > 30

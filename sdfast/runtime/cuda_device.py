@@ -102,19 +102,11 @@ class DeviceBuffer:
         array = np.ascontiguousarray(array, dtype=self.dtype)
         if array.nbytes > self.nbytes:
             raise EngineError(f"upload of {array.shape} into a buffer of {self.shape}")
-        rt = cudart()
-        check(rt.cudaMemcpyAsync(self.pointer, array.ctypes.data, array.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.handle),
-              "cudaMemcpyAsync to the device")
-        stream.synchronize()
+        upload_to(self.pointer, array, stream)
 
     def download(self, stream: Stream, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """Device -> host (the first ``shape`` elements; default all); waits for the stream."""
-        out = np.empty(self.shape if shape is None else tuple(shape), self.dtype)
-        rt = cudart()
-        check(rt.cudaMemcpyAsync(out.ctypes.data, self.pointer, out.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.handle),
-              "cudaMemcpyAsync to the host")
-        stream.synchronize()
-        return out
+        return download_from(self.pointer, self.shape if shape is None else tuple(shape), self.dtype, stream)
 
     def zero(self, stream: Stream) -> None:
         check(cudart().cudaMemsetAsync(self.pointer, 0, self.nbytes, stream.handle), "cudaMemsetAsync")

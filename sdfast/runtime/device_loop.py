@@ -19,6 +19,13 @@ from sdfast.sampling.tables import StepTable
 EvalCallback = Callable[[int, float], None]  # (evaluations done, seconds the last one took on the host)
 
 
+def check_finite(stage: str, value: np.ndarray) -> np.ndarray:
+    """``value``, or an EngineError naming ``stage`` when it holds NaN or inf (it would decode to a black image)."""
+    if not np.isfinite(value).all():
+        raise EngineError(f"{stage} produced NaN or inf; the image would be black (an fp16 overflow, or corrupt weights)")
+    return value
+
+
 @dataclass
 class LoopInputs:
     table: StepTable
@@ -95,8 +102,7 @@ def run_on_host(unet, inputs: LoopInputs, on_eval: EvalCallback | None = None) -
     for j in range(table.evaluations):
         started = time.perf_counter()
         (unet_out,) = unet.run({"sample": sample, "timestep": timestep, "encoder_hidden_states": inputs.hidden})
-        if not np.isfinite(unet_out).all():
-            raise EngineError("U-Net produced NaN or inf; the image would be black (an fp16 overflow, or corrupt weights)")
+        check_finite("U-Net", unet_out)
         scalars = StepScalars.of(table, j)
         denoised, state = fused_step(scalars, guide(unet_out, rows, inputs.guided, inputs.use_cfg, inputs.cfg_scale),
                                      states, estimates, inputs.noise)

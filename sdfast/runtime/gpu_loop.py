@@ -13,7 +13,7 @@ import numpy as np
 
 from sdfast.errors import EngineError
 from sdfast.runtime.cuda_device import DeviceBuffer, Stream
-from sdfast.runtime.device_loop import EvalCallback, LoopInputs, StepScalars
+from sdfast.runtime.device_loop import EvalCallback, LoopInputs, StepScalars, check_finite
 from sdfast.runtime.native import HISTORY, Coefficients, Kernels, Pointers, StepArgs
 
 
@@ -74,9 +74,7 @@ class GpuLoop:
             if noise is not None:
                 self.stream.synchronize()
                 noise.free()
-        if not np.isfinite(final).all():
-            raise EngineError("U-Net produced NaN or inf; the image would be black (an fp16 overflow, or corrupt weights)")
-        return final
+        return check_finite("U-Net", final)
 
     def close(self) -> None:
         for buffer in (*self.states, *self.estimates):

@@ -13,7 +13,7 @@ import numpy as np
 from sdfast import __version__
 from sdfast.errors import EngineError, RequestError
 from sdfast.runtime.backends import Engine, get_backend
-from sdfast.runtime.device_loop import LoopInputs, run_on_host
+from sdfast.runtime.device_loop import LoopInputs, check_finite, run_on_host
 from sdfast.runtime.images import infotext, to_uint8
 from sdfast.runtime.manifest import Manifest, read_manifest
 from sdfast.runtime.prompts import PromptChunks, apply_emphasis, pad_pair, tokenize_weighted
@@ -89,12 +89,6 @@ class GenerationResult:
     latents: np.ndarray  # [N, 4, H/8, W/8] final latents, before the VAE scaling
     timings: StageTimings
     warnings: list[str]
-
-
-def _finite_or_raise(stage: str, value: np.ndarray) -> np.ndarray:
-    if not np.isfinite(value).all():
-        raise EngineError(f"{stage} produced NaN or inf; the image would be black (an fp16 overflow, or corrupt weights)")
-    return value
 
 
 class Pipeline:
@@ -277,7 +271,7 @@ class Pipeline:
             group = rows[first : first + per_call]
             padded = np.concatenate([group, np.repeat(group[-1:], per_call - len(group), axis=0)])  # the engine's fixed batch
             (hidden,) = engine.run({"input_ids": padded, "clip_skip": clip_skip})
-            outputs.append(_finite_or_raise("text encoder", hidden)[: len(group)])
+            outputs.append(check_finite("text encoder", hidden)[: len(group)])
         hidden = np.concatenate(outputs)  # hidden: [total chunks, 77, D]
         embeddings, first = [], 0
         for prompt in prompts:
@@ -305,7 +299,7 @@ class Pipeline:
             started = time.perf_counter()
             (output,) = engine.run({"sample": sample, "timestep": timesteps, "encoder_hidden_states": hidden})
             timings.unet_steps.append(time.perf_counter() - started)
-            _finite_or_raise("U-Net", output)
+            check_finite("U-Net", output)
             if not self.guidance:
                 return output
             uncond, cond = np.split(output, 2)
@@ -318,13 +312,13 @@ class Pipeline:
         rows = self.engines["vae_encoder"].info.input("image").shape[0]
         mean, std = self.engines["vae_encoder"].run({"image": np.repeat(image, rows, axis=0)})
         scaling = np.float32(self.manifest.model["vae_scaling_factor"])
-        return _finite_or_raise("VAE encoder", mean[:1]) * scaling, _finite_or_raise("VAE encoder", std[:1]) * scaling
+        return check_finite("VAE encoder", mean[:1]) * scaling, check_finite("VAE encoder", std[:1]) * scaling
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """VP latents [B, 4, h, w] -> images [B, 3, H, W] in [-1, 1]."""
         scaled = latents / np.float32(self.manifest.model["vae_scaling_factor"])
         (images,) = self.engines["vae_decoder"].run({"latent": scaled})
-        return _finite_or_raise("VAE decoder", images)
+        return check_finite("VAE decoder", images)
 
     # -- the whole thing ------------------------------------------------------------------------------
 

@@ -19,3 +19,17 @@ class RequestError(SdfastError):
 
 class ExportError(SdfastError):
     """An export that cannot start or that failed its parity check."""
+
+
+class StopSampling(Exception):
+    """Raised by a step callback to end sampling between steps; the pipeline decodes the latents reached so far (A1111's interrupt).
+
+    Not an SdfastError: it is a control signal, not a failure. A loop that catches it on the way out may set ``latents``
+    to its latest denoised estimate (x0, [B, C, h, w]) so the caller can decode it.
+    """
+
+    def __init__(self, reason: str = "interrupted"):
+        super().__init__(reason)
+        self.reason = reason
+        self.latents = None  # x0 estimate of the last step that ran, set by the loop that stopped
+        self.steps_run = 0  # evaluations or steps completed before the stop, set by the loop that stopped

@@ -14,6 +14,7 @@ from typing import Callable
 
 from sdfast import __version__
 from sdfast.errors import ConfigError, EngineError, ExportError
+from sdfast.runtime.files import shared_mode
 from sdfast.runtime.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, sha256_file
 
 PRECISIONS = ("fp32", "fp16")
@@ -92,13 +93,11 @@ def export_engine(request: ExportRequest, progress: Progress = lambda _: None) -
     out = request.out
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.absolute().parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the engine dir should not be
+    os.chmod(staging, shared_mode(directory=True))  # mkdtemp makes it private; the engine dir should not be
     try:
         manifest = _build(request, recipe, folder, builtin, staging, progress)
         for written in staging.rglob("*"):  # some writers (large external-data files) create 0600; an engine dir is shared
-            os.chmod(written, (0o777 if written.is_dir() else 0o666) & ~umask)
+            os.chmod(written, shared_mode(directory=written.is_dir()))
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")  # last: the dir now loads
         _replace_dir(staging, out)
     except BaseException:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from sdfast.errors import RequestError
+from sdfast.runtime.files import shared_mode
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -26,16 +27,32 @@ def infotext(prompt: str, negative_prompt: str, settings: dict[str, object]) -> 
 
 
 def check_output_path(path: Path) -> None:
-    """Refuse, before any work, an output that cannot be written."""
-    if path.suffix.lower() != ".png":
-        raise RequestError(f"output '{path}' must end in .png")
-    if path.is_dir():
-        raise RequestError(f"output '{path}' is a directory")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise RequestError(f"cannot write '{path}': directory '{parent}' does not exist")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise RequestError(f"cannot write '{path}': permission denied")
+    """Refuse, before any work, an output that cannot be written: checked by creating (and removing) a file beside it."""
+    check_output_paths([path])
+
+
+def check_output_paths(paths: list[Path]) -> None:
+    """``check_output_path`` for each; each directory is probed once."""
+    probed = set()
+    for path in paths:
+        path = Path(path)
+        if path.suffix.lower() != ".png":
+            raise RequestError(f"output '{path}' must end in .png")
+        if path.is_dir():
+            raise RequestError(f"output '{path}' is a directory")
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise RequestError(f"cannot write '{path}': directory '{parent}' does not exist")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise RequestError(f"cannot write '{path}': permission denied")
+        if parent not in probed:
+            probed.add(parent)
+            try:  # os.access says yes to root everywhere, also on /proc and /sys: only a real file says whether it can be made
+                handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+                os.close(handle)
+                os.unlink(probe)
+            except OSError as error:
+                raise RequestError(f"cannot write '{path}': {error.strerror or error}") from None
 
 
 def png_bytes(pixels: np.ndarray, parameters: str) -> bytes:
@@ -53,21 +70,26 @@ def png_bytes(pixels: np.ndarray, parameters: str) -> bytes:
 
 
 def save_png(pixels: np.ndarray, path: Path, parameters: str) -> None:
-    """Write [H, W, 3] uint8 as PNG with a 'parameters' text chunk; atomically, so no half-written file remains."""
+    """Write [H, W, 3] uint8 as PNG with a 'parameters' text chunk; atomically, so no half-written file remains.
+
+    The file gets the mode a plain open() would (0666 less the umask), not mkstemp's private 0600.
+    """
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text("parameters", parameters)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    temporary = None
     try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
         with os.fdopen(handle, "wb") as file:
             Image.fromarray(pixels, mode="RGB").save(file, format="PNG", pnginfo=info)
+        os.chmod(temporary, shared_mode())
         os.replace(temporary, path)
     except OSError as error:
         raise RequestError(f"cannot write '{path}': {error.strerror or error}") from None
     finally:
-        if os.path.exists(temporary):
+        if temporary is not None and os.path.exists(temporary):
             os.unlink(temporary)
 
 

@@ -54,11 +54,13 @@ def tiny_engine_batch2_unguided(tiny_model, tmp_path_factory) -> Path:
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the sdfast CLI in a fresh interpreter, as a user would."""
-    return subprocess.run(
+    """Run the sdfast CLI in a fresh interpreter, as a user would; output as written (a progress bar's '\r' is kept)."""
+    completed = subprocess.run(
         [sys.executable, "-m", "sdfast", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+        capture_output=True, timeout=timeout, env={**os.environ, **(env or {})},
     )
+    completed.stdout, completed.stderr = (stream.decode("utf-8", "replace") for stream in (completed.stdout, completed.stderr))
+    return completed
 
 
 @pytest.fixture(scope="session")

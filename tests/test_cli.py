@@ -10,10 +10,16 @@ from PIL import Image
 from tests.conftest import run_cli
 
 
+def visible_lines(stderr: str) -> list[str]:
+    """stderr as a terminal shows it: a progress bar redraws its line after '\r', and leave=False clears it."""
+    return [shown for line in stderr.split("\n") if (shown := line.rsplit("\r", 1)[-1].strip())]
+
+
 def assert_clean_error(completed, *fragments):
     assert completed.returncode == 2, completed.stderr
-    lines = [line for line in completed.stderr.strip().splitlines() if line]
+    lines = visible_lines(completed.stderr)
     assert len(lines) == 1 and "Traceback" not in completed.stderr, completed.stderr
+    assert lines[0].startswith("sdfast "), lines[0]  # on a line of its own, not after a leftover progress bar
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
 
@@ -99,24 +105,60 @@ def test_generate_refuses_missing_engine_dir(tmp_path):
     assert_clean_error(run_cli("generate", tmp_path / "nowhere", "x", "-o", tmp_path / "x.png"), "does not exist")
 
 
+def cpu_graph(engine_dir, component: str) -> str:
+    """The graph file the cpu backend loads for ``component`` (the export's CPU variant, as saved here)."""
+    from sdfast.runtime.backends import get_backend
+    from sdfast.runtime.manifest import read_manifest
+
+    return get_backend("cpu").graph_for(read_manifest(engine_dir).components[component])[0]
+
+
 def test_generate_refuses_missing_file(engine_copy, tmp_path):
-    (engine_copy / "unet.onnx").unlink()
+    (engine_copy / cpu_graph(engine_copy, "unet")).unlink()
     assert_clean_error(run_cli("generate", engine_copy, "x", "-o", tmp_path / "x.png"), "unet", "missing")
 
 
-def test_generate_refuses_corrupt_file(engine_copy, tmp_path):
-    path = engine_copy / "vae_decoder.onnx"
+def flip_a_byte(path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    assert_clean_error(run_cli("generate", engine_copy, "x", "-o", tmp_path / "x.png"), "vae_decoder.onnx", "sha256")
+
+
+def test_generate_refuses_corrupt_file(engine_copy, tmp_path):
+    flip_a_byte(engine_copy / cpu_graph(engine_copy, "vae_decoder"))
+    assert_clean_error(run_cli("generate", engine_copy, "x", "-o", tmp_path / "x.png"), "vae_decoder", "sha256")
     assert not (tmp_path / "x.png").exists()
 
 
+def test_load_hashes_only_what_the_backend_loads(engine_copy, tmp_path):
+    """The cpu backend reads its CPU variants: a corrupt portable graph (TensorRT's) does not stop it; info --verify finds it."""
+    portable = "unet.onnx"
+    assert cpu_graph(engine_copy, "unet") != portable
+    flip_a_byte(engine_copy / portable)
+    completed = run_cli("generate", engine_copy, "x", "--steps", "1", "-o", tmp_path / "x.png")
+    assert completed.returncode == 0, completed.stderr
+    assert "load " in completed.stderr and "verify " in completed.stderr  # the load time is in the timing summary
+    verify_all = run_cli("info", engine_copy, "--verify")
+    assert verify_all.returncode == 2 and portable in verify_all.stderr
+
+
+def test_load_reports_progress(tiny_engine):
+    from sdfast.runtime.pipeline import Pipeline
+
+    seen = []
+    pipeline = Pipeline.load(tiny_engine, progress=lambda stage, done, total: seen.append((stage, done, total)))
+    hashed = [(done, total) for stage, done, total in seen if stage == "verify"]
+    loaded = [(done, total) for stage, done, total in seen if stage == "load"]
+    assert hashed[-1][0] == hashed[-1][1] > 0 and all(a[0] <= b[0] for a, b in zip(hashed, hashed[1:]))
+    assert loaded[0] == (0, 4) and loaded[-1] == (4, 4)
+    assert set(pipeline.load_timings) == {"verify_s", "engines_s", "total_s"} and pipeline.load_timings["total_s"] > 0
+
+
 def test_generate_refuses_truncated_file_even_without_hashing(engine_copy, tmp_path):
-    path = engine_copy / "unet.onnx"
+    name = cpu_graph(engine_copy, "unet")
+    path = engine_copy / name
     path.write_bytes(path.read_bytes()[:1000])
-    assert_clean_error(run_cli("generate", engine_copy, "x", "--verify", "size", "-o", tmp_path / "x.png"), "unet.onnx", "bytes")
+    assert_clean_error(run_cli("generate", engine_copy, "x", "--verify", "size", "-o", tmp_path / "x.png"), name, "bytes")
 
 
 def test_generate_refuses_other_format_version(engine_copy, tmp_path):
@@ -151,6 +193,49 @@ def test_generate_refuses_unwritable_output(tiny_engine, tmp_path):
 
 def test_generate_refuses_bad_steps(tiny_engine, tmp_path):
     assert_clean_error(run_cli("generate", tiny_engine, "x", "--steps", "0", "-o", tmp_path / "x.png"), "steps must be")
+
+
+@pytest.mark.parametrize("target", ["/proc/sdfast-test.png", "/sys/sdfast-test.png"])
+def test_generate_refuses_an_output_the_kernel_will_not_create(tiny_engine, target):
+    """os.access says yes to root on /proc and /sys; the output is probed by creating a file, before any engine loads."""
+    assert_clean_error(run_cli("generate", tiny_engine, "x", "--steps", "1", "-o", target), "cannot write", target)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_generated_png_mode_follows_the_umask(tiny_engine, tmp_path, umask, mode):
+    import subprocess
+    import sys
+
+    out = tmp_path / "x.png"
+    completed = subprocess.run([sys.executable, "-m", "sdfast", "generate", str(tiny_engine), "x", "--steps", "1", "--quiet", "-o", str(out)],
+                               capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(umask))
+    assert completed.returncode == 0, completed.stderr
+    assert out.stat().st_mode & 0o777 == mode
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--steps", "0"], "steps must be"),
+    (["--init-image", "{init}", "--strength", "1.5"], "strength must be"),
+    (["--width", "128"], "built for 64x64"),
+    (["--init-image", "{init}", "--sampler", "PLMS", "--strength", "0.5"], "cannot start part-way"),
+    (["--sampler", "euler z"], "unknown sampler"),
+    (["--clip-skip", "99"], "clip skip"),
+])
+def test_requests_are_refused_before_the_engines_are_read(engine_copy, tmp_path, args, fragment):
+    """With a corrupt U-Net, a request that loaded (or hashed) the engines first would fail on the U-Net instead."""
+    init = tmp_path / "init.png"
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(init)
+    flip_a_byte(engine_copy / cpu_graph(engine_copy, "unet"))
+    completed = run_cli("generate", engine_copy, "x", *[a.format(init=init) for a in args], "-o", tmp_path / "x.png")
+    assert_clean_error(completed, fragment)
+    assert "sha256" not in completed.stderr
+
+
+def test_inpainting_engine_refuses_a_request_without_images_before_loading(tiny_inpaint_engine, tmp_path):
+    copy = tmp_path / "engine"
+    shutil.copytree(tiny_inpaint_engine, copy)
+    flip_a_byte(copy / cpu_graph(copy, "unet"))
+    assert_clean_error(run_cli("generate", copy, "x", "-o", tmp_path / "x.png"), "needs an init image and a mask")
 
 
 def test_batch_writes_numbered_pngs_with_their_own_seeds(tiny_engine_batch2_unguided, tmp_path):

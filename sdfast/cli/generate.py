@@ -42,35 +42,42 @@ def output_paths(output: Path, count: int) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from sdfast.cli.progress import LoadBars
     from sdfast.errors import RequestError
-    from sdfast.runtime.images import check_output_path, load_init_image, load_mask, save_png
+    from sdfast.runtime.images import check_output_paths, load_init_image, load_mask, save_png
     from sdfast.runtime.pipeline import GenerationRequest, Pipeline
-    from sdfast.sampling.registry import resolve_sampler
+    from sdfast.runtime.request_check import RequestChecker
 
-    resolve_sampler(args.sampler)  # an unknown sampler is refused before loading anything
-    check_output_path(args.output)
     if args.mask is not None and args.init_image is None:
         raise RequestError("--mask needs --init-image (the image to inpaint)")
     if args.strength is not None and args.init_image is None:
         raise RequestError("--strength needs --init-image")
-    if args.backend == "tensorrt" and not args.quiet:
-        from sdfast.cli.progress import ElapsedLog
-        from sdfast.runtime.backends import get_backend
-
-        get_backend("tensorrt").progress = ElapsedLog("tensorrt")  # the first load on a GPU model builds its engines
-    pipeline = Pipeline.load(args.engine_dir, backend=args.backend, verify=args.verify)
+    # Everything that can be refused is refused before the engines are hashed and loaded: the manifest and the
+    # scheduler config are enough to check the request, and the output location is probed by writing to it.
+    checker = RequestChecker.for_engine_dir(args.engine_dir)
     warnings: list[str] = []
-    init_image = load_init_image(args.init_image, pipeline.width, pipeline.height, warnings) if args.init_image else None
-    mask = load_mask(args.mask, pipeline.width, pipeline.height, warnings) if args.mask else None
+    init_image = load_init_image(args.init_image, checker.width, checker.height, warnings) if args.init_image else None
+    mask = load_mask(args.mask, checker.width, checker.height, warnings) if args.mask else None
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
         sampler=args.sampler, height=args.height, width=args.width, batch_size=args.batch_size, n_iter=args.n_iter,
         clip_skip=args.clip_skip, init_image=init_image, mask=mask, strength=args.strength, eta=args.eta,
     )
-    batch = args.batch_size if args.batch_size is not None else pipeline.batch_size
-    paths = output_paths(args.output, max(batch, 1) * max(args.n_iter, 1))
-    for path in paths:
-        check_output_path(path)
+    prepared = checker.prepare(request)
+    paths = output_paths(args.output, prepared.batch * args.n_iter)
+    check_output_paths(paths)
+
+    if args.backend == "tensorrt" and not args.quiet:
+        from sdfast.cli.progress import ElapsedLog
+        from sdfast.runtime.backends import get_backend
+
+        get_backend("tensorrt").progress = ElapsedLog("tensorrt")  # the first load on a GPU model builds its engines
+    load_bars = None if args.quiet else LoadBars()
+    try:
+        pipeline = Pipeline.load(args.engine_dir, backend=args.backend, verify=args.verify, progress=load_bars)
+    finally:
+        if load_bars is not None:
+            load_bars.close()
 
     bar = None if args.quiet else tqdm(desc="sampling", unit="step", file=sys.stderr, leave=False)
 
@@ -80,26 +87,30 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     text_encoder_ms, unet_steps, vae_decode_ms, written = 0.0, [], [], 0
-    for result in pipeline.generate_batches(request, on_step=on_step if bar is not None else None):
-        for warning in warnings + result.warnings:
-            print(f"sdfast generate: warning: {warning}", file=sys.stderr)
-        warnings = []
-        for pixels, parameters in zip(result.images, result.parameters):  # each batch is saved as soon as it is done
-            save_png(pixels, paths[written], parameters)
-            (bar.write if bar is not None else print)(str(paths[written]), file=sys.stdout)
-            written += 1
-        text_encoder_ms += result.timings.text_encoder * 1e3
-        unet_steps += result.timings.unet_steps
-        vae_decode_ms.append(result.timings.vae_decode * 1e3)
-    if bar is not None:
-        bar.close()
+    try:
+        for result in pipeline.generate_batches(request, on_step=on_step if bar is not None else None):
+            for warning in warnings + result.warnings:
+                (bar.write if bar is not None else print)(f"sdfast generate: warning: {warning}", file=sys.stderr)
+            warnings = []
+            for pixels, parameters in zip(result.images, result.parameters):  # each batch is saved as soon as it is done
+                save_png(pixels, paths[written], parameters)
+                (bar.write if bar is not None else print)(str(paths[written]), file=sys.stdout)
+                written += 1
+            text_encoder_ms += result.timings.text_encoder * 1e3
+            unet_steps += result.timings.unet_steps
+            vae_decode_ms.append(result.timings.vae_decode * 1e3)
+    finally:
+        if bar is not None:
+            bar.close()  # leave=False: an error below starts on a clean line
     if not args.quiet:
         steps = sorted(unet_steps)
+        load = pipeline.load_timings
         print(
             f"timing ({pipeline.backend}, {pipeline.width}x{pipeline.height}, U-Net batch {pipeline.manifest.geometry['unet_batch']}): "
+            f"load {load['total_s']:.2f} s (verify {load['verify_s']:.2f} s, engines {load['engines_s']:.2f} s) | "
             f"text encoder {text_encoder_ms:.0f} ms | U-Net step median {steps[len(steps) // 2] * 1e3:.0f} ms "
             f"(min {steps[0] * 1e3:.0f}, max {steps[-1] * 1e3:.0f}) x {len(steps)} | "
-            f"VAE decode {sorted(vae_decode_ms)[len(vae_decode_ms) // 2]:.0f} ms per batch | total {time.perf_counter() - started:.2f} s",
+            f"VAE decode {sorted(vae_decode_ms)[len(vae_decode_ms) // 2]:.0f} ms per batch | generate {time.perf_counter() - started:.2f} s",
             file=sys.stderr,
         )
     return 0

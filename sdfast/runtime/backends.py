@@ -58,6 +58,14 @@ class Backend(ABC):
     @abstractmethod
     def load(self, info: ComponentInfo, path: Path) -> Engine: ...
 
+    def graph_for(self, info: ComponentInfo) -> tuple[str, dict[str, dict]]:
+        """(the graph file this backend loads for ``info``, every file that graph reads with its manifest entry)."""
+        return info.file, info.files
+
+    def files_for(self, info: ComponentInfo) -> dict[str, dict]:
+        """The files ``load`` reads for ``info``: what a load verifies, and nothing else."""
+        return self.graph_for(info)[1]
+
 
 @functools.cache
 def cpu_isa() -> str:
@@ -116,18 +124,29 @@ class OrtBackend(Backend):
         options.log_severity_level = 3
         return options
 
+    def _preoptimized(self, info: ComponentInfo) -> dict | None:
+        """The export's variant for this provider when this onnxruntime can load it as saved, else None."""
+        import onnxruntime as ort
+
+        variant = info.variants.get(self.name)
+        made_for = (variant or {}).get("optimization", {})
+        # the NCHWc blocks in that file depend on the onnxruntime version and on the vector ISA it was saved on
+        usable = variant is not None and made_for.get("onnxruntime") == ort.__version__ and made_for.get("isa") == cpu_isa()
+        return variant if usable else None
+
+    def graph_for(self, info: ComponentInfo) -> tuple[str, dict[str, dict]]:
+        variant = self._preoptimized(info)
+        return (variant["file"], variant["files"]) if variant else (info.file, info.files)
+
     def load(self, info: ComponentInfo, path: Path) -> Engine:
         import onnxruntime as ort
 
         ok, why = self.available()
         if not ok:
             raise EngineError(f"backend '{self.name}' is not available: {why}")
-        variant = info.variants.get(self.name)
-        made_for = (variant or {}).get("optimization", {})
-        # the NCHWc blocks in that file depend on the onnxruntime version and on the vector ISA it was saved on
-        preoptimized = variant is not None and made_for.get("onnxruntime") == ort.__version__ and made_for.get("isa") == cpu_isa()
+        preoptimized = self._preoptimized(info) is not None
         if preoptimized:
-            path = path.with_name(variant["file"])
+            path = path.with_name(self.graph_for(info)[0])
         try:
             session = ort.InferenceSession(str(path), self.session_options(optimize=not preoptimized), providers=[self.provider])
         except Exception as error:  # noqa: BLE001

@@ -144,6 +144,11 @@ class OrtCudaBackend(OrtBackend):
             return False, str(error)
         return (True, "") if count else (False, "no CUDA device is visible")
 
+    def graph_for(self, info: ComponentInfo) -> tuple[str, dict[str, dict]]:
+        """The export's CUDA variant (fp16, fused attention) where there is one, else the portable graph."""
+        variant = info.variants.get("cuda")
+        return (variant["file"], variant["files"]) if variant else (info.file, info.files)
+
     def provider_options(self, info: ComponentInfo, cuda_graphs: bool) -> dict[str, str]:
         options = {
             "device_id": "0",
@@ -164,9 +169,7 @@ class OrtCudaBackend(OrtBackend):
             raise EngineError(f"backend 'cuda' is not available: {why}")
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # the CUDA and cuDNN libraries that pip's nvidia-* packages bring
-        variant = info.variants.get("cuda")
-        if variant is not None:
-            path = path.with_name(variant["file"])
+        path = path.with_name(self.graph_for(info)[0])
         from sdfast.runtime.native import load_kernels
 
         cuda_graphs = info.name == "unet" and load_kernels() is not None

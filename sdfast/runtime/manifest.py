@@ -5,6 +5,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from sdfast.errors import EngineError
 
@@ -15,11 +16,15 @@ COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 _HASH_CHUNK = 8 << 20
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: Path, on_chunk: Callable[[int], None] | None = None) -> str:
+    """The file's sha256; ``on_chunk(bytes_read)`` after each chunk (progress on multi-GB weights)."""
+    digest, read = hashlib.sha256(), 0
     with open(path, "rb") as handle:
         while chunk := handle.read(_HASH_CHUNK):
             digest.update(chunk)
+            read += len(chunk)
+            if on_chunk:
+                on_chunk(read)
     return digest.hexdigest()
 
 
@@ -122,9 +127,15 @@ class Manifest:
         files.update(self.data["scheduler"]["files"])
         return files
 
-    def verify_files(self, full: bool = True) -> None:
-        """Every listed file is present with its size, and (``full``) its sha256."""
-        for relative, expected in self.listed_files().items():
+    def verify_files(self, full: bool = True, files: dict[str, dict] | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> None:
+        """Every file of ``files`` (default: all listed) is present with its size, and (``full``) its sha256.
+
+        ``progress(bytes_done, bytes_total)`` is called as the files are hashed.
+        """
+        files = self.listed_files() if files is None else files
+        total, done = sum(entry["bytes"] for entry in files.values()), 0
+        for relative, expected in files.items():
             path = self.path(relative)
             if not path.is_file():
                 raise EngineError(f"engine dir {self.root}: file '{relative}' is missing")
@@ -134,10 +145,15 @@ class Manifest:
                     raise EngineError(
                         f"engine dir {self.root}: '{relative}' is {size} bytes, the manifest says {expected['bytes']} (corrupt or replaced)"
                     )
-                if full and sha256_file(path) != expected["sha256"]:
-                    raise EngineError(f"engine dir {self.root}: '{relative}' does not match its sha256 in the manifest (corrupt or replaced)")
+                if full:
+                    on_chunk = (lambda n, base=done: progress(base + n, total)) if progress else None
+                    if sha256_file(path, on_chunk) != expected["sha256"]:
+                        raise EngineError(f"engine dir {self.root}: '{relative}' does not match its sha256 in the manifest (corrupt or replaced)")
             except OSError as error:
                 raise EngineError(f"engine dir {self.root}: cannot read '{relative}': {error.strerror or error}") from None
+            done += size
+            if progress:
+                progress(done, total)
 
 
 def read_manifest(engine_dir: str | Path) -> Manifest:

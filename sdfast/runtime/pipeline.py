@@ -1,8 +1,6 @@
 """Text-to-image over an engine dir: tokenize, encode, run the sampler loop on the U-Net engine, decode."""
 from __future__ import annotations
 
-import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,23 +16,22 @@ from sdfast.runtime.image_source import ImageSource
 from sdfast.runtime.images import infotext, to_uint8
 from sdfast.runtime.manifest import Manifest, read_manifest
 from sdfast.runtime.prompts import PromptChunks, apply_emphasis, pad_pair, tokenize_weighted
+from sdfast.runtime.request_check import RequestChecker, read_scheduler_config
 from sdfast.runtime.tokenizer import PromptTokenizer
 from sdfast.sampling.denoiser import Denoiser
 from sdfast.sampling.noise import TorchCompatibleGenerator
-from sdfast.sampling.registry import check_supported, resolve_sampler
-from sdfast.sampling.schedules import NoiseSchedule, SamplingPlan
+from sdfast.sampling.schedules import SamplingPlan
 from sdfast.sampling.tables import sampler_table
 
 LOOPS = ("auto", "table", "numpy")
-MAX_STEPS = 1000
-MAX_ITERATIONS = 10000
-DEFAULT_STRENGTH = 0.75  # A1111's img2img denoising strength
+REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")  # the VAE encoder is optional: only img2img and inpainting need it
 # The inputs the pipeline feeds each engine, by name.
 _FED_INPUTS = {
     "text_encoder": ("input_ids", "clip_skip"), "unet": ("sample", "timestep", "encoder_hidden_states"),
     "vae_decoder": ("latent",), "vae_encoder": ("image",),
 }
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
+LoadProgress = Callable[[str, int, int], None]  # (stage: 'verify' in bytes or 'load' in components, done, total)
 
 
 @dataclass
@@ -99,152 +96,78 @@ class Pipeline:
         self.manifest = manifest
         self.engines = engines
         self.tokenizer = tokenizer
+        self.checker = RequestChecker(manifest, scheduler_config)
         self.scheduler_config = scheduler_config
-        self.schedule = NoiseSchedule.from_config(scheduler_config)
+        self.schedule = self.checker.schedule
         self.backend = backend
         self.loop = "auto"  # "auto": the engine's device loop where it has one; "table": the tabulated loop in numpy; "numpy": the samplers
+        self.load_timings: dict[str, float] = {}  # seconds: verify (hashing), engines (sessions), total
         self._tables: dict[tuple, object] = {}
-        geometry = manifest.geometry
-        self.height, self.width = int(geometry["height"]), int(geometry["width"])
-        self.batch_size = int(geometry["batch"])
-        self.guidance = bool(geometry["guidance"])
-        self.latent_shape = (int(geometry["latent_channels"]), int(geometry["latent_height"]), int(geometry["latent_width"]))
-        self.max_text_chunks = int(geometry["max_text_chunks"])
-        self.text_layers = int(manifest.model["text_layers"])
-        self.inpainting_unet = int(manifest.model["unet_in_channels"]) == 2 * self.latent_shape[0] + 1  # latents, mask, masked latents
+        checker = self.checker
+        self.height, self.width, self.batch_size, self.guidance = checker.height, checker.width, checker.batch_size, checker.guidance
+        self.latent_shape, self.text_layers, self.inpainting_unet = checker.latent_shape, checker.text_layers, checker.inpainting_unet
+        self.max_text_chunks = int(manifest.geometry["max_text_chunks"])
 
     @classmethod
-    def load(cls, engine_dir: str | Path, backend: str = "cpu", verify: str = "full", loop: str = "auto") -> "Pipeline":
-        """Read and check the manifest and files, then create the engines. ``verify``: 'full' (sha256) or 'size'.
+    def load(cls, engine_dir: str | Path, backend: str = "cpu", verify: str = "full", loop: str = "auto",
+             progress: LoadProgress | None = None) -> "Pipeline":
+        """Read and check the manifest, verify the files this backend reads, then create the engines.
 
-        ``loop``: 'auto' runs the sampler loop on the device where the backend can (cuda, tensorrt) and as numpy samplers
-        elsewhere; 'table' runs the device loop's arithmetic in numpy (what CI checks); 'numpy' always runs the samplers.
+        ``verify``: 'full' (sha256) or 'size', of the files the chosen backend loads (``sdfast info --verify`` checks every
+        file). ``loop``: 'auto' runs the sampler loop on the device where the backend can (cuda, tensorrt) and as numpy
+        samplers elsewhere; 'table' runs the device loop's arithmetic in numpy (what CI checks); 'numpy' always runs the
+        samplers. ``progress(stage, done, total)``: 'verify' in bytes hashed, then 'load' in components.
         """
         if loop not in LOOPS:
             raise RequestError(f"loop must be one of {', '.join(LOOPS)}, not '{loop}'")
+        if verify not in ("full", "size"):
+            raise RequestError(f"verify must be 'full' or 'size', not '{verify}'")
         try:
-            pipeline = cls._load(engine_dir, backend, verify)
+            pipeline = cls._load(engine_dir, backend, verify, progress)
             pipeline.loop = loop
             return pipeline
         except (KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as error:
             raise EngineError(f"engine dir {engine_dir}: unusable ({type(error).__name__}: {error})") from None
 
     @classmethod
-    def _load(cls, engine_dir: str | Path, backend: str, verify: str) -> "Pipeline":
-        if verify not in ("full", "size"):
-            raise RequestError(f"verify must be 'full' or 'size', not '{verify}'")
+    def _load(cls, engine_dir: str | Path, backend: str, verify: str, progress: LoadProgress | None) -> "Pipeline":
+        started = time.perf_counter()
         manifest = read_manifest(engine_dir)
-        manifest.verify_files(full=verify == "full")
         runtime_backend = get_backend(backend)
+        missing = [name for name in REQUIRED_COMPONENTS if name not in manifest.components]
+        if missing:
+            raise EngineError(f"engine dir {manifest.root} has no {', '.join(missing)}")
+        components = [manifest.components[name] for name in (*REQUIRED_COMPONENTS, "vae_encoder") if name in manifest.components]
+        files = {**manifest.tokenizer["files"], **manifest.data["scheduler"]["files"]}
+        for info in components:
+            files.update(runtime_backend.files_for(info))
+        manifest.verify_files(full=verify == "full", files=files,
+                              progress=(lambda done, total: progress("verify", done, total)) if progress else None)
+        scheduler_config = read_scheduler_config(manifest)
+        verified = time.perf_counter()
         engines = {}
-        for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
-            if name not in manifest.components:
-                if name == "vae_encoder":
-                    continue  # optional: only img2img and inpainting need it
-                raise EngineError(f"engine dir {manifest.root} has no {name}")
-            engines[name] = runtime_backend.load(manifest.components[name], manifest.path(manifest.components[name].file))
+        for index, info in enumerate(components):
+            if progress:
+                progress("load", index, len(components))
+            engines[info.name] = runtime_backend.load(info, manifest.path(info.file))
+        if progress:
+            progress("load", len(components), len(components))
         for name, inputs in _FED_INPUTS.items():
             if name in engines:
                 for input_name in inputs:
                     engines[name].info.input(input_name)
         tok = manifest.tokenizer
         tokenizer = PromptTokenizer(manifest.path(tok["file"]), tok["bos_id"], tok["eos_id"], tok["pad_id"], tok["max_length"])
-        scheduler_path = manifest.path(manifest.data["scheduler"]["file"])
-        try:
-            scheduler_config = json.loads(scheduler_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise EngineError(f"cannot read {scheduler_path}: {error}") from None
-        check_supported(scheduler_config)
-        return cls(manifest, engines, tokenizer, scheduler_config, backend)
+        pipeline = cls(manifest, engines, tokenizer, scheduler_config, backend)
+        finished = time.perf_counter()
+        pipeline.load_timings = {"verify_s": verified - started, "engines_s": finished - verified, "total_s": finished - started}
+        return pipeline
 
     # -- request checks -------------------------------------------------------------------------------
 
     def validate(self, request: GenerationRequest) -> None:
         """Raise RequestError for anything this engine cannot serve, without running it (the server checks before queuing)."""
-        self._prepare(request)
-
-    def _prepare(self, request: GenerationRequest):
-        """(batch, sampler spec, plan from the first step that runs, img2img strength or None), or RequestError."""
-        batch = self._check(request)
-        spec = resolve_sampler(request.sampler)
-        plan = spec.plan(self.scheduler_config, self.schedule, request.steps)  # refuses what it cannot do, before any work
-        strength = self._strength(request)
-        if strength is not None:
-            # diffusers' get_timesteps: the last int(steps * strength) steps run, starting from the noised image
-            start_step = request.steps - min(int(request.steps * strength), request.steps)
-            if not spec.starts_late and start_step > 0:
-                raise RequestError(f"{spec.a1111_name} cannot start part-way through its schedule, as img2img and inpainting need; choose another sampler")
-            if start_step >= plan.steps:
-                raise RequestError(f"strength {strength} with {request.steps} steps leaves no step to run (steps x strength must be >= 1)")
-            plan = plan.starting_at(start_step)
-        return batch, spec, plan, strength
-
-    def _check(self, request: GenerationRequest) -> int:
-        height = request.height if request.height is not None else self.height
-        width = request.width if request.width is not None else self.width
-        if (height, width) != (self.height, self.width):
-            raise RequestError(
-                f"this engine was built for {self.width}x{self.height} (width x height); the request asks for "
-                f"{width}x{height} (re-export with --width/--height)"
-            )
-        batch = request.batch_size if request.batch_size is not None else self.batch_size
-        if not isinstance(batch, int) or not 1 <= batch <= self.batch_size:
-            raise RequestError(f"batch size must be from 1 to the engine's batch {self.batch_size}, not {batch} (re-export with --batch)")
-        if not isinstance(request.n_iter, int) or not 1 <= request.n_iter <= MAX_ITERATIONS:
-            raise RequestError(f"n_iter must be an integer from 1 to {MAX_ITERATIONS}, not {request.n_iter}")
-        for label, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
-            if not isinstance(text, str):
-                raise RequestError(f"{label} must be text")
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                raise RequestError(f"{label} is not valid UTF-8 text") from None
-        if not isinstance(request.steps, int) or not 1 <= request.steps <= MAX_STEPS:
-            raise RequestError(f"steps must be an integer from 1 to {MAX_STEPS}, not {request.steps}")
-        if not isinstance(request.cfg_scale, (int, float)) or not math.isfinite(request.cfg_scale) or request.cfg_scale < 0:
-            raise RequestError(f"cfg scale must be a finite number >= 0, not {request.cfg_scale}")
-        if request.cfg_scale > 1 and not self.guidance:
-            raise RequestError("this engine was exported without classifier-free guidance (--no-guidance): use cfg scale 1")
-        if not isinstance(request.seed, int) or request.seed < 0:
-            raise RequestError(f"seed must be an integer >= 0, not {request.seed}")
-        if request.seeds is not None and (len(request.seeds) != batch * request.n_iter
-                                          or not all(isinstance(s, int) and s >= 0 for s in request.seeds)):
-            raise RequestError(f"seeds must be {batch * request.n_iter} integers >= 0, one per image")
-        if not isinstance(request.eta, (int, float)) or not 0.0 <= request.eta <= 1.0:
-            raise RequestError(f"eta must be from 0.0 to 1.0, not {request.eta}")
-        sampler = resolve_sampler(request.sampler)
-        if request.eta and not sampler.takes_eta:
-            raise RequestError(f"eta applies to DDIM only, not to {sampler.a1111_name}")
-        if not isinstance(request.clip_skip, int) or not 1 <= request.clip_skip <= self.text_layers:
-            raise RequestError(f"clip skip must be an integer from 1 to the text encoder's {self.text_layers} layers, not {request.clip_skip}")
-        self._check_images(request)
-        return batch
-
-    def _check_images(self, request: GenerationRequest) -> None:
-        image_shape = (1, 3, self.height, self.width)
-        if request.mask is not None and request.init_image is None:
-            raise RequestError("a mask needs an init image to inpaint")
-        if self.inpainting_unet and (request.init_image is None or request.mask is None):
-            raise RequestError("this engine holds a 9-channel inpainting U-Net: it needs an init image and a mask")
-        if request.init_image is not None:
-            if "vae_encoder" not in self.engines:
-                raise RequestError("this engine dir has no VAE encoder, which img2img and inpainting need")
-            if not isinstance(request.init_image, np.ndarray) or request.init_image.shape != image_shape:
-                raise RequestError(f"init image must be a [1, 3, {self.height}, {self.width}] array (see images.load_init_image)")
-        if request.mask is not None and (not isinstance(request.mask, np.ndarray) or request.mask.shape != (1, 1, self.height, self.width)):
-            raise RequestError(f"mask must be a [1, 1, {self.height}, {self.width}] array (see images.load_mask)")
-        if request.strength is not None:
-            if request.init_image is None:
-                raise RequestError("strength only applies with an init image")
-            if not isinstance(request.strength, (int, float)) or not 0.0 <= request.strength <= 1.0:
-                raise RequestError(f"strength must be from 0.0 to 1.0, not {request.strength}")
-
-    def _strength(self, request: GenerationRequest) -> float | None:
-        if request.init_image is None:
-            return None
-        if request.strength is not None:
-            return float(request.strength)
-        return 1.0 if self.inpainting_unet else DEFAULT_STRENGTH
+        self.checker.prepare(request)
 
     # -- stages ---------------------------------------------------------------------------------------
 
@@ -343,7 +266,8 @@ class Pipeline:
         The request is checked, and the prompt (and init image) encoded, before the first batch; the first result carries
         those stages' timings and every warning.
         """
-        batch, spec, plan, strength = self._prepare(request)
+        prepared = self.checker.prepare(request)
+        batch, spec, plan, strength = prepared.batch, prepared.spec, prepared.plan, prepared.strength
         started = time.perf_counter()
         timings, warnings = StageTimings(), []
         use_cfg = self.guidance and request.cfg_scale > 1  # as diffusers: guidance only above 1

@@ -1,0 +1,155 @@
+"""A generation request checked against an engine dir's manifest alone: every refusal comes before any engine loads."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from sdfast.errors import EngineError, RequestError
+from sdfast.runtime.manifest import Manifest, read_manifest
+from sdfast.sampling.registry import check_supported, resolve_sampler
+from sdfast.sampling.schedules import NoiseSchedule, SamplingPlan
+
+if TYPE_CHECKING:
+    from sdfast.runtime.pipeline import GenerationRequest
+
+MAX_STEPS = 1000  # one limit for the CLI, the Python API and the HTTP APIs
+MAX_ITERATIONS = 10000
+DEFAULT_STRENGTH = 0.75  # A1111's img2img denoising strength
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """What a checked request runs: images per U-Net call, the sampler, its plan from the first step that runs."""
+
+    batch: int
+    spec: object  # sampling.registry.SamplerSpec
+    plan: SamplingPlan
+    strength: float | None  # img2img denoising strength; None for txt2img
+
+
+def read_scheduler_config(manifest: Manifest) -> dict:
+    """The engine dir's scheduler config, refused by name when sdfast cannot run it."""
+    path = manifest.path(manifest.data["scheduler"]["file"])
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise EngineError(f"cannot read {path}: {error}") from None
+    if not isinstance(config, dict):
+        raise EngineError(f"{path}: not a scheduler config (a JSON object)")
+    check_supported(config)
+    return config
+
+
+class RequestChecker:
+    """The engine dir's fixed shapes, components and scheduler: enough to accept or refuse a request without its engines."""
+
+    def __init__(self, manifest: Manifest, scheduler_config: dict):
+        self.manifest = manifest
+        self.scheduler_config = scheduler_config
+        self.schedule = NoiseSchedule.from_config(scheduler_config)
+        geometry = manifest.geometry
+        self.height, self.width = int(geometry["height"]), int(geometry["width"])
+        self.batch_size = int(geometry["batch"])
+        self.guidance = bool(geometry["guidance"])
+        self.latent_shape = (int(geometry["latent_channels"]), int(geometry["latent_height"]), int(geometry["latent_width"]))
+        self.text_layers = int(manifest.model["text_layers"])
+        self.inpainting_unet = int(manifest.model["unet_in_channels"]) == 2 * self.latent_shape[0] + 1  # latents, mask, masked latents
+        self.has_vae_encoder = "vae_encoder" in manifest.components
+
+    @classmethod
+    def for_engine_dir(cls, engine_dir: str | Path) -> "RequestChecker":
+        """Read only the manifest and the scheduler config (milliseconds), not the engines."""
+        manifest = read_manifest(engine_dir)
+        manifest.verify_files(full=True, files=manifest.data["scheduler"]["files"])  # a few hundred bytes
+        try:
+            return cls(manifest, read_scheduler_config(manifest))
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise EngineError(f"engine dir {engine_dir}: unusable ({type(error).__name__}: {error})") from None
+
+    def prepare(self, request: "GenerationRequest") -> PreparedRequest:
+        """The request's batch, sampler, plan and strength; RequestError for anything this engine cannot serve."""
+        batch = self._check(request)
+        spec = resolve_sampler(request.sampler)
+        plan = spec.plan(self.scheduler_config, self.schedule, request.steps)  # refuses what it cannot do, before any work
+        strength = self.strength(request)
+        if strength is not None:
+            # diffusers' get_timesteps: the last int(steps * strength) steps run, starting from the noised image
+            start_step = request.steps - min(int(request.steps * strength), request.steps)
+            if not spec.starts_late and start_step > 0:
+                raise RequestError(f"{spec.a1111_name} cannot start part-way through its schedule, as img2img and inpainting need; choose another sampler")
+            if start_step >= plan.steps:
+                raise RequestError(f"strength {strength} with {request.steps} steps leaves no step to run (steps x strength must be >= 1)")
+            plan = plan.starting_at(start_step)
+        return PreparedRequest(batch, spec, plan, strength)
+
+    def strength(self, request: "GenerationRequest") -> float | None:
+        if request.init_image is None:
+            return None
+        if request.strength is not None:
+            return float(request.strength)
+        return 1.0 if self.inpainting_unet else DEFAULT_STRENGTH
+
+    def _check(self, request: "GenerationRequest") -> int:
+        height = request.height if request.height is not None else self.height
+        width = request.width if request.width is not None else self.width
+        if (height, width) != (self.height, self.width):
+            raise RequestError(
+                f"this engine was built for {self.width}x{self.height} (width x height); the request asks for "
+                f"{width}x{height} (re-export with --width/--height)"
+            )
+        batch = request.batch_size if request.batch_size is not None else self.batch_size
+        if not isinstance(batch, int) or not 1 <= batch <= self.batch_size:
+            raise RequestError(f"batch size must be from 1 to the engine's batch {self.batch_size}, not {batch} (re-export with --batch)")
+        if not isinstance(request.n_iter, int) or not 1 <= request.n_iter <= MAX_ITERATIONS:
+            raise RequestError(f"n_iter must be an integer from 1 to {MAX_ITERATIONS}, not {request.n_iter}")
+        for label, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
+            if not isinstance(text, str):
+                raise RequestError(f"{label} must be text")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError(f"{label} is not valid UTF-8 text") from None
+        if not isinstance(request.steps, int) or not 1 <= request.steps <= MAX_STEPS:
+            raise RequestError(f"steps must be an integer from 1 to {MAX_STEPS}, not {request.steps}")
+        if not isinstance(request.cfg_scale, (int, float)) or not math.isfinite(request.cfg_scale) or request.cfg_scale < 0:
+            raise RequestError(f"cfg scale must be a finite number >= 0, not {request.cfg_scale}")
+        if request.cfg_scale > 1 and not self.guidance:
+            raise RequestError("this engine was exported without classifier-free guidance (--no-guidance): use cfg scale 1")
+        if not isinstance(request.seed, int) or request.seed < 0:
+            raise RequestError(f"seed must be an integer >= 0, not {request.seed}")
+        if request.seeds is not None and (len(request.seeds) != batch * request.n_iter
+                                          or not all(isinstance(s, int) and s >= 0 for s in request.seeds)):
+            raise RequestError(f"seeds must be {batch * request.n_iter} integers >= 0, one per image")
+        if not isinstance(request.eta, (int, float)) or not 0.0 <= request.eta <= 1.0:
+            raise RequestError(f"eta must be from 0.0 to 1.0, not {request.eta}")
+        sampler = resolve_sampler(request.sampler)
+        if request.eta and not sampler.takes_eta:
+            raise RequestError(f"eta applies to DDIM only, not to {sampler.a1111_name}")
+        if not isinstance(request.clip_skip, int) or not 1 <= request.clip_skip <= self.text_layers:
+            raise RequestError(f"clip skip must be an integer from 1 to the text encoder's {self.text_layers} layers, not {request.clip_skip}")
+        self._check_images(request)
+        return batch
+
+    def _check_images(self, request: "GenerationRequest") -> None:
+        image_shape = (1, 3, self.height, self.width)
+        if request.mask is not None and request.init_image is None:
+            raise RequestError("a mask needs an init image to inpaint")
+        if self.inpainting_unet and (request.init_image is None or request.mask is None):
+            raise RequestError("this engine holds a 9-channel inpainting U-Net: it needs an init image and a mask")
+        if request.init_image is not None:
+            if not self.has_vae_encoder:
+                raise RequestError("this engine dir has no VAE encoder, which img2img and inpainting need")
+            if not isinstance(request.init_image, np.ndarray) or request.init_image.shape != image_shape:
+                raise RequestError(f"init image must be a [1, 3, {self.height}, {self.width}] array (see images.load_init_image)")
+        if request.mask is not None and (not isinstance(request.mask, np.ndarray) or request.mask.shape != (1, 1, self.height, self.width)):
+            raise RequestError(f"mask must be a [1, 1, {self.height}, {self.width}] array (see images.load_mask)")
+        if request.strength is not None:
+            if request.init_image is None:
+                raise RequestError("strength only applies with an init image")
+            if not isinstance(request.strength, (int, float)) or not 0.0 <= request.strength <= 1.0:
+                raise RequestError(f"strength must be from 0.0 to 1.0, not {request.strength}")

@@ -219,3 +219,16 @@ def test_hyperthreads_of_one_core_count_once():
     two_cores = "\n\n".join(block.replace("processor\t: 0", f"processor\t: {cpu}").replace("core id\t\t: 0", f"core id\t\t: {i}")
                             for i, cpu in enumerate(usable)) + "\n\n"
     assert CpuInfo.detect(two_cores).cores == 2
+
+
+def test_peak_rss_is_the_measuring_process_own():
+    """A measuring child's peak must not carry its parent's (Linux keeps ru_maxrss across fork and exec)."""
+    import subprocess
+    import sys
+
+    ballast = np.ones(600 << 20, dtype=np.uint8)  # 600 MiB resident in this, the parent, process
+    child = subprocess.run([sys.executable, "-c", "from sdfast.bench.measure import peak_rss_mib; print(peak_rss_mib())"],
+                           capture_output=True, text=True, timeout=120)
+    del ballast
+    assert child.returncode == 0, child.stderr
+    assert 10 < float(child.stdout) < 400

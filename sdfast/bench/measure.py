@@ -31,8 +31,20 @@ def _row(metric: str, summary: Summary | None = None, value: float | None = None
     return {"metric": metric, "median": value, "p90": None, "min": None, "max": None, "n": 1, "note": note}
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def peak_rss_mib() -> float:
+    """This process's own peak RSS: /proc's VmHWM, of this address space only.
+
+    getrusage's ru_maxrss is not: Linux carries the parent's peak across fork and exec into it, so a measuring child
+    started by a parent that had just exported an engine reported the parent's peak (690 MiB) as its own.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; elsewhere the best there is
 
 
 def _device_memory_mib(pid: int) -> float | None:
@@ -206,7 +218,7 @@ def main() -> int:
         text = str(error).strip().splitlines()
         answer.write(json.dumps({"error": f"{type(error).__name__}: {text[0] if text else ''}"}))
         return 1
-    rows.append(_row("peak_rss", value=_peak_rss_mib()))
+    rows.append(_row("peak_rss", value=peak_rss_mib()))
     if args.backend in ("cuda", "tensorrt"):
         device = _device_memory_mib(os.getpid())
         if device is not None:

@@ -42,11 +42,17 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"sdfast serve needs {', '.join(missing)}: pip install 'sdfast[serve]'")
     import uvicorn
 
+    from sdfast.cli.progress import LoadBars
     from sdfast.runtime.pipeline import Pipeline
     from sdfast.serve.app import ServeSettings, create_app, wrap
 
     _check_port_free(args.host, args.port)
-    pipeline = Pipeline.load(args.engine_dir, backend=args.backend, verify=args.verify)  # a bad engine dir fails before binding
+    load_bars = None if args.quiet else LoadBars()
+    try:  # a bad engine dir fails before binding
+        pipeline = Pipeline.load(args.engine_dir, backend=args.backend, verify=args.verify, progress=load_bars)
+    finally:
+        if load_bars is not None:
+            load_bars.close()
     settings = ServeSettings(max_queue=args.max_queue, api_key=args.api_key, request_timeout_s=args.timeout)
     access = logging.getLogger("sdfast.access")
     access.setLevel(logging.WARNING if args.quiet else logging.INFO)
@@ -59,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if not lifecycle.handlers:
         lifecycle.addHandler(logging.StreamHandler(sys.stderr))
     lifecycle.propagate = False
-    print(f"sdfast serve: {pipeline.manifest.model_name} {pipeline.width}x{pipeline.height} on {args.backend}, "
+    print(f"sdfast serve: {pipeline.manifest.model_name} {pipeline.width}x{pipeline.height} on {args.backend} "
+          f"(loaded in {pipeline.load_timings['total_s']:.1f} s), "
           f"http://{args.host}:{args.port} (A1111 /sdapi/v1, OpenAI /v1/images)", file=sys.stderr, flush=True)
     config = uvicorn.Config(wrap(create_app(pipeline, settings), settings), host=args.host, port=args.port, access_log=False,
                             log_level="warning", timeout_graceful_shutdown=int(settings.shutdown_grace_s), lifespan="on")

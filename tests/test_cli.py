@@ -321,3 +321,11 @@ def test_samplers_lists_every_sampler_with_what_it_maps_to():
     assert rows["DPM++ 2M Karras"]["diffusers"] == "DPMSolverMultistepScheduler"
     assert rows["DPM++ 2M Karras"]["options"]["use_karras_sigmas"] is True
     assert rows["DPM++ 2S a"]["diffusers"] is None and rows["Euler a"]["stochastic"] is True
+
+
+@pytest.mark.parametrize("prompt", ["an (apple:" + "9" * 40 + ")", "((an apple:" + "9" * 30 + "):" + "9" * 30 + ")", "(an apple:100000)"])
+def test_huge_emphasis_weight_is_one_clean_line_before_loading(engine_copy, tmp_path, prompt):
+    flip_a_byte(engine_copy / cpu_graph(engine_copy, "unet"))
+    completed = run_cli("generate", engine_copy, prompt, "--steps", "1", "-o", tmp_path / "x.png")
+    assert_clean_error(completed, "emphasis", "beyond")
+    assert "Warning" not in completed.stderr

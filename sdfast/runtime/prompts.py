@@ -106,8 +106,8 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
                 factor = float(piece.group("value"))
             except ValueError:
                 raise RequestError(f"prompt emphasis weight '{piece.group('value')}' is not a number") from None
-            if not np.isfinite(np.float32(factor)):
-                raise RequestError(f"prompt emphasis weight '{piece.group('value')}' is too large")
+            if not abs(factor) <= MAX_WEIGHT:  # in Python floats: a float32 cast of 1e39 would warn before refusing
+                raise RequestError(f"prompt emphasis weight '{piece.group('value')}' is beyond {MAX_WEIGHT:g}")
             scale_from(open_round.pop(), factor)
         elif piece.group() == ")" and open_round:
             scale_from(open_round.pop(), ROUND_MULTIPLIER)
@@ -124,6 +124,8 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     for start in open_square:
         scale_from(start, SQUARE_MULTIPLIER)
 
+    if not all(abs(weight) <= MAX_WEIGHT for _, weight in fragments):  # in Python floats, before any float32 cast overflows
+        raise RequestError(f"prompt emphasis multiplies a weight beyond {MAX_WEIGHT:g} (too many nested brackets?)")
     merged: list[list] = []
     for fragment in fragments or [["", 1.0]]:
         if merged and merged[-1][1] == fragment[1]:
@@ -177,9 +179,7 @@ def tokenize_weighted(tokenizer: PromptTokenizer, text: str, comma_backtrack: in
     # [BOS, tokens, EOS, pad...] as diffusers' tokenizer lays out one prompt (A1111 puts EOS last; the same when pad is EOS)
     all_ids = [[tokenizer.bos_id, *chunk, tokenizer.eos_id, *[tokenizer.pad_id] * (room - len(chunk))] for chunk, _ in done]
     all_weights = [[1.0, *chunk, *[1.0] * (room - len(chunk)), 1.0] for _, chunk in done]
-    weights_array = np.asarray(all_weights, dtype=np.float32)
-    if not np.isfinite(weights_array).all() or np.abs(weights_array).max() > MAX_WEIGHT:
-        raise RequestError(f"prompt emphasis multiplies a weight beyond {MAX_WEIGHT:g} (too many nested brackets?)")
+    weights_array = np.asarray(all_weights, dtype=np.float32)  # every weight within MAX_WEIGHT: parse_prompt_attention checked
     return PromptChunks(ids=np.asarray(all_ids, dtype=np.int64), weights=weights_array, token_count=token_count)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from sdfast.errors import EngineError, RequestError
 from sdfast.runtime.manifest import Manifest, read_manifest
+from sdfast.runtime.prompts import parse_prompt_attention
 from sdfast.sampling.registry import check_supported, resolve_sampler
 from sdfast.sampling.schedules import NoiseSchedule, SamplingPlan
 
@@ -114,6 +115,7 @@ class RequestChecker:
                 text.encode("utf-8")
             except UnicodeEncodeError:
                 raise RequestError(f"{label} is not valid UTF-8 text") from None
+            parse_prompt_attention(text)  # emphasis syntax and weights: refused here, not after the engines load
         if not isinstance(request.steps, int) or not 1 <= request.steps <= MAX_STEPS:
             raise RequestError(f"steps must be an integer from 1 to {MAX_STEPS}, not {request.steps}")
         if not isinstance(request.cfg_scale, (int, float)) or not math.isfinite(request.cfg_scale) or request.cfg_scale < 0:

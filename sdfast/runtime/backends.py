@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from sdfast.errors import EngineError
-from sdfast.runtime.manifest import ComponentInfo
+from sdfast.runtime.manifest import ComponentInfo, confined
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
@@ -127,7 +127,7 @@ class OrtBackend(Backend):
         # the NCHWc blocks in that file depend on the onnxruntime version and on the vector ISA it was saved on
         preoptimized = variant is not None and made_for.get("onnxruntime") == ort.__version__ and made_for.get("isa") == cpu_isa()
         if preoptimized:
-            path = path.with_name(variant["file"])
+            path = confined(path.parent, variant["file"])  # beside the graph, at the engine dir's top level (manifest.py checks)
         try:
             session = ort.InferenceSession(str(path), self.session_options(optimize=not preoptimized), providers=[self.provider])
         except Exception as error:  # noqa: BLE001

@@ -19,7 +19,7 @@ import numpy as np
 from sdfast.errors import EngineError
 from sdfast.runtime.backends import Backend, Engine, OrtBackend, OrtEngine, _check_session_matches
 from sdfast.runtime.device_loop import EvalCallback, LoopInputs, run_on_host
-from sdfast.runtime.manifest import ComponentInfo
+from sdfast.runtime.manifest import ComponentInfo, confined
 
 log = logging.getLogger("sdfast.gpu")
 Progress = Callable[[str], None]
@@ -166,7 +166,7 @@ class OrtCudaBackend(OrtBackend):
             ort.preload_dlls()  # the CUDA and cuDNN libraries that pip's nvidia-* packages bring
         variant = info.variants.get("cuda")
         if variant is not None:
-            path = path.with_name(variant["file"])
+            path = confined(path.parent, variant["file"])
         from sdfast.runtime.native import load_kernels
 
         cuda_graphs = info.name == "unet" and load_kernels() is not None

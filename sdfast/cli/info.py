@@ -8,7 +8,8 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("engine_dir", type=Path, help="an engine dir written by 'sdfast export'")
-    parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    parser.add_argument("--json", action="store_true",
+                        help="print the manifest as JSON (with the TensorRT engines built here, if any, as 'tensorrt_engines')")
     parser.add_argument("--verify", action="store_true", help="also check every file's sha256")
 
 
@@ -18,12 +19,14 @@ def _mib(count: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from sdfast.runtime.manifest import read_manifest
+    from sdfast.runtime.trt_cache import read_entries
 
     manifest = read_manifest(args.engine_dir)
     if args.verify:
         manifest.verify_files(full=True)
+    engines = read_entries(manifest.root)  # tensorrt/cache.json: built on this machine's GPUs, not part of the export
     if args.json:
-        print(json.dumps(manifest.data, indent=2))
+        print(json.dumps({**manifest.data, "tensorrt_engines": engines} if engines else manifest.data, indent=2))
         return 0
     data, geometry, source = manifest.data, manifest.geometry, manifest.data["source"]
     rows = [
@@ -54,7 +57,16 @@ def run(args: argparse.Namespace) -> int:
         parity = entry.get("parity", {})
         verdict = f"{parity.get('max_rel', float('nan')):.1e} ({parity.get('tolerance_rel', float('nan')):.0e})" if parity else "-"
         table.append((name, component.file, _mib(sum(f["bytes"] for f in component.files.values())), io, verdict))
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    _print_table(table)
+    if engines:
+        print()
+        _print_table([("tensorrt engine", "file", "size", "gpu (sm)", "tensorrt", "built")] + [
+            (e["key"]["component"], e["file"], _mib(e["bytes"]), f"{e['key']['gpu_name']} ({e['key']['compute_capability']})",
+             e["key"]["tensorrt_version"], f"{e.get('built', '?')} in {e.get('build_seconds', '?')} s") for e in engines])
+    return 0
+
+
+def _print_table(table: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    return 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from sdfast.errors import EngineError
-from sdfast.runtime.manifest import ComponentInfo
+from sdfast.runtime.manifest import ComponentInfo, confined
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
@@ -146,7 +146,7 @@ class OrtBackend(Backend):
             raise EngineError(f"backend '{self.name}' is not available: {why}")
         preoptimized = self._preoptimized(info) is not None
         if preoptimized:
-            path = path.with_name(self.graph_for(info)[0])
+            path = confined(path.parent, self.graph_for(info)[0])  # beside the graph, at the engine dir's top level (manifest.py checks)
         try:
             session = ort.InferenceSession(str(path), self.session_options(optimize=not preoptimized), providers=[self.provider])
         except Exception as error:  # noqa: BLE001

@@ -19,7 +19,7 @@ import numpy as np
 from sdfast.errors import EngineError
 from sdfast.runtime.backends import Backend, Engine, OrtBackend, OrtEngine, _check_session_matches
 from sdfast.runtime.device_loop import EvalCallback, LoopInputs, run_on_host
-from sdfast.runtime.manifest import ComponentInfo
+from sdfast.runtime.manifest import ComponentInfo, confined
 
 log = logging.getLogger("sdfast.gpu")
 Progress = Callable[[str], None]
@@ -169,7 +169,7 @@ class OrtCudaBackend(OrtBackend):
             raise EngineError(f"backend 'cuda' is not available: {why}")
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # the CUDA and cuDNN libraries that pip's nvidia-* packages bring
-        path = path.with_name(self.graph_for(info)[0])
+        path = confined(path.parent, self.graph_for(info)[0])
         from sdfast.runtime.native import load_kernels
 
         cuda_graphs = info.name == "unet" and load_kernels() is not None
@@ -324,7 +324,7 @@ class TrtEngine(Engine):
 
 
 class TensorRTBackend(Backend):
-    """TensorRT 10 engines built on first use from the export's portable graphs, cached in the engine dir's manifest."""
+    """TensorRT 10 engines built on first use from the export's portable graphs, cached in the engine dir (trt_cache)."""
 
     name = "tensorrt"
 
@@ -359,13 +359,13 @@ class TensorRTBackend(Backend):
             raise EngineError(f"backend 'tensorrt' is not available: {why}")
         engine_dir = path.parent
         key = self.key(info)
-        plan = trt_cache.lookup(engine_dir, _manifest_data(engine_dir), key)
+        plan = trt_cache.lookup(engine_dir, key)
         if plan is None:
             trt_cache.writable(engine_dir)
             self.progress(f"tensorrt {info.name}: building an engine for {key.gpu_name} (sm {key.compute_capability}, "
                           f"TensorRT {key.tensorrt_version}); minutes, once per GPU model")
             started = time.perf_counter()
-            data = build_plan(info, path, key.profile, engine_dir / trt_cache.PLAN_DIR / "timing.cache", self.progress)
+            data = build_plan(info, path, key.profile, trt_cache.timing_cache_path(engine_dir), self.progress)
             plan = trt_cache.record(engine_dir, key, data, time.perf_counter() - started)
             self.progress(f"tensorrt {info.name}: built in {time.perf_counter() - started:.0f} s -> {plan.name}")
         trt = _trt()
@@ -375,10 +375,3 @@ class TensorRTBackend(Backend):
             raise EngineError(f"{info.name}: TensorRT could not load {plan} (delete it to rebuild)")
         return TrtEngine(info, engine, self._stream.get())
 
-
-def _manifest_data(engine_dir: Path) -> dict:
-    import json
-
-    from sdfast.runtime.manifest import MANIFEST_NAME
-
-    return json.loads((engine_dir / MANIFEST_NAME).read_text(encoding="utf-8"))

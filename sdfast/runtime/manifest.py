@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -14,6 +15,22 @@ FORMAT_NAME = "sdfast-engine"
 FORMAT_VERSION = 2  # 2: clip_skip input, dynamic prompt length (dynamic_dims), text_layers
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 _HASH_CHUNK = 8 << 20
+
+
+def confined(root: Path, relative: str) -> Path:
+    """``root / relative``, refused unless it stays inside ``root``: relative, no '..', and no link leading out of it.
+
+    The one gate for every path an engine dir names (manifest files, variants, TensorRT plans): the error says nothing
+    about what lies outside (no size, no existence), since the manifest may come from someone else.
+    """
+    pure = Path(relative) if isinstance(relative, str) and "\0" not in relative else None
+    if pure is None or pure.is_absolute() or ".." in pure.parts or not pure.parts:
+        raise EngineError(f"engine dir {root}: file name {relative!r} is not a plain relative path inside it")
+    path = Path(root) / pure
+    real_root, real = os.path.realpath(root), os.path.realpath(path)  # every symlink on the way followed
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise EngineError(f"engine dir {root}: '{relative}' leads out of the engine dir (a link to elsewhere)")
+    return path
 
 
 def sha256_file(path: Path, on_chunk: Callable[[int], None] | None = None) -> str:
@@ -114,7 +131,8 @@ class Manifest:
         return self.data["source"]["name"]
 
     def path(self, relative: str) -> Path:
-        return self.root / relative
+        """The file ``relative`` names, confined to the engine dir (see ``confined``)."""
+        return confined(self.root, relative)
 
     def listed_files(self) -> dict[str, dict]:
         """Every file the engine dir must hold: components, tokenizer and scheduler, with sha256 and size."""
@@ -178,7 +196,7 @@ def read_manifest(engine_dir: str | Path) -> Manifest:
             f"{path}: engine format version {version}, this sdfast reads version {FORMAT_VERSION}; re-export the model"
         )
     try:
-        _check_structure(data)
+        _check_structure(data, root)
         components = {name: ComponentInfo.from_json(name, info, data["dynamic_dims"]) for name, info in data["components"].items()}
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise EngineError(f"{path}: manifest is incomplete or malformed ({type(error).__name__}: {error})") from None
@@ -199,14 +217,7 @@ _REQUIRED = {
 _TENSOR_DTYPES = ("float32", "float16", "int64", "int32")
 
 
-def _safe_relative(name: str) -> str:
-    relative = Path(name)
-    if relative.is_absolute() or ".." in relative.parts or not name:
-        raise ValueError(f"file name '{name}' is not a plain relative path inside the engine dir")
-    return name
-
-
-def _check_structure(data: dict) -> None:
+def _check_structure(data: dict, root: Path) -> None:
     for section, fields in _REQUIRED.items():
         if not isinstance(data.get(section), dict):
             raise ValueError(f"'{section}' must be an object")
@@ -225,15 +236,15 @@ def _check_structure(data: dict) -> None:
         ) or dim["min"] > dim["max"]:
             raise ValueError(f"dynamic dim '{name}' needs positive integers multiple_of, min <= max")
     for section in ("tokenizer", "scheduler"):
-        _check_files(data[section]["files"])
+        _check_files(data[section]["files"], root)
         if data[section]["file"] not in data[section]["files"]:
             raise ValueError(f"'{section}.file' is not among its hashed files")
     for name, info in data["components"].items():
-        if not isinstance(info, dict) or not isinstance(info.get("files"), dict) or not isinstance(info.get("file"), str):
-            raise ValueError(f"component '{name}' must have 'file' and 'files'")
-        _check_files(info["files"])
-        if info["file"] not in info["files"]:
-            raise ValueError(f"component '{name}': its file is not among its hashed files")
+        _check_graph_files(f"component '{name}'", info, root)
+        if not isinstance(info.get("variants", {}), dict):
+            raise ValueError(f"component '{name}': 'variants' must be an object")
+        for backend, variant in info.get("variants", {}).items():
+            _check_graph_files(f"component '{name}', variant '{backend}'", variant, root)
         for tensor in list(info.get("inputs", [])) + list(info.get("outputs", [])):
             shape_ok = all(
                 (isinstance(d, int) and not isinstance(d, bool) and d > 0) or (isinstance(d, str) and d in data["dynamic_dims"])
@@ -246,8 +257,19 @@ def _check_structure(data: dict) -> None:
                 )
 
 
-def _check_files(files: dict) -> None:
+def _check_graph_files(label: str, entry: dict, root: Path) -> None:
+    """A component's (or variant's) 'file' and its hashed 'files'; the graph sits at the engine dir's top level."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("files"), dict) or not isinstance(entry.get("file"), str):
+        raise ValueError(f"{label} must have 'file' and 'files'")
+    _check_files(entry["files"], root)
+    if entry["file"] not in entry["files"]:
+        raise ValueError(f"{label}: its file is not among its hashed files")
+    if len(Path(entry["file"]).parts) != 1:  # backends find the engine dir, and a variant, beside the graph they load
+        raise ValueError(f"{label}: its file '{entry['file']}' must be at the engine dir's top level")
+
+
+def _check_files(files: dict, root: Path) -> None:
     for name, entry in files.items():
-        _safe_relative(name)
+        confined(root, name)
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("bytes"), int):
             raise ValueError(f"file entry '{name}' needs 'sha256' and 'bytes'")

@@ -1,14 +1,18 @@
-"""TensorRT engine cache: which serialized engine fits this GPU, TensorRT and ONNX graph, recorded in the manifest.
+"""TensorRT engine cache: which serialized engine fits this GPU, TensorRT and ONNX graph, kept in tensorrt/cache.json.
 
 A TensorRT plan only runs on the GPU model, compute capability and TensorRT version that built it, and only stands
 for the ONNX graph it was built from. So the key is those four plus the build settings (shape profile, precision),
-hashed; the ONNX graph counts by its sha256, never by its file name. Entries live in manifest.json under
-"tensorrt_engines", each with its plan file's sha256; an entry whose key or plan no longer matches is stale and is
-rebuilt. Pure Python: the key and staleness checks run (and are tested) without TensorRT or a GPU.
+hashed; the ONNX graph counts by its sha256, never by its file name. Entries live in the engine dir's own cache file,
+never in manifest.json (that stays what the export wrote, and what --verify checks), each with its plan file's sha256;
+an entry whose key or plan no longer matches is stale and is rebuilt. Writers hold an exclusive flock on
+tensorrt/cache.lock and replace the file atomically, so processes that build at once lose no entry. Every path goes
+through manifest.confined. Pure Python: the key, staleness and locking run (and are tested) without TensorRT or a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import os
@@ -17,10 +21,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sdfast.errors import EngineError
-from sdfast.runtime.manifest import MANIFEST_NAME, ComponentInfo, sha256_file
+from sdfast.runtime.manifest import ComponentInfo, confined, sha256_file
 
-SECTION = "tensorrt_engines"
 PLAN_DIR = "tensorrt"
+CACHE_FILE = f"{PLAN_DIR}/cache.json"
+LOCK_FILE = f"{PLAN_DIR}/cache.lock"
+TIMING_CACHE = f"{PLAN_DIR}/timing.cache"
+CACHE_FORMAT = "sdfast-tensorrt-cache"
 
 
 @dataclass(frozen=True)
@@ -66,17 +73,46 @@ def key_for(info: ComponentInfo, gpu_name: str, compute_capability: str, tensorr
                      shape_profile(info), info.precision)
 
 
-def entries(manifest_data: dict) -> list[dict]:
-    return list(manifest_data.get(SECTION, []))
+def read_entries(engine_dir: Path) -> list[dict]:
+    """The cache's entries, each checked (its plan named by its key, inside the engine dir); [] before the first build."""
+    path = confined(engine_dir, CACHE_FILE)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise EngineError(f"{path}: unreadable ({error}); delete it to rebuild the TensorRT engines") from None
+    try:
+        if data.get("format") != CACHE_FORMAT:
+            raise ValueError("not an sdfast TensorRT engine cache")
+        entries = list(data["engines"])
+        for entry in entries:
+            _check_entry(entry)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise EngineError(f"{path}: malformed ({type(error).__name__}: {error}); delete it to rebuild the TensorRT engines") from None
+    for entry in entries:
+        confined(engine_dir, entry["file"])
+    return entries
 
 
-def lookup(engine_dir: Path, manifest_data: dict, key: EngineKey, verify: str = "size") -> Path | None:
+def _check_entry(entry: dict) -> None:
+    """An entry's fields, and its plan file: the one its key names (so no entry can point at another file of the dir)."""
+    key = EngineKey.from_json(entry["key"])
+    if not all(isinstance(getattr(key, name), str) for name in ("component", "gpu_name", "compute_capability", "tensorrt_version")):
+        raise ValueError("an entry's key names its component, GPU and TensorRT version as strings")
+    if entry["digest"] != key.digest() or entry["file"] != key.plan_name():
+        raise ValueError(f"entry '{entry['file']}' does not match its key")
+    if not isinstance(entry["bytes"], int) or not isinstance(entry["sha256"], str):
+        raise ValueError(f"entry '{entry['file']}' needs 'bytes' and 'sha256'")
+
+
+def lookup(engine_dir: Path, key: EngineKey, verify: str = "size") -> Path | None:
     """The plan for ``key`` when its entry matches and its file is intact ('size' or 'full' sha256), else None (stale)."""
     digest = key.digest()
-    for entry in entries(manifest_data):
-        if entry.get("digest") != digest or EngineKey.from_json(entry["key"]) != key:
+    for entry in read_entries(engine_dir):
+        if entry["digest"] != digest or EngineKey.from_json(entry["key"]) != key:
             continue
-        plan = engine_dir / entry["file"]
+        plan = confined(engine_dir, entry["file"])
         if not plan.is_file() or plan.stat().st_size != entry["bytes"]:
             return None
         if verify == "full" and sha256_file(plan) != entry["sha256"]:
@@ -85,36 +121,58 @@ def lookup(engine_dir: Path, manifest_data: dict, key: EngineKey, verify: str = 
     return None
 
 
-def stale(manifest_data: dict, key: EngineKey) -> list[dict]:
+def stale(entries: list[dict], key: EngineKey) -> list[dict]:
     """Entries of the same component on the same GPU model that ``key`` replaces (another TensorRT, graph or profile)."""
-    return [e for e in entries(manifest_data) if e["key"]["component"] == key.component and e["key"]["gpu_name"] == key.gpu_name
-            and e["key"]["compute_capability"] == key.compute_capability and e.get("digest") != key.digest()]
+    return [e for e in entries if e["key"]["component"] == key.component and e["key"]["gpu_name"] == key.gpu_name
+            and e["key"]["compute_capability"] == key.compute_capability and e["digest"] != key.digest()]
 
 
 def record(engine_dir: Path, key: EngineKey, plan_bytes: bytes, build_seconds: float) -> Path:
-    """Write the plan and its manifest entry (replacing stale ones), each atomically; returns the plan's path."""
-    plan = engine_dir / key.plan_name()
-    plan.parent.mkdir(exist_ok=True)
-    _atomic_write(plan, plan_bytes)
-    manifest_path = engine_dir / MANIFEST_NAME
-    data = json.loads(manifest_path.read_text(encoding="utf-8"))
-    replaced = stale(data, key)
-    kept = [e for e in entries(data) if e not in replaced and e.get("digest") != key.digest()]
-    kept.append({
-        "digest": key.digest(), "key": key.to_json(), "file": key.plan_name(), "bytes": len(plan_bytes),
-        "sha256": hashlib.sha256(plan_bytes).hexdigest(), "build_seconds": round(build_seconds, 1),
-        "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    })
-    data[SECTION] = kept
-    _atomic_write(manifest_path, (json.dumps(data, indent=2) + "\n").encode())
-    for entry in replaced:
-        if entry["file"] not in {e["file"] for e in kept}:
-            (engine_dir / entry["file"]).unlink(missing_ok=True)
+    """Write the plan and its cache entry (replacing stale ones and their plans) under the cache's lock; returns the plan."""
+    plan = confined(engine_dir, key.plan_name())
+    with _locked(engine_dir):
+        entries = read_entries(engine_dir)
+        replaced = stale(entries, key)
+        kept = [e for e in entries if e not in replaced and e["digest"] != key.digest()]
+        _atomic_write(plan, plan_bytes)
+        kept.append({
+            "digest": key.digest(), "key": key.to_json(), "file": key.plan_name(), "bytes": len(plan_bytes),
+            "sha256": hashlib.sha256(plan_bytes).hexdigest(), "build_seconds": round(build_seconds, 1),
+            "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        })
+        cache = {"format": CACHE_FORMAT, "engines": kept}
+        _atomic_write(confined(engine_dir, CACHE_FILE), (json.dumps(cache, indent=2) + "\n").encode())
+        for entry in replaced:
+            if entry["file"] not in {e["file"] for e in kept}:
+                confined(engine_dir, entry["file"]).unlink(missing_ok=True)
     return plan
 
 
+def timing_cache_path(engine_dir: Path) -> Path:
+    """Where TensorRT's timing cache is kept between builds (inside the engine dir)."""
+    return confined(engine_dir, TIMING_CACHE)
+
+
+@contextlib.contextmanager
+def _locked(engine_dir: Path):
+    """An exclusive flock on tensorrt/cache.lock for the block: one writer of the cache at a time, across processes."""
+    plans = confined(engine_dir, PLAN_DIR)
+    lock = confined(engine_dir, LOCK_FILE)
+    try:
+        plans.mkdir(exist_ok=True)
+        handle = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o666)  # flock needs no write access
+    except OSError as error:
+        raise EngineError(f"cannot lock the TensorRT engine cache {lock}: {error.strerror or error}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
+
+
 def writable(engine_dir: Path) -> None:
-    if not os.access(engine_dir, os.W_OK):
+    plans = confined(engine_dir, PLAN_DIR)
+    if not os.access(plans if plans.is_dir() else engine_dir, os.W_OK):
         raise EngineError(f"engine dir {engine_dir} is read-only: the tensorrt backend stores the engines it builds there")
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from sdfast.errors import RequestError
-from sdfast.export.builtin_tokenizer import build_vocab_and_merges
+from sdfast.export.builtin_tokenizer import write_tokenizer_files
 from sdfast.runtime.prompts import (
     PromptChunks,
     apply_emphasis,
@@ -17,33 +17,17 @@ from sdfast.runtime.tokenizer import PromptTokenizer
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> PromptTokenizer:
-    """The built-in models' CLIP tokenizer, built with the tokenizers library as transformers converts it (no export)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-
-    vocab, merges = build_vocab_and_merges()
-    bpe = models.BPE(
-        vocab=vocab, merges=[tuple(line.split(" ")) for line in merges], unk_token="<|endoftext|>",
-        continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False,
-    )
-    built = Tokenizer(bpe)
-    built.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-    built.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(
-            Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
-            behavior="removed", invert=True,
-        ),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
-    built.decoder = decoders.ByteLevel()
-    built.add_special_tokens([AddedToken("<|startoftext|>", normalized=False), AddedToken("<|endoftext|>", normalized=False)])
-    path = tmp_path_factory.mktemp("prompt-tokenizer") / "tokenizer.json"
-    built.save(str(path))
-    eos = vocab["<|endoftext|>"]
-    return PromptTokenizer(path, vocab["<|startoftext|>"], eos, eos, 77)
+    """The built-in models' CLIP tokenizer, converted to tokenizer.json by transformers as the exporter does it (no export)."""
+    transformers = pytest.importorskip("transformers")
+    directory = tmp_path_factory.mktemp("prompt-tokenizer")
+    vocab_path, merges_path = write_tokenizer_files(directory / "clip")
+    clip = transformers.CLIPTokenizer(vocab=str(vocab_path), merges=str(merges_path))
+    clip.save_pretrained(directory / "converted")
+    return PromptTokenizer(directory / "converted" / "tokenizer.json", clip.bos_token_id, clip.eos_token_id, clip.pad_token_id, 77)
 
 
 def one(tokenizer, word: str) -> int:
-    """The id of a word that is a single token of the built-in vocabulary."""
+    """The id of a word that is a single token of CLIP's vocabulary."""
     ids = tokenizer.tokens(word)
     assert len(ids) == 1, (word, ids)
     return ids[0]

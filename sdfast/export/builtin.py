@@ -2,7 +2,8 @@
 
 ``tiny`` has SD 1.x's structure at toy width, for tests. ``sd15`` has SD 1.5's real architecture and
 configs, so latency is real; its weights are random, so its images are noise. Both are saved as
-ordinary diffusers folders and cached under ``$SDFAST_CACHE`` (default ``~/.cache/sdfast``).
+ordinary diffusers folders and cached under ``$SDFAST_CACHE`` (default ``~/.cache/sdfast``). Their
+tokenizer is CLIP's real one (builtin_tokenizer.py), so prompts tokenize as on a real SD 1.x model.
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from sdfast.export.builtin_tokenizer import write_tokenizer_files
+from sdfast.export.builtin_tokenizer import CLIP_VOCAB_SIZE, bpe_data_path, write_tokenizer_files
 
-BUILTIN_FORMAT = 1  # bump when what a built-in folder holds changes; stale caches are rebuilt
+BUILTIN_FORMAT = 2  # bump when what a built-in folder holds changes; stale caches are rebuilt
 MARKER = "sdfast_builtin.json"
 
 # stable-diffusion-v1-5's scheduler_config.json, key for key.
@@ -36,7 +37,7 @@ SD15_SCHEDULER_CONFIG = {
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """Configs of one built-in pipeline; the text encoder's vocab must cover the made-up tokenizer."""
+    """Configs of one built-in pipeline; every text encoder takes CLIP's 49408-token vocabulary (builtin_tokenizer.py)."""
 
     name: str
     description: str
@@ -65,7 +66,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             norm_num_groups=8, sample_size=64, scaling_factor=0.18215,
         ),
         text_encoder=dict(
-            vocab_size=1280, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            vocab_size=CLIP_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
             max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32,
         ),
     ),
@@ -94,7 +95,7 @@ BUILTIN_MODELS |= {
             norm_num_groups=32, sample_size=512, act_fn="silu", scaling_factor=0.18215,
         ),
         text_encoder=dict(
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            vocab_size=CLIP_VOCAB_SIZE, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
             max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, layer_norm_eps=1e-5,
         ),
     ),
@@ -124,6 +125,7 @@ def ensure_builtin(name: str, log: Callable[[str], None] = lambda _: None) -> Pa
                 return folder
         except (OSError, ValueError):
             pass
+    bpe_data_path()  # CLIP's vocabulary must be at hand before anything is built (a one-line ExportError if not)
     log(f"building built-in model '{name}': {model.description}")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))

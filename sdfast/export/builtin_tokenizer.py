@@ -1,69 +1,73 @@
-"""A small, deterministic CLIP-style BPE vocabulary for the built-in random-weight models.
+"""CLIP's own BPE vocabulary (49408 tokens) for the built-in random-weight models.
 
-Real model folders bring their own tokenizer; this one only has to be a valid CLIP tokenizer
-(byte-level alphabet, ``</w>`` word ends, ``<|startoftext|>`` and ``<|endoftext|>`` last, as in CLIP).
+The merges come from the data file that the ``open-clip-torch`` wheel ships (``open_clip/bpe_simple_vocab_16e6.txt.gz``,
+OpenAI CLIP's ``bpe_simple_vocab_16e6.txt.gz``); the vocabulary is assembled as CLIP's ``SimpleTokenizer`` assembles it
+(openai/CLIP ``clip/simple_tokenizer.py``) and written as the vocab.json + merges.txt that transformers' ``CLIPTokenizer``
+reads, so a built-in model folder tokenizes prompts exactly as a real SD 1.x folder does. ``open_clip`` itself is never
+imported (it imports torch and torchvision): the file is found through the package metadata.
 """
 from __future__ import annotations
 
+import gzip
 import json
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
-# Words that get whole-word tokens; anything else is still encodable, byte by byte.
-_WORDS = """
-a an the of on in at with and or by for to from under over near behind beside into
-photo photograph portrait painting oil watercolor sketch drawing render illustration digital art artwork
-red orange yellow green blue purple pink black white gray grey brown golden silver
-apple table chair cat dog horse astronaut man woman girl boy child old young person people face eyes hair
-city street house castle mountain mountains river lake sea ocean beach forest tree trees flower flowers garden
-sky sun moon stars night day sunset sunrise cloud clouds rain snow fog light shadow
-car ship boat train robot dragon bird fish lion tiger wolf bear fox owl
-riding standing sitting walking flying running holding wearing looking
-highly detailed intricate sharp focus cinematic lighting dramatic studio soft volumetric
-beautiful cute epic fantasy futuristic ancient medieval modern vintage realistic photorealistic
-8k 4k hd uhd masterpiece best quality high low resolution trending artstation concept
-blurry blur noise noisy watermark text signature jpeg artifacts ugly deformed bad anatomy cropped
-lowres worst duplicate extra fingers hands mutated disfigured out frame
-style by greg rutkowski van gogh monet anime manga cartoon 3d octane unreal engine
-""".split()
+from sdfast.errors import ExportError
+
+OPEN_CLIP_DISTRIBUTION = "open_clip_torch"
+BPE_DATA_FILE = "open_clip/bpe_simple_vocab_16e6.txt.gz"
+INSTALL_COMMAND = "pip install --no-deps open-clip-torch==3.3.0"  # --no-deps: its dependencies pull torchvision and timm
+MERGE_COUNT = 49152 - 256 - 2  # CLIP keeps the file's first 48894 merges
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")  # the names transformers' CLIP files use, last in the vocabulary
+CLIP_VOCAB_SIZE = 2 * 256 + MERGE_COUNT + len(SPECIAL_TOKENS)  # 49408
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte-to-printable-character table, which CLIP's BPE also uses."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars)))
+def bpe_data_path() -> Path:
+    """The path of CLIP's BPE merges file inside the installed open-clip-torch wheel."""
+    try:
+        wheel = distribution(OPEN_CLIP_DISTRIBUTION)
+    except PackageNotFoundError:
+        raise ExportError(f"the built-in models use CLIP's vocabulary from open-clip-torch, which is not installed: {INSTALL_COMMAND}") from None
+    path = Path(wheel.locate_file(BPE_DATA_FILE))
+    if not path.is_file():
+        raise ExportError(f"open-clip-torch {wheel.version} has no {BPE_DATA_FILE}; reinstall it: {INSTALL_COMMAND}")
+    return path
+
+
+def read_merges(path: Path) -> list[tuple[str, str]]:
+    """The merges CLIP uses: lines 2 to 48895 of the file (the first line is a version header)."""
+    try:
+        lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")
+    except (OSError, EOFError, UnicodeDecodeError) as error:
+        raise ExportError(f"cannot read CLIP's BPE merges from {path}: {error}; reinstall: {INSTALL_COMMAND}") from None
+    merges = [tuple(line.split()) for line in lines[1:MERGE_COUNT + 1]]
+    if len(merges) != MERGE_COUNT or any(len(merge) != 2 for merge in merges):
+        raise ExportError(f"{path} does not hold CLIP's {MERGE_COUNT} BPE merges; reinstall: {INSTALL_COMMAND}")
+    return merges
 
 
 def build_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
-    alphabet = [bytes_to_unicode()[b] for b in range(256)]
-    vocab: dict[str, int] = {}
-    for symbol in alphabet + [s + "</w>" for s in alphabet]:
-        vocab.setdefault(symbol, len(vocab))
-    merges: list[str] = []
-    for word in sorted(set(_WORDS)):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        current = pieces[0]
-        for piece in pieces[1:]:
-            merged = current + piece
-            if merged not in vocab:
-                merges.append(f"{current} {piece}")
-                vocab[merged] = len(vocab)
-            current = merged
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return vocab, merges
+    """CLIP's vocabulary and merges (as merges.txt lines), in ``SimpleTokenizer.__init__``'s order.
+
+    256 byte symbols (in ``bytes_to_unicode`` order, printable bytes first), the same with ``</w>``, one token per merge,
+    then ``<|startoftext|>`` (49406) and ``<|endoftext|>`` (49407).
+    """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte table, which CLIP's BPE also uses
+
+    merges = read_merges(bpe_data_path())
+    alphabet = list(bytes_to_unicode().values())
+    symbols = [*alphabet, *(symbol + "</w>" for symbol in alphabet), *("".join(merge) for merge in merges), *SPECIAL_TOKENS]
+    vocab = {symbol: index for index, symbol in enumerate(symbols)}
+    if len(vocab) != CLIP_VOCAB_SIZE:
+        raise ExportError(f"CLIP's vocabulary came out with {len(vocab)} distinct tokens, not {CLIP_VOCAB_SIZE}")
+    return vocab, [" ".join(merge) for merge in merges]
 
 
 def write_tokenizer_files(directory: Path) -> tuple[Path, Path]:
-    """Write vocab.json and merges.txt (CLIP's format) and return their paths."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write vocab.json and merges.txt (the files of transformers' CLIP tokenizers) and return their paths."""
     vocab, merges = build_vocab_and_merges()
+    directory.mkdir(parents=True, exist_ok=True)
     vocab_path, merges_path = directory / "vocab.json", directory / "merges.txt"
     vocab_path.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     merges_path.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")

@@ -1,4 +1,9 @@
-"""CLIP prompt tokenization with the tokenizers library, padded and truncated as diffusers does it."""
+"""CLIP prompt tokenization with the tokenizers library, padded and truncated as diffusers does it.
+
+The text normalization (NFC, whitespace runs to one space, lowercase) and the BPE are those of the engine's
+tokenizer.json, which the exporter saves from transformers' CLIPTokenizer (tokenizers-backed in transformers 5: no
+ftfy, no HTML unescaping), so the ids equal diffusers' (tests/test_tokenizer.py checks them on CLIP's real vocabulary).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,20 +1,15 @@
 """The device loop's host side (gpu_loop.GpuLoop) on host memory: ring rotation, pointers and StepArgs marshalling.
 
-The CUDA kernel is replaced by a line-by-line numpy transcription of native/sdfast_kernels.cu that reads its
-arguments through the same ctypes struct and raw pointers the real launch gets, so what this checks is exactly what
-the GPU would be handed. The kernel's own arithmetic is device_loop.fused_step's (test_sampler_tables.py).
+The kernel is native/sdfast_step.h compiled for the host by nvcc (tests/host_kernels.py), handed the same ctypes
+struct and raw pointers the real launch gets, so what this checks is the GPU's arithmetic on exactly what it would be
+handed.
 """
-import ctypes
-
 import numpy as np
 import pytest
 
 from sdfast.runtime import gpu_loop
 from sdfast.runtime.pipeline import GenerationRequest, Pipeline
-
-
-def _view(pointer: int, count: int) -> np.ndarray:
-    return np.ctypeslib.as_array((ctypes.c_float * count).from_address(pointer))
+from tests.host_kernels import host_step  # noqa: F401 - the fixture
 
 
 class HostBuffer:
@@ -43,40 +38,15 @@ class HostStream:
         pass
 
 
-class TranscribedKernels:
-    """sampler_step_kernel of native/sdfast_kernels.cu, over all elements at once."""
+class HostKernels:
+    """sdfast_sampler_step with the kernel's arithmetic, run on the host."""
 
-    def __init__(self):
-        self.launches = 0
+    def __init__(self, host_step):
+        self.host_step, self.launches = host_step, 0
 
-    def sampler_step(self, a, stream):
+    def sampler_step(self, args, stream):
         self.launches += 1
-        total = a.per_row * a.rows
-        if a.guided:
-            out = _view(a.unet_out, 2 * total)
-            uncond, cond = out[:total], out[total:]
-            guided = uncond + np.float32(a.cfg_scale) * (cond - uncond) if a.use_cfg else cond
-        else:
-            guided = _view(a.unet_out, total)
-        states = [_view(a.states[k], total) if a.states[k] else None for k in range(4)]
-        denoised = np.float32(a.c_skip) * states[0] + np.float32(a.c_out) * guided
-        result = np.zeros(total, np.float32)
-        for k in range(4):
-            if a.state_coeffs[k] != 0.0:
-                result += np.float32(a.state_coeffs[k]) * states[k]
-            if a.estimate_coeffs[k] != 0.0:
-                result += np.float32(a.estimate_coeffs[k]) * (denoised if k == 0 else _view(a.estimates[k], total))
-        if a.noise:
-            result += np.float32(a.noise_coeff) * _view(a.noise, total)
-        _view(a.estimate_out, total)[:] = denoised
-        _view(a.state_out, total)[:] = result
-        if a.write_next:
-            rows_in = _view(a.unet_in, (2 if a.guided else 1) * a.rows * a.unet_row_stride).reshape(-1, a.unet_row_stride)
-            sample = (np.float32(a.c_in_next) * result).reshape(a.rows, a.per_row)
-            rows_in[: a.rows, : a.per_row] = sample
-            if a.guided:
-                rows_in[a.rows :, : a.per_row] = sample
-            _view(a.timestep, (2 if a.guided else 1) * a.rows)[:] = a.timestep_next
+        assert self.host_step.sampler_step(args) == 0
 
 
 class HostMemoryUnet:
@@ -104,12 +74,12 @@ class HostMemoryUnet:
 
 
 @pytest.mark.parametrize("sampler,cfg", [("euler_a", 7.0), ("dpmpp_2m", 5.0), ("lms", 1.0), ("heun", 3.0)])
-def test_gpu_loop_host_side_matches_the_samplers(tiny_engine, monkeypatch, sampler, cfg):
+def test_gpu_loop_host_side_matches_the_samplers(tiny_engine, monkeypatch, host_step, sampler, cfg):
     monkeypatch.setattr(gpu_loop, "DeviceBuffer", HostBuffer)
     request = GenerationRequest(prompt="an orange tram", steps=5, seed=4, sampler=sampler, cfg_scale=cfg)
     reference = Pipeline.load(tiny_engine, loop="numpy").generate(request)
     pipeline = Pipeline.load(tiny_engine)
-    kernels = TranscribedKernels()
+    kernels = HostKernels(host_step)
     pipeline.engines["unet"] = HostMemoryUnet(pipeline.engines["unet"], kernels)
     result = pipeline.generate(request)
     table_evaluations = len(result.timings.unet_steps)

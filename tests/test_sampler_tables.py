@@ -4,7 +4,6 @@ import json
 import numpy as np
 import pytest
 
-from sdfast.runtime.device_loop import StepScalars, fused_step, guide
 from sdfast.runtime.pipeline import GenerationRequest, Pipeline
 from sdfast.sampling.noise import TorchCompatibleGenerator
 from sdfast.sampling.registry import SAMPLERS
@@ -69,24 +68,6 @@ def test_no_table_where_the_update_is_not_linear(scheduler_config):
     assert sampler_table(ddim, ddim.plan(clipped, schedule, 8), clipped, "epsilon", schedule) is None
     plain = {**scheduler_config, "clip_sample": False}
     assert sampler_table(ddim, ddim.plan(plain, schedule, 8), plain, "epsilon", schedule) is not None
-
-
-def test_kernel_arithmetic_guidance_and_history():
-    """fused_step is the kernel's per-element formula: guidance, D_j, the update over the ring, noise."""
-    rng = np.random.default_rng(0)
-    rows, shape = 2, (2, 4, 3, 3)
-    unet_out = rng.standard_normal((2 * rows, 4, 3, 3)).astype(np.float32)
-    guided = guide(unet_out, rows, True, True, 7.5)
-    np.testing.assert_allclose(guided, unet_out[:2] + 7.5 * (unet_out[2:] - unet_out[:2]), rtol=1e-6)
-    np.testing.assert_array_equal(guide(unet_out, rows, True, False, 7.5), unet_out[2:])
-    states = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
-    estimates = [None] + [rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
-    noise = rng.standard_normal((2, *shape)).astype(np.float32)
-    scalars = StepScalars((0.5, 0.1, 0.0, 0.0), (0.3, -0.2, 0.05, 0.01), 0.7, 1, 1.0, -2.0, 0.4, 500.0, True)
-    denoised, state = fused_step(scalars, guided, states, estimates, noise)
-    np.testing.assert_allclose(denoised, states[0] - 2.0 * guided, rtol=1e-6)
-    expected = 0.5 * states[0] + 0.1 * states[1] + 0.3 * denoised - 0.2 * estimates[1] + 0.05 * estimates[2] + 0.01 * estimates[3] + 0.7 * noise[1]
-    np.testing.assert_allclose(state, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m", "heun", "lms", "unipc"])

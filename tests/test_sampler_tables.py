@@ -4,7 +4,11 @@ import json
 import numpy as np
 import pytest
 
+from sdfast.errors import StopSampling
+from sdfast.runtime import pipeline as pipeline_module
+from sdfast.runtime.device_loop import run_on_host
 from sdfast.runtime.pipeline import GenerationRequest, Pipeline
+from sdfast.sampling.denoiser import Denoiser
 from sdfast.sampling.noise import TorchCompatibleGenerator
 from sdfast.sampling.registry import SAMPLERS
 from sdfast.sampling.schedules import NoiseSchedule
@@ -81,3 +85,51 @@ def test_tabulated_loop_matches_the_samplers_through_the_engine(tiny_engine, sam
     np.testing.assert_allclose(tabulated.latents, reference.latents, rtol=0, atol=1e-5 * scale)
     assert steps_seen == [(i, 6) for i in range(1, 7)]
     assert len(tabulated.timings.unet_steps) == len(reference.timings.unet_steps)
+
+
+class _CapturingUnet:
+    """The U-Net engine with a table_loop that keeps the loop's inputs and runs the host loop."""
+
+    def __init__(self, engine):
+        self.engine, self.info, self.inputs = engine, engine.info, None
+
+    def run(self, feeds):
+        return self.engine.run(feeds)
+
+    def table_loop(self, inputs, on_eval):
+        self.inputs = inputs
+        return run_on_host(self.engine, inputs, on_eval)
+
+
+@pytest.mark.parametrize("sampler,stop_at", [("euler", 1), ("euler_a", 3), ("heun", 2), ("dpmpp_2m", 5)])
+def test_stop_leaves_with_the_samplers_denoised_estimate(tiny_engine, monkeypatch, sampler, stop_at):
+    """StopSampling from the step callback: run_on_host stops there, with the numpy sampler's x0 of that evaluation."""
+    estimates = []
+
+    class RecordingDenoiser(Denoiser):
+        def __call__(self, x, sigma):
+            estimates.append(super().__call__(x, sigma))
+            return estimates[-1]
+
+    request = GenerationRequest(prompt="a green door", negative_prompt="dark", steps=6, seed=5, sampler=sampler, cfg_scale=5.0)
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline_module, "Denoiser", RecordingDenoiser)
+        Pipeline.load(tiny_engine, loop="numpy").generate(request)
+    pipeline = Pipeline.load(tiny_engine)
+    unet = pipeline.engines["unet"] = _CapturingUnet(pipeline.engines["unet"])
+    pipeline.generate(request)
+    table = unet.inputs.table
+    assert len(estimates) == table.evaluations
+    last = int(table.step_ends[stop_at - 1])  # evaluations when step stop_at ends
+    reported = []
+
+    def stop(done, seconds):
+        reported.append(done)
+        if done == last:
+            raise StopSampling("interrupted")
+
+    with pytest.raises(StopSampling) as stopped:
+        run_on_host(unet.engine, unet.inputs, stop)
+    assert reported == list(range(1, last + 1)) and stopped.value.steps_run == stop_at
+    expected = estimates[last - 1]  # [B, 4, h, w], x0: the same space as the loop's latents
+    np.testing.assert_allclose(stopped.value.latents, expected, rtol=0, atol=1e-5 * float(np.abs(expected).max()))

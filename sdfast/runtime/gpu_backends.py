@@ -1,8 +1,9 @@
 """GPU backends: onnxruntime's CUDA provider (IO binding, CUDA graphs) and TensorRT 10, with the sampler loop on the device.
 
 Both keep the U-Net's inputs and outputs in fixed device buffers and expose ``table_loop`` (pipeline.py runs the
-tabulated sampler through it): per evaluation, one U-Net launch (a CUDA graph replay) and one sdfast_sampler_step
-kernel on the same stream. The text encoder and VAE run once per image with host copies.
+tabulated sampler through it): per evaluation, one U-Net launch (a CUDA graph replay), one sdfast_sampler_step kernel
+and an event on the same stream; gpu_loop reports an evaluation once its event has completed, and a callback that
+raises stops the loop between evaluations. The text encoder and VAE run once per image with host copies.
 
 Written against onnxruntime-gpu's and TensorRT 10's documented Python APIs and cuda-python; no GPU was available
 where this was written, so none of it has run yet (README, "GPU backends").

@@ -26,8 +26,12 @@ log = logging.getLogger("sdfast.gpu")
 Progress = Callable[[str], None]
 
 
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or ['no message'])[0]}"
+
+
 def _gpu_count() -> int:
-    """CUDA devices visible to cuda-python; an EngineError with the runtime's reason when it cannot tell."""
+    """CUDA devices visible to cuda-python; an EngineError with the reason for every way it cannot tell."""
     from sdfast.runtime.cuda_device import check, cudart
 
     try:
@@ -36,6 +40,18 @@ def _gpu_count() -> int:
         if "insufficient" in str(error).lower():  # cuda-python 13 needs driver 580+; CUDA 12 drivers need cuda-python 12
             raise EngineError(f"{error}; with a CUDA 12 driver, pip install 'cuda-python>=12.6,<13'") from None
         raise
+    except Exception as error:  # noqa: BLE001 - a broken driver or cuda-python install raises its own kinds
+        raise EngineError(f"cannot query the CUDA devices: {_first_line(error)}") from None
+
+
+def _probe(check: Callable[[], tuple[bool, str]]) -> tuple[bool, str]:
+    """``check()``, or (False, the reason) for any error it raises: a GPU probe skips its backend, never aborts (bench)."""
+    try:
+        return check()
+    except EngineError as error:
+        return False, str(error)
+    except Exception as error:  # noqa: BLE001 - onnxruntime, TensorRT and the driver each raise their own kinds
+        return False, f"the probe failed: {_first_line(error)}"
 
 
 class _SharedStream:
@@ -136,14 +152,13 @@ class OrtCudaBackend(OrtBackend):
         self._stream = _SharedStream()
 
     def available(self) -> tuple[bool, str]:
+        return _probe(self._available)
+
+    def _available(self) -> tuple[bool, str]:
         ok, why = super().available()
         if not ok:
             return ok, why
-        try:
-            count = _gpu_count()
-        except EngineError as error:
-            return False, str(error)
-        return (True, "") if count else (False, "no CUDA device is visible")
+        return (True, "") if _gpu_count() else (False, "no CUDA device is visible")
 
     def provider_options(self, info: ComponentInfo, cuda_graphs: bool) -> dict[str, str]:
         options = {
@@ -195,10 +210,13 @@ class OrtCudaBackend(OrtBackend):
 
 
 def _trt():
+    """The tensorrt module; an EngineError when it is missing or cannot load (its libraries, a CUDA mismatch)."""
     try:
         import tensorrt
     except ImportError as error:
         raise EngineError(f"TensorRT is not installed ({error})") from None
+    except Exception as error:  # noqa: BLE001 - tensorrt loads native libraries at import
+        raise EngineError(f"TensorRT cannot be imported: {_first_line(error)}") from None
     return tensorrt
 
 
@@ -331,13 +349,10 @@ class TensorRTBackend(Backend):
         self.progress: Progress = log.info  # the CLI points this at its progress display
 
     def available(self) -> tuple[bool, str]:
-        try:
-            trt = _trt()
-            from sdfast.runtime.cuda_device import cudart
+        return _probe(self._available)
 
-            cudart()
-        except EngineError as error:
-            return False, str(error)
+    def _available(self) -> tuple[bool, str]:
+        trt = _trt()
         if not _gpu_count():
             return False, f"TensorRT {trt.__version__} is installed but no CUDA device is visible"
         return True, ""

@@ -152,7 +152,7 @@ def _on_device(tiny_engine, kernels: HostKernels) -> Pipeline:
 
 
 @pytest.mark.parametrize("sampler,cfg", [("euler_a", 7.0), ("dpmpp_2m", 5.0), ("lms", 1.0), ("heun", 3.0)])
-def test_gpu_loop_host_side_matches_the_samplers(tiny_engine, simulated, sampler, cfg):
+def test_gpu_loop_host_side_matches_the_samplers(simulated, tiny_engine, sampler, cfg):
     request = GenerationRequest(prompt="an orange tram", steps=5, seed=4, sampler=sampler, cfg_scale=cfg)
     reference = Pipeline.load(tiny_engine, loop="numpy").generate(request)
     pipeline = _on_device(tiny_engine, simulated)
@@ -168,7 +168,7 @@ def test_gpu_loop_host_side_matches_the_samplers(tiny_engine, simulated, sampler
     assert all(b.freed for b in _noise_buffers(pipeline.engines["unet"].inputs))
 
 
-def test_progress_is_reported_when_an_evaluation_has_run(tiny_engine, simulated):
+def test_progress_is_reported_when_an_evaluation_has_run(simulated, tiny_engine):
     """on_eval(n) comes after evaluation n has run on the device, which runs at most AHEAD evaluations past it."""
     pipeline = _on_device(tiny_engine, simulated)
     pipeline.generate(GenerationRequest(prompt="a kite", steps=6, seed=2, sampler="heun", cfg_scale=4.0))
@@ -183,7 +183,7 @@ def test_progress_is_reported_when_an_evaluation_has_run(tiny_engine, simulated)
 
 
 @pytest.mark.parametrize("sampler,stop_at", [("euler_a", 2), ("dpmpp_2m", 4), ("heun", 3)])
-def test_stop_between_steps_leaves_with_the_denoised_latents(tiny_engine, simulated, sampler, stop_at):
+def test_stop_between_steps_leaves_with_the_denoised_latents(simulated, tiny_engine, sampler, stop_at):
     """A callback's StopSampling ends the loop: the same D_j and step count as run_on_host, the queue drained, noise freed."""
     pipeline = _on_device(tiny_engine, simulated)
     request = GenerationRequest(prompt="a red bus", negative_prompt="fog", steps=6, seed=9, sampler=sampler, cfg_scale=6.0)
@@ -213,7 +213,7 @@ def test_stop_between_steps_leaves_with_the_denoised_latents(tiny_engine, simula
     np.testing.assert_array_equal(again.latents, full.latents)
 
 
-def test_any_callback_error_stops_the_loop_cleanly(tiny_engine, simulated):
+def test_any_callback_error_stops_the_loop_cleanly(simulated, tiny_engine):
     """The server's cancel is not a StopSampling: it leaves as raised, after the queued work, with the noise freed."""
     pipeline = _on_device(tiny_engine, simulated)
     pipeline.generate(GenerationRequest(prompt="a boat", steps=5, seed=1, sampler="euler_a", cfg_scale=5.0))

@@ -4,8 +4,11 @@ import json
 import numpy as np
 import pytest
 
-from sdfast.runtime.device_loop import StepScalars, fused_step, guide
+from sdfast.errors import StopSampling
+from sdfast.runtime import pipeline as pipeline_module
+from sdfast.runtime.device_loop import run_on_host
 from sdfast.runtime.pipeline import GenerationRequest, Pipeline
+from sdfast.sampling.denoiser import Denoiser
 from sdfast.sampling.noise import TorchCompatibleGenerator
 from sdfast.sampling.registry import SAMPLERS
 from sdfast.sampling.schedules import NoiseSchedule
@@ -71,24 +74,6 @@ def test_no_table_where_the_update_is_not_linear(scheduler_config):
     assert sampler_table(ddim, ddim.plan(plain, schedule, 8), plain, "epsilon", schedule) is not None
 
 
-def test_kernel_arithmetic_guidance_and_history():
-    """fused_step is the kernel's per-element formula: guidance, D_j, the update over the ring, noise."""
-    rng = np.random.default_rng(0)
-    rows, shape = 2, (2, 4, 3, 3)
-    unet_out = rng.standard_normal((2 * rows, 4, 3, 3)).astype(np.float32)
-    guided = guide(unet_out, rows, True, True, 7.5)
-    np.testing.assert_allclose(guided, unet_out[:2] + 7.5 * (unet_out[2:] - unet_out[:2]), rtol=1e-6)
-    np.testing.assert_array_equal(guide(unet_out, rows, True, False, 7.5), unet_out[2:])
-    states = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
-    estimates = [None] + [rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
-    noise = rng.standard_normal((2, *shape)).astype(np.float32)
-    scalars = StepScalars((0.5, 0.1, 0.0, 0.0), (0.3, -0.2, 0.05, 0.01), 0.7, 1, 1.0, -2.0, 0.4, 500.0, True)
-    denoised, state = fused_step(scalars, guided, states, estimates, noise)
-    np.testing.assert_allclose(denoised, states[0] - 2.0 * guided, rtol=1e-6)
-    expected = 0.5 * states[0] + 0.1 * states[1] + 0.3 * denoised - 0.2 * estimates[1] + 0.05 * estimates[2] + 0.01 * estimates[3] + 0.7 * noise[1]
-    np.testing.assert_allclose(state, expected, rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m", "heun", "lms", "unipc"])
 def test_tabulated_loop_matches_the_samplers_through_the_engine(tiny_engine, sampler):
     """The device loop's arithmetic over the real U-Net engine gives the numpy samplers' latents (cfg combine included)."""
@@ -100,3 +85,51 @@ def test_tabulated_loop_matches_the_samplers_through_the_engine(tiny_engine, sam
     np.testing.assert_allclose(tabulated.latents, reference.latents, rtol=0, atol=1e-5 * scale)
     assert steps_seen == [(i, 6) for i in range(1, 7)]
     assert len(tabulated.timings.unet_steps) == len(reference.timings.unet_steps)
+
+
+class _CapturingUnet:
+    """The U-Net engine with a table_loop that keeps the loop's inputs and runs the host loop."""
+
+    def __init__(self, engine):
+        self.engine, self.info, self.inputs = engine, engine.info, None
+
+    def run(self, feeds):
+        return self.engine.run(feeds)
+
+    def table_loop(self, inputs, on_eval):
+        self.inputs = inputs
+        return run_on_host(self.engine, inputs, on_eval)
+
+
+@pytest.mark.parametrize("sampler,stop_at", [("euler", 1), ("euler_a", 3), ("heun", 2), ("dpmpp_2m", 5)])
+def test_stop_leaves_with_the_samplers_denoised_estimate(tiny_engine, monkeypatch, sampler, stop_at):
+    """StopSampling from the step callback: run_on_host stops there, with the numpy sampler's x0 of that evaluation."""
+    estimates = []
+
+    class RecordingDenoiser(Denoiser):
+        def __call__(self, x, sigma):
+            estimates.append(super().__call__(x, sigma))
+            return estimates[-1]
+
+    request = GenerationRequest(prompt="a green door", negative_prompt="dark", steps=6, seed=5, sampler=sampler, cfg_scale=5.0)
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline_module, "Denoiser", RecordingDenoiser)
+        Pipeline.load(tiny_engine, loop="numpy").generate(request)
+    pipeline = Pipeline.load(tiny_engine)
+    unet = pipeline.engines["unet"] = _CapturingUnet(pipeline.engines["unet"])
+    pipeline.generate(request)
+    table = unet.inputs.table
+    assert len(estimates) == table.evaluations
+    last = int(table.step_ends[stop_at - 1])  # evaluations when step stop_at ends
+    reported = []
+
+    def stop(done, seconds):
+        reported.append(done)
+        if done == last:
+            raise StopSampling("interrupted")
+
+    with pytest.raises(StopSampling) as stopped:
+        run_on_host(unet.engine, unet.inputs, stop)
+    assert reported == list(range(1, last + 1)) and stopped.value.steps_run == stop_at
+    expected = estimates[last - 1]  # [B, 4, h, w], x0: the same space as the loop's latents
+    np.testing.assert_allclose(stopped.value.latents, expected, rtol=0, atol=1e-5 * float(np.abs(expected).max()))

@@ -89,6 +89,38 @@ class Stream:
             self.handle = None
 
 
+class Event:
+    """A CUDA event: recorded on a stream after some work, it says when that work has run, and how long it took."""
+
+    def __init__(self):
+        self.handle = check(cudart().cudaEventCreate(), "cudaEventCreate")  # with timing, for seconds_since
+
+    def record(self, stream: Stream) -> None:
+        check(cudart().cudaEventRecord(self.handle, stream.handle), "cudaEventRecord")
+
+    def query(self) -> bool:
+        """Whether the work before the event's record has run (never waits)."""
+        rt = cudart()
+        result = rt.cudaEventQuery(self.handle)
+        if int(result[0] if isinstance(result, tuple) else result) == int(rt.cudaError_t.cudaErrorNotReady):
+            return False
+        check(result, "cudaEventQuery")
+        return True
+
+    def synchronize(self) -> None:
+        """Waits until the work before the event's record has run."""
+        check(cudart().cudaEventSynchronize(self.handle), "cudaEventSynchronize")
+
+    def seconds_since(self, earlier: "Event") -> float:
+        """Device time between two completed events."""
+        return float(check(cudart().cudaEventElapsedTime(earlier.handle, self.handle), "cudaEventElapsedTime")) / 1000.0
+
+    def close(self) -> None:
+        if self.handle is not None:
+            cudart().cudaEventDestroy(self.handle)
+            self.handle = None
+
+
 class DeviceBuffer:
     """One device allocation with a numpy shape and dtype, made once and reused for every step."""
 

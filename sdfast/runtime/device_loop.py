@@ -13,10 +13,12 @@ from typing import Callable
 
 import numpy as np
 
-from sdfast.errors import EngineError
+from sdfast.errors import EngineError, StopSampling
 from sdfast.sampling.tables import StepTable
 
-EvalCallback = Callable[[int, float], None]  # (evaluations done, seconds the last one took on the host)
+# (evaluations done, seconds the last one took: host time in numpy, device time between CUDA events on the GPU). Called
+# once an evaluation has run; raising ends the loop between evaluations (StopSampling: see stopped()).
+EvalCallback = Callable[[int, float], None]
 
 
 def check_finite(stage: str, value: np.ndarray) -> np.ndarray:
@@ -89,8 +91,17 @@ def fused_step(scalars: StepScalars, guided_out: np.ndarray, states: list[np.nda
     return denoised, result
 
 
+def stopped(stop: StopSampling, table: StepTable, evaluations: int, denoised: np.ndarray) -> None:
+    """``stop`` filled in by a loop that ran ``evaluations``: x0 of the last one [B, C, h, w] and the sampler steps completed."""
+    stop.latents = denoised
+    stop.steps_run = int(np.searchsorted(table.step_ends, evaluations, side="right"))
+
+
 def run_on_host(unet, inputs: LoopInputs, on_eval: EvalCallback | None = None) -> np.ndarray:
-    """The loop in numpy over ``unet`` (an Engine); returns S_M [B, C, h, w]. The reference for the device loops."""
+    """The loop in numpy over ``unet`` (an Engine); returns S_M [B, C, h, w]. The reference for the device loops.
+
+    ``on_eval`` is called after each evaluation; when it raises StopSampling, the error leaves with that evaluation's D_j.
+    """
     table, rows = inputs.table, inputs.x.shape[0]
     in_channels = unet.info.input("sample").shape[1]
     if in_channels != inputs.x.shape[1]:
@@ -113,5 +124,9 @@ def run_on_host(unet, inputs: LoopInputs, on_eval: EvalCallback | None = None) -
             sample = np.concatenate([state * np.float32(scalars.c_in_next)] * (2 if inputs.guided else 1))
             timestep = np.full((inputs.unet_rows,), scalars.timestep_next, np.float32)
         if on_eval:
-            on_eval(j + 1, time.perf_counter() - started)
+            try:
+                on_eval(j + 1, time.perf_counter() - started)
+            except StopSampling as stop:
+                stopped(stop, table, j + 1, denoised)
+                raise
     return states[0]

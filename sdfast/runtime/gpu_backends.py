@@ -1,8 +1,9 @@
 """GPU backends: onnxruntime's CUDA provider (IO binding, CUDA graphs) and TensorRT 10, with the sampler loop on the device.
 
 Both keep the U-Net's inputs and outputs in fixed device buffers and expose ``table_loop`` (pipeline.py runs the
-tabulated sampler through it): per evaluation, one U-Net launch (a CUDA graph replay) and one sdfast_sampler_step
-kernel on the same stream. The text encoder and VAE run once per image with host copies.
+tabulated sampler through it): per evaluation, one U-Net launch (a CUDA graph replay), one sdfast_sampler_step kernel
+and an event on the same stream; gpu_loop reports an evaluation once its event has completed, and a callback that
+raises stops the loop between evaluations. The text encoder and VAE run once per image with host copies.
 
 Written against onnxruntime-gpu's and TensorRT 10's documented Python APIs and cuda-python; no GPU was available
 where this was written, so none of it has run yet (README, "GPU backends").
@@ -25,8 +26,12 @@ log = logging.getLogger("sdfast.gpu")
 Progress = Callable[[str], None]
 
 
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or ['no message'])[0]}"
+
+
 def _gpu_count() -> int:
-    """CUDA devices visible to cuda-python; an EngineError with the runtime's reason when it cannot tell."""
+    """CUDA devices visible to cuda-python; an EngineError with the reason for every way it cannot tell."""
     from sdfast.runtime.cuda_device import check, cudart
 
     try:
@@ -35,6 +40,18 @@ def _gpu_count() -> int:
         if "insufficient" in str(error).lower():  # cuda-python 13 needs driver 580+; CUDA 12 drivers need cuda-python 12
             raise EngineError(f"{error}; with a CUDA 12 driver, pip install 'cuda-python>=12.6,<13'") from None
         raise
+    except Exception as error:  # noqa: BLE001 - a broken driver or cuda-python install raises its own kinds
+        raise EngineError(f"cannot query the CUDA devices: {_first_line(error)}") from None
+
+
+def _probe(check: Callable[[], tuple[bool, str]]) -> tuple[bool, str]:
+    """``check()``, or (False, the reason) for any error it raises: a GPU probe skips its backend, never aborts (bench)."""
+    try:
+        return check()
+    except EngineError as error:
+        return False, str(error)
+    except Exception as error:  # noqa: BLE001 - onnxruntime, TensorRT and the driver each raise their own kinds
+        return False, f"the probe failed: {_first_line(error)}"
 
 
 class _SharedStream:
@@ -135,14 +152,13 @@ class OrtCudaBackend(OrtBackend):
         self._stream = _SharedStream()
 
     def available(self) -> tuple[bool, str]:
+        return _probe(self._available)
+
+    def _available(self) -> tuple[bool, str]:
         ok, why = super().available()
         if not ok:
             return ok, why
-        try:
-            count = _gpu_count()
-        except EngineError as error:
-            return False, str(error)
-        return (True, "") if count else (False, "no CUDA device is visible")
+        return (True, "") if _gpu_count() else (False, "no CUDA device is visible")
 
     def graph_for(self, info: ComponentInfo) -> tuple[str, dict[str, dict]]:
         """The export's CUDA variant (fp16, fused attention) where there is one, else the portable graph."""
@@ -197,10 +213,13 @@ class OrtCudaBackend(OrtBackend):
 
 
 def _trt():
+    """The tensorrt module; an EngineError when it is missing or cannot load (its libraries, a CUDA mismatch)."""
     try:
         import tensorrt
     except ImportError as error:
         raise EngineError(f"TensorRT is not installed ({error})") from None
+    except Exception as error:  # noqa: BLE001 - tensorrt loads native libraries at import
+        raise EngineError(f"TensorRT cannot be imported: {_first_line(error)}") from None
     return tensorrt
 
 
@@ -333,13 +352,10 @@ class TensorRTBackend(Backend):
         self.progress: Progress = log.info  # the CLI points this at its progress display
 
     def available(self) -> tuple[bool, str]:
-        try:
-            trt = _trt()
-            from sdfast.runtime.cuda_device import cudart
+        return _probe(self._available)
 
-            cudart()
-        except EngineError as error:
-            return False, str(error)
+    def _available(self) -> tuple[bool, str]:
+        trt = _trt()
         if not _gpu_count():
             return False, f"TensorRT {trt.__version__} is installed but no CUDA device is visible"
         return True, ""

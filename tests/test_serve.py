@@ -113,7 +113,9 @@ def test_img2img(api):
     mask.paste(255, (16, 16, 48, 48))
     inpainted = api.img2img(images=[source], mask_image=mask, prompt="a painting", seed=3, steps=4, denoising_strength=0.75,
                             width=64, height=64)
+    unmasked = api.img2img(images=[source], prompt="a painting", seed=3, steps=4, denoising_strength=0.75, width=64, height=64)
     assert inpainted.image.size == (64, 64)
+    assert not np.array_equal(np.asarray(inpainted.image), np.asarray(unmasked.image)), "the mask was ignored"
 
 
 def test_samplers_models_options(api, server):

@@ -21,6 +21,25 @@ SD15_SCHEDULER = {  # stable-diffusion-v1-5's scheduler_config.json
 }
 SHAPE = (1, 4, 8, 8)
 
+# What an A1111 sampler name means as options of its diffusers scheduler, from diffusers' scheduler overview table
+# (https://huggingface.co/docs/diffusers/api/schedulers/overview; "DPM++ 2M" is DPM-Solver++ of order 2 by its name).
+# Written out here, not read from the sampler spec, so a spec that drops an option (a "Karras" that is not) fails its
+# parity test instead of configuring its own reference the same wrong way.
+KARRAS = {"use_karras_sigmas": True}
+DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+DPMPP_2M_SDE = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
+A1111_OPTIONS = {
+    "euler_karras": KARRAS, "heun_karras": KARRAS, "dpm2_karras": KARRAS, "dpm2_a_karras": KARRAS, "lms_karras": KARRAS,
+    "dpmpp_2s_a_karras": KARRAS, "dpmpp_sde_karras": KARRAS,
+    "dpmpp_2m": DPMPP_2M, "dpmpp_2m_karras": {**DPMPP_2M, **KARRAS},
+    "dpmpp_2m_sde": DPMPP_2M_SDE, "dpmpp_2m_sde_karras": {**DPMPP_2M_SDE, **KARRAS},
+}
+
+
+def reference_config(sampler: str, config: dict) -> dict:
+    """The diffusers scheduler config that reproduces sdfast sampler ``sampler`` on a model whose config is ``config``."""
+    return {**config, **A1111_OPTIONS.get(sampler, {})}
+
 
 def stand_in_model(x: np.ndarray, t: float) -> np.ndarray:
     """A smooth, deterministic fake U-Net output that depends on both the input and the timestep."""

@@ -1,6 +1,7 @@
 """fp16 export: the converted graphs, the components kept fp32, parity, and the NaN guard on a real fp16 overflow."""
 import json
 import shutil
+import tomllib
 
 import numpy as np
 import onnx
@@ -13,7 +14,7 @@ from sdfast.export.fp16 import convert_to_fp16
 from sdfast.runtime.images import psnr
 from sdfast.runtime.manifest import sha256_file
 from sdfast.runtime.pipeline import GenerationRequest, Pipeline
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 
 def _initializer_types(path) -> set[int]:
@@ -40,9 +41,11 @@ def test_fp16_manifest_and_graphs(tiny_fp16_engine):
         assert (tiny_fp16_engine / cuda["file"]).is_file() and cuda["optimization"]["for"] == "CUDAExecutionProvider"
         assert cuda["parity"]["passed"]
     assert components["unet"]["variants"]["cuda"]["optimization"]["fusions"]["com.microsoft.MultiHeadAttention"] > 0
+    recipe = tomllib.loads((REPO / "export" / f"{manifest['family']}.toml").read_text())["components"]
     for name in ("vae_decoder", "vae_encoder"):
         entry = components[name]
-        assert entry["precision"] == "fp32" and entry["fp16"]["kept_fp32"] == "whole component" and "fp32" in entry["fp16"]["why"] or "fp16" in entry["fp16"]["why"]
+        assert entry["precision"] == "fp32", name
+        assert entry["fp16"] == {"kept_fp32": "whole component", "why": recipe[name]["fp16_whole_fp32"]}, name
         assert entry["parity"]["tolerance_rel"] == 1e-4
         assert _initializer_types(tiny_fp16_engine / entry["file"]) == {TensorProto.FLOAT}
 

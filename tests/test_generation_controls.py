@@ -11,6 +11,7 @@ from sdfast.errors import RequestError
 from sdfast.runtime.images import load_init_image, load_mask, psnr
 from sdfast.runtime.pipeline import GenerationRequest, Pipeline
 from sdfast.runtime.prompts import tokenize_weighted
+from tests.sampler_harness import reference_config
 
 PROMPT, NEGATIVE = "a red apple on a table", "blurry"
 SIZE = 64
@@ -132,7 +133,7 @@ def test_inpainting_with_an_ordinary_unet_matches_diffusers(pipeline, tiny_model
 
     spec = resolve_sampler(sampler)
     reference = _diffusers("StableDiffusionInpaintPipeline", tiny_model, spec.scheduler_class)
-    reference.scheduler = getattr(diffusers, spec.scheduler_class).from_config(spec.config_for(pipeline.scheduler_config))
+    reference.scheduler = getattr(diffusers, spec.scheduler_class).from_config(reference_config(spec.key, pipeline.scheduler_config))
     expected = _as_uint8(reference(
         PROMPT, image=Image.open(init_image), mask_image=Image.open(mask_image), strength=strength, negative_prompt=NEGATIVE,
         num_inference_steps=10, guidance_scale=7.5, height=SIZE, width=SIZE,
@@ -167,9 +168,15 @@ def test_inpainting_unet_matches_diffusers(tiny_inpaint_engine, init_image, mask
     assert psnr(result.images, expected) >= 40.0
     with pytest.raises(RequestError, match="9-channel inpainting U-Net"):
         inpaint.generate(GenerationRequest(PROMPT, steps=2))
-    # At strength 1 nothing starts part-way, so samplers that cannot start late still inpaint.
+    # At strength 1 nothing starts part-way, so samplers that cannot start late still inpaint, as diffusers does.
     whole = inpaint.generate(GenerationRequest(PROMPT, steps=3, seed=9, init_image=image, mask=mask, sampler="DPM++ SDE Karras"))
-    assert whole.images.shape == (1, SIZE, SIZE, 3)
+    reference.scheduler = diffusers.DPMSolverSDEScheduler.from_config(
+        {**reference_config("dpmpp_sde_karras", inpaint.scheduler_config), "noise_sampler_seed": 9})
+    expected_whole = _as_uint8(reference(
+        PROMPT, image=Image.open(init_image), mask_image=Image.open(mask_image), num_inference_steps=3, guidance_scale=7.5,
+        height=SIZE, width=SIZE, generator=torch.Generator("cpu").manual_seed(9), output_type="np",
+    ).images)
+    assert whole.images.std() > 10 and psnr(whole.images, expected_whole) >= 40.0
     with pytest.raises(RequestError, match="cannot start part-way"):
         inpaint.generate(GenerationRequest(PROMPT, steps=4, seed=9, init_image=image, mask=mask, sampler="PLMS", strength=0.5))
 

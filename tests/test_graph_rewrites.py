@@ -107,4 +107,7 @@ def test_cpu_variant_with_both_rewrites_passes_the_export_parity_check(tiny_mode
     cpu = get_backend("cpu")
     rewritten = cpu.load(info, manifest.path(info.file)).run(feeds)[0]
     portable = cpu.load(type(info)(**{**info.__dict__, "variants": {}}), manifest.path(info.file)).run(feeds)[0]
+    # the backend ran the rewritten variant, not the portable file a second time
+    saved = ort.InferenceSession(str(out / variant["file"]), cpu.session_options(optimize=False), providers=["CPUExecutionProvider"])
+    assert np.array_equal(rewritten, saved.run(None, feeds)[0]) and not np.array_equal(rewritten, portable)
     assert np.abs(rewritten - portable).max() <= 1e-4 * np.abs(portable).max()

@@ -33,6 +33,17 @@ def _mixing_model(seed: int):
     return model
 
 
+def _mixing_unet(seed: int):
+    """A nonlinear stand-in U-Net(x_in, timestep) -> model output, as sensitive to the timestep as to the input."""
+    mix = np.random.default_rng(seed).standard_normal((4, 4)).astype(np.float32) * 0.5
+
+    def unet(x_in, timestep):
+        mixed = np.einsum("ij,bjhw->bihw", mix, x_in).astype(np.float32)
+        return np.sin(mixed + np.float32(timestep / 100.0)).astype(np.float32)  # x_in: [B, 4, h, w] -> [B, 4, h, w]
+
+    return unet
+
+
 @pytest.mark.parametrize("key", TABULATED)
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_table_reproduces_the_sampler(key, prediction_type, scheduler_config):
@@ -59,8 +70,14 @@ def test_table_reproduces_the_sampler(key, prediction_type, scheduler_config):
     expected = spec.run(counted, x0, plan, None, scheduler_config=spec.config_for(config), noise=lambda shape: next(drawn), **options)
     got = run_table(table, x0, lambda s, j: model(s, float(table.sigmas[j])), noise)
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5 * max(1.0, float(np.abs(expected).max())))
-    # the timesteps and scalings are the Denoiser's: timestep j is the plan's at that sigma
-    assert np.array_equal(table.timesteps, np.asarray([plan.timestep_for(float(s), schedule) for s in table.sigmas], np.float32))
+    # the timesteps and scalings are the Denoiser's: a U-Net stand-in behind the numpy loop's Denoiser, and behind the
+    # table's c_in, timesteps, c_skip and c_out as the kernel forms D_j, gives the same latents
+    unet = _mixing_unet(7)
+    denoiser = Denoiser(unet, prediction_type, lambda sigma: plan.timestep_for(sigma, schedule))
+    drawn = iter(noise if noise is not None else [])
+    expected = spec.run(denoiser, x0, plan, None, scheduler_config=spec.config_for(config), noise=lambda shape: next(drawn), **options)
+    got = run_table(table, x0, lambda s, j: table.c_skip[j] * s + table.c_out[j] * unet(table.c_in[j] * s, float(table.timesteps[j])), noise)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5 * max(1.0, float(np.abs(expected).max())))
 
 
 def test_no_table_where_the_update_is_not_linear(scheduler_config):

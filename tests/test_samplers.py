@@ -12,9 +12,9 @@ from sdfast.sampling.denoiser import Denoiser
 from sdfast.sampling.noise import TorchCompatibleGenerator
 from sdfast.sampling.registry import SAMPLERS, resolve_sampler, sampler_names
 from sdfast.sampling.schedules import NoiseSchedule
-from tests.sampler_harness import SD15_SCHEDULER, SHAPE, relative_error, run_diffusers, run_sdfast, stand_in_model
+from tests.sampler_harness import SD15_SCHEDULER, SHAPE, reference_config, relative_error, run_diffusers, run_sdfast, stand_in_model
 
-# sdfast key -> the diffusers class that is its reference (Karras variants run it with the spec's config_for(config))
+# sdfast key -> the diffusers class that is its reference (Karras variants run it with reference_config's options)
 DIFFUSERS_REFERENCES = {
     "euler": "EulerDiscreteScheduler",
     "ddim": "DDIMScheduler",
@@ -41,7 +41,7 @@ def test_sampler_matches_diffusers(sampler, cls_name, spacing, prediction_type, 
     if spacing:
         config["timestep_spacing"] = spacing
     reference = run_diffusers(
-        cls_name, resolve_sampler(sampler).config_for(config), steps, seed=3, prediction_type=prediction_type, reuse_scheduler=True
+        cls_name, reference_config(sampler, config), steps, seed=3, prediction_type=prediction_type, reuse_scheduler=True
     )
     ours = run_sdfast(sampler, config, steps, seed=3, prediction_type=prediction_type)
     assert relative_error(ours, reference) < 1e-5
@@ -107,7 +107,7 @@ def test_dpmpp_2s_ancestral_matches_k_diffusion(sampler, spacing, prediction_typ
     config = dict(SD15_SCHEDULER)
     if spacing:
         config["timestep_spacing"] = spacing
-    reference = k_diffusion_dpmpp_2s_ancestral(resolve_sampler(sampler).config_for(config), steps, 3, prediction_type)
+    reference = k_diffusion_dpmpp_2s_ancestral(reference_config(sampler, config), steps, 3, prediction_type)
     ours = run_sdfast(sampler, config, steps, seed=3, prediction_type=prediction_type)
     assert relative_error(ours, reference) < 1e-5
 

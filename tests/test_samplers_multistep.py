@@ -1,7 +1,7 @@
 """DPM++ 2M (SDE), DPM++ SDE, UniPC and LCM against diffusers' schedulers, on the same stand-in model and seeds.
 
-Every comparison runs diffusers' own loop (tests/sampler_harness.py) with the sampler spec's scheduler config
-(spec.config_for) and asserts relative_error < 1e-5.
+Every comparison runs diffusers' own loop (tests/sampler_harness.py) with the scheduler options the A1111 name
+means (sampler_harness.reference_config, not the spec's own config_for) and asserts relative_error < 1e-5.
 
 DPM++ SDE draws its noise from a Brownian tree (torchsde.BrownianInterval) seeded by ``noise_sampler_seed``;
 sdfast.sampling.brownian ports it. diffusers asks the tree at times it rounds to float32 with torch's float32 exp
@@ -30,13 +30,13 @@ from sdfast.sampling.denoiser import Denoiser
 from sdfast.sampling.noise import TorchCompatibleGenerator
 from sdfast.sampling.registry import resolve_sampler
 from sdfast.sampling.schedules import NoiseSchedule
-from tests.sampler_harness import SD15_SCHEDULER, SHAPE, relative_error, run_diffusers, run_sdfast, stand_in_model
+from tests.sampler_harness import SD15_SCHEDULER, SHAPE, reference_config, relative_error, run_diffusers, run_sdfast, stand_in_model
 
 # torchsde warns when diffusers asks its tree just outside [t0, t1] (by float32 rounding), then clamps, as sdfast does
 pytestmark = pytest.mark.filterwarnings("ignore:Should have t:UserWarning")
 TOLERANCE = 1e-5
 SPACINGS = [None, "leading", "linspace", "trailing"]
-MULTISTEP = {  # sdfast key -> the diffusers class that spec.config_for(config) configures
+MULTISTEP = {  # sdfast key -> the diffusers class that reference_config(key, config) configures
     "dpmpp_2m": "DPMSolverMultistepScheduler",
     "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
     "dpmpp_2m_sde": "DPMSolverMultistepScheduler",
@@ -50,7 +50,7 @@ def compare(sampler: str, cls_name: str, steps: int, prediction_type: str, spaci
     config = {**SD15_SCHEDULER, **config_options}
     if spacing:
         config["timestep_spacing"] = spacing
-    reference = run_diffusers(cls_name, resolve_sampler(sampler).config_for(config), steps, seed, prediction_type, reuse_scheduler=True)
+    reference = run_diffusers(cls_name, reference_config(sampler, config), steps, seed, prediction_type, reuse_scheduler=True)
     ours = run_sdfast(sampler, config, steps, seed, prediction_type)
     return relative_error(ours, reference)
 
@@ -132,7 +132,7 @@ def compare_dpmpp_sde(monkeypatch, sampler: str, steps: int, prediction_type: st
 
     monkeypatch.setattr(scheduling_dpmsolver_sde.BrownianTreeNoiseSampler, "__call__", snapped)
     reference = run_diffusers(
-        "DPMSolverSDEScheduler", resolve_sampler(sampler).config_for(config), steps, seed, prediction_type, reuse_scheduler=True
+        "DPMSolverSDEScheduler", reference_config(sampler, config), steps, seed, prediction_type, reuse_scheduler=True
     )
     return relative_error(ours, reference), len(set(moved)), len(known)
 

@@ -120,8 +120,6 @@ class BodyLimit:
 
         async def tracking_send(message):
             nonlocal started
-            if refused and started:
-                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 

@@ -3,6 +3,7 @@ import base64
 import io
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -198,6 +199,37 @@ def test_malformed_bodies_and_images_are_4xx_and_the_server_stays_up(server):
     assert httpx.get(f"{server.url}/nowhere").json() == {"error": "Not Found"}
     assert post("/sdapi/v1/txt2img", json={**base, "init_images": ["/etc/passwd"]}).status_code == 200  # ignored: txt2img has no init image
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+
+
+def test_a_body_refused_while_streaming_gets_the_whole_413(server):
+    """No Content-Length, chunks past the limit: the 413 arrives complete (headers and its JSON body), not cut off."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as connection:
+        connection.sendall(b"POST /sdapi/v1/options HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n" % (1 << 20) + b" " * (1 << 20) + b"\r\n"
+        reply = b""
+        for _ in range(60):  # 60 MiB at most; stop sending once the server has answered
+            if select.select([connection], [], [], 0)[0]:
+                break
+            try:
+                connection.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        while True:
+            try:
+                data = connection.recv(65536)
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            reply += data
+            head, _, body = reply.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), None)
+            if length is not None and len(body) >= length:
+                break
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), head
+    assert json.loads(body) == {"error": "request body over 48 MiB", "field": "body"}
 
 
 def test_eight_concurrent_requests_all_succeed(server):

@@ -44,7 +44,7 @@ class BodyLimit:
         seen, started, refused = 0, False, False
 
         async def limited_receive():
-            nonlocal seen, refused
+            nonlocal seen, started, refused
             if refused:
                 return {"type": "http.disconnect"}
             message = await receive()
@@ -52,20 +52,17 @@ class BodyLimit:
             if seen > self.limit:  # answer now; the app sees a client that went away and its replies are dropped
                 refused = True
                 if not started:
-                    await too_large(scope, receive, tracking_send)
+                    started = True
+                    await too_large(scope, receive, send)
                 return {"type": "http.disconnect"}
             return message
 
-        async def tracking_send(message):
+        async def app_send(message):
             nonlocal started
-            if refused and started:
+            if refused:
                 return
             started = started or message["type"] == "http.response.start"
             await send(message)
-
-        async def app_send(message):
-            if not refused:
-                await tracking_send(message)
 
         await self.app(scope, limited_receive, app_send)
 

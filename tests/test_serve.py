@@ -18,6 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdfast.runtime.pipeline import MAX_STEPS
+from tests.conftest import run_cli
+
 webuiapi = pytest.importorskip("webuiapi")
 openai = pytest.importorskip("openai")
 
@@ -162,6 +165,18 @@ def test_bad_txt2img_fields_get_422_naming_the_field(server, change, field):
     response = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 64, "height": 64, **change})
     assert response.status_code == 422, response.text
     assert response.json()["field"] == field
+
+
+def test_one_step_limit_for_the_cli_and_both_apis_and_plain_messages(server, tiny_engine):
+    """The CLI, the Python API and HTTP read the runtime's MAX_STEPS; Pydantic's 'Value error, ' never reaches a client."""
+    body = {"prompt": "x", "width": 64, "height": 64}
+    assert httpx.post(f"{server.url}/sdapi/v1/txt2img", json={**body, "steps": 151}, timeout=120).status_code == 200  # past A1111's UI slider
+    over = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={**body, "steps": MAX_STEPS + 1})
+    assert over.status_code == 422 and over.json()["field"] == "steps" and str(MAX_STEPS) in over.json()["error"]
+    cli = run_cli("generate", tiny_engine, "x", "--steps", str(MAX_STEPS + 1), "--output", str(tiny_engine.parent / "never-written.png"), "--verify", "size")
+    assert cli.returncode == 2 and f"from 1 to {MAX_STEPS}" in cli.stderr, cli.stderr
+    width = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={**body, "width": 60}).json()
+    assert width == {"error": "width: must be a multiple of 8 (Stable Diffusion works on 8x8 latent cells), not 60", "field": "width"}
 
 
 def test_malformed_bodies_and_images_are_4xx_and_the_server_stays_up(server):

@@ -26,7 +26,7 @@ from sdfast.sampling.schedules import NoiseSchedule, SamplingPlan
 from sdfast.sampling.tables import sampler_table
 
 LOOPS = ("auto", "table", "numpy")
-MAX_STEPS = 1000
+MAX_STEPS = 1000  # the one step limit (CLI, Python API, HTTP): the training schedule's 1000 timesteps, past which diffusers refuses
 MAX_ITERATIONS = 10000
 DEFAULT_STRENGTH = 0.75  # A1111's img2img denoising strength
 # The inputs the pipeline feeds each engine, by name.

@@ -54,7 +54,9 @@ def create_app(pipeline: Pipeline, settings: ServeSettings) -> FastAPI:
         if first.get("type") == "json_invalid":
             return error_response(400, "the body is not valid JSON", "body", path=request.url.path)
         field = ".".join(location) or "body"
-        return error_response(422, f"{field}: {first.get('msg', 'invalid')}", field, path=request.url.path)
+        cause = first.get("ctx", {}).get("error")  # a validator's own exception: its text, without Pydantic's "Value error, "
+        message = str(cause) if isinstance(cause, Exception) else first.get("msg", "invalid")
+        return error_response(422, f"{field}: {message}", field, path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):

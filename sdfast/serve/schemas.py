@@ -13,8 +13,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sdfast.runtime.pipeline import MAX_STEPS  # one step limit for the CLI, the Python API and HTTP
+
 MAX_PROMPT_CHARS = 10_000
-MAX_STEPS = 150  # A1111's UI maximum
 MAX_IMAGES = 16  # per request: batch_size x n_iter, or n
 MAX_IMAGE_BYTES = 16 << 20  # one encoded init image or mask
 MAX_IMAGE_PIXELS = 4096 * 4096

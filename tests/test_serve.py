@@ -120,6 +120,22 @@ def test_img2img(api):
     assert inpainted.image.size == (64, 64)
 
 
+def test_omitted_size_means_the_engines_size(server):
+    """No width/height (A1111) or size (OpenAI): the engine's 64x64, never a default the client did not send."""
+    plain = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "seed": 5}, timeout=60)
+    assert plain.status_code == 200, plain.text
+    assert Image.open(io.BytesIO(base64.b64decode(plain.json()["images"][0]))).size == (64, 64)
+    info = json.loads(plain.json()["info"])
+    assert (info["width"], info["height"]) == (64, 64) and "Size: 64x64" in info["infotexts"][0]
+    assert (plain.json()["parameters"]["width"], plain.json()["parameters"]["height"]) == (64, 64)
+    source = base64.b64encode(_png(Image.new("RGB", (96, 80), "gray"))).decode()
+    img2img = httpx.post(f"{server.url}/sdapi/v1/img2img", json={"prompt": "x", "steps": 4, "init_images": [source]}, timeout=60)
+    assert img2img.status_code == 200 and Image.open(io.BytesIO(base64.b64decode(img2img.json()["images"][0]))).size == (64, 64)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    (item,) = client.images.generate(prompt="x", n=1).data
+    assert Image.open(io.BytesIO(base64.b64decode(item.b64_json))).size == (64, 64)
+
+
 def test_samplers_models_options(api, server):
     names = {s["name"] for s in api.get_samplers()}
     assert {"Euler", "Euler a", "DPM++ 2M Karras", "DDIM", "UniPC", "LMS"} <= names
@@ -382,6 +398,9 @@ def test_micro_batching_merges_requests_that_differ_only_in_seed(tiny_engine_bat
         merged_image = np.asarray(Image.open(io.BytesIO(base64.b64decode(responses[2].json()["images"][0]))), dtype=int)
         alone_image = np.asarray(Image.open(io.BytesIO(base64.b64decode(alone.json()["images"][0]))), dtype=int)
         assert np.abs(merged_image - alone_image).max() <= 1  # a seed gives its image whichever batch it ran in
+        default_cfg = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2}, timeout=60)
+        assert default_cfg.status_code == 200, default_cfg.text  # no cfg_scale: the unguided engine's 1, not A1111's 7
+        assert "CFG scale: 1.0" in json.loads(default_cfg.json()["info"])["infotexts"][0]
     finally:
         assert server.stop()
 

@@ -15,7 +15,7 @@ from sdfast.runtime.images import init_image_array, mask_array, png_bytes
 from sdfast.runtime.pipeline import GenerationRequest, GenerationResult
 from sdfast.sampling.registry import SAMPLERS, resolve_sampler
 from sdfast.serve.context import ServeContext
-from sdfast.serve.schemas import SEED_LIMIT, FieldError, Img2ImgRequest, Txt2ImgRequest, _Request, decode_image
+from sdfast.serve.schemas import DEFAULT_CFG_SCALE, SEED_LIMIT, FieldError, Img2ImgRequest, Txt2ImgRequest, _Request, decode_image
 
 
 def a1111_router(ctx: ServeContext) -> APIRouter:
@@ -123,7 +123,7 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         if problem:
             raise problem
         for name, value, engine_value in (("width", body.width, pipeline.width), ("height", body.height, pipeline.height)):
-            if value != engine_value:
+            if value is not None and value != engine_value:
                 raise FieldError(name, f"{value}: this engine serves {pipeline.width}x{pipeline.height} only (export another size)")
         sampler = _sampler(body)
         eta = body.eta
@@ -136,11 +136,17 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         total = body.batch_size * body.n_iter
         batch = max(d for d in range(1, min(total, pipeline.batch_size) + 1) if total % d == 0)
         return GenerationRequest(
-            prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, cfg_scale=body.cfg_scale, seed=seed,
-            sampler=sampler.key, height=body.height, width=body.width, batch_size=batch, n_iter=total // batch, clip_skip=clip_skip,
+            prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, cfg_scale=_cfg_scale(body), seed=seed,
+            sampler=sampler.key, height=pipeline.height, width=pipeline.width, batch_size=batch, n_iter=total // batch, clip_skip=clip_skip,
             init_image=init, mask=mask, strength=strength if init is not None else None, eta=eta or 0.0,
             seeds=[seed + i for i in range(total)],
         )
+
+    def _cfg_scale(body: _Request) -> float:
+        """The request's, else A1111's 7 where the engine guides and 1 where it was exported without guidance."""
+        if body.cfg_scale is not None:
+            return body.cfg_scale
+        return DEFAULT_CFG_SCALE if pipeline.guidance else 1.0
 
     def _sampler(body: _Request):
         name = body.sampler_name or body.sampler_index or "Euler a"
@@ -176,7 +182,8 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
             "is_using_inpainting_conditioning": bool(pipeline.inpainting_unet and generation.mask is not None),
             "version": f"sdfast {__version__}",
         }
-        parameters = body.model_dump(exclude={"init_images", "mask"})
+        parameters = {**body.model_dump(exclude={"init_images", "mask"}), "width": generation.width, "height": generation.height,
+                      "cfg_scale": generation.cfg_scale}  # the values served, where the request left them to the engine
         return {"images": encoded, "parameters": parameters, "info": json.dumps(info)}
 
     return router

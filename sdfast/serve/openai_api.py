@@ -15,7 +15,7 @@ from sdfast.runtime.images import png_bytes
 from sdfast.runtime.pipeline import GenerationRequest
 from sdfast.serve.context import ServeContext
 from sdfast.serve.edge import error_response
-from sdfast.serve.schemas import SEED_LIMIT, FieldError, OpenAIImageRequest
+from sdfast.serve.schemas import DEFAULT_CFG_SCALE, SEED_LIMIT, FieldError, OpenAIImageRequest
 
 
 class ImageStore:
@@ -62,7 +62,7 @@ def openai_router(ctx: ServeContext) -> APIRouter:
                 raise FieldError("size", f"{body.size}: this engine serves {pipeline.width}x{pipeline.height} only")
         seed = secrets.randbelow(SEED_LIMIT - 1)
         batch = max(d for d in range(1, min(body.n, pipeline.batch_size) + 1) if body.n % d == 0)
-        generation = GenerationRequest(prompt=body.prompt, steps=25, cfg_scale=7.0 if pipeline.guidance else 1.0, seed=seed,
+        generation = GenerationRequest(prompt=body.prompt, steps=25, cfg_scale=DEFAULT_CFG_SCALE if pipeline.guidance else 1.0, seed=seed,
                                        sampler="dpmpp_2m_karras", width=width, height=height, batch_size=batch,
                                        n_iter=body.n // batch, clip_skip=ctx.options["CLIP_stop_at_last_layers"],
                                        seeds=[seed + i for i in range(body.n)])

@@ -21,6 +21,7 @@ MAX_IMAGE_BYTES = 16 << 20  # one encoded init image or mask
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_BODY_BYTES = 48 << 20
 SEED_LIMIT = 2**32  # A1111 seeds are below 2^32; -1 picks one
+DEFAULT_CFG_SCALE = 7.0  # A1111's, on engines exported with guidance
 
 
 class FieldError(Exception):
@@ -44,9 +45,9 @@ class _Request(BaseModel):
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     steps: int = Field(20, ge=1, le=MAX_STEPS)
-    cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
-    width: int = Field(512, ge=8, le=4096)
-    height: int = Field(512, ge=8, le=4096)
+    cfg_scale: float | None = Field(None, ge=0.0, le=30.0)  # None: the engine's (7, or 1 without guidance)
+    width: int | None = Field(None, ge=8, le=4096)  # None: the engine's size, the only one it serves
+    height: int | None = Field(None, ge=8, le=4096)
     seed: int = Field(-1, ge=-1, lt=SEED_LIMIT)
     sampler_name: str | None = Field(None, max_length=64)
     sampler_index: str | None = Field(None, max_length=64)  # deprecated in A1111; used when sampler_name is absent
@@ -65,8 +66,8 @@ class _Request(BaseModel):
 
     @field_validator("width", "height")
     @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
-        if value % 8:
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
             raise ValueError(f"must be a multiple of 8 (Stable Diffusion works on 8x8 latent cells), not {value}")
         return value
 

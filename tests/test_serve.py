@@ -173,6 +173,14 @@ BAD_A1111 = [
     ({"seed": "one"}, "seed"), ({"cfg_scale": "NaN"}, "cfg_scale"), ({"enable_hr": True}, "enable_hr"),
     ({"override_settings": {"CLIP_stop_at_last_layers": 40}}, "override_settings.CLIP_stop_at_last_layers"),
     ({"eta": 0.3, "sampler_name": "Euler"}, "eta"), ({"scheduler": "polyexponential"}, "scheduler"),
+    # A1111 fields and extensions that would change the image: refused, never run without effect
+    ({"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True, "module": "canny"}]}}}, "alwayson_scripts"),
+    ({"refiner_checkpoint": "sd_xl_refiner_1.0", "refiner_switch_at": 0.8}, "refiner_checkpoint"),
+    ({"s_churn": 0.5}, "s_churn"), ({"s_noise": 1.003}, "s_noise"), ({"s_tmin": 0.1}, "s_tmin"), ({"s_tmax": 10}, "s_tmax"),
+    ({"seed_resize_from_w": 128, "seed_resize_from_h": 128}, "seed_resize_from_w"),
+    ({"override_settings": {"sd_model_checkpoint": "v1-5-pruned"}}, "override_settings.sd_model_checkpoint"),
+    ({"override_settings": {"sd_vae": "kl-f8-anime2.ckpt"}}, "override_settings.sd_vae"),
+    ({"override_settings": {"eta_noise_seed_delta": 31337}}, "override_settings.eta_noise_seed_delta"),
 ]
 
 
@@ -186,13 +194,33 @@ def test_bad_txt2img_fields_get_422_naming_the_field(server, change, field):
 def test_one_step_limit_for_the_cli_and_both_apis_and_plain_messages(server, tiny_engine):
     """The CLI, the Python API and HTTP read the runtime's MAX_STEPS; Pydantic's 'Value error, ' never reaches a client."""
     body = {"prompt": "x", "width": 64, "height": 64}
-    assert httpx.post(f"{server.url}/sdapi/v1/txt2img", json={**body, "steps": 151}, timeout=120).status_code == 200  # past A1111's UI slider
+    past_the_slider = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={**body, "steps": 151}, timeout=120)  # A1111's UI stops at 150
+    assert past_the_slider.status_code == 200
     over = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={**body, "steps": MAX_STEPS + 1})
     assert over.status_code == 422 and over.json()["field"] == "steps" and str(MAX_STEPS) in over.json()["error"]
-    cli = run_cli("generate", tiny_engine, "x", "--steps", str(MAX_STEPS + 1), "--output", str(tiny_engine.parent / "never-written.png"), "--verify", "size")
+    cli = run_cli("generate", tiny_engine, "x", "--steps", str(MAX_STEPS + 1), "--output", str(tiny_engine.parent / "never-written.png"),
+                  "--verify", "size")
     assert cli.returncode == 2 and f"from 1 to {MAX_STEPS}" in cli.stderr, cli.stderr
     width = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={**body, "width": 60}).json()
     assert width == {"error": "width: must be a multiple of 8 (Stable Diffusion works on 8x8 latent cells), not 60", "field": "width"}
+
+
+def test_a1111_fields_at_their_off_values_are_accepted(server):
+    """What webuiapi and A1111's UI send when a feature is off (alwayson_scripts {}, s_noise 1, ...) still generates."""
+    body = {"prompt": "x", "steps": 2, "alwayson_scripts": {}, "s_churn": 0, "s_tmin": 0, "s_tmax": 0, "s_noise": 1, "script_args": [],
+            "refiner_checkpoint": None, "refiner_switch_at": 0.8, "seed_resize_from_w": 64, "seed_resize_from_h": 64, "enable_hr": False,
+            "hr_scale": 2, "hr_upscaler": "Latent", "override_settings": {"sd_vae": "Automatic", "sd_model_checkpoint": "tiny"}}
+    assert httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=60).status_code == 200
+    source = base64.b64encode(_png(Image.new("RGB", (64, 64), "gray"))).decode()
+    base = {"prompt": "x", "steps": 4, "init_images": [source]}
+    for change, field in (({"resize_mode": 2}, "resize_mode"), ({"initial_noise_multiplier": 0.9}, "initial_noise_multiplier")):
+        refused = httpx.post(f"{server.url}/sdapi/v1/img2img", json={**base, **change})
+        assert refused.status_code == 422 and refused.json()["field"] == field, refused.text
+    off = httpx.post(f"{server.url}/sdapi/v1/img2img", json={**base, "resize_mode": 0, "initial_noise_multiplier": 1}, timeout=60)
+    assert off.status_code == 200
+    for option in ({"sd_vae": "kl-f8-anime2.ckpt"}, {"eta_noise_seed_delta": 31337}):
+        refused = httpx.post(f"{server.url}/sdapi/v1/options", json=option)
+        assert refused.status_code == 422 and refused.json()["field"] == next(iter(option)), refused.text
 
 
 def test_malformed_bodies_and_images_are_4xx_and_the_server_stays_up(server):

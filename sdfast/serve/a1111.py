@@ -15,7 +15,16 @@ from sdfast.runtime.images import init_image_array, mask_array, png_bytes
 from sdfast.runtime.pipeline import GenerationRequest, GenerationResult
 from sdfast.sampling.registry import SAMPLERS, resolve_sampler
 from sdfast.serve.context import ServeContext
-from sdfast.serve.schemas import DEFAULT_CFG_SCALE, SEED_LIMIT, FieldError, Img2ImgRequest, Txt2ImgRequest, _Request, decode_image
+from sdfast.serve.schemas import (
+    DEFAULT_CFG_SCALE,
+    IMAGE_OPTIONS,
+    SEED_LIMIT,
+    FieldError,
+    Img2ImgRequest,
+    Txt2ImgRequest,
+    _Request,
+    decode_image,
+)
 
 
 def a1111_router(ctx: ServeContext) -> APIRouter:
@@ -56,15 +65,24 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
             raise FieldError("body", "is not valid JSON", status=400) from None
         if not isinstance(body, dict):
             raise FieldError("body", "must be a JSON object of option names and values")
-        checkpoint = body.get("sd_model_checkpoint")
-        if checkpoint is not None and checkpoint not in (model_title(), pipeline.manifest.model_name):
-            raise FieldError("sd_model_checkpoint", f"this server holds one model, '{model_title()}'")
+        _check_options(body, "")
         if "CLIP_stop_at_last_layers" in body:
-            value = body["CLIP_stop_at_last_layers"]
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= int(pipeline.manifest.model["text_layers"]):
-                raise FieldError("CLIP_stop_at_last_layers", f"must be an integer from 1 to {pipeline.manifest.model['text_layers']}")
-            ctx.options["CLIP_stop_at_last_layers"] = value
+            ctx.options["CLIP_stop_at_last_layers"] = body["CLIP_stop_at_last_layers"]
         return True
+
+    def _check_options(options: dict, prefix: str) -> None:
+        """Refuse A1111 options that would change the image in a way sdfast does not (a FieldError named ``prefix`` + option)."""
+        checkpoint = options.get("sd_model_checkpoint")
+        if checkpoint is not None and checkpoint not in (model_title(), pipeline.manifest.model_name):
+            raise FieldError(f"{prefix}sd_model_checkpoint", f"this server holds one model, '{model_title()}'")
+        if "CLIP_stop_at_last_layers" in options:
+            value, layers = options["CLIP_stop_at_last_layers"], int(pipeline.manifest.model["text_layers"])
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= layers:
+                raise FieldError(f"{prefix}CLIP_stop_at_last_layers", f"must be an integer from 1 to {layers}, not {value!r}")
+        for name, allowed in IMAGE_OPTIONS.items():
+            if name in options and options[name] is not None and options[name] not in allowed:
+                raise FieldError(f"{prefix}{name}", f"{options[name]!r} is not supported by sdfast (the image would come out without it); "
+                                                    f"leave it at {allowed[0]!r}")
 
     @router.get("/sdapi/v1/progress")
     async def progress():
@@ -125,13 +143,17 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         for name, value, engine_value in (("width", body.width, pipeline.width), ("height", body.height, pipeline.height)):
             if value is not None and value != engine_value:
                 raise FieldError(name, f"{value}: this engine serves {pipeline.width}x{pipeline.height} only (export another size)")
+        seed_size = (body.seed_resize_from_w, body.seed_resize_from_h)
+        if min(seed_size) > 0 and seed_size != (pipeline.width, pipeline.height):  # A1111 resizes the seed's noise when both are set
+            raise FieldError("seed_resize_from_w", "resizing a seed from another size is not supported by sdfast; leave it at -1")
+        _check_options(body.override_settings, "override_settings.")
         sampler = _sampler(body)
         eta = body.eta
         if eta is not None and not sampler.takes_eta:
             if eta not in (0.0, 1.0):  # 1.0 is A1111's ancestral default, which webuiapi always sends
                 raise FieldError("eta", f"eta applies to DDIM only, not to {sampler.a1111_name}")
             eta = None
-        clip_skip = body.clip_skip() if "CLIP_stop_at_last_layers" in body.override_settings else ctx.options["CLIP_stop_at_last_layers"]
+        clip_skip = body.override_settings.get("CLIP_stop_at_last_layers") or ctx.options["CLIP_stop_at_last_layers"]
         seed = body.seed if body.seed >= 0 else secrets.randbelow(SEED_LIMIT - 1)
         total = body.batch_size * body.n_iter
         batch = max(d for d in range(1, min(total, pipeline.batch_size) + 1) if total % d == 0)

@@ -166,6 +166,18 @@ def test_openai_images_generate(server):
     assert refused.value.status_code == 422
 
 
+def test_openai_models_list_and_retrieve(server):
+    """GET /v1/models lists the loaded model as OpenAI does; an unknown id is OpenAI's 404 model_not_found."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    (model,) = client.models.list().data
+    assert (model.id, model.object, model.owned_by) == ("tiny", "model", "sdfast")
+    assert abs(model.created - time.time()) < 7 * 86400  # the engine's export time (exported by this test session)
+    assert client.models.retrieve("tiny") == model
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("dall-e-3")
+    assert missing.value.code == "model_not_found" and missing.value.body["param"] == "model" and "dall-e-3" in missing.value.message
+
+
 BAD_A1111 = [
     ({"steps": 0}, "steps"), ({"steps": 100000}, "steps"), ({"width": 60}, "width"), ({"width": 128}, "width"),
     ({"height": 72}, "height"), ({"sampler_name": "Euler z"}, "sampler_name"), ({"prompt": "p" * 20001}, "prompt"),

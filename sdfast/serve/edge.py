@@ -18,11 +18,12 @@ OPEN_PATHS = ("/health", "/ready")  # probes need no key
 OPEN_PREFIXES = ("/v1/images/files/",)  # response_format=url images: their unguessable token is the credential
 
 
-def error_response(status: int, message: str, field: str | None = None, headers: dict | None = None, path: str = "") -> JSONResponse:
+def error_response(status: int, message: str, field: str | None = None, headers: dict | None = None, path: str = "",
+                   code: str | None = None) -> JSONResponse:
     """A1111 routes: {"error", "field"}; OpenAI routes: OpenAI's {"error": {"message", "type", "param", "code"}}."""
     if path.startswith("/v1/"):
         kind = "invalid_request_error" if status < 500 else "server_error"
-        body = {"error": {"message": message, "type": kind, "param": field, "code": None}}
+        body = {"error": {"message": message, "type": kind, "param": field, "code": code}}
     else:
         body = {"error": message, **({"field": field} if field else {})}
     return JSONResponse(body, status_code=status, headers=headers)

@@ -1,4 +1,4 @@
-"""OpenAI's images API (/v1/images) over the server's one engine, with OpenAI's error shape."""
+"""OpenAI's images and models API (/v1/images, /v1/models) over the server's one engine, with OpenAI's error shape."""
 from __future__ import annotations
 
 import asyncio
@@ -7,6 +7,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from datetime import datetime
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -76,6 +77,25 @@ def openai_router(ctx: ServeContext) -> APIRouter:
             else:
                 data.append({"b64_json": base64.b64encode(png).decode(), "revised_prompt": body.prompt})
         return {"created": int(time.time()), "data": data}
+
+    def model_object() -> dict:
+        """The loaded model as OpenAI's Model object; created is the engine's export time."""
+        try:
+            created = int(datetime.fromisoformat(pipeline.manifest.data["created"]).timestamp())
+        except (KeyError, TypeError, ValueError):
+            created = 0
+        return {"id": pipeline.manifest.model_name, "object": "model", "created": created, "owned_by": "sdfast"}
+
+    @router.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_object()]}
+
+    @router.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        if model_id != pipeline.manifest.model_name:
+            return error_response(404, f"The model '{model_id}' does not exist; this server holds '{pipeline.manifest.model_name}'",
+                                  "model", path=request.url.path, code="model_not_found")
+        return model_object()
 
     @router.get("/v1/images/files/{name}")
     async def openai_file(name: str):

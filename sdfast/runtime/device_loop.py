@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from sdfast.errors import EngineError
+from sdfast.errors import EngineError, StopSampling
 from sdfast.sampling.tables import StepTable
 
 EvalCallback = Callable[[int, float], None]  # (evaluations done, seconds the last one took on the host)
@@ -113,5 +113,9 @@ def run_on_host(unet, inputs: LoopInputs, on_eval: EvalCallback | None = None) -
             sample = np.concatenate([state * np.float32(scalars.c_in_next)] * (2 if inputs.guided else 1))
             timestep = np.full((inputs.unet_rows,), scalars.timestep_next, np.float32)
         if on_eval:
-            on_eval(j + 1, time.perf_counter() - started)
+            try:
+                on_eval(j + 1, time.perf_counter() - started)
+            except StopSampling as stop:  # ended between steps: hand back this evaluation's x0 estimate
+                stop.latents, stop.steps_run = denoised, j + 1
+                raise
     return states[0]

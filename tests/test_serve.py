@@ -1,8 +1,10 @@
 """sdfast serve over real HTTP on loopback, driven by the clients people use: webuiapi (A1111) and openai."""
+import asyncio
 import base64
 import io
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -18,7 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdfast.runtime.pipeline import MAX_STEPS
+from sdfast.runtime.pipeline import MAX_STEPS, GenerationRequest, Pipeline
+from sdfast.serve.worker import Cancelled, Worker
 from tests.conftest import run_cli
 
 webuiapi = pytest.importorskip("webuiapi")
@@ -314,26 +317,66 @@ def test_eight_concurrent_requests_all_succeed(server):
     assert len({r.json()["images"][0] for r in responses}) == 8
 
 
-def test_interrupt_stops_the_running_job_and_frees_the_slot(server, api):
-    outcome = {}
-
-    def long_job():
-        outcome["response"] = httpx.post(f"{server.url}/sdapi/v1/txt2img",
-                                         json={"prompt": "x", "steps": 150, "n_iter": 16, "width": 64, "height": 64}, timeout=120)
-
-    thread = threading.Thread(target=long_job)
-    thread.start()
+def _wait_for_sampling(api, after_job: str = "") -> dict:
+    """/sdapi/v1/progress once a job other than ``after_job`` has run a step (within 30 s)."""
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and api.get_progress()["state"]["sampling_step"] == 0:
-        time.sleep(0.05)
-    progress = api.get_progress()
-    assert progress["state"]["sampling_steps"] == 150 * 16 and 0 < progress["progress"] < 1
+    while time.monotonic() < deadline:
+        progress = api.get_progress()
+        if progress["state"]["sampling_step"] > 0 and progress["state"]["job"] not in ("", after_job):
+            return progress
+        time.sleep(0.02)
+    raise AssertionError("no job started sampling")
+
+
+INTERRUPTED = re.compile(r"Interrupted: after (\d+) of (\d+) steps")
+
+
+def test_interrupt_answers_200_with_the_images_so_far(server, api):
+    """As A1111: the running job stops at its next step, answers 200 with its last x0 estimate decoded, and runs no more batches."""
+    outcome = {}
+    client = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)  # its own session: the test's api polls meanwhile
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", client.txt2img(
+        prompt="x", seed=3, steps=150, n_iter=16, width=64, height=64, sampler_name="Euler")))
+    thread.start()
+    progress = _wait_for_sampling(api)
+    assert progress["state"]["sampling_steps"] == 150 * 16 and 0 < progress["progress"] < 1 and not progress["state"]["interrupted"]
     started = time.monotonic()
     api.interrupt()
     thread.join(timeout=60)
     assert time.monotonic() - started < 10, "interrupt did not stop the job"
-    assert outcome["response"].status_code == 409 and "interrupted" in outcome["response"].json()["error"]
+    result = outcome["result"]  # webuiapi raises on any status but 200
+    assert 1 <= len(result.images) < 16 and result.info["all_seeds"] == list(range(3, 3 + len(result.images)))
+    *whole, last = result.info["infotexts"]
+    steps_run, of = map(int, INTERRUPTED.search(last).groups())
+    assert 0 < steps_run < 150 and of == 150 and "Steps: 150," in last and not any("Interrupted" in text for text in whole)
+    image = result.images[-1]
+    assert image.size == (64, 64) and np.asarray(image).std() > 0 and image.info["parameters"] == last  # a real PNG with its infotext
+    state = api.get_progress()["state"]
+    assert state["interrupted"] and state["job"] == ""  # A1111 keeps the flag until the next job starts
     assert api.txt2img(prompt="after", seed=1, steps=2, width=64, height=64).image.size == (64, 64)
+    assert not api.get_progress()["state"]["interrupted"]
+
+
+def test_an_interrupted_openai_request_is_a_409_the_client_does_not_retry(server, api):
+    """OpenAI's API has no partial answer: the interrupted job is an error, marked so the openai client does not rerun it."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")  # default retries: 2, and a 409 is retried unless told
+    outcome = {}
+
+    def generate():
+        try:
+            client.images.generate(prompt="x", n=10, size="64x64")
+        except openai.APIStatusError as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    _wait_for_sampling(api)
+    api.interrupt()
+    thread.join(timeout=60)
+    error = outcome["error"]
+    assert error.status_code == 409 and "interrupted" in error.message and error.body["type"] == "invalid_request_error"
+    time.sleep(0.5)
+    assert api.get_progress()["state"]["job"] == "", "the openai client sent the interrupted request again"
 
 
 def test_client_disconnect_frees_the_slot(server, api):
@@ -351,14 +394,13 @@ def test_identical_queued_img2img_jobs_can_be_interrupted(server, api):
     body = {"prompt": "x", "seed": 42, "steps": 150, "n_iter": 16, "width": 64, "height": 64, "init_images": [source], "denoising_strength": 1.0}
     with ThreadPoolExecutor(2) as pool:
         pending = [pool.submit(httpx.post, f"{server.url}/sdapi/v1/img2img", json=body, timeout=120) for _ in range(2)]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and api.get_progress()["state"]["sampling_step"] == 0:
-            time.sleep(0.05)
+        job = ""
         for _ in range(2):
+            job = _wait_for_sampling(api, after_job=job)["state"]["job"]
             assert httpx.post(f"{server.url}/sdapi/v1/interrupt").status_code == 200
-            time.sleep(0.5)
-        statuses = sorted(f.result().status_code for f in pending)
-    assert statuses == [409, 409], statuses
+        responses = [f.result() for f in pending]
+    assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
+    assert all(INTERRUPTED.search(json.loads(r.json()["info"])["infotexts"][-1]) for r in responses)
     assert httpx.get(f"{server.url}/ready").status_code == 200
 
 
@@ -422,6 +464,23 @@ def test_graceful_shutdown_finishes_the_running_request(tiny_engine):
     assert outcome["r"].status_code == 200 and len(outcome["r"].json()["images"]) == 1
 
 
+def test_shutdown_past_its_grace_is_an_error_not_an_interrupt(tiny_engine):
+    """The running job of a server that stops is refused (503), not answered with an interrupt's unfinished image."""
+    pipeline = Pipeline.load(tiny_engine, verify="size")
+
+    async def scenario():
+        worker = Worker(pipeline, max_queue=4)
+        worker.start(asyncio.get_running_loop())
+        job = asyncio.ensure_future(worker.submit(GenerationRequest("x", steps=1000, seeds=[1]), 1, timeout_s=120))
+        while worker.stats.current is None or worker.stats.current.step == 0:
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(worker.stop, 0.1)
+        with pytest.raises(Cancelled, match="the server is shutting down"):
+            await job
+
+    asyncio.run(scenario())
+
+
 def test_micro_batching_merges_requests_that_differ_only_in_seed(tiny_engine_batch2_unguided):
     server = Server(tiny_engine_batch2_unguided)
     try:
@@ -441,6 +500,24 @@ def test_micro_batching_merges_requests_that_differ_only_in_seed(tiny_engine_bat
         default_cfg = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2}, timeout=60)
         assert default_cfg.status_code == 200, default_cfg.text  # no cfg_scale: the unguided engine's 1, not A1111's 7
         assert "CFG scale: 1.0" in json.loads(default_cfg.json()["info"])["infotexts"][0]
+        # A1111's interrupt is global: the two merged jobs stop together, at the same step, each with its own image
+        api, long = webuiapi.WebUIApi(host="127.0.0.1", port=server.port), {**body, "steps": 1000}
+        with ThreadPoolExecutor(3) as pool:
+            alone = pool.submit(httpx.post, f"{server.url}/sdapi/v1/txt2img", json={**long, "seed": 1}, timeout=120)
+            job = _wait_for_sampling(api)["state"]["job"]
+            pair = [pool.submit(httpx.post, f"{server.url}/sdapi/v1/txt2img", json={**long, "seed": seed}, timeout=120) for seed in (2, 3)]
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and api.get_progress()["state"]["job_count"] < 3:
+                time.sleep(0.02)
+            api.interrupt()
+            _wait_for_sampling(api, after_job=job)
+            api.interrupt()
+            responses = [alone.result(), *(f.result() for f in pair)]
+        assert [r.status_code for r in responses] == [200] * 3, [r.text for r in responses]
+        infotexts = [json.loads(r.json()["info"])["infotexts"] for r in responses]
+        assert [len(texts) for texts in infotexts] == [1, 1, 1] and "Seed: 2," in infotexts[1][0] and "Seed: 3," in infotexts[2][0]
+        stopped_at = [INTERRUPTED.search(texts[0]).groups() for texts in infotexts]
+        assert stopped_at[1] == stopped_at[2], stopped_at  # one engine batch
     finally:
         assert server.stop()
 

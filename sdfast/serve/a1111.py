@@ -92,7 +92,7 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         elapsed = time.monotonic() - stats.current_started if job else 0.0
         eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
         return {"progress": fraction, "eta_relative": eta, "current_image": None, "textinfo": None,
-                "state": {"skipped": False, "interrupted": bool(job and job.cancelled), "job": f"job {job.id}" if job else "",
+                "state": {"skipped": False, "interrupted": stats.interrupted, "job": f"job {job.id}" if job else "",
                           "job_count": stats.queued + (1 if job else 0), "job_timestamp": "0", "job_no": 0,
                           "sampling_step": job.step if job else 0, "sampling_steps": job.total_steps if job else 0}}
 

@@ -79,7 +79,8 @@ def create_app(pipeline: Pipeline, settings: ServeSettings) -> FastAPI:
     @app.exception_handler(Cancelled)
     async def cancelled(request: Request, error: Cancelled):
         status = CANCEL_STATUS.get(error.reason, 504 if error.reason.startswith("timed out") else 409)
-        return error_response(status, f"the job was stopped: {error.reason}", path=request.url.path)
+        headers = {"x-should-retry": "false"} if error.reason == "interrupted" else None  # the openai client retries a 409 otherwise
+        return error_response(status, f"the job was stopped: {error.reason}", headers=headers, path=request.url.path)
 
     @app.exception_handler(EngineError)
     async def engine_error(request: Request, error: EngineError):

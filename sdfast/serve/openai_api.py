@@ -17,6 +17,7 @@ from sdfast.runtime.pipeline import GenerationRequest
 from sdfast.serve.context import ServeContext
 from sdfast.serve.edge import error_response
 from sdfast.serve.schemas import DEFAULT_CFG_SCALE, SEED_LIMIT, FieldError, OpenAIImageRequest
+from sdfast.serve.worker import Cancelled
 
 
 class ImageStore:
@@ -68,6 +69,8 @@ def openai_router(ctx: ServeContext) -> APIRouter:
                                        n_iter=body.n // batch, clip_skip=ctx.options["CLIP_stop_at_last_layers"],
                                        seeds=[seed + i for i in range(body.n)])
         results = await ctx.run(generation, request)
+        if len(results) < body.n or any(r.steps_run is not None for r in results):
+            raise Cancelled("interrupted")  # OpenAI's API has no partial answer: A1111's interrupt is an error here
         data = []
         pngs = await asyncio.to_thread(lambda: [png_bytes(r.images[0], r.parameters[0]) for r in results])
         for png in pngs:

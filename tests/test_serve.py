@@ -1,8 +1,11 @@
 """sdfast serve over real HTTP on loopback, driven by the clients people use: webuiapi (A1111) and openai."""
+import asyncio
 import base64
 import io
 import json
 import os
+import re
+import select
 import signal
 import socket
 import subprocess
@@ -16,6 +19,11 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from sdfast.runtime.pipeline import GenerationRequest, Pipeline
+from sdfast.runtime.request_check import MAX_STEPS
+from sdfast.serve.worker import Cancelled, Worker
+from tests.conftest import run_cli
 
 webuiapi = pytest.importorskip("webuiapi")
 openai = pytest.importorskip("openai")
@@ -118,6 +126,22 @@ def test_img2img(api):
     assert not np.array_equal(np.asarray(inpainted.image), np.asarray(unmasked.image)), "the mask was ignored"
 
 
+def test_omitted_size_means_the_engines_size(server):
+    """No width/height (A1111) or size (OpenAI): the engine's 64x64, never a default the client did not send."""
+    plain = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "seed": 5}, timeout=60)
+    assert plain.status_code == 200, plain.text
+    assert Image.open(io.BytesIO(base64.b64decode(plain.json()["images"][0]))).size == (64, 64)
+    info = json.loads(plain.json()["info"])
+    assert (info["width"], info["height"]) == (64, 64) and "Size: 64x64" in info["infotexts"][0]
+    assert (plain.json()["parameters"]["width"], plain.json()["parameters"]["height"]) == (64, 64)
+    source = base64.b64encode(_png(Image.new("RGB", (96, 80), "gray"))).decode()
+    img2img = httpx.post(f"{server.url}/sdapi/v1/img2img", json={"prompt": "x", "steps": 4, "init_images": [source]}, timeout=60)
+    assert img2img.status_code == 200 and Image.open(io.BytesIO(base64.b64decode(img2img.json()["images"][0]))).size == (64, 64)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    (item,) = client.images.generate(prompt="x", n=1).data
+    assert Image.open(io.BytesIO(base64.b64decode(item.b64_json))).size == (64, 64)
+
+
 def test_samplers_models_options(api, server):
     names = {s["name"] for s in api.get_samplers()}
     assert {"Euler", "Euler a", "DPM++ 2M Karras", "DDIM", "UniPC", "LMS"} <= names
@@ -148,6 +172,18 @@ def test_openai_images_generate(server):
     assert refused.value.status_code == 422
 
 
+def test_openai_models_list_and_retrieve(server):
+    """GET /v1/models lists the loaded model as OpenAI does; an unknown id is OpenAI's 404 model_not_found."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    (model,) = client.models.list().data
+    assert (model.id, model.object, model.owned_by) == ("tiny", "model", "sdfast")
+    assert abs(model.created - time.time()) < 7 * 86400  # the engine's export time (exported by this test session)
+    assert client.models.retrieve("tiny") == model
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("dall-e-3")
+    assert missing.value.code == "model_not_found" and missing.value.body["param"] == "model" and "dall-e-3" in missing.value.message
+
+
 BAD_A1111 = [
     ({"steps": 0}, "steps"), ({"steps": 100000}, "steps"), ({"width": 60}, "width"), ({"width": 128}, "width"),
     ({"height": 72}, "height"), ({"sampler_name": "Euler z"}, "sampler_name"), ({"prompt": "p" * 20001}, "prompt"),
@@ -155,6 +191,14 @@ BAD_A1111 = [
     ({"seed": "one"}, "seed"), ({"cfg_scale": "NaN"}, "cfg_scale"), ({"enable_hr": True}, "enable_hr"),
     ({"override_settings": {"CLIP_stop_at_last_layers": 40}}, "override_settings.CLIP_stop_at_last_layers"),
     ({"eta": 0.3, "sampler_name": "Euler"}, "eta"), ({"scheduler": "polyexponential"}, "scheduler"),
+    # A1111 fields and extensions that would change the image: refused, never run without effect
+    ({"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True, "module": "canny"}]}}}, "alwayson_scripts"),
+    ({"refiner_checkpoint": "sd_xl_refiner_1.0", "refiner_switch_at": 0.8}, "refiner_checkpoint"),
+    ({"s_churn": 0.5}, "s_churn"), ({"s_noise": 1.003}, "s_noise"), ({"s_tmin": 0.1}, "s_tmin"), ({"s_tmax": 10}, "s_tmax"),
+    ({"seed_resize_from_w": 128, "seed_resize_from_h": 128}, "seed_resize_from_w"),
+    ({"override_settings": {"sd_model_checkpoint": "v1-5-pruned"}}, "override_settings.sd_model_checkpoint"),
+    ({"override_settings": {"sd_vae": "kl-f8-anime2.ckpt"}}, "override_settings.sd_vae"),
+    ({"override_settings": {"eta_noise_seed_delta": 31337}}, "override_settings.eta_noise_seed_delta"),
 ]
 
 
@@ -163,6 +207,38 @@ def test_bad_txt2img_fields_get_422_naming_the_field(server, change, field):
     response = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 64, "height": 64, **change})
     assert response.status_code == 422, response.text
     assert response.json()["field"] == field
+
+
+def test_one_step_limit_for_the_cli_and_both_apis_and_plain_messages(server, tiny_engine):
+    """The CLI, the Python API and HTTP read the runtime's MAX_STEPS; Pydantic's 'Value error, ' never reaches a client."""
+    body = {"prompt": "x", "width": 64, "height": 64}
+    past_the_slider = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={**body, "steps": 151}, timeout=120)  # A1111's UI stops at 150
+    assert past_the_slider.status_code == 200
+    over = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={**body, "steps": MAX_STEPS + 1})
+    assert over.status_code == 422 and over.json()["field"] == "steps" and str(MAX_STEPS) in over.json()["error"]
+    cli = run_cli("generate", tiny_engine, "x", "--steps", str(MAX_STEPS + 1), "--output", str(tiny_engine.parent / "never-written.png"),
+                  "--verify", "size")
+    assert cli.returncode == 2 and f"from 1 to {MAX_STEPS}" in cli.stderr, cli.stderr
+    width = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={**body, "width": 60}).json()
+    assert width == {"error": "width: must be a multiple of 8 (Stable Diffusion works on 8x8 latent cells), not 60", "field": "width"}
+
+
+def test_a1111_fields_at_their_off_values_are_accepted(server):
+    """What webuiapi and A1111's UI send when a feature is off (alwayson_scripts {}, s_noise 1, ...) still generates."""
+    body = {"prompt": "x", "steps": 2, "alwayson_scripts": {}, "s_churn": 0, "s_tmin": 0, "s_tmax": 0, "s_noise": 1, "script_args": [],
+            "refiner_checkpoint": None, "refiner_switch_at": 0.8, "seed_resize_from_w": 64, "seed_resize_from_h": 64, "enable_hr": False,
+            "hr_scale": 2, "hr_upscaler": "Latent", "override_settings": {"sd_vae": "Automatic", "sd_model_checkpoint": "tiny"}}
+    assert httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=60).status_code == 200
+    source = base64.b64encode(_png(Image.new("RGB", (64, 64), "gray"))).decode()
+    base = {"prompt": "x", "steps": 4, "init_images": [source]}
+    for change, field in (({"resize_mode": 2}, "resize_mode"), ({"initial_noise_multiplier": 0.9}, "initial_noise_multiplier")):
+        refused = httpx.post(f"{server.url}/sdapi/v1/img2img", json={**base, **change})
+        assert refused.status_code == 422 and refused.json()["field"] == field, refused.text
+    off = httpx.post(f"{server.url}/sdapi/v1/img2img", json={**base, "resize_mode": 0, "initial_noise_multiplier": 1}, timeout=60)
+    assert off.status_code == 200
+    for option in ({"sd_vae": "kl-f8-anime2.ckpt"}, {"eta_noise_seed_delta": 31337}):
+        refused = httpx.post(f"{server.url}/sdapi/v1/options", json=option)
+        assert refused.status_code == 422 and refused.json()["field"] == next(iter(option)), refused.text
 
 
 def test_malformed_bodies_and_images_are_4xx_and_the_server_stays_up(server):
@@ -200,6 +276,37 @@ def test_malformed_bodies_and_images_are_4xx_and_the_server_stays_up(server):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
 
 
+def test_a_body_refused_while_streaming_gets_the_whole_413(server):
+    """No Content-Length, chunks past the limit: the 413 arrives complete (headers and its JSON body), not cut off."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as connection:
+        connection.sendall(b"POST /sdapi/v1/options HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n" % (1 << 20) + b" " * (1 << 20) + b"\r\n"
+        reply = b""
+        for _ in range(60):  # 60 MiB at most; stop sending once the server has answered
+            if select.select([connection], [], [], 0)[0]:
+                break
+            try:
+                connection.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        while True:
+            try:
+                data = connection.recv(65536)
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            reply += data
+            head, _, body = reply.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), None)
+            if length is not None and len(body) >= length:
+                break
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), head
+    assert json.loads(body) == {"error": "request body over 48 MiB", "field": "body"}
+
+
 def test_eight_concurrent_requests_all_succeed(server):
     def one(seed):
         return httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "seed": seed, "steps": 3, "width": 64, "height": 64}, timeout=120)
@@ -211,26 +318,66 @@ def test_eight_concurrent_requests_all_succeed(server):
     assert len({r.json()["images"][0] for r in responses}) == 8
 
 
-def test_interrupt_stops_the_running_job_and_frees_the_slot(server, api):
-    outcome = {}
-
-    def long_job():
-        outcome["response"] = httpx.post(f"{server.url}/sdapi/v1/txt2img",
-                                         json={"prompt": "x", "steps": 150, "n_iter": 16, "width": 64, "height": 64}, timeout=120)
-
-    thread = threading.Thread(target=long_job)
-    thread.start()
+def _wait_for_sampling(api, after_job: str = "") -> dict:
+    """/sdapi/v1/progress once a job other than ``after_job`` has run a step (within 30 s)."""
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and api.get_progress()["state"]["sampling_step"] == 0:
-        time.sleep(0.05)
-    progress = api.get_progress()
-    assert progress["state"]["sampling_steps"] == 150 * 16 and 0 < progress["progress"] < 1
+    while time.monotonic() < deadline:
+        progress = api.get_progress()
+        if progress["state"]["sampling_step"] > 0 and progress["state"]["job"] not in ("", after_job):
+            return progress
+        time.sleep(0.02)
+    raise AssertionError("no job started sampling")
+
+
+INTERRUPTED = re.compile(r"Interrupted: after (\d+) of (\d+) steps")
+
+
+def test_interrupt_answers_200_with_the_images_so_far(server, api):
+    """As A1111: the running job stops at its next step, answers 200 with its last x0 estimate decoded, and runs no more batches."""
+    outcome = {}
+    client = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)  # its own session: the test's api polls meanwhile
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", client.txt2img(
+        prompt="x", seed=3, steps=150, n_iter=16, width=64, height=64, sampler_name="Euler")))
+    thread.start()
+    progress = _wait_for_sampling(api)
+    assert progress["state"]["sampling_steps"] == 150 * 16 and 0 < progress["progress"] < 1 and not progress["state"]["interrupted"]
     started = time.monotonic()
     api.interrupt()
     thread.join(timeout=60)
     assert time.monotonic() - started < 10, "interrupt did not stop the job"
-    assert outcome["response"].status_code == 409 and "interrupted" in outcome["response"].json()["error"]
+    result = outcome["result"]  # webuiapi raises on any status but 200
+    assert 1 <= len(result.images) < 16 and result.info["all_seeds"] == list(range(3, 3 + len(result.images)))
+    *whole, last = result.info["infotexts"]
+    steps_run, of = map(int, INTERRUPTED.search(last).groups())
+    assert 0 < steps_run < 150 and of == 150 and "Steps: 150," in last and not any("Interrupted" in text for text in whole)
+    image = result.images[-1]
+    assert image.size == (64, 64) and np.asarray(image).std() > 0 and image.info["parameters"] == last  # a real PNG with its infotext
+    state = api.get_progress()["state"]
+    assert state["interrupted"] and state["job"] == ""  # A1111 keeps the flag until the next job starts
     assert api.txt2img(prompt="after", seed=1, steps=2, width=64, height=64).image.size == (64, 64)
+    assert not api.get_progress()["state"]["interrupted"]
+
+
+def test_an_interrupted_openai_request_is_a_409_the_client_does_not_retry(server, api):
+    """OpenAI's API has no partial answer: the interrupted job is an error, marked so the openai client does not rerun it."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")  # default retries: 2, and a 409 is retried unless told
+    outcome = {}
+
+    def generate():
+        try:
+            client.images.generate(prompt="x", n=10, size="64x64")
+        except openai.APIStatusError as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    _wait_for_sampling(api)
+    api.interrupt()
+    thread.join(timeout=60)
+    error = outcome["error"]
+    assert error.status_code == 409 and "interrupted" in error.message and error.body["type"] == "invalid_request_error"
+    time.sleep(0.5)
+    assert api.get_progress()["state"]["job"] == "", "the openai client sent the interrupted request again"
 
 
 def test_client_disconnect_frees_the_slot(server, api):
@@ -248,14 +395,13 @@ def test_identical_queued_img2img_jobs_can_be_interrupted(server, api):
     body = {"prompt": "x", "seed": 42, "steps": 150, "n_iter": 16, "width": 64, "height": 64, "init_images": [source], "denoising_strength": 1.0}
     with ThreadPoolExecutor(2) as pool:
         pending = [pool.submit(httpx.post, f"{server.url}/sdapi/v1/img2img", json=body, timeout=120) for _ in range(2)]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and api.get_progress()["state"]["sampling_step"] == 0:
-            time.sleep(0.05)
+        job = ""
         for _ in range(2):
+            job = _wait_for_sampling(api, after_job=job)["state"]["job"]
             assert httpx.post(f"{server.url}/sdapi/v1/interrupt").status_code == 200
-            time.sleep(0.5)
-        statuses = sorted(f.result().status_code for f in pending)
-    assert statuses == [409, 409], statuses
+        responses = [f.result() for f in pending]
+    assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
+    assert all(INTERRUPTED.search(json.loads(r.json()["info"])["infotexts"][-1]) for r in responses)
     assert httpx.get(f"{server.url}/ready").status_code == 200
 
 
@@ -319,6 +465,23 @@ def test_graceful_shutdown_finishes_the_running_request(tiny_engine):
     assert outcome["r"].status_code == 200 and len(outcome["r"].json()["images"]) == 1
 
 
+def test_shutdown_past_its_grace_is_an_error_not_an_interrupt(tiny_engine):
+    """The running job of a server that stops is refused (503), not answered with an interrupt's unfinished image."""
+    pipeline = Pipeline.load(tiny_engine, verify="size")
+
+    async def scenario():
+        worker = Worker(pipeline, max_queue=4)
+        worker.start(asyncio.get_running_loop())
+        job = asyncio.ensure_future(worker.submit(GenerationRequest("x", steps=1000, seeds=[1]), 1, timeout_s=120))
+        while worker.stats.current is None or worker.stats.current.step == 0:
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(worker.stop, 0.1)
+        with pytest.raises(Cancelled, match="the server is shutting down"):
+            await job
+
+    asyncio.run(scenario())
+
+
 def test_micro_batching_merges_requests_that_differ_only_in_seed(tiny_engine_batch2_unguided):
     server = Server(tiny_engine_batch2_unguided)
     try:
@@ -335,6 +498,27 @@ def test_micro_batching_merges_requests_that_differ_only_in_seed(tiny_engine_bat
         merged_image = np.asarray(Image.open(io.BytesIO(base64.b64decode(responses[2].json()["images"][0]))), dtype=int)
         alone_image = np.asarray(Image.open(io.BytesIO(base64.b64decode(alone.json()["images"][0]))), dtype=int)
         assert np.abs(merged_image - alone_image).max() <= 1  # a seed gives its image whichever batch it ran in
+        default_cfg = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2}, timeout=60)
+        assert default_cfg.status_code == 200, default_cfg.text  # no cfg_scale: the unguided engine's 1, not A1111's 7
+        assert "CFG scale: 1.0" in json.loads(default_cfg.json()["info"])["infotexts"][0]
+        # A1111's interrupt is global: the two merged jobs stop together, at the same step, each with its own image
+        api, long = webuiapi.WebUIApi(host="127.0.0.1", port=server.port), {**body, "steps": 1000}
+        with ThreadPoolExecutor(3) as pool:
+            alone = pool.submit(httpx.post, f"{server.url}/sdapi/v1/txt2img", json={**long, "seed": 1}, timeout=120)
+            job = _wait_for_sampling(api)["state"]["job"]
+            pair = [pool.submit(httpx.post, f"{server.url}/sdapi/v1/txt2img", json={**long, "seed": seed}, timeout=120) for seed in (2, 3)]
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and api.get_progress()["state"]["job_count"] < 3:
+                time.sleep(0.02)
+            api.interrupt()
+            _wait_for_sampling(api, after_job=job)
+            api.interrupt()
+            responses = [alone.result(), *(f.result() for f in pair)]
+        assert [r.status_code for r in responses] == [200] * 3, [r.text for r in responses]
+        infotexts = [json.loads(r.json()["info"])["infotexts"] for r in responses]
+        assert [len(texts) for texts in infotexts] == [1, 1, 1] and "Seed: 2," in infotexts[1][0] and "Seed: 3," in infotexts[2][0]
+        stopped_at = [INTERRUPTED.search(texts[0]).groups() for texts in infotexts]
+        assert stopped_at[1] == stopped_at[2], stopped_at  # one engine batch
     finally:
         assert server.stop()
 

@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from sdfast import __version__
-from sdfast.errors import EngineError, RequestError
+from sdfast.errors import EngineError, RequestError, StopSampling
 from sdfast.runtime.backends import Engine, get_backend
 from sdfast.runtime.device_loop import LoopInputs, check_finite, run_on_host
 from sdfast.runtime.image_source import ImageSource
@@ -87,6 +87,18 @@ class GenerationResult:
     latents: np.ndarray  # [N, 4, H/8, W/8] final latents, before the VAE scaling
     timings: StageTimings
     warnings: list[str]
+    steps_run: int | None = None  # None: every step ran; else sampling was stopped (StopSampling) after this many, latents = its x0
+
+
+class _LatestEstimate:
+    """The denoiser, keeping its latest estimate x0 [B, C, h, w]: what a stopped loop decodes (A1111's Sampler.last_latent)."""
+
+    def __init__(self, denoiser: Denoiser):
+        self.denoiser, self.prediction_type, self.latest = denoiser, denoiser.prediction_type, None
+
+    def __call__(self, x: np.ndarray, sigma: float) -> np.ndarray:
+        self.latest = self.denoiser(x, sigma)
+        return self.latest
 
 
 class Pipeline:
@@ -258,13 +270,16 @@ class Pipeline:
         return GenerationResult(
             np.concatenate([b.images for b in batches]), [s for b in batches for s in b.seeds],
             [p for b in batches for p in b.parameters], np.concatenate([b.latents for b in batches]), timings, batches[0].warnings,
+            batches[-1].steps_run,
         )
 
     def generate_batches(self, request: GenerationRequest, on_step: StepCallback | None = None) -> Iterator[GenerationResult]:
         """``generate`` one batch at a time, so a caller can save each batch as soon as it is done.
 
         The request is checked, and the prompt (and init image) encoded, before the first batch; the first result carries
-        those stages' timings and every warning.
+        those stages' timings and every warning. When ``on_step`` raises StopSampling, the batch it stopped is decoded
+        from the loop's latest x0 estimate (its ``steps_run`` set, its infotext saying so) and no later batch runs, as
+        A1111's interrupt; a loop that left no estimate lets the StopSampling through.
         """
         prepared = self.checker.prepare(request)
         batch, spec, plan, strength = prepared.batch, prepared.spec, prepared.plan, prepared.strength
@@ -289,13 +304,22 @@ class Pipeline:
                      else [request.seed + iteration * batch + i for i in range(batch)])
             done = iteration * plan.steps
             progress = (lambda i, _x, done=done: on_step(done + i + 1, total_steps)) if on_step else None
-            x = self._sample(request, spec, plan, hidden, use_cfg, seeds, source, strength, timings, progress)
+            try:
+                x, steps_run = self._sample(request, spec, plan, hidden, use_cfg, seeds, source, strength, timings, progress), None
+            except StopSampling as stop:
+                if stop.latents is None:
+                    raise
+                x, steps_run = stop.latents, stop.steps_run  # x: [B, 4, h, w], the x0 estimate (the same in VE and VP form)
             stage = time.perf_counter()
             images = to_uint8(self.decode(x))[:batch]
             timings.vae_decode = time.perf_counter() - stage
             timings.total = time.perf_counter() - started
-            parameters = [self._infotext(request, spec.a1111_name, seed, batch, index, strength) for index, seed in enumerate(seeds)]
-            yield GenerationResult(images, seeds, parameters, x[:batch], timings, warnings if iteration == 0 else [])
+            stopped = None if steps_run is None else f"after {steps_run} of {plan.steps} steps"
+            parameters = [self._infotext(request, spec.a1111_name, seed, batch, index, strength, stopped)
+                          for index, seed in enumerate(seeds)]
+            yield GenerationResult(images, seeds, parameters, x[:batch], timings, warnings if iteration == 0 else [], steps_run)
+            if steps_run is not None:
+                return  # A1111 skips the rest of the batch count once interrupted
             timings, started = StageTimings(), time.perf_counter()
 
     def _sample(self, request, spec, plan, hidden, use_cfg, seeds, source, strength, timings, progress) -> np.ndarray:
@@ -318,23 +342,33 @@ class Pipeline:
         else:
             x, conditioning = source.initial_latents(draw, plan, strength, self.inpainting_unet)
 
-        denoiser = Denoiser(
+        denoiser = _LatestEstimate(Denoiser(
             self._unet_function(hidden, request.cfg_scale, use_cfg, timings, conditioning),
             self.manifest.model["prediction_type"],
             lambda sigma: plan.timestep_for(sigma, self.schedule),
-        )
-        callback, model = progress, denoiser
-        if source is not None and source.blends(self.inpainting_unet):
-            callback, model = source.blend_callback(plan, progress), source.blending_model(denoiser, plan)
+        ))
+        steps_done = 0
+
+        def counted(i: int, x: np.ndarray) -> None:
+            nonlocal steps_done
+            steps_done = i + 1
+            if progress:
+                progress(i, x)  # may raise StopSampling
+
+        blends = source is not None and source.blends(self.inpainting_unet)
+        callback, model = (source.blend_callback(plan, counted), source.blending_model(denoiser, plan)) if blends else (counted, denoiser)
         # DPM++ SDE: image i's Brownian tree is seeded with its seed, i.e. diffusers' noise_sampler_seed = seed
         options = {"seeds": row_seeds} if spec.seeded_tree else {}
         if spec.takes_eta:
             options["eta"] = float(request.eta)
-        x = spec.run(model, x, plan, callback, scheduler_config=spec.config_for(self.scheduler_config), noise=draw, **options)
+        try:
+            x = spec.run(model, x, plan, callback, scheduler_config=spec.config_for(self.scheduler_config), noise=draw, **options)
+        except StopSampling as stop:
+            stop.latents = source.keep_known(denoiser.latest) if blends else denoiser.latest  # [B, 4, h, w] x0
+            stop.steps_run = steps_done
+            raise
         x = x * np.float32(plan.final_scale)  # x: [B, 4, h, w], VP form
-        if source is not None and source.blends(self.inpainting_unet):
-            x = source.keep_known(x)
-        return x
+        return source.keep_known(x) if blends else x
 
     def _table(self, request: GenerationRequest, spec, plan: SamplingPlan):
         """The sampler's coefficient table when this request runs the tabulated loop, else None (the numpy samplers)."""
@@ -352,22 +386,31 @@ class Pipeline:
         noise = np.stack([draw() for _ in range(table.noise_draws)]) if table.noise_draws else None  # [draws, B, 4, h, w]
         inputs = LoopInputs(table, x, hidden, float(cfg_scale), use_cfg, self.guidance, noise)
         step_of = {int(done): step for step, done in enumerate(table.step_ends)}
+        steps_done = 0
 
         def on_eval(done: int, seconds: float) -> None:
+            nonlocal steps_done
             timings.unet_steps.append(seconds)
-            if progress and done in step_of:
-                progress(step_of[done], None)
+            if done in step_of:
+                steps_done = step_of[done] + 1
+                if progress:
+                    progress(step_of[done], None)  # may raise StopSampling
 
         unet = self.engines["unet"]
         device_loop = getattr(unet, "table_loop", None)
-        final = device_loop(inputs, on_eval) if self.loop == "auto" else run_on_host(unet, inputs, on_eval)
+        try:
+            final = device_loop(inputs, on_eval) if self.loop == "auto" else run_on_host(unet, inputs, on_eval)
+        except StopSampling as stop:
+            stop.steps_run = steps_done  # in steps, as the numpy samplers count them; the loop set latents to its x0
+            raise
         measured = getattr(getattr(unet, "_loop", None), "last", None) if self.loop == "auto" else None
         if measured:  # on the device the host only queues: the step time is the loop's wall time over its evaluations
             timings.unet_steps[-table.evaluations:] = [measured["wall_s"] / measured["evaluations"]] * measured["evaluations"]
             timings.host_queue_s = measured["host_s"]
         return final * np.float32(table.final_scale)  # [B, 4, h, w], VP form
 
-    def _infotext(self, request: GenerationRequest, sampler_name: str, seed: int, batch: int, position: int, strength: float | None) -> str:
+    def _infotext(self, request: GenerationRequest, sampler_name: str, seed: int, batch: int, position: int, strength: float | None,
+                  stopped: str | None = None) -> str:
         return infotext(
             request.prompt,
             request.negative_prompt,
@@ -384,6 +427,7 @@ class Pipeline:
                 "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
                 "Batch size": batch if batch > 1 else None,
                 "Batch pos": position if batch > 1 else None,
+                "Interrupted": stopped,  # "after k of n steps": the image is the x0 estimate of step k
                 "Version": f"sdfast {__version__}",
             },
         )

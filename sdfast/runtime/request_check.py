@@ -18,7 +18,7 @@ from sdfast.sampling.schedules import NoiseSchedule, SamplingPlan
 if TYPE_CHECKING:
     from sdfast.runtime.pipeline import GenerationRequest
 
-MAX_STEPS = 1000  # one limit for the CLI, the Python API and the HTTP APIs
+MAX_STEPS = 1000  # the one step limit (CLI, Python API, HTTP): the training schedule's 1000 timesteps, past which diffusers refuses
 MAX_ITERATIONS = 10000
 DEFAULT_STRENGTH = 0.75  # A1111's img2img denoising strength
 

@@ -13,13 +13,30 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sdfast.runtime.request_check import MAX_STEPS  # one step limit for the CLI, the Python API and HTTP
+
 MAX_PROMPT_CHARS = 10_000
-MAX_STEPS = 150  # A1111's UI maximum
 MAX_IMAGES = 16  # per request: batch_size x n_iter, or n
 MAX_IMAGE_BYTES = 16 << 20  # one encoded init image or mask
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_BODY_BYTES = 48 << 20
 SEED_LIMIT = 2**32  # A1111 seeds are below 2^32; -1 picks one
+DEFAULT_CFG_SCALE = 7.0  # A1111's, on engines exported with guidance
+
+
+# A1111 request fields that change the image, with the values at which they change nothing: any other is refused, never
+# ignored. Fields that only act through one of these (hr_* with enable_hr, script_args with script_name) need no entry.
+OFF_VALUES: dict[str, tuple] = {
+    "enable_hr": (False,), "restore_faces": (False,), "tiling": (False,), "subseed_strength": (0.0,), "script_name": (None, ""),
+    "refiner_checkpoint": (None, "", "None"), "s_churn": (0.0,), "s_tmin": (0.0,), "s_tmax": (0.0,), "s_noise": (1.0,),
+    "resize_mode": (0,), "initial_noise_multiplier": (1.0,),
+}
+# A1111 options (override_settings, POST /sdapi/v1/options) that change the image, with the values that are what sdfast does.
+IMAGE_OPTIONS: dict[str, tuple] = {
+    "sd_vae": ("Automatic", "None"),  # the engine's own VAE
+    "eta_noise_seed_delta": (0,), "eta_ancestral": (1.0,), "eta_ddim": (0.0,),
+    "s_churn": (0.0,), "s_tmin": (0.0,), "s_tmax": (0.0,), "s_noise": (1.0,),
+}
 
 
 class FieldError(Exception):
@@ -43,9 +60,9 @@ class _Request(BaseModel):
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     steps: int = Field(20, ge=1, le=MAX_STEPS)
-    cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
-    width: int = Field(512, ge=8, le=4096)
-    height: int = Field(512, ge=8, le=4096)
+    cfg_scale: float | None = Field(None, ge=0.0, le=30.0)  # None: the engine's (7, or 1 without guidance)
+    width: int | None = Field(None, ge=8, le=4096)  # None: the engine's size, the only one it serves
+    height: int | None = Field(None, ge=8, le=4096)
     seed: int = Field(-1, ge=-1, lt=SEED_LIMIT)
     sampler_name: str | None = Field(None, max_length=64)
     sampler_index: str | None = Field(None, max_length=64)  # deprecated in A1111; used when sampler_name is absent
@@ -54,36 +71,43 @@ class _Request(BaseModel):
     n_iter: int = Field(1, ge=1, le=MAX_IMAGES)
     eta: float | None = Field(None, ge=0.0, le=1.0)
     override_settings: dict[str, Any] = Field(default_factory=dict)
-    # asked-for features sdfast does not have: accepted only when off
+    # asked-for features sdfast does not have: accepted only at their off values (OFF_VALUES)
     enable_hr: bool = False
     restore_faces: bool = False
     tiling: bool = False
     subseed_strength: float = 0.0
     script_name: str | None = None
+    refiner_checkpoint: str | None = None
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = 0.0  # A1111: 0 is infinity
+    s_noise: float = 1.0
+    seed_resize_from_w: int = -1  # checked against the engine's size by the route
+    seed_resize_from_h: int = -1
     styles: list[str] = Field(default_factory=list)
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)  # A1111 extensions (ControlNet, ADetailer, ...): none run here
 
     @field_validator("width", "height")
     @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
-        if value % 8:
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
             raise ValueError(f"must be a multiple of 8 (Stable Diffusion works on 8x8 latent cells), not {value}")
         return value
 
     def unsupported(self) -> FieldError | None:
-        for name, off in (("enable_hr", False), ("restore_faces", False), ("tiling", False), ("subseed_strength", 0.0), ("script_name", None)):
-            if getattr(self, name) not in (off, None):
-                return FieldError(name, f"{name} is not supported by sdfast; leave it at {off}")
+        for name, off in OFF_VALUES.items():
+            if name in type(self).model_fields and getattr(self, name) not in off:
+                return FieldError(name, f"{name} {getattr(self, name)!r} is not supported by sdfast (the image would come out without it); "
+                                        f"leave it at {off[0]!r}")
+        if self.alwayson_scripts:
+            return FieldError("alwayson_scripts", f"sdfast runs no A1111 extensions ({', '.join(map(str, self.alwayson_scripts))}); "
+                                                  "send {} (the image would come out without them)")
         if self.styles:
             return FieldError("styles", "styles are not supported by sdfast; put the text in the prompt")
         if self.batch_size * self.n_iter > MAX_IMAGES:
-            return FieldError("batch_size", f"batch_size x n_iter is {self.batch_size * self.n_iter}; at most {MAX_IMAGES} images per request")
+            images = self.batch_size * self.n_iter
+            return FieldError("batch_size", f"batch_size x n_iter is {images}; at most {MAX_IMAGES} images per request")
         return None
-
-    def clip_skip(self) -> int:
-        value = self.override_settings.get("CLIP_stop_at_last_layers", 1)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise FieldError("override_settings.CLIP_stop_at_last_layers", f"must be an integer >= 1, not {value!r}")
-        return value
 
 
 class Txt2ImgRequest(_Request):
@@ -95,6 +119,8 @@ class Img2ImgRequest(_Request):
     mask: str | None = None
     denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    resize_mode: int = 0  # 0: just resize, what sdfast does; crop, fill and latent upscale are refused
+    initial_noise_multiplier: float = 1.0
 
 
 class OpenAIImageRequest(BaseModel):

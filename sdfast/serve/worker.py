@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sdfast.errors import SdfastError
+from sdfast.errors import SdfastError, StopSampling
 from sdfast.runtime.pipeline import GenerationRequest, GenerationResult, Pipeline
 
 
@@ -42,7 +42,8 @@ class Job:
     images: int
     id: int = field(default_factory=itertools.count(1).__next__)
     created: float = field(default_factory=time.monotonic)
-    cancelled: str | None = None  # the reason, once cancelled
+    cancelled: str | None = None  # the reason, once cancelled (an error for its client)
+    interrupted: bool = False  # A1111's interrupt: sampling stops and the images so far are the answer
     future: asyncio.Future | None = None
     step: int = 0
     total_steps: int = 0
@@ -66,6 +67,7 @@ class Stats:
     merged_jobs: int = 0
     current: Job | None = None
     current_started: float = 0.0
+    interrupted: bool = False  # A1111's state.interrupted: set by an interrupt, cleared when the next batch starts
 
 
 class Worker:
@@ -137,14 +139,17 @@ class Worker:
                 self._resolve(job, exception=Cancelled(reason))
 
     def interrupt(self) -> bool:
-        """A1111's interrupt: stop the running job(s). True when something was running."""
+        """A1111's interrupt, global as there: every job of the running engine batch stops at its next step and gets the
+        images decoded so far. Queued jobs are left alone. True when something was running."""
+        self.stats.interrupted = True
+        running = self._running()
+        for job in running:
+            job.interrupted = True
+        return bool(running)
+
+    def _running(self) -> list[Job]:
         current = self.stats.current
-        if current is None:
-            return False
-        self.cancel(current, "interrupted")
-        for job in getattr(current, "members", ()):
-            self.cancel(job, "interrupted")
-        return True
+        return [] if current is None else (current.members or [current])
 
     def stop(self, grace_s: float) -> None:
         """Refuse new jobs, cancel the queued ones, give the running one ``grace_s`` to finish, then cancel it."""
@@ -158,7 +163,8 @@ class Worker:
         self._wake.set()
         self._thread.join(timeout=grace_s)
         if self._thread.is_alive():
-            self.interrupt()
+            for job in self._running():  # an error for its clients (503), not an interrupt's partial images
+                self.cancel(job, "the server is shutting down")
             self._thread.join(timeout=30)
 
     # -- the worker thread ------------------------------------------------------------------------------------
@@ -217,11 +223,13 @@ class Worker:
         lead.members = batch  # interrupt() stops every member
         lead.total_steps = request.steps * request.n_iter
         self.stats.current, self.stats.current_started = lead, time.monotonic()
-        self.stats.in_flight = len(batch)
+        self.stats.in_flight, self.stats.interrupted = len(batch), False
         started = time.perf_counter()
 
         def on_step(done: int, total: int) -> None:
             lead.step, lead.total_steps = done, total
+            if any(job.interrupted for job in batch):
+                raise StopSampling("interrupted")  # the pipeline decodes this batch's x0 and runs no further batch
             stopped = next((job.cancelled for job in batch if job.cancelled), None)
             if stopped and all(job.cancelled for job in batch):
                 raise Cancelled(stopped)
@@ -229,7 +237,14 @@ class Worker:
         try:
             if all(job.cancelled for job in batch):
                 raise Cancelled(lead.cancelled)
-            results = list(self.pipeline.generate_batches(request, on_step=on_step))
+            results = []
+            try:
+                for result in self.pipeline.generate_batches(request, on_step=on_step):
+                    results.append(result)
+                    if any(job.interrupted for job in batch):
+                        break  # interrupted while decoding: A1111 skips the rest of the batch count
+            except StopSampling:
+                pass  # stopped with no estimate to decode: the images so far are the answer
             self._observe(results)
             self._split(batch, results)
         except (Cancelled, SdfastError) as error:
@@ -255,14 +270,14 @@ class Worker:
             self.observe_stage("vae_decode", t.vae_decode)
 
     def _split(self, batch: list[Job], results: list[GenerationResult]) -> None:
-        """Give each job its own images (in seed order); a cancelled member gets its Cancelled."""
+        """Give each job its own images (in seed order; fewer when interrupted); a cancelled member gets its Cancelled."""
         images = [(results_index, row) for results_index, result in enumerate(results) for row in range(len(result.images))]
         first = 0
         for job in batch:
             mine = images[first : first + job.images]
             first += job.images
-            if job.cancelled:
-                self._resolve(job, exception=Cancelled(job.cancelled))
+            if job.cancelled or not mine:
+                self._resolve(job, exception=Cancelled(job.cancelled or "interrupted"))
                 continue
             picked = [_one_image(results[i], row) for i, row in mine]
             self._resolve(job, result=picked)
@@ -270,4 +285,4 @@ class Worker:
 
 def _one_image(result: GenerationResult, row: int) -> GenerationResult:
     return GenerationResult(result.images[row : row + 1], [result.seeds[row]], [result.parameters[row]], result.latents[row : row + 1],
-                            result.timings, result.warnings)
+                            result.timings, result.warnings, result.steps_run)

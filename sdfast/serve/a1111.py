@@ -1,0 +1,211 @@
+"""AUTOMATIC1111's /sdapi/v1 routes (the subset webuiapi and the A1111 plug-ins use) over the server's one engine."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+import time
+
+from fastapi import APIRouter, Request
+
+from sdfast import __version__
+from sdfast.errors import RequestError
+from sdfast.runtime.images import init_image_array, mask_array, png_bytes
+from sdfast.runtime.pipeline import GenerationRequest, GenerationResult
+from sdfast.sampling.registry import SAMPLERS, resolve_sampler
+from sdfast.serve.context import ServeContext
+from sdfast.serve.schemas import (
+    DEFAULT_CFG_SCALE,
+    IMAGE_OPTIONS,
+    SEED_LIMIT,
+    FieldError,
+    Img2ImgRequest,
+    Txt2ImgRequest,
+    _Request,
+    decode_image,
+)
+
+
+def a1111_router(ctx: ServeContext) -> APIRouter:
+    router, pipeline, worker = APIRouter(), ctx.pipeline, ctx.worker
+
+    def model_title() -> str:
+        return f"{pipeline.manifest.model_name} [{pipeline.manifest.model_hash}]"
+
+    @router.get("/sdapi/v1/samplers")
+    async def samplers():
+        return [{"name": spec.a1111_name, "aliases": [spec.key] + ([spec.diffusers_class] if spec.diffusers_class else []), "options": {}}
+                for spec in SAMPLERS.values()]
+
+    @router.get("/sdapi/v1/schedulers")
+    async def schedulers():
+        return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False},
+                {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False}]
+
+    @router.get("/sdapi/v1/sd-models")
+    async def sd_models():
+        return [{"title": model_title(), "model_name": pipeline.manifest.model_name, "hash": pipeline.manifest.model_hash,
+                 "sha256": pipeline.manifest.data["source"].get("fingerprint"), "filename": pipeline.manifest.root.name, "config": None}]
+
+    @router.get("/sdapi/v1/scripts")
+    async def scripts():
+        return {"txt2img": [], "img2img": []}
+
+    @router.get("/sdapi/v1/options")
+    async def get_options():
+        return {"sd_model_checkpoint": model_title(), "CLIP_stop_at_last_layers": ctx.options["CLIP_stop_at_last_layers"],
+                "samples_format": "png", "sd_checkpoint_hash": pipeline.manifest.data["source"].get("fingerprint")}
+
+    @router.post("/sdapi/v1/options")
+    async def set_options(request: Request):
+        try:
+            body = await request.json()
+        except (ValueError, RecursionError):
+            raise FieldError("body", "is not valid JSON", status=400) from None
+        if not isinstance(body, dict):
+            raise FieldError("body", "must be a JSON object of option names and values")
+        _check_options(body, "")
+        if "CLIP_stop_at_last_layers" in body:
+            ctx.options["CLIP_stop_at_last_layers"] = body["CLIP_stop_at_last_layers"]
+        return True
+
+    def _check_options(options: dict, prefix: str) -> None:
+        """Refuse A1111 options that would change the image in a way sdfast does not (a FieldError named ``prefix`` + option)."""
+        checkpoint = options.get("sd_model_checkpoint")
+        if checkpoint is not None and checkpoint not in (model_title(), pipeline.manifest.model_name):
+            raise FieldError(f"{prefix}sd_model_checkpoint", f"this server holds one model, '{model_title()}'")
+        if "CLIP_stop_at_last_layers" in options:
+            value, layers = options["CLIP_stop_at_last_layers"], int(pipeline.manifest.model["text_layers"])
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= layers:
+                raise FieldError(f"{prefix}CLIP_stop_at_last_layers", f"must be an integer from 1 to {layers}, not {value!r}")
+        for name, allowed in IMAGE_OPTIONS.items():
+            if name in options and options[name] is not None and options[name] not in allowed:
+                raise FieldError(f"{prefix}{name}", f"{options[name]!r} is not supported by sdfast (the image would come out without it); "
+                                                    f"leave it at {allowed[0]!r}")
+
+    @router.get("/sdapi/v1/progress")
+    async def progress():
+        stats = worker.stats
+        job = stats.current
+        fraction = job.step / job.total_steps if job and job.total_steps else 0.0
+        elapsed = time.monotonic() - stats.current_started if job else 0.0
+        eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
+        return {"progress": fraction, "eta_relative": eta, "current_image": None, "textinfo": None,
+                "state": {"skipped": False, "interrupted": stats.interrupted, "job": f"job {job.id}" if job else "",
+                          "job_count": stats.queued + (1 if job else 0), "job_timestamp": "0", "job_no": 0,
+                          "sampling_step": job.step if job else 0, "sampling_steps": job.total_steps if job else 0}}
+
+    @router.post("/sdapi/v1/interrupt")
+    async def interrupt():
+        worker.interrupt()
+        return {}
+
+    @router.post("/sdapi/v1/skip")
+    async def skip():
+        worker.interrupt()
+        return {}
+
+    @router.post("/sdapi/v1/txt2img")
+    async def txt2img(body: Txt2ImgRequest, request: Request):
+        generation = _generation(body)
+        results = await ctx.run(generation, request)
+        return await asyncio.to_thread(_a1111_response, body, generation, results)
+
+    @router.post("/sdapi/v1/img2img")
+    async def img2img(body: Img2ImgRequest, request: Request):
+        if not body.init_images:
+            raise FieldError("init_images", "img2img needs one init image (base64)")
+        init, mask = await asyncio.to_thread(_images, body)  # decoding and resizing stay off the event loop
+        generation = _generation(body, init, mask, body.denoising_strength)
+        results = await ctx.run(generation, request)
+        return await asyncio.to_thread(_a1111_response, body, generation, results)
+
+    def _images(body: Img2ImgRequest):
+        warnings: list[str] = []
+        try:
+            init = init_image_array(decode_image("init_images", body.init_images[0]), pipeline.width, pipeline.height, warnings)
+        except RequestError as error:
+            raise FieldError("init_images", str(error)) from None
+        mask = None
+        if body.mask:
+            try:
+                mask = mask_array(decode_image("mask", body.mask), pipeline.width, pipeline.height, warnings)
+            except RequestError as error:
+                raise FieldError("mask", str(error)) from None
+            mask = 1.0 - mask if body.inpainting_mask_invert else mask
+        return init, mask
+
+    def _generation(body: _Request, init=None, mask=None, strength: float | None = None) -> GenerationRequest:
+        problem = body.unsupported()
+        if problem:
+            raise problem
+        for name, value, engine_value in (("width", body.width, pipeline.width), ("height", body.height, pipeline.height)):
+            if value is not None and value != engine_value:
+                raise FieldError(name, f"{value}: this engine serves {pipeline.width}x{pipeline.height} only (export another size)")
+        seed_size = (body.seed_resize_from_w, body.seed_resize_from_h)
+        if min(seed_size) > 0 and seed_size != (pipeline.width, pipeline.height):  # A1111 resizes the seed's noise when both are set
+            raise FieldError("seed_resize_from_w", "resizing a seed from another size is not supported by sdfast; leave it at -1")
+        _check_options(body.override_settings, "override_settings.")
+        sampler = _sampler(body)
+        eta = body.eta
+        if eta is not None and not sampler.takes_eta:
+            if eta not in (0.0, 1.0):  # 1.0 is A1111's ancestral default, which webuiapi always sends
+                raise FieldError("eta", f"eta applies to DDIM only, not to {sampler.a1111_name}")
+            eta = None
+        clip_skip = body.override_settings.get("CLIP_stop_at_last_layers") or ctx.options["CLIP_stop_at_last_layers"]
+        seed = body.seed if body.seed >= 0 else secrets.randbelow(SEED_LIMIT - 1)
+        total = body.batch_size * body.n_iter
+        batch = max(d for d in range(1, min(total, pipeline.batch_size) + 1) if total % d == 0)
+        return GenerationRequest(
+            prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, cfg_scale=_cfg_scale(body), seed=seed,
+            sampler=sampler.key, height=pipeline.height, width=pipeline.width, batch_size=batch, n_iter=total // batch, clip_skip=clip_skip,
+            init_image=init, mask=mask, strength=strength if init is not None else None, eta=eta or 0.0,
+            seeds=[seed + i for i in range(total)],
+        )
+
+    def _cfg_scale(body: _Request) -> float:
+        """The request's, else A1111's 7 where the engine guides and 1 where it was exported without guidance."""
+        if body.cfg_scale is not None:
+            return body.cfg_scale
+        return DEFAULT_CFG_SCALE if pipeline.guidance else 1.0
+
+    def _sampler(body: _Request):
+        name = body.sampler_name or body.sampler_index or "Euler a"
+        scheduler = (body.scheduler or "automatic").strip().lower()
+        if scheduler not in ("automatic", "karras"):
+            raise FieldError("scheduler", f"'{body.scheduler}' is not supported: use automatic, or karras")
+        try:
+            spec = resolve_sampler(name)
+        except RequestError as error:
+            raise FieldError("sampler_name", str(error)) from None
+        if scheduler == "karras" and "karras" not in spec.key:
+            try:
+                spec = resolve_sampler(f"{spec.a1111_name} Karras")
+            except RequestError:
+                raise FieldError("scheduler", f"{spec.a1111_name} has no Karras form; use scheduler automatic") from None
+        return spec
+
+    def _a1111_response(body: _Request, generation: GenerationRequest, results: list[GenerationResult]) -> dict:
+        encoded = [base64.b64encode(png_bytes(r.images[0], r.parameters[0])).decode() for r in results]
+        seeds = [r.seeds[0] for r in results]
+        infotexts = [r.parameters[0] for r in results]
+        spec = resolve_sampler(generation.sampler)
+        info = {
+            "prompt": generation.prompt, "all_prompts": [generation.prompt] * len(results),
+            "negative_prompt": generation.negative_prompt, "all_negative_prompts": [generation.negative_prompt] * len(results),
+            "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(results), "subseed_strength": 0,
+            "width": generation.width, "height": generation.height, "sampler_name": spec.a1111_name, "cfg_scale": generation.cfg_scale,
+            "steps": generation.steps, "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
+            "sd_model_name": pipeline.manifest.model_name, "sd_model_hash": pipeline.manifest.model_hash, "sd_vae_name": None,
+            "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": generation.strength,
+            "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": generation.clip_skip,
+            "is_using_inpainting_conditioning": bool(pipeline.inpainting_unet and generation.mask is not None),
+            "version": f"sdfast {__version__}",
+        }
+        parameters = {**body.model_dump(exclude={"init_images", "mask"}), "width": generation.width, "height": generation.height,
+                      "cfg_scale": generation.cfg_scale}  # the values served, where the request left them to the engine
+        return {"images": encoded, "parameters": parameters, "info": json.dumps(info)}
+
+    return router

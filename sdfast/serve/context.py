@@ -1,0 +1,52 @@
+"""What the routes of both APIs share: the settings, the loaded pipeline, the worker, and the one way to run a generation."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from sdfast.errors import RequestError
+from sdfast.runtime.pipeline import GenerationRequest, GenerationResult, Pipeline
+from sdfast.serve.metrics import Metrics
+from sdfast.serve.schemas import MAX_BODY_BYTES, FieldError
+from sdfast.serve.worker import Worker
+
+
+@dataclass
+class ServeSettings:
+    max_queue: int = 16
+    api_key: str | None = None
+    request_timeout_s: float = 300.0
+    url_ttl_s: float = 600.0  # how long an OpenAI response_format=url image is served
+    max_body_bytes: int = MAX_BODY_BYTES
+    shutdown_grace_s: float = 30.0
+
+
+@dataclass
+class ServeContext:
+    pipeline: Pipeline
+    worker: Worker
+    metrics: Metrics
+    settings: ServeSettings
+    options: dict = field(default_factory=lambda: {"CLIP_stop_at_last_layers": 1})  # A1111's /sdapi/v1/options that sdfast honours
+
+    async def run(self, generation: GenerationRequest, request: Request) -> list[GenerationResult]:
+        """Check ``generation`` against the engine (a FieldError before queuing), queue it, wait for its images."""
+        try:
+            self.pipeline.validate(generation)  # every field the engine checks, refused before queuing
+        except RequestError as error:
+            raise FieldError(_field_of(str(error)), str(error)) from None
+        results = await self.worker.submit(generation, len(generation.seeds), self.settings.request_timeout_s, request.is_disconnected)
+        self.metrics.images.inc(len(results))
+        return results
+
+
+def _field_of(message: str) -> str | None:
+    """The request field a pipeline RequestError is about, from its wording."""
+    for field_name, words in (("denoising_strength", "strength"), ("sampler_name", "part-way"), ("steps", "steps"), ("cfg_scale", "cfg scale"),
+                              ("batch_size", "batch size"), ("n_iter", "n_iter"), ("seed", "seed"), ("sampler_name", "sampler"),
+                              ("prompt", "prompt"), ("eta", "eta"), ("override_settings.CLIP_stop_at_last_layers", "clip skip"),
+                              ("init_images", "init image"), ("mask", "mask"), ("width", "built for")):
+        if words in message.lower():
+            return field_name
+    return None

@@ -142,11 +142,6 @@ MODEL_CONFIGS = {
 }
 
 
-def test_plms_refuses_the_runge_kutta_warm_up():
-    with pytest.raises(ConfigError, match="skip_prk_steps"):
-        run_sdfast("plms", {**SD15_SCHEDULER, "skip_prk_steps": False}, 20, seed=3, prediction_type="epsilon")
-
-
 def test_class_defaults_are_the_diffusers_signatures():
     import inspect
 
@@ -169,9 +164,11 @@ def test_sampler_config_is_what_diffusers_from_config_gives(key, model):
 
 
 @pytest.mark.parametrize("model", ["euler", "pndm-warm-up", "ddim-dump", "heun-dump"])
-@pytest.mark.parametrize("sampler,cls_name", [("ddim", "DDIMScheduler"), ("heun_karras", "HeunDiscreteScheduler")])
+@pytest.mark.parametrize("sampler,cls_name", [("plms", "PNDMScheduler"), ("ddim", "DDIMScheduler"), ("heun_karras", "HeunDiscreteScheduler")])
 def test_sampler_on_a_model_config_of_another_class_matches_diffusers(sampler, cls_name, model):
-    """Absent options are the sampler class's defaults (the Heun dump's filled-in clip_sample=False is not DDIM's); Heun's Karras sigmas span the model config's sigma_min..sigma_max, as diffusers'."""
+    """PLMS sets skip_prk_steps itself; absent options are the sampler class's defaults (the DDIM dump's filled-in
+    set_alpha_to_one is not PNDM's, the Heun dump's filled-in clip_sample=False not DDIM's); Heun's Karras sigmas
+    span the model config's sigma_min..sigma_max, as diffusers'."""
     config = MODEL_CONFIGS[model]
     overrides = SAMPLERS[sampler].config_overrides
     scheduler = getattr(diffusers, cls_name).from_config(config, **overrides)
@@ -249,3 +246,10 @@ def test_unknown_sampler_lists_valid_names():
         resolve_sampler("Euler z")
     for name in sampler_names():
         assert name in str(error.value)
+
+
+def test_samplers_command_lists_plms_with_its_own_setting():
+    from sdfast.cli.samplers import sampler_table
+
+    plms = next(row for row in sampler_table() if row["name"] == "PLMS")
+    assert plms["diffusers"] == "PNDMScheduler" and plms["options"] == {"skip_prk_steps": True}

@@ -1,6 +1,6 @@
 """Samplers through Pipeline.generate on models whose scheduler config is of another class than the sampler's, against
 diffusers' StableDiffusionPipeline with ``SamplerClass.from_config(that config)``: absent options take the sampler
-class's defaults (DDIM clips x0 and sets alpha to one unless told otherwise)."""
+class's defaults (DDIM clips x0 and sets alpha to one unless told otherwise), and PLMS is PNDM without its warm-up."""
 import json
 import shutil
 
@@ -87,4 +87,15 @@ def test_ddim_on_a_model_config_of_another_class_matches_diffusers(reference_pip
         unclipped = diffusers_image(reference_pipeline, diffusers.DDIMScheduler.from_config(model_config, clip_sample=False), 12, 7.0)
         assert psnr(unclipped, expected) < 30
     for loop, image in sdfast_images(engine_with_scheduler(model_config), "DDIM", 12, 7.0).items():
+        assert psnr(image, expected) >= 40.0, loop
+
+
+@pytest.mark.parametrize(
+    "model_config", [EULER, {**PNDM, "skip_prk_steps": False}, LMS], ids=["euler", "pndm-with-warm-up", "lms"]
+)
+def test_plms_on_any_model_config_is_pndm_without_warm_up(reference_pipeline, engine_with_scheduler, model_config):
+    scheduler = diffusers.PNDMScheduler.from_config(model_config, skip_prk_steps=True)
+    expected = diffusers_image(reference_pipeline, scheduler, 12, 7.0)
+    assert expected.std() > 10
+    for loop, image in sdfast_images(engine_with_scheduler(model_config), "PLMS", 12, 7.0).items():
         assert psnr(image, expected) >= 40.0, loop

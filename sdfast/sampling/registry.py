@@ -165,7 +165,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
         ),
         SamplerSpec("lms", "LMS", "LMSDiscreteScheduler", lms_plan, _run_lms),
         SamplerSpec("lms_karras", "LMS Karras", "", lms_plan, _run_lms, config_overrides={"use_karras_sigmas": True}, equivalent_class="LMSDiscreteScheduler"),
-        SamplerSpec("plms", "PLMS", "PNDMScheduler", pndm_plan, _run_plms, starts_late=False),
+        # PLMS is PNDM without its Runge-Kutta warm-up (A1111's PLMS), whatever the model's config says about the warm-up.
+        SamplerSpec("plms", "PLMS", "PNDMScheduler", pndm_plan, _run_plms, starts_late=False, config_overrides={"skip_prk_steps": True}),
         SamplerSpec("dpmpp_2s_a", "DPM++ 2S a", "", euler_plan, _run_dpmpp_2s_ancestral, stochastic=True),
         SamplerSpec(
             "dpmpp_2s_a_karras", "DPM++ 2S a Karras", "", euler_plan, _run_dpmpp_2s_ancestral, stochastic=True,

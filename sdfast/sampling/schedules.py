@@ -258,12 +258,10 @@ def dpm2_ancestral_plan(config: dict, schedule: NoiseSchedule, steps: int, spaci
 
 
 def pndm_plan(config: dict, schedule: NoiseSchedule, steps: int, spacing: str) -> SamplingPlan:
-    """PNDMScheduler with skip_prk_steps (PLMS): its integer timesteps as VE sigmas, and where its fixed T // steps strides land."""
-    if not config["skip_prk_steps"]:
-        raise ConfigError(
-            "scheduler config: PLMS needs skip_prk_steps=true; PNDM's Runge-Kutta warm-up (skip_prk_steps=false, "
-            "the PNDMScheduler default) is not supported"
-        )
+    """PNDMScheduler with skip_prk_steps (PLMS): its integer timesteps as VE sigmas, and where its fixed T // steps strides land.
+
+    The registry's PLMS sets skip_prk_steps itself; PNDM's Runge-Kutta warm-up (its default) is not implemented.
+    """
     num_train = schedule.num_train_timesteps
     timesteps = spaced_timesteps(num_train, steps, spacing, int(config.get("steps_offset", 0)))
     if spacing == "linspace":

@@ -241,11 +241,21 @@ def test_empty_diffusers_names_are_not_sampler_names():
         resolve_sampler("")
 
 
-def test_unknown_sampler_lists_valid_names():
+@pytest.mark.parametrize(
+    "name,suggested", [("Euler z", "'Euler a'"), ("dpm++ 2m karas", "'DPM++ 2M Karras'"), ("DDIMScheduler2", "'DDIM'"), ("xyzzy", None)]
+)
+def test_unknown_sampler_lists_each_sampler_once_and_suggests_the_closest(name, suggested):
     with pytest.raises(RequestError) as error:
-        resolve_sampler("Euler z")
-    for name in sampler_names():
-        assert name in str(error.value)
+        resolve_sampler(name)
+    message = str(error.value)
+    listed = message.split("samplers: ")[1].split(" (")[0].split(", ")
+    assert listed == [spec.a1111_name for spec in SAMPLERS.values()] == sampler_names()
+    assert len({n.lower() for n in listed}) == len(listed) == len(SAMPLERS)  # no key, class name or case duplicate
+    assert "\n" not in message and len(message) < 450
+    if suggested:
+        assert message.startswith(f"unknown sampler '{name}'; did you mean {suggested}")
+    else:
+        assert "did you mean" not in message
 
 
 def test_samplers_command_lists_plms_with_its_own_setting():

@@ -1,6 +1,7 @@
 """Sampler names users know (AUTOMATIC1111 and diffusers) mapped to sdfast's samplers and plans."""
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -214,13 +215,18 @@ def _aliases() -> dict[str, str]:
 
 
 def sampler_names() -> list[str]:
-    """Every accepted name, for help and error messages."""
-    return sorted({name for spec in SAMPLERS.values() for name in (spec.key, spec.a1111_name, spec.diffusers_class) if name}, key=str.lower)
+    """Each sampler once, by its A1111 name (keys and diffusers class names are aliases), for help and error messages."""
+    return [spec.a1111_name for spec in SAMPLERS.values()]
 
 
 def resolve_sampler(name: str) -> SamplerSpec:
     """A sampler by its sdfast key, A1111 name or diffusers class name, case-insensitive."""
-    key = _aliases().get(str(name).strip().lower())
+    wanted = str(name).strip().lower()
+    aliases = _aliases()
+    key = aliases.get(wanted)
     if key is None:
-        raise RequestError(f"unknown sampler '{name}'; valid samplers: {', '.join(sampler_names())}")
+        close = difflib.get_close_matches(wanted, aliases, n=6, cutoff=0.6)  # the aliases nearest in spelling
+        suggestions = list(dict.fromkeys(SAMPLERS[aliases[alias]].a1111_name for alias in close))[:3]
+        hint = f"; did you mean {' or '.join(repr(s) for s in suggestions)}?" if suggestions else ";"
+        raise RequestError(f"unknown sampler '{name}'{hint} samplers: {', '.join(sampler_names())} (see 'sdfast samplers')")
     return SAMPLERS[key]

@@ -120,9 +120,71 @@ def test_heun_clip_sample_matches_diffusers(steps):
     assert relative_error(ours, reference) < 1e-5
 
 
-def test_plms_refuses_the_runge_kutta_warm_up():
-    with pytest.raises(ConfigError, match="skip_prk_steps"):
-        run_sdfast("plms", {**SD15_SCHEDULER, "skip_prk_steps": False}, 20, seed=3, prediction_type="epsilon")
+EULER_CONFIG = {  # an EulerDiscreteScheduler config: no clip_sample, set_alpha_to_one or skip_prk_steps
+    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1,
+    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False, "sigma_min": 0.1, "sigma_max": 10.0,
+}
+
+
+def _dumped_config(cls_name: str, model_config: dict) -> dict:
+    """``dict(scheduler.config)`` as a user might save it: with _use_default_values, the options its class filled in."""
+    return json.loads(json.dumps(dict(getattr(diffusers, cls_name).from_config(model_config).config)))
+
+
+MODEL_CONFIGS = {
+    "sd15-pndm": SD15_SCHEDULER,
+    "euler": EULER_CONFIG,
+    "pndm-warm-up": {**SD15_SCHEDULER, "skip_prk_steps": False, "clip_sample": True},
+    "ddim-dump": _dumped_config("DDIMScheduler", EULER_CONFIG),
+    "heun-dump": _dumped_config("HeunDiscreteScheduler", EULER_CONFIG),  # clip_sample=False, Heun's default, filled in
+    "lms-dump": _dumped_config("LMSDiscreteScheduler", SD15_SCHEDULER),
+}
+
+
+def test_class_defaults_are_the_diffusers_signatures():
+    import inspect
+
+    from sdfast.sampling.scheduler_classes import CLASS_DEFAULTS
+
+    assert {spec.scheduler_class for spec in SAMPLERS.values() if spec.scheduler_class} <= set(CLASS_DEFAULTS)
+    for cls_name, defaults in CLASS_DEFAULTS.items():
+        parameters = inspect.signature(getattr(diffusers, cls_name).__init__).parameters
+        assert defaults == {name: p.default for name, p in parameters.items() if name != "self"}, cls_name
+
+
+@pytest.mark.parametrize("model", MODEL_CONFIGS)
+@pytest.mark.parametrize("key", [key for key, spec in SAMPLERS.items() if spec.scheduler_class])
+def test_sampler_config_is_what_diffusers_from_config_gives(key, model):
+    """Every option, the model's or the sampler class's default, as ``SamplerClass.from_config(model config, **overrides)``."""
+    spec = SAMPLERS[key]
+    scheduler = getattr(diffusers, spec.scheduler_class).from_config(MODEL_CONFIGS[model], **spec.config_overrides)
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(spec.config_for(MODEL_CONFIGS[model])) == public(dict(scheduler.config))
+
+
+@pytest.mark.parametrize("model", ["euler", "pndm-warm-up", "ddim-dump", "heun-dump"])
+@pytest.mark.parametrize("sampler,cls_name", [("plms", "PNDMScheduler"), ("ddim", "DDIMScheduler"), ("heun_karras", "HeunDiscreteScheduler")])
+def test_sampler_on_a_model_config_of_another_class_matches_diffusers(sampler, cls_name, model):
+    """PLMS sets skip_prk_steps itself; absent options are the sampler class's defaults (the DDIM dump's filled-in
+    set_alpha_to_one is not PNDM's, the Heun dump's filled-in clip_sample=False not DDIM's); Heun's Karras sigmas
+    span the model config's sigma_min..sigma_max, as diffusers'."""
+    config = MODEL_CONFIGS[model]
+    overrides = SAMPLERS[sampler].config_overrides
+    scheduler = getattr(diffusers, cls_name).from_config(config, **overrides)
+    reference = run_diffusers(cls_name, dict(scheduler.config), 12, seed=7, prediction_type="epsilon")
+    ours = run_sdfast(sampler, config, 12, seed=7, prediction_type="epsilon")
+    assert relative_error(ours, reference) < 1e-5
+
+
+def test_sampler_refuses_a_model_config_that_leaves_its_training_schedule_to_class_defaults():
+    """Heun defaults to other betas than the model's schedule assumes when the config leaves them out: refused by name."""
+    config = {key: value for key, value in EULER_CONFIG.items() if key not in ("beta_start", "beta_end")}
+    assert not np.allclose(diffusers.HeunDiscreteScheduler.from_config(config).betas.numpy(), diffusers.EulerDiscreteScheduler.from_config(config).betas.numpy())
+    schedule = NoiseSchedule.from_config(config)
+    assert resolve_sampler("euler").plan(config, schedule, 10).steps == 10
+    with pytest.raises(ConfigError, match="leaves out beta_start, beta_end.*HeunDiscreteScheduler"):
+        resolve_sampler("heun").plan(config, schedule, 10)
 
 
 def _run_with_step_noise(spec, noise_seed: int) -> tuple[np.ndarray, int]:
@@ -179,8 +241,25 @@ def test_empty_diffusers_names_are_not_sampler_names():
         resolve_sampler("")
 
 
-def test_unknown_sampler_lists_valid_names():
+@pytest.mark.parametrize(
+    "name,suggested", [("Euler z", "'Euler a'"), ("dpm++ 2m karas", "'DPM++ 2M Karras'"), ("DDIMScheduler2", "'DDIM'"), ("xyzzy", None)]
+)
+def test_unknown_sampler_lists_each_sampler_once_and_suggests_the_closest(name, suggested):
     with pytest.raises(RequestError) as error:
-        resolve_sampler("Euler z")
-    for name in sampler_names():
-        assert name in str(error.value)
+        resolve_sampler(name)
+    message = str(error.value)
+    listed = message.split("samplers: ")[1].split(" (")[0].split(", ")
+    assert listed == [spec.a1111_name for spec in SAMPLERS.values()] == sampler_names()
+    assert len({n.lower() for n in listed}) == len(listed) == len(SAMPLERS)  # no key, class name or case duplicate
+    assert "\n" not in message and len(message) < 450
+    if suggested:
+        assert message.startswith(f"unknown sampler '{name}'; did you mean {suggested}")
+    else:
+        assert "did you mean" not in message
+
+
+def test_samplers_command_lists_plms_with_its_own_setting():
+    from sdfast.cli.samplers import sampler_table
+
+    plms = next(row for row in sampler_table() if row["name"] == "PLMS")
+    assert plms["diffusers"] == "PNDMScheduler" and plms["options"] == {"skip_prk_steps": True}

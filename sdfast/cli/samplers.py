@@ -45,5 +45,7 @@ def run(args: argparse.Namespace) -> int:
     for line in [header, tuple("-" * w for w in widths), *lines]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip())
     print("\nNames are case-insensitive: the A1111 name, the key, or a diffusers class name (which picks the sampler its defaults")
-    print("give, e.g. DPMSolverMultistepScheduler -> DPM++ 2M). The scheduler's other options come from the model's config.")
+    print("give, e.g. DPMSolverMultistepScheduler -> DPM++ 2M). The options shown are the sampler's own; the others come from")
+    print("the model's scheduler config as diffusers' from_config reads it: one it leaves out takes the sampler's class's default")
+    print("(DDIM clips x0 unless the config says clip_sample=false), whatever class the config is of.")
     return 0

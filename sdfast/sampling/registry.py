@@ -1,6 +1,7 @@
 """Sampler names users know (AUTOMATIC1111 and diffusers) mapped to sdfast's samplers and plans."""
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -9,6 +10,7 @@ import numpy as np
 from sdfast.errors import ConfigError, RequestError
 from sdfast.sampling import samplers
 from sdfast.sampling import solver_plans
+from sdfast.sampling.scheduler_classes import config_as
 from sdfast.sampling.schedules import (
     NoiseSchedule,
     SamplingPlan,
@@ -26,7 +28,6 @@ class SamplerSpec:
     key: str
     a1111_name: str
     diffusers_class: str
-    default_spacing: str  # the diffusers class's own default, used when the config names none
     make_plan: Callable[[dict, NoiseSchedule, int, str], SamplingPlan]
     run: Callable[..., np.ndarray]  # run(model, x, plan, callback, *, scheduler_config, noise)
     stochastic: bool = False  # draws fresh noise from the seeded generator at each step
@@ -43,15 +44,32 @@ class SamplerSpec:
         """The diffusers scheduler this sampler reproduces (with config_overrides); "" for k-diffusion-only samplers."""
         return self.diffusers_class or self.equivalent_class
 
+    @property
+    def config_class(self) -> str:
+        """The diffusers class whose defaults fill what the model's config leaves out (Euler's for k-diffusion-only samplers,
+        which run on Euler's sigmas)."""
+        return self.scheduler_class or "EulerDiscreteScheduler"
+
     def config_for(self, model_config: dict) -> dict:
-        """The scheduler config this sampler runs with: the model's, plus the sampler's own overrides."""
-        return {**model_config, **self.config_overrides}
+        """The scheduler config this sampler runs with: the model's, as diffusers' config_class.from_config reads it
+        (absent options take that class's defaults), plus the sampler's own overrides."""
+        return config_as(self.config_class, model_config, self.config_overrides)
 
     def plan(self, model_config: dict, schedule: NoiseSchedule, steps: int) -> SamplingPlan:
+        """The plan for ``steps`` on ``schedule``, the model's training schedule (NoiseSchedule.from_config(model_config))."""
         check_supported(model_config)
         config = self.config_for(model_config)
-        spacing = config.get("timestep_spacing") or self.default_spacing
-        return self.make_plan(config, schedule, steps, spacing)
+        if not np.array_equal(NoiseSchedule.from_config(config).alphas_cumprod, schedule.alphas_cumprod):
+            absent = [key for key in _TRAINING_OPTIONS if config.get(key) != model_config.get(key)]
+            raise ConfigError(
+                f"the model's scheduler config leaves out {', '.join(absent) or 'training options'}, for which "
+                f"{self.config_class} (the {self.a1111_name} sampler) has defaults of another training schedule; "
+                "add them to its scheduler_config.json"
+            )
+        return self.make_plan(config, schedule, steps, config["timestep_spacing"])
+
+
+_TRAINING_OPTIONS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
 
 
 # Scheduler options that would change the result, with the values sdfast implements. Anything else is refused
@@ -75,7 +93,7 @@ def check_supported(scheduler_config: dict) -> None:
 
 
 def _run_ddim(model, x, plan: SamplingPlan, callback=None, *, scheduler_config: dict, noise=None, eta: float = 0.0):
-    clip = scheduler_config.get("clip_sample_range", 1.0) if scheduler_config.get("clip_sample", True) else None
+    clip = scheduler_config["clip_sample_range"] if scheduler_config["clip_sample"] else None
     return samplers.sample_ddim(
         model, x, plan.sigmas, callback, eta=eta, noise=noise, clip_denoised=clip, landing_sigmas=plan.landing_sigmas
     )
@@ -96,7 +114,7 @@ def _run_euler_ancestral(model, x, plan: SamplingPlan, callback=None, *, schedul
 
 
 def _run_heun(model, x, plan: SamplingPlan, callback=None, *, scheduler_config: dict, noise=None):
-    clip = scheduler_config.get("clip_sample_range", 1.0) if scheduler_config.get("clip_sample", False) else None
+    clip = scheduler_config["clip_sample_range"] if scheduler_config["clip_sample"] else None
     return samplers.sample_heun(model, x, plan.sigmas, callback, clip_denoised=clip)
 
 
@@ -129,59 +147,60 @@ def _run_dpmpp_2s_ancestral(model, x, plan: SamplingPlan, callback=None, *, sche
 SAMPLERS: dict[str, SamplerSpec] = {
     spec.key: spec
     for spec in (
-        SamplerSpec("euler", "Euler", "EulerDiscreteScheduler", "linspace", euler_plan, _run_euler),
-        SamplerSpec("ddim", "DDIM", "DDIMScheduler", "leading", ddim_plan, _run_ddim, takes_eta=True),
+        SamplerSpec("euler", "Euler", "EulerDiscreteScheduler", euler_plan, _run_euler),
+        SamplerSpec("ddim", "DDIM", "DDIMScheduler", ddim_plan, _run_ddim, takes_eta=True),
         # "Karras" variants are their diffusers class with use_karras_sigmas; diffusers_class is "" where no class's defaults
         # give the sampler. DPM++ 2S a has no diffusers class: it is k-diffusion's (as A1111), on Euler's sigmas.
-        SamplerSpec("euler_a", "Euler a", "EulerAncestralDiscreteScheduler", "linspace", euler_plan, _run_euler_ancestral, stochastic=True),
-        SamplerSpec("euler_karras", "Euler Karras", "", "linspace", euler_plan, _run_euler, config_overrides={"use_karras_sigmas": True}, equivalent_class="EulerDiscreteScheduler"),
-        SamplerSpec("heun", "Heun", "HeunDiscreteScheduler", "linspace", euler_plan, _run_heun),
-        SamplerSpec("heun_karras", "Heun Karras", "", "linspace", euler_plan, _run_heun, config_overrides={"use_karras_sigmas": True}, equivalent_class="HeunDiscreteScheduler"),
-        SamplerSpec("dpm2", "DPM2", "KDPM2DiscreteScheduler", "linspace", dpm2_plan, _run_dpm2),
-        SamplerSpec("dpm2_karras", "DPM2 Karras", "", "linspace", dpm2_plan, _run_dpm2, config_overrides={"use_karras_sigmas": True}, equivalent_class="KDPM2DiscreteScheduler"),
+        SamplerSpec("euler_a", "Euler a", "EulerAncestralDiscreteScheduler", euler_plan, _run_euler_ancestral, stochastic=True),
+        SamplerSpec("euler_karras", "Euler Karras", "", euler_plan, _run_euler, config_overrides={"use_karras_sigmas": True}, equivalent_class="EulerDiscreteScheduler"),
+        SamplerSpec("heun", "Heun", "HeunDiscreteScheduler", euler_plan, _run_heun),
+        SamplerSpec("heun_karras", "Heun Karras", "", euler_plan, _run_heun, config_overrides={"use_karras_sigmas": True}, equivalent_class="HeunDiscreteScheduler"),
+        SamplerSpec("dpm2", "DPM2", "KDPM2DiscreteScheduler", dpm2_plan, _run_dpm2),
+        SamplerSpec("dpm2_karras", "DPM2 Karras", "", dpm2_plan, _run_dpm2, config_overrides={"use_karras_sigmas": True}, equivalent_class="KDPM2DiscreteScheduler"),
         SamplerSpec(
-            "dpm2_a", "DPM2 a", "KDPM2AncestralDiscreteScheduler", "linspace", dpm2_ancestral_plan, _run_dpm2_ancestral, stochastic=True
+            "dpm2_a", "DPM2 a", "KDPM2AncestralDiscreteScheduler", dpm2_ancestral_plan, _run_dpm2_ancestral, stochastic=True
         ),
         SamplerSpec(
-            "dpm2_a_karras", "DPM2 a Karras", "", "linspace", dpm2_ancestral_plan, _run_dpm2_ancestral, stochastic=True,
+            "dpm2_a_karras", "DPM2 a Karras", "", dpm2_ancestral_plan, _run_dpm2_ancestral, stochastic=True,
             config_overrides={"use_karras_sigmas": True}, equivalent_class="KDPM2AncestralDiscreteScheduler",
         ),
-        SamplerSpec("lms", "LMS", "LMSDiscreteScheduler", "linspace", lms_plan, _run_lms),
-        SamplerSpec("lms_karras", "LMS Karras", "", "linspace", lms_plan, _run_lms, config_overrides={"use_karras_sigmas": True}, equivalent_class="LMSDiscreteScheduler"),
-        SamplerSpec("plms", "PLMS", "PNDMScheduler", "leading", pndm_plan, _run_plms, starts_late=False),
-        SamplerSpec("dpmpp_2s_a", "DPM++ 2S a", "", "linspace", euler_plan, _run_dpmpp_2s_ancestral, stochastic=True),
+        SamplerSpec("lms", "LMS", "LMSDiscreteScheduler", lms_plan, _run_lms),
+        SamplerSpec("lms_karras", "LMS Karras", "", lms_plan, _run_lms, config_overrides={"use_karras_sigmas": True}, equivalent_class="LMSDiscreteScheduler"),
+        # PLMS is PNDM without its Runge-Kutta warm-up (A1111's PLMS), whatever the model's config says about the warm-up.
+        SamplerSpec("plms", "PLMS", "PNDMScheduler", pndm_plan, _run_plms, starts_late=False, config_overrides={"skip_prk_steps": True}),
+        SamplerSpec("dpmpp_2s_a", "DPM++ 2S a", "", euler_plan, _run_dpmpp_2s_ancestral, stochastic=True),
         SamplerSpec(
-            "dpmpp_2s_a_karras", "DPM++ 2S a Karras", "", "linspace", euler_plan, _run_dpmpp_2s_ancestral, stochastic=True,
+            "dpmpp_2s_a_karras", "DPM++ 2S a Karras", "", euler_plan, _run_dpmpp_2s_ancestral, stochastic=True,
             config_overrides={"use_karras_sigmas": True},
         ),
         # Multistep and solver samplers (solver_plans.py, multistep.py). DPM++ 2M and 2M SDE pin DPMSolverMultistep's
         # algorithm and order; DPM++ SDE takes its noise from a Brownian tree, as diffusers' DPMSolverSDEScheduler.
         SamplerSpec(
-            "dpmpp_2m", "DPM++ 2M", "DPMSolverMultistepScheduler", "linspace", solver_plans.dpm_solver_plan, solver_plans.run_dpmpp_2m,
+            "dpmpp_2m", "DPM++ 2M", "DPMSolverMultistepScheduler", solver_plans.dpm_solver_plan, solver_plans.run_dpmpp_2m,
             config_overrides={"algorithm_type": "dpmsolver++", "solver_order": 2},
         ),
         SamplerSpec(
-            "dpmpp_2m_karras", "DPM++ 2M Karras", "", "linspace", solver_plans.dpm_solver_plan, solver_plans.run_dpmpp_2m,
+            "dpmpp_2m_karras", "DPM++ 2M Karras", "", solver_plans.dpm_solver_plan, solver_plans.run_dpmpp_2m,
             config_overrides={"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}, equivalent_class="DPMSolverMultistepScheduler",
         ),
         SamplerSpec(
-            "dpmpp_2m_sde", "DPM++ 2M SDE", "", "linspace", solver_plans.dpm_solver_plan, solver_plans.run_dpmpp_2m_sde, stochastic=True,
+            "dpmpp_2m_sde", "DPM++ 2M SDE", "", solver_plans.dpm_solver_plan, solver_plans.run_dpmpp_2m_sde, stochastic=True,
             config_overrides={"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, equivalent_class="DPMSolverMultistepScheduler",
         ),
         SamplerSpec(
-            "dpmpp_2m_sde_karras", "DPM++ 2M SDE Karras", "", "linspace", solver_plans.dpm_solver_plan, solver_plans.run_dpmpp_2m_sde,
+            "dpmpp_2m_sde_karras", "DPM++ 2M SDE Karras", "", solver_plans.dpm_solver_plan, solver_plans.run_dpmpp_2m_sde,
             stochastic=True, config_overrides={"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}, equivalent_class="DPMSolverMultistepScheduler",
         ),
         SamplerSpec(
-            "dpmpp_sde", "DPM++ SDE", "DPMSolverSDEScheduler", "linspace", solver_plans.dpm_sde_plan, solver_plans.run_dpmpp_sde, stochastic=True,
+            "dpmpp_sde", "DPM++ SDE", "DPMSolverSDEScheduler", solver_plans.dpm_sde_plan, solver_plans.run_dpmpp_sde, stochastic=True,
             starts_late=False, seeded_tree=True,
         ),
         SamplerSpec(
-            "dpmpp_sde_karras", "DPM++ SDE Karras", "", "linspace", solver_plans.dpm_sde_plan, solver_plans.run_dpmpp_sde, stochastic=True,
+            "dpmpp_sde_karras", "DPM++ SDE Karras", "", solver_plans.dpm_sde_plan, solver_plans.run_dpmpp_sde, stochastic=True,
             config_overrides={"use_karras_sigmas": True}, equivalent_class="DPMSolverSDEScheduler", starts_late=False, seeded_tree=True,
         ),
-        SamplerSpec("unipc", "UniPC", "UniPCMultistepScheduler", "linspace", solver_plans.unipc_plan, solver_plans.run_unipc),
-        SamplerSpec("lcm", "LCM", "LCMScheduler", "leading", solver_plans.lcm_plan, solver_plans.run_lcm, stochastic=True, starts_late=False),
+        SamplerSpec("unipc", "UniPC", "UniPCMultistepScheduler", solver_plans.unipc_plan, solver_plans.run_unipc),
+        SamplerSpec("lcm", "LCM", "LCMScheduler", solver_plans.lcm_plan, solver_plans.run_lcm, stochastic=True, starts_late=False),
     )
 }
 
@@ -196,13 +215,18 @@ def _aliases() -> dict[str, str]:
 
 
 def sampler_names() -> list[str]:
-    """Every accepted name, for help and error messages."""
-    return sorted({name for spec in SAMPLERS.values() for name in (spec.key, spec.a1111_name, spec.diffusers_class) if name}, key=str.lower)
+    """Each sampler once, by its A1111 name (keys and diffusers class names are aliases), for help and error messages."""
+    return [spec.a1111_name for spec in SAMPLERS.values()]
 
 
 def resolve_sampler(name: str) -> SamplerSpec:
     """A sampler by its sdfast key, A1111 name or diffusers class name, case-insensitive."""
-    key = _aliases().get(str(name).strip().lower())
+    wanted = str(name).strip().lower()
+    aliases = _aliases()
+    key = aliases.get(wanted)
     if key is None:
-        raise RequestError(f"unknown sampler '{name}'; valid samplers: {', '.join(sampler_names())}")
+        close = difflib.get_close_matches(wanted, aliases, n=6, cutoff=0.6)  # the aliases nearest in spelling
+        suggestions = list(dict.fromkeys(SAMPLERS[aliases[alias]].a1111_name for alias in close))[:3]
+        hint = f"; did you mean {' or '.join(repr(s) for s in suggestions)}?" if suggestions else ";"
+        raise RequestError(f"unknown sampler '{name}'{hint} samplers: {', '.join(sampler_names())} (see 'sdfast samplers')")
     return SAMPLERS[key]

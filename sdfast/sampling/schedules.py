@@ -211,7 +211,7 @@ def ddim_plan(config: dict, schedule: NoiseSchedule, steps: int, spacing: str) -
     if timesteps.max() >= num_train or timesteps.min() < 0:
         raise RequestError(f"DDIM with {steps} steps and this model's timestep spacing reaches timestep {timesteps.max()}, outside 0..{num_train - 1}")
     ac = schedule.alphas_cumprod.astype(np.float64)
-    final_alpha = 1.0 if config.get("set_alpha_to_one", True) else float(ac[0])
+    final_alpha = 1.0 if config["set_alpha_to_one"] else float(ac[0])
     sigmas = [schedule.sigma_at(ac[t]) for t in timesteps] + [schedule.sigma_at(final_alpha)]
     sigmas = np.asarray(sigmas, dtype=np.float32)
     # diffusers' DDIM always steps to t - T // steps; with linspace spacing that is not the next timestep.
@@ -258,12 +258,10 @@ def dpm2_ancestral_plan(config: dict, schedule: NoiseSchedule, steps: int, spaci
 
 
 def pndm_plan(config: dict, schedule: NoiseSchedule, steps: int, spacing: str) -> SamplingPlan:
-    """PNDMScheduler with skip_prk_steps (PLMS): its integer timesteps as VE sigmas, and where its fixed T // steps strides land."""
-    if not config.get("skip_prk_steps", False):
-        raise ConfigError(
-            "scheduler config: PLMS needs skip_prk_steps=true; PNDM's Runge-Kutta warm-up (skip_prk_steps=false, "
-            "the PNDMScheduler default) is not supported"
-        )
+    """PNDMScheduler with skip_prk_steps (PLMS): its integer timesteps as VE sigmas, and where its fixed T // steps strides land.
+
+    The registry's PLMS sets skip_prk_steps itself; PNDM's Runge-Kutta warm-up (its default) is not implemented.
+    """
     num_train = schedule.num_train_timesteps
     timesteps = spaced_timesteps(num_train, steps, spacing, int(config.get("steps_offset", 0)))
     if spacing == "linspace":
@@ -275,7 +273,7 @@ def pndm_plan(config: dict, schedule: NoiseSchedule, steps: int, spacing: str) -
     if highest >= num_train or timesteps.min() < 0:
         raise RequestError(f"PLMS with {steps} steps and this model's timestep spacing reaches timestep {highest}, outside 0..{num_train - 1}")
     ac = schedule.alphas_cumprod.astype(np.float64)
-    final_alpha = 1.0 if config.get("set_alpha_to_one", False) else float(ac[0])
+    final_alpha = 1.0 if config["set_alpha_to_one"] else float(ac[0])
 
     def sigma(t: int) -> float:
         return schedule.sigma_at(ac[t] if t >= 0 else final_alpha)

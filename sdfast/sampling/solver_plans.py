@@ -198,5 +198,5 @@ def run_lcm(model, x, plan: SamplingPlan, callback=None, *, scheduler_config: di
     scaled = plan.timesteps.astype(np.float32) * np.float32(scheduler_config.get("timestep_scaling", 10.0))
     c_skip = np.float32(0.25) / (scaled**2 + np.float32(0.25))
     c_out = scaled / np.sqrt(scaled**2 + np.float32(0.25))
-    clip = scheduler_config.get("clip_sample_range", 1.0) if scheduler_config.get("clip_sample", False) else None
+    clip = scheduler_config["clip_sample_range"] if scheduler_config["clip_sample"] else None
     return multistep.sample_lcm(model, x, plan.sigmas, callback, noise=_needs_noise(noise), c_skip=c_skip, c_out=c_out, clip_denoised=clip)

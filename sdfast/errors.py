@@ -32,4 +32,4 @@ class StopSampling(Exception):
         super().__init__(reason)
         self.reason = reason
         self.latents = None  # x0 estimate of the last step that ran, set by the loop that stopped
-        self.steps_run = 0  # evaluations or steps completed before the stop, set by the loop that stopped
+        self.steps_run = 0  # sampler steps completed before the stop (not U-Net evaluations), set by the loop that stopped

@@ -333,3 +333,19 @@ def test_huge_emphasis_weight_is_one_clean_line_before_loading(engine_copy, tmp_
     completed = run_cli("generate", engine_copy, prompt, "--steps", "1", "-o", tmp_path / "x.png")
     assert_clean_error(completed, "emphasis", "beyond")
     assert "Warning" not in completed.stderr
+
+
+def test_an_unavailable_backend_is_refused_before_hashing(engine_copy, tmp_path):
+    flip_a_byte(engine_copy / "unet.onnx")  # the portable graph, which tensorrt would read
+    completed = run_cli("generate", engine_copy, "x", "--backend", "tensorrt", "-o", tmp_path / "x.png")
+    assert_clean_error(completed, "backend 'tensorrt' is not available")
+    assert "sha256" not in completed.stderr and "verifying" not in completed.stderr
+
+
+def test_a_bad_negative_prompt_is_named_as_such(tiny_engine):
+    from sdfast.errors import RequestError
+    from sdfast.runtime.pipeline import GenerationRequest
+    from sdfast.runtime.request_check import RequestChecker
+
+    with pytest.raises(RequestError, match=r"^negative prompt: prompt emphasis weight '100000' is beyond"):
+        RequestChecker.for_engine_dir(tiny_engine).prepare(GenerationRequest("an apple", negative_prompt="(blurry:100000)"))

@@ -386,7 +386,11 @@ class TensorRTBackend(Backend):
             self.progress(f"tensorrt {info.name}: built in {time.perf_counter() - started:.0f} s -> {plan.name}")
         trt = _trt()
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+        try:
+            plan_bytes = plan.read_bytes()
+        except OSError as error:  # another process replaced a stale plan between lookup and here
+            raise EngineError(f"{info.name}: cannot read the TensorRT engine {plan.name}: {error.strerror or error} (load again)") from None
+        engine = runtime.deserialize_cuda_engine(plan_bytes)
         if engine is None:
             raise EngineError(f"{info.name}: TensorRT could not load {plan} (delete it to rebuild)")
         return TrtEngine(info, engine, self._stream.get())

@@ -26,13 +26,8 @@ def infotext(prompt: str, negative_prompt: str, settings: dict[str, object]) -> 
     return "\n".join(lines)
 
 
-def check_output_path(path: Path) -> None:
-    """Refuse, before any work, an output that cannot be written: checked by creating (and removing) a file beside it."""
-    check_output_paths([path])
-
-
 def check_output_paths(paths: list[Path]) -> None:
-    """``check_output_path`` for each; each directory is probed once."""
+    """Refuse, before any work, outputs that cannot be written: each directory is probed by creating (and removing) a file."""
     probed = set()
     for path in paths:
         path = Path(path)

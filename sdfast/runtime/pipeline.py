@@ -146,6 +146,9 @@ class Pipeline:
         started = time.perf_counter()
         manifest = read_manifest(engine_dir)
         runtime_backend = get_backend(backend)
+        usable, why = runtime_backend.available()  # before gigabytes are hashed for a backend that cannot run here
+        if not usable:
+            raise EngineError(f"backend '{backend}' is not available: {why}")
         missing = [name for name in REQUIRED_COMPONENTS if name not in manifest.components]
         if missing:
             raise EngineError(f"engine dir {manifest.root} has no {', '.join(missing)}")

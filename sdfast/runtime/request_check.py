@@ -115,7 +115,10 @@ class RequestChecker:
                 text.encode("utf-8")
             except UnicodeEncodeError:
                 raise RequestError(f"{label} is not valid UTF-8 text") from None
-            parse_prompt_attention(text)  # emphasis syntax and weights: refused here, not after the engines load
+            try:
+                parse_prompt_attention(text)  # emphasis syntax and weights: refused here, not after the engines load
+            except RequestError as error:
+                raise RequestError(f"{label}: {error}") from None
         if not isinstance(request.steps, int) or not 1 <= request.steps <= MAX_STEPS:
             raise RequestError(f"steps must be an integer from 1 to {MAX_STEPS}, not {request.steps}")
         if not isinstance(request.cfg_scale, (int, float)) or not math.isfinite(request.cfg_scale) or request.cfg_scale < 0:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sdfast.errors import EngineError
+from sdfast.runtime.files import shared_mode
 from sdfast.runtime.manifest import ComponentInfo, confined, sha256_file
 
 PLAN_DIR = "tensorrt"
@@ -181,7 +182,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)
-        os.chmod(temporary, 0o644)
+        os.chmod(temporary, shared_mode())  # as the umask allows, like the export's files
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -161,6 +161,21 @@ def test_dpmpp_sde_matches_stock_diffusers_asked_at_its_own_times(monkeypatch):
     assert relative_error(ours, reference) < TOLERANCE
 
 
+def test_correctly_rounded_torch_math_is_float64_rounded_once_and_restores_torch():
+    x = np.random.default_rng(0).uniform(1e-3, 300, 4096).astype(np.float32)  # [4096]
+    wide = x.astype(np.float64)
+    stock = torch.Tensor.sqrt, torch.Tensor.exp, torch.Tensor.log, torch.Tensor.__pow__
+    with correctly_rounded_torch_math():
+        tensor = torch.from_numpy(x)
+        assert np.array_equal(tensor.sqrt().numpy(), np.sqrt(wide).astype(np.float32))
+        assert np.array_equal((tensor**0.5).numpy(), np.sqrt(wide).astype(np.float32))
+        assert np.array_equal((tensor**2).numpy(), x * x)
+        assert np.array_equal(tensor.log().numpy(), np.log(wide).astype(np.float32))
+        assert np.array_equal((tensor / 100).exp().numpy(), np.exp((x / np.float32(100)).astype(np.float64)).astype(np.float32))
+        assert torch.tensor(0.0).log().item() == -np.inf and torch.tensor(2.0).sqrt().shape == ()
+    assert (torch.Tensor.sqrt, torch.Tensor.exp, torch.Tensor.log, torch.Tensor.__pow__) == stock
+
+
 @pytest.mark.parametrize("seed,shape", [(3, (1, 4, 8, 8)), (2**31 + 5, (2, 4, 8, 8)), ([11, 12], (2, 4, 8, 8)), (7, (1, 3))])
 def test_brownian_tree_matches_torchsde(seed, shape):
     """The port against diffusers' BrownianTreeNoiseSampler (torchsde's tree) at the same float32 query times."""

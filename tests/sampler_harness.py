@@ -1,4 +1,5 @@
 """Drive a diffusers scheduler and an sdfast sampler through the same loop, stand-in model and seeded noise."""
+import contextlib
 import copy
 import functools
 import inspect
@@ -91,6 +92,57 @@ def run_sdfast(name: str, config: dict, steps: int, seed: int, prediction_type: 
     x = generator.randn(SHAPE) * np.float32(plan.initial_noise_scale)
     x = spec.run(denoiser, x, plan, scheduler_config=spec.config_for(config), noise=generator.randn, **options)
     return x * np.float32(plan.final_scale)
+
+
+def _rounded_once(name: str, torch_op, wide_op):
+    """torch_op for float32 tensors computed as wide_op in float64 and rounded once; asserts torch's own result is within an ulp."""
+
+    def op(tensor, *args):
+        own = torch_op(tensor, *args)
+        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+            return own
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # log(0) = -inf, as torch's
+            wide = np.asarray(wide_op(tensor.detach().numpy().astype(np.float64)))  # float64, < 1 ulp of float64 off
+            rounded = wide.astype(np.float32)  # one rounding: the correctly rounded float32 result
+            mine = own.detach().numpy().astype(np.float64)
+            within_ulp = np.abs(mine - wide) < np.spacing(np.abs(rounded)).astype(np.float64)
+        faithful = np.where(np.isfinite(wide), within_ulp, (mine == wide) | (np.isnan(mine) & np.isnan(wide)))
+        assert faithful.all(), f"torch's float32 {name} is more than one ulp from the float64 result"
+        return torch.from_numpy(np.array(rounded, dtype=np.float32, ndmin=0)).reshape(own.shape)
+
+    return op
+
+
+@contextlib.contextmanager
+def correctly_rounded_torch_math():
+    """Within the block, torch's float32 ``sqrt``, ``exp``, ``log`` and ``** 0.5`` on CPU tensors are correctly rounded.
+
+    torch's CPU kernels for them are MKL VML's (vmsSqrt, vmsExp, vmsLn, through ATen's vml.h), and MKL picks its
+    code path by CPU: the results are within an ulp but not always correctly rounded, and which ones are off differs
+    between CPUs (AMD EPYC, AVX2 path: 19% of float32 square roots, 2% of logs, 1% of exps, whatever
+    ATEN_CPU_CAPABILITY says). sdfast's numpy and Python math round correctly on every CPU. With this, a diffusers
+    scheduler computes what it would on a CPU whose torch rounds correctly: the float64 result rounded once, checked
+    against torch's own result (within an ulp), so it differs from stock diffusers only by torch's own rounding.
+    """
+    methods = {
+        "sqrt": _rounded_once("sqrt", torch.Tensor.sqrt, np.sqrt),
+        "exp": _rounded_once("exp", torch.Tensor.exp, np.exp),
+        "log": _rounded_once("log", torch.Tensor.log, np.log),
+    }
+    square_root = _rounded_once("** 0.5", torch.Tensor.__pow__, np.sqrt)
+    stock_pow = torch.Tensor.__pow__
+
+    def power(tensor, exponent):
+        return square_root(tensor, exponent) if isinstance(exponent, float) and exponent == 0.5 else stock_pow(tensor, exponent)
+
+    stock = {name: getattr(torch.Tensor, name) for name in [*methods, "__pow__"]}
+    try:
+        for name, op in {**methods, "__pow__": power}.items():
+            setattr(torch.Tensor, name, op)
+        yield
+    finally:
+        for name, op in stock.items():
+            setattr(torch.Tensor, name, op)
 
 
 def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:

@@ -69,3 +69,8 @@ def tiny_fp16_engine(tiny_model, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("engines") / "tiny-64-fp16"
     return export_engine(ExportRequest(model="tiny", out=out, precision="fp16"))
+
+
+def visible_lines(stderr: str) -> list[str]:
+    """stderr as a terminal shows it: a progress bar redraws its line after '\r', and leave=False clears it."""
+    return [shown for line in stderr.split("\n") if (shown := line.rsplit("\r", 1)[-1].strip())]

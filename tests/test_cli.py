@@ -7,12 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli
-
-
-def visible_lines(stderr: str) -> list[str]:
-    """stderr as a terminal shows it: a progress bar redraws its line after '\r', and leave=False clears it."""
-    return [shown for line in stderr.split("\n") if (shown := line.rsplit("\r", 1)[-1].strip())]
+from tests.conftest import run_cli, visible_lines
 
 
 def assert_clean_error(completed, *fragments):

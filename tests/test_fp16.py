@@ -14,7 +14,7 @@ from sdfast.export.fp16 import convert_to_fp16
 from sdfast.runtime.images import psnr
 from sdfast.runtime.manifest import sha256_file
 from sdfast.runtime.pipeline import GenerationRequest, Pipeline
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, visible_lines
 
 
 def _initializer_types(path) -> set[int]:
@@ -128,7 +128,7 @@ def test_nan_guard_names_the_stage(tiny_fp16_engine, tmp_path):
     out = tmp_path / "black.png"
     result = run_cli("generate", broken, "x", "--steps", "2", "-o", out)
     assert result.returncode != 0 and "U-Net produced NaN or inf" in result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr and len(visible_lines(result.stderr)) == 1
     assert not out.exists()
 
 

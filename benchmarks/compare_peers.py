@@ -1,4 +1,4 @@
-"""sdfast against the peers on one workload: the SD 1.5 U-Net step, batch 2 with guidance, fp32 on the CPU.
+"""sdfast against the peers on one workload: a U-Net step, batch 2 with guidance (the CPU set at fp32, --peers gpu at fp16).
 
     python benchmarks/compare_peers.py [--height 256 --width 256] [--rounds 5] [--calls 2] [--e2e-steps 0]
 
@@ -101,14 +101,6 @@ class Worker:
         self.log.close()
 
 
-def gpu_name() -> str | None:
-    try:
-        listing = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return listing.stdout.strip().splitlines()[0] if listing.returncode == 0 and listing.stdout.strip() else None
-
-
 def summary(samples: list[float]) -> dict:
     from sdfast.bench.stats import Summary
 
@@ -125,14 +117,18 @@ def main() -> int:
     parser.add_argument("--e2e-steps", type=int, default=0, help="also time one whole text-to-image run of this many Euler steps per round")
     parser.add_argument("--peers", default=",".join(PEERS),
                         help=f"comma-separated, from {', '.join(ALL_PEERS)}; 'gpu' for {', '.join(GPU_PEERS)} (default: the CPU set)")
-    parser.add_argument("--engine", type=Path, help="sdfast engine dir at this size (default: export the built-in sd15, cached)")
+    parser.add_argument("--engine", type=Path, help="sdfast engine dir at this size (default: export --model, cached)")
     parser.add_argument("--gpu-engine", type=Path, help="fp16 engine dir for sdfast-cuda and sdfast-tensorrt (default: export, cached)")
+    parser.add_argument("--model", default="sd15", help="a built-in model (sd15 ...) or a diffusers folder (default sd15)")
     parser.add_argument("--venv", type=Path, default=HERE / ".peers-venv", help="the peers' virtualenv (created if missing)")
+    parser.add_argument("--peer-python", type=Path,
+                        help="run the peers with this interpreter, which has their packages already (no virtualenv is made: "
+                             "for a machine without a package registry)")
     parser.add_argument("--cache", type=Path, help="where the peers' exported models are kept (default: $SDFAST_CACHE/peers)")
-    parser.add_argument("--out", type=Path, help="JSON results (default benchmarks/results/peers_sd15_<W>x<H>.json, and .md beside it)")
+    parser.add_argument("--out", type=Path, help="JSON results (default benchmarks/results/peers_<model>_<W>x<H>.json, and .md beside it)")
     args = parser.parse_args()
 
-    from sdfast.bench.hardware import CpuInfo, theoretical_peak
+    from sdfast.bench.hardware import CpuInfo, gpu_name, theoretical_peak
     from sdfast.bench.engines import cached_engine
     from sdfast.cli.progress import ElapsedLog
     from sdfast.export.builtin import cache_root, ensure_builtin
@@ -143,20 +139,27 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown peer '{unknown[0]}'; choose from {', '.join(ALL_PEERS)}")
     cpu = CpuInfo.detect()
-    model = ensure_builtin("sd15", say)
-    cache = args.cache or cache_root() / "peers" / "sd15"
+    from sdfast.export.builtin import BUILTIN_MODELS
+
+    model = ensure_builtin(args.model, say) if args.model in BUILTIN_MODELS else Path(args.model)
+    if not (model / "model_index.json").is_file():
+        parser.error(f"--model '{args.model}' is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a diffusers folder")
+    label = args.model if args.model in BUILTIN_MODELS else model.name
+    cache = args.cache or cache_root() / "peers" / label
     cache.mkdir(parents=True, exist_ok=True)
     engine = gpu_engine = None
     if "sdfast-cpu" in peers:
-        engine = args.engine or cached_engine("sd15", args.height, args.width, 1, True, say, ElapsedLog("compare_peers"))
+        engine = args.engine or cached_engine(args.model, args.height, args.width, 1, True, say, ElapsedLog("compare_peers"))
     if {"sdfast-cuda", "sdfast-tensorrt"} & set(peers):
-        gpu_engine = args.gpu_engine or cached_engine("sd15", args.height, args.width, 1, True, say, ElapsedLog("compare_peers"), "fp16")
+        gpu_engine = args.gpu_engine or cached_engine(args.model, args.height, args.width, 1, True, say, ElapsedLog("compare_peers"), "fp16")
 
     failures: dict[str, str] = {}
     if "openvino-default" in peers and not ({"avx512_bf16", "amx_bf16"} & cpu.flags):
         failures["openvino-default"] = "not run: this CPU has no bf16 arithmetic, so OpenVINO's default precision here is f32, i.e. openvino-fp32"
     peer_python = None
-    if any(not p.startswith("sdfast") and p not in failures for p in peers):
+    if args.peer_python:
+        peer_python = args.peer_python
+    elif any(not p.startswith("sdfast") and p not in failures for p in peers):
         peer_python, error = ensure_peer_venv(args.venv)
         if peer_python is None:
             failures.update({p: error for p in peers if not p.startswith("sdfast")})
@@ -207,7 +210,7 @@ def main() -> int:
         "command": "python benchmarks/compare_peers.py " + " ".join(sys.argv[1:]),
         "machine": {"cpu": cpu.name, "cores": cpu.cores, "platform": platform.platform(), "peak": theoretical_peak(cpu).to_json(),
                     "gpu": gpu_name()},
-        "workload": {"model": "sd15 architecture, random weights", "height": args.height, "width": args.width, "unet_batch": 2,
+        "workload": {"model": f"{label}" + (" architecture, random weights" if args.model in BUILTIN_MODELS else ""), "height": args.height, "width": args.width, "unet_batch": 2,
                      "guidance": True, "rounds": args.rounds, "calls_per_round": args.calls, "e2e_steps": args.e2e_steps},
         "versions": {"sdfast_env": versions_of(Path(sys.executable), ["sdfast", "onnxruntime", "numpy", "torch"]),
                      "peers_env": versions_of(peer_python, ["torch", "diffusers", "transformers", "optimum", "optimum-onnx",
@@ -215,7 +218,7 @@ def main() -> int:
         "results": results,
         "not_run": failures,
     }
-    out = args.out or HERE / "results" / f"peers_sd15_{args.width}x{args.height}.json"
+    out = args.out or HERE / "results" / f"peers_{label}_{args.width}x{args.height}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     markdown = render_markdown(record, reference)
@@ -228,7 +231,7 @@ def render_markdown(record: dict, reference: str | None) -> str:
     w, m = record["workload"], record["machine"]
     on_gpu = bool((set(record["results"]) | set(record["not_run"])) & set(GPU_PEERS))
     where = f"GPU ({m.get('gpu') or 'unknown'})" if on_gpu else "CPU"
-    lines = [f"### SD 1.5 U-Net step, {w['width']}x{w['height']}, batch 2 with guidance, {where}",
+    lines = [f"### {w['model']}: U-Net step, {w['width']}x{w['height']}, batch 2 with guidance, {where}",
              "", f"{m['cpu']}, {m['cores']} cores; {record['date']}; `{record['command']}`", "",
              "| system | precision | median ms | p90 | min-max | cold start s | sdfast / system |", "|---|---|---:|---:|---:|---:|---:|"]
     for name, r in sorted(record["results"].items(), key=lambda item: item[1]["median_ms"]):

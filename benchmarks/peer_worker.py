@@ -23,34 +23,61 @@ PROMPT = "a photograph of an astronaut riding a horse"
 GUIDANCE = 7.5
 
 
-def unet_inputs(height: int, width: int) -> dict[str, np.ndarray]:
+def unet_config(model: str) -> dict:
+    """The model folder's U-Net config: the input shapes follow it, so SD 1.x, SD 2.x and SDXL folders all work."""
+    return json.loads((Path(model) / "unet" / "config.json").read_text())
+
+
+def unet_inputs(model: str, height: int, width: int) -> dict[str, np.ndarray]:
+    config = unet_config(model)
     rng = np.random.default_rng(0)
-    return {
-        "sample": rng.standard_normal((2, 4, height // 8, width // 8), dtype=np.float32),  # [2B, 4, H/8, W/8]
-        "encoder_hidden_states": rng.standard_normal((2, 77, 768), dtype=np.float32),  # [2B, 77, 768]
+    inputs = {
+        "sample": rng.standard_normal((2, config["in_channels"], height // 8, width // 8), dtype=np.float32),  # [2B, C, H/8, W/8]
+        "encoder_hidden_states": rng.standard_normal((2, 77, config["cross_attention_dim"]), dtype=np.float32),  # [2B, 77, D]
     }
+    if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text embeddings and the six size/crop ids
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        inputs["text_embeds"] = rng.standard_normal((2, pooled), dtype=np.float32)  # [2B, 1280]
+        inputs["time_ids"] = np.tile(np.array([height, width, 0, 0, height, width], np.float32), (2, 1))  # [2B, 6]
+    return inputs
+
+
+def load_diffusers(model: str, dtype):
+    """The folder's own pipeline class (model_index.json), without the safety checker where it has one."""
+    from diffusers import DiffusionPipeline, EulerDiscreteScheduler
+
+    extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in json.loads(
+        (Path(model) / "model_index.json").read_text()) else {}
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **extra)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 class DiffusersPeer:
     """diffusers eager, fp32 on the CPU (the reference every runtime is compared with)."""
 
+    device = "cpu"
+
     def __init__(self, args):
         import torch
-        from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
         torch.set_num_threads(len(os.sched_getaffinity(0)))
         self.torch = torch
-        self.pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None, requires_safety_checker=False)
-        self.pipe.scheduler = EulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = load_diffusers(args.model, torch.float32)
         self.precision = "fp32"
 
     def feeds(self, inputs):
         return {key: self.torch.from_numpy(value) for key, value in inputs.items()}
 
     def unet(self, feeds):
+        added = {key: feeds[key] for key in ("text_embeds", "time_ids") if key in feeds}
         with self.torch.no_grad():
-            return self.pipe.unet(feeds["sample"], self.torch.tensor(500.0), encoder_hidden_states=feeds["encoder_hidden_states"]).sample
+            out = self.pipe.unet(feeds["sample"], self.torch.tensor(500.0, device=self.device), encoder_hidden_states=feeds["encoder_hidden_states"],
+                                 **({"added_cond_kwargs": added} if added else {})).sample
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+        return out
 
     def e2e(self, height, width, steps):
         self.pipe(PROMPT, height=height, width=width, num_inference_steps=steps, guidance_scale=GUIDANCE, output_type="np",
@@ -121,33 +148,25 @@ class OpenVinoPeer(DiffusersPeer):
 class DiffusersCudaPeer(DiffusersPeer):
     """diffusers fp16 on CUDA with PyTorch's scaled_dot_product_attention (its default attention on torch 2)."""
 
+    device = "cuda"
+
     def __init__(self, args):
         import torch
-        from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
         if not torch.cuda.is_available():
             raise RuntimeError("not run: torch sees no CUDA device")
         self.torch = torch
         started = time.perf_counter()
-        self.pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float16, safety_checker=None,
-                                                            requires_safety_checker=False).to("cuda")
-        self.pipe.scheduler = EulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
-        self.pipe.set_progress_bar_config(disable=True)
-        self.prepare()
+        self.pipe = load_diffusers(args.model, torch.float16).to("cuda")
+        self.prepare(args)
         self.load_s = time.perf_counter() - started
         self.precision = "fp16"
 
-    def prepare(self):
+    def prepare(self, args):
         pass
 
     def feeds(self, inputs):
         return {key: self.torch.from_numpy(value).to("cuda", self.torch.float16) for key, value in inputs.items()}
-
-    def unet(self, feeds):
-        with self.torch.no_grad():
-            out = self.pipe.unet(feeds["sample"], self.torch.tensor(500.0, device="cuda"), encoder_hidden_states=feeds["encoder_hidden_states"]).sample
-        self.torch.cuda.synchronize()
-        return out
 
     def e2e(self, height, width, steps):
         self.pipe(PROMPT, height=height, width=width, num_inference_steps=steps, guidance_scale=GUIDANCE, output_type="np",
@@ -158,12 +177,12 @@ class DiffusersCudaPeer(DiffusersPeer):
 class DiffusersCompilePeer(DiffusersCudaPeer):
     """diffusers fp16 on CUDA, U-Net in channels_last and torch.compile (mode reduce-overhead: CUDA graphs), as diffusers' docs advise."""
 
-    def prepare(self):
+    def prepare(self, args):
         self.pipe.unet.to(memory_format=self.torch.channels_last)
         self.pipe.unet = self.torch.compile(self.pipe.unet, mode="reduce-overhead", fullgraph=True)
         _say_progress("diffusers-compile: compiling the U-Net (minutes)")
         for _ in range(3):  # compile, then record the CUDA graph
-            self.unet(self.feeds(unet_inputs(512, 512)))
+            self.unet(self.feeds(unet_inputs(args.model, args.height, args.width)))
 
 
 class OptimumOrtCudaPeer(OptimumOrtPeer):
@@ -250,7 +269,7 @@ def main() -> int:
         answer(ok=False, error=f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}")
         return 1
     load_s = getattr(peer, "load_s", time.perf_counter() - started)
-    feeds = peer.feeds(unet_inputs(args.height, args.width))
+    feeds = peer.feeds(unet_inputs(args.model, args.height, args.width))
     output = np.asarray(peer.unet(feeds)[0] if isinstance(peer, SdfastPeer) else _to_numpy(peer.unet(feeds)))
     answer(ok=True, load_s=load_s, precision=peer.precision, output_rms=float(np.sqrt(np.mean(output.astype(np.float64) ** 2))))
     for line in sys.stdin:

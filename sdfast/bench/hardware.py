@@ -97,3 +97,39 @@ def measured_sgemm_gflops(n: int = 2048, repeat: int = 5) -> float:
         a @ b
         seconds.append(time.perf_counter() - started)
     return round(2 * n**3 / sorted(seconds)[len(seconds) // 2] / 1e9, 1)
+
+
+# Dense fp16 tensor-core peaks (no structured sparsity), TFLOP/s, from NVIDIA's data sheets. The most specific name
+# comes first: nvidia-smi says "NVIDIA H100 PCIe" for the PCIe part and "NVIDIA H100 80GB HBM3" for the SXM one.
+GPU_FP16_DENSE_TFLOPS = (
+    ("H200", 989.4),  # H200 SXM data sheet: 1,979 with sparsity
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.5),
+    ("H100", 989.4),  # SXM
+    ("A100", 312.0),
+    ("L40S", 362.05),
+    ("L4", 121.0),
+    ("A10G", 70.0),  # AWS's A10G: fp16 tensor dense as AWS states it
+    ("A10", 125.0),
+    ("RTX 4090", 165.2),  # fp16 with fp32 accumulate, which cuBLAS and cuDNN use for fp16 convolutions
+)
+
+
+def gpu_fp16_peak_tflops(gpu_name: str | None) -> float | None:
+    """The dense fp16 tensor peak of a GPU named as nvidia-smi names it; None for a GPU not in the table."""
+    for marker, tflops in GPU_FP16_DENSE_TFLOPS:
+        if gpu_name and marker.lower() in gpu_name.lower():
+            return tflops
+    return None
+
+
+def gpu_name() -> str | None:
+    """The first GPU's name from nvidia-smi, or None without one (or without nvidia-smi)."""
+    import subprocess
+
+    try:
+        listing = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = listing.stdout.strip().splitlines() if listing.returncode == 0 else []
+    return lines[0].strip() if lines else None

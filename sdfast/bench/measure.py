@@ -61,20 +61,30 @@ def _device_memory_mib(pid: int) -> float | None:
     return None
 
 
+def _device_memory_used_mib() -> float | None:
+    """The first GPU's memory in use, all processes together, as nvidia-smi reports it."""
+    try:
+        listing = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10).stdout.split()
+        return float(listing[0]) if listing else None
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
 def _derived_rows(stages: dict[str, Summary], overhead_ms: float, overhead_note: str, unet_flops: int | None,
-                  peak_fp32: float | None) -> list[dict]:
+                  peak: tuple[float, str] | None) -> list[dict]:
     """Host overhead per step, and the U-Net's effective GFLOP/s (the exported graph's FLOPs over the measured time)."""
     rows = [_row("host_overhead_per_step", value=overhead_ms, note=overhead_note)]
     if unet_flops and "unet_step_cfg" in stages:
         gflops = unet_flops / (stages["unet_step_cfg"].median / 1e3) / 1e9
         rows.append(_row("unet_gflops", value=gflops, note=f"{unet_flops / 1e9:.4g} GFLOP per guided call, counted as direct "
                                                           "convolution; a Winograd graph does fewer multiplications, so this is effective"))
-        if peak_fp32:
-            rows.append(_row("unet_peak_fraction", value=100 * gflops / peak_fp32))
+        if peak:
+            rows.append(_row("unet_peak_fraction", value=100 * gflops / peak[0], note=f"percent of {peak[1]}"))
     return rows
 
 
-def measure_engine(backend: str, engine: Path, unguided: Path | None, repeat: int, steps: int, peak_fp32: float | None) -> list[dict]:
+def measure_engine(backend: str, engine: Path, unguided: Path | None, repeat: int, steps: int, peak: tuple[float, str] | None) -> list[dict]:
     from sdfast.runtime.pipeline import GenerationRequest, Pipeline
 
     started = time.perf_counter()
@@ -130,11 +140,11 @@ def measure_engine(backend: str, engine: Path, unguided: Path | None, repeat: in
         rows.append(_row("host_queue_per_step", Summary.of(queued), note="the GPU waits on the host only if this exceeds the step"))
     unet_flops = pipeline.manifest.data["components"]["unet"].get("flops", {}).get("per_call")
     rows += _derived_rows(stages, statistics.median(overheads), "end to end minus the same runs' engine calls, over the steps",
-                          unet_flops, peak_fp32)
+                          unet_flops, peak)
     return rows
 
 
-def measure_torch(engine: Path, repeat: int, steps: int, peak_fp32: float | None) -> list[dict]:
+def measure_torch(engine: Path, repeat: int, steps: int, peaks: dict[str, tuple[float, str]]) -> list[dict]:
     """diffusers on the engine's source weights: the reference every backend is compared with."""
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
@@ -191,7 +201,7 @@ def measure_torch(engine: Path, repeat: int, steps: int, peak_fp32: float | None
     unet_flops = manifest.data["components"]["unet"].get("flops", {}).get("per_call")
     engine_ms = stages["text_encoder"].median + steps * stages["unet_step_cfg"].median + stages["vae_decode"].median
     rows += _derived_rows(stages, (end_to_end.median - engine_ms) / steps, "end to end minus the stage medians, over the steps (noisy)",
-                          unet_flops, None if cuda else peak_fp32)
+                          unet_flops, peaks.get("gpu" if cuda else "cpu"))
     if cuda:
         rows.append(_row("peak_device_memory", value=torch.cuda.max_memory_allocated() / 2**20, note="torch.cuda.max_memory_allocated"))
     return rows
@@ -204,16 +214,21 @@ def main() -> int:
     parser.add_argument("--unguided-engine", type=Path)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--peak-fp32", type=float)
+    parser.add_argument("--peak-cpu", type=float, help="the CPU's fp32 peak, GFLOP/s")
+    parser.add_argument("--peak-gpu", type=float, help="the GPU's dense fp16 peak, GFLOP/s")
     args = parser.parse_args()
 
     answer = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # libraries' chatter goes to stderr; stdout carries the JSON
+    peaks = {**({"cpu": (args.peak_cpu, "the CPU's fp32 peak")} if args.peak_cpu else {}),
+             **({"gpu": (args.peak_gpu, "the GPU's dense fp16 peak")} if args.peak_gpu else {})}
+    device_baseline = _device_memory_used_mib() if args.backend in ("cuda", "tensorrt") else None
     try:
         if args.backend == "torch":
-            rows = measure_torch(args.engine, args.repeat, args.steps, args.peak_fp32)
+            rows = measure_torch(args.engine, args.repeat, args.steps, peaks)
         else:
-            rows = measure_engine(args.backend, args.engine, args.unguided_engine, args.repeat, args.steps, args.peak_fp32)
+            rows = measure_engine(args.backend, args.engine, args.unguided_engine, args.repeat, args.steps,
+                                  peaks.get("cpu" if args.backend == "cpu" else "gpu"))
     except Exception as error:  # noqa: BLE001 - one line back to the parent, which reports it
         text = str(error).strip().splitlines()
         answer.write(json.dumps({"error": f"{type(error).__name__}: {text[0] if text else ''}"}))
@@ -223,6 +238,9 @@ def main() -> int:
         device = _device_memory_mib(os.getpid())
         if device is not None:
             rows.append(_row("peak_device_memory", value=device, note="nvidia-smi, this process"))
+        elif device_baseline is not None and (now := _device_memory_used_mib()) is not None:
+            # in a VM nvidia-smi may list no process ids: the whole GPU's use, less what was used before this process loaded
+            rows.append(_row("peak_device_memory", value=now - device_baseline, note="nvidia-smi, whole GPU less its use before the load"))
     answer.write(json.dumps({"rows": rows}))
     return 0
 

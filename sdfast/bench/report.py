@@ -27,7 +27,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "unet_step_in_loop": ("ms", "U-Net step in the device loop"),
     "host_queue_per_step": ("ms", "host time queuing a device step"),
     "unet_gflops": ("GFLOP/s", "U-Net effective"),
-    "unet_peak_fraction": ("%", "U-Net share of fp32 peak"),
+    "unet_peak_fraction": ("%", "U-Net share of peak (CPU fp32, GPU dense fp16)"),
     "peak_rss": ("MiB", "peak RSS"),
     "peak_device_memory": ("MiB", "peak device memory"),
 }
@@ -142,6 +142,9 @@ def _footer(runs: list[BenchRun]) -> list[str]:
         if peak:
             notes.append(f"peak: {peak['derivation']}")
             notes.append(f"measured sgemm (numpy float32 2048^3): {m.get('sgemm_gflops')} GFLOP/s")
+        if m.get("gpu"):
+            dense = m.get("gpu_fp16_dense_tflops")
+            notes.append(f"GPU: {m['gpu']}, dense fp16 peak " + (f"{dense} TFLOP/s (data sheet)" if dense else "not in sdfast's table"))
         for skip in run.skipped:
             notes.append(f"skipped {skip['backend']}: {skip['reason']}")
         for row in run.rows:

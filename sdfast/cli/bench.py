@@ -104,7 +104,7 @@ def _cached_engine(args: argparse.Namespace, guidance: bool) -> Path:
 
 def _measure(args: argparse.Namespace):
     from sdfast import __version__
-    from sdfast.bench.hardware import CpuInfo, measured_sgemm_gflops, theoretical_peak
+    from sdfast.bench.hardware import CpuInfo, gpu_fp16_peak_tflops, gpu_name, measured_sgemm_gflops, theoretical_peak
     from sdfast.bench.report import BenchRun, Row
     from sdfast.runtime.manifest import read_manifest
 
@@ -125,11 +125,13 @@ def _measure(args: argparse.Namespace):
     peak = theoretical_peak(cpu)
     _say("measuring a large sgemm (numpy float32) ...")
     sgemm = measured_sgemm_gflops()
+    gpu = gpu_name()
+    gpu_peak = gpu_fp16_peak_tflops(gpu)
     run = BenchRun(
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         command="sdfast bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
         machine={"cpu": cpu.name, "cores": cpu.cores, "ghz": cpu.ghz, "platform": platform.platform(), "peak": peak.to_json(),
-                 "sgemm_gflops": sgemm},
+                 "sgemm_gflops": sgemm, **({"gpu": gpu, "gpu_fp16_dense_tflops": gpu_peak} if gpu else {})},
         versions={"sdfast": __version__, "python": platform.python_version(), **_versions()},
         workload={"model": manifest.model_name, "height": manifest.geometry["height"], "width": manifest.geometry["width"],
                   "batch": manifest.geometry["batch"], "steps": args.steps, "repeat": args.repeat, "precision": manifest.data["precision"],
@@ -140,8 +142,9 @@ def _measure(args: argparse.Namespace):
         _say(f"[{index}/{len(usable)}] {name}: load, stages x{args.repeat}, end to end at {args.steps} steps ...")
         command = [sys.executable, "-m", "sdfast.bench.measure", name, "--engine", str(engine), "--repeat", str(args.repeat),
                    "--steps", str(args.steps)]
-        if name in ("cpu", "torch"):  # the CPU's peak means nothing for a GPU backend (torch uses it only without CUDA)
-            command += ["--peak-fp32", str(peak.fp32_gflops)]
+        command += ["--peak-cpu", str(peak.fp32_gflops)]  # the measuring process picks the peak of where it ran
+        if gpu_peak:
+            command += ["--peak-gpu", str(gpu_peak * 1e3)]
         if unguided is not None and name != "torch":
             command += ["--unguided-engine", str(unguided)]
         child = subprocess.run(command, capture_output=True, text=True)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdfast.errors import ConfigError
+from sdfast.sampling.registry import check_supported
 
 REQUIRED_SUBFOLDERS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -78,15 +79,18 @@ def load_model(folder: Path) -> LoadedModel:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ConfigError(f"cannot load {what} from '{folder}': {first_line}") from None
 
-    text_encoder = load("text_encoder", lambda: CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32))
-    unet = load("unet", lambda: UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32))
-    vae = load("vae", lambda: AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32))
-    tokenizer = load("tokenizer", lambda: CLIPTokenizer.from_pretrained(folder / "tokenizer"))
-    scheduler_path = folder / "scheduler" / "scheduler_config.json"
+    scheduler_path = folder / "scheduler" / "scheduler_config.json"  # read first: a scheduler sdfast cannot run stops the export
     try:
         scheduler_config = json.loads(scheduler_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot read {scheduler_path}: {error}") from None
+    if not isinstance(scheduler_config, dict):
+        raise ConfigError(f"{scheduler_path}: not a scheduler config (a JSON object)")
+    check_supported(scheduler_config)
+    text_encoder = load("text_encoder", lambda: CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32))
+    unet = load("unet", lambda: UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32))
+    vae = load("vae", lambda: AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32))
+    tokenizer = load("tokenizer", lambda: CLIPTokenizer.from_pretrained(folder / "tokenizer"))
     for module in (text_encoder, unet, vae):
         module.eval().requires_grad_(False)
     return LoadedModel(folder, text_encoder, unet, vae, tokenizer, scheduler_config)

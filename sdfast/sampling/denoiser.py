@@ -5,29 +5,23 @@ from typing import Callable
 
 import numpy as np
 
-from sdfast.errors import ConfigError
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+from sdfast.sampling.parametrization import check_prediction_type, vp_scalings
 
 # unet(x_in, timestep) -> model output, for x_in: [B, C, H/8, W/8] already scaled by c_in
 UNetFn = Callable[[np.ndarray, float], np.ndarray]
 
 
 class Denoiser:
-    """D(x; sigma) for VP-trained models: c_in = 1/sqrt(sigma^2+1), and c_skip/c_out by prediction type (Karras et al. 2022, Table 1)."""
+    """D(x; sigma) = c_skip * x + c_out * F(c_in * x, t(sigma)), the scalings by prediction type (parametrization.py)."""
 
     def __init__(self, unet: UNetFn, prediction_type: str, timestep_for: Callable[[float], float]):
-        if prediction_type not in PREDICTION_TYPES:
-            raise ConfigError(f"prediction type '{prediction_type}' is not supported ({', '.join(PREDICTION_TYPES)})")
         self.unet = unet
-        self.prediction_type = prediction_type
+        self.prediction_type = check_prediction_type(prediction_type)
         self.timestep_for = timestep_for
 
     def __call__(self, x: np.ndarray, sigma: float) -> np.ndarray:
-        c_in = np.float32(1.0 / (sigma**2 + 1.0) ** 0.5)
+        c_in, c_skip, c_out = (np.float32(c) for c in vp_scalings(sigma, self.prediction_type))
         output = self.unet(x * c_in, self.timestep_for(sigma))  # output: [B, C, h, w]
-        if self.prediction_type == "epsilon":
-            return x - output * np.float32(sigma)
-        c_skip = np.float32(1.0 / (sigma**2 + 1.0))
-        c_out = np.float32(-sigma / (sigma**2 + 1.0) ** 0.5)
+        if self.prediction_type == "epsilon":  # c_skip = 1: skip the multiply, the result is the same
+            return x + output * c_out
         return x * c_skip + output * c_out

@@ -10,7 +10,8 @@ import numpy as np
 from sdfast.errors import ConfigError, RequestError
 from sdfast.sampling import samplers
 from sdfast.sampling import solver_plans
-from sdfast.sampling.scheduler_classes import config_as
+from sdfast.sampling.parametrization import check_prediction_type
+from sdfast.sampling.scheduler_classes import CLASS_DEFAULTS, config_as
 from sdfast.sampling.schedules import (
     NoiseSchedule,
     SamplingPlan,
@@ -86,7 +87,20 @@ _SUPPORTED_OPTIONS = {
 }
 
 
+# diffusers scheduler classes whose config describes a VP (DDPM) training schedule that sdfast reads: the ones it
+# reproduces (scheduler_classes.CLASS_DEFAULTS) and a few it does not sample with but whose betas are the same kind.
+# Any other class (flow matching, EDM, consistency models) is refused by name, never read as linear betas.
+VP_SCHEDULER_CLASSES = frozenset(CLASS_DEFAULTS) | {"DDPMScheduler", "DEISMultistepScheduler", "DPMSolverSinglestepScheduler", "TCDScheduler"}
+
+
 def check_supported(scheduler_config: dict) -> None:
+    """Refuse a scheduler config that sdfast would read as something else: an unknown class, an unsupported option."""
+    class_name = scheduler_config.get("_class_name")
+    if class_name is not None and class_name not in VP_SCHEDULER_CLASSES:
+        kind = ("flow matching (SD3, FLUX)" if "FlowMatch" in str(class_name) else "EDM" if "EDM" in str(class_name) else "not a VP (DDPM) schedule")
+        raise ConfigError(f"the model's scheduler is {class_name} ({kind}), which sdfast does not support yet; it reads "
+                          f"the VP schedulers: {', '.join(sorted(VP_SCHEDULER_CLASSES))}")
+    check_prediction_type(scheduler_config.get("prediction_type") or "epsilon")
     for option, allowed in _SUPPORTED_OPTIONS.items():
         if scheduler_config.get(option) not in allowed:
             raise ConfigError(f"the model's scheduler config sets {option}={scheduler_config[option]!r}, which sdfast does not support yet")

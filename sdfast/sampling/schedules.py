@@ -7,6 +7,7 @@ from typing import Callable
 import numpy as np
 
 from sdfast.errors import ConfigError, RequestError
+from sdfast.sampling.parametrization import sigma_to_timestep, sigmas_to_timesteps
 from sdfast.sampling.samplers import ancestral_step, log_midpoint
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -91,13 +92,8 @@ class NoiseSchedule:
         return float(np.sqrt((1.0 - alpha_cumprod) / alpha_cumprod))
 
     def sigma_to_timestep(self, sigma: float) -> float:
-        """Fractional timestep whose log-sigma interpolates to ``sigma`` (k-diffusion external.py, diffusers _sigma_to_t)."""
-        log_sigmas = np.log(self.sigmas.astype(np.float64))
-        log_sigma = np.log(max(float(sigma), 1e-10))
-        high = int(np.clip(np.searchsorted(log_sigmas, log_sigma, side="right"), 1, len(log_sigmas) - 1))
-        low = high - 1
-        weight = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0.0, 1.0)
-        return float((1 - weight) * low + weight * high)
+        """Fractional timestep whose log-sigma interpolates to ``sigma`` (parametrization.sigma_to_timestep)."""
+        return sigma_to_timestep(sigma, self.sigmas)
 
 
 def karras_sigmas(count: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
@@ -168,15 +164,6 @@ class SamplingPlan:
         return schedule.sigma_to_timestep(sigma)
 
 
-def _sigma_to_t(sigmas: np.ndarray, schedule: NoiseSchedule) -> np.ndarray:
-    """diffusers' _sigma_to_t: fractional timesteps by interpolating log sigma against the float32 log training sigmas."""
-    log_sigmas = np.log(schedule.sigmas)  # [T] float32
-    log_sigma = np.log(np.maximum(sigmas, 1e-10))  # [n]
-    low = np.cumsum(log_sigma - log_sigmas[:, None] >= 0, axis=0).argmax(axis=0).clip(max=len(log_sigmas) - 2)
-    weight = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
-    return (1 - weight) * low + weight * (low + 1)
-
-
 def euler_plan(
     config: dict, schedule: NoiseSchedule, steps: int, spacing: str, *, round_karras_timesteps: bool = False
 ) -> SamplingPlan:
@@ -192,7 +179,7 @@ def euler_plan(
         low = config.get("sigma_min") if config.get("sigma_min") is not None else float(sigmas[-1])
         high = config.get("sigma_max") if config.get("sigma_max") is not None else float(sigmas[0])
         sigmas = karras_sigmas(steps, low, high)
-        timesteps = _sigma_to_t(sigmas, schedule)
+        timesteps = sigmas_to_timesteps(sigmas, schedule.sigmas)
         timesteps = timesteps.round() if round_karras_timesteps else timesteps
     sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
     sigma_max = float(sigmas.max())
@@ -242,7 +229,7 @@ def _with_midpoints(plan: SamplingPlan, schedule: NoiseSchedule, target: Callabl
     # there (unrounded, where Karras full-step timesteps are rounded): one float32 ulp up tells the two apart.
     collides = np.isin(midpoints, plan.sigmas[:-1]) & (midpoints > 0)
     midpoints = np.where(collides, np.nextafter(midpoints, np.float32(np.inf)), midpoints)
-    return replace(plan, midpoint_sigmas=midpoints, midpoint_timesteps=_sigma_to_t(midpoints, schedule).astype(np.float32))
+    return replace(plan, midpoint_sigmas=midpoints, midpoint_timesteps=sigmas_to_timesteps(midpoints, schedule.sigmas).astype(np.float32))
 
 
 def dpm2_plan(config: dict, schedule: NoiseSchedule, steps: int, spacing: str) -> SamplingPlan:

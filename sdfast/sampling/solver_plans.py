@@ -13,6 +13,7 @@ import numpy as np
 from sdfast.errors import ConfigError, RequestError
 from sdfast.sampling import multistep
 from sdfast.sampling.brownian import BrownianTreeNoiseSampler
+from sdfast.sampling.parametrization import sigmas_to_timesteps
 from sdfast.sampling.schedules import TIMESTEP_SPACINGS, NoiseSchedule, SamplingPlan, karras_sigmas
 
 
@@ -26,15 +27,6 @@ def _refuse_unless(config: dict, scheduler: str, **allowed: tuple) -> None:
 def _check_steps(steps: int, num_train: int) -> None:
     if not 1 <= steps <= num_train:
         raise RequestError(f"steps must be from 1 to the schedule's {num_train} training timesteps, not {steps}")
-
-
-def _sigma_to_t(sigmas: np.ndarray, schedule: NoiseSchedule) -> np.ndarray:
-    """diffusers' _sigma_to_t: fractional timesteps interpolating log sigma against the float32 log training sigmas."""
-    log_sigmas = np.log(schedule.sigmas)  # [T] float32
-    log_sigma = np.log(np.maximum(sigmas, 1e-10))  # [n] float64
-    low = np.cumsum(log_sigma - log_sigmas[:, None] >= 0, axis=0).argmax(axis=0).clip(max=len(log_sigmas) - 2)
-    weight = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
-    return (1 - weight) * low + weight * (low + 1)
 
 
 def _solver_timesteps(config: dict, num_train: int, steps: int, spacing: str, last_timestep: int) -> np.ndarray:
@@ -75,7 +67,7 @@ def dpm_solver_plan(config: dict, schedule: NoiseSchedule, steps: int, spacing: 
     train = schedule.sigmas  # [T] float32
     if config.get("use_karras_sigmas"):
         sigmas = karras_sigmas(steps, float(train[0]), float(train[-1]))
-        timesteps = _sigma_to_t(sigmas, schedule)
+        timesteps = sigmas_to_timesteps(sigmas, schedule.sigmas)
         if config.get("beta_schedule") != "squaredcos_cap_v2":
             timesteps = timesteps.round()
     else:
@@ -95,7 +87,7 @@ def unipc_plan(config: dict, schedule: NoiseSchedule, steps: int, spacing: str) 
         low = config.get("sigma_min") if config.get("sigma_min") is not None else float(train[0])
         high = config.get("sigma_max") if config.get("sigma_max") is not None else float(train[-1])
         sigmas = karras_sigmas(steps, low, high)
-        timesteps = _sigma_to_t(sigmas, schedule).round()
+        timesteps = sigmas_to_timesteps(sigmas, schedule.sigmas).round()
     else:
         sigmas = np.interp(timesteps, np.arange(len(train)), train)
     return _vp_start_plan(sigmas, timesteps.astype(np.int64))
@@ -117,10 +109,10 @@ def dpm_sde_plan(config: dict, schedule: NoiseSchedule, steps: int, spacing: str
     sigmas = np.interp(timesteps, np.arange(len(train)), train)  # [steps] float64
     if config.get("use_karras_sigmas"):
         sigmas = karras_sigmas(steps, float(sigmas[-1]), float(sigmas[0]))
-        timesteps = _sigma_to_t(sigmas, schedule)
+        timesteps = sigmas_to_timesteps(sigmas, schedule.sigmas)
     # Per step, 0 for the last (an Euler step to sigma 0): the midpoint sigma in the sampler's float32 arithmetic, and
     # the U-Net's timestep there, which diffusers interpolates from the float64 sigmas.
-    midpoint_timesteps = _sigma_to_t(np.exp(-(-np.log(sigmas[:-1]) + np.diff(-np.log(sigmas)) * 0.5)), schedule)
+    midpoint_timesteps = sigmas_to_timesteps(np.exp(-(-np.log(sigmas[:-1]) + np.diff(-np.log(sigmas)) * 0.5)), schedule.sigmas)
     sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
     midpoint_sigmas = [multistep.sde_midpoint(s, s_next) for s, s_next in zip(sigmas[:-2], sigmas[1:-1])] + [0.0]
     sigma_max = float(sigmas.max())

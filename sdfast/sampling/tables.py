@@ -22,6 +22,8 @@ from typing import Callable
 
 import numpy as np
 
+from sdfast.sampling.parametrization import vp_scalings
+
 MAX_HISTORY = 4  # the CUDA kernel's ring of past latents and denoised estimates (LMS and PLMS use 4)
 _EXACT = 1e-5  # relative residual of the probe fit
 _CHECK_TOLERANCE = 1e-4  # relative difference table vs sampler, on random latents in float32
@@ -54,17 +56,6 @@ class StepTable:
     @property
     def noise_draws(self) -> int:
         return int(self.draws.max()) + 1 if len(self.draws) and self.draws.max() >= 0 else 0
-
-
-def denoiser_scalings(sigmas: np.ndarray, prediction_type: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(c_in, c_skip, c_out) for VP-trained models in VE form (Karras et al. 2022, Table 1), as denoiser.Denoiser."""
-    sigmas = sigmas.astype(np.float64)
-    c_in = 1.0 / np.sqrt(sigmas**2 + 1.0)
-    if prediction_type == "epsilon":
-        c_skip, c_out = np.ones_like(sigmas), -sigmas
-    else:  # v_prediction
-        c_skip, c_out = 1.0 / (sigmas**2 + 1.0), -sigmas / np.sqrt(sigmas**2 + 1.0)
-    return c_in.astype(np.float32), c_skip.astype(np.float32), c_out.astype(np.float32)
 
 
 def tabulate(run: Callable[..., np.ndarray], timestep_for: Callable[[float], float], prediction_type: str,
@@ -102,7 +93,7 @@ def tabulate(run: Callable[..., np.ndarray], timestep_for: Callable[[float], flo
         return None
     x_coeffs, d_coeffs, noise_coeffs = fitted
     sigma_array = np.asarray(sigmas, np.float32)
-    c_in, c_skip, c_out = denoiser_scalings(sigma_array, prediction_type)
+    c_in, c_skip, c_out = (c.astype(np.float32) for c in vp_scalings(sigma_array, prediction_type))
     table = StepTable(
         sigmas=sigma_array,
         timesteps=np.asarray([timestep_for(s) for s in sigmas], np.float32),

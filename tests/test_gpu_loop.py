@@ -126,7 +126,7 @@ class HostMemoryUnet:
         timestep.upload(np.full(rows, inputs.table.timesteps[0], np.float32), stream)
 
         def unet():
-            output.array[...] = self.engine.run({"sample": sample.array, "timestep": timestep.array, "encoder_hidden_states": inputs.hidden})[0]
+            output.array[...] = self.engine.run({**inputs.conditioning, "sample": sample.array, "timestep": timestep.array})[0]
 
         self._loop = self._loop or gpu_loop.GpuLoop(stream, self.kernels, inputs.x.shape)
         return self._loop.run(inputs, sample.pointer, timestep.pointer, output.pointer, int(np.prod(shape[1:])),

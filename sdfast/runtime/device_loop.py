@@ -32,7 +32,7 @@ def check_finite(stage: str, value: np.ndarray) -> np.ndarray:
 class LoopInputs:
     table: StepTable
     x: np.ndarray  # [B, C, h, w] S_0: the initial latents, VE form
-    hidden: np.ndarray  # [R, T, D] encoder_hidden_states, R = 2B with guidance (unconditional rows first)
+    conditioning: dict[str, np.ndarray]  # the denoiser's other inputs by name, each [R, ...], R = 2B with guidance (uncond rows first)
     cfg_scale: float
     use_cfg: bool  # combine the halves (cfg > 1), else take the conditional rows
     guided: bool  # the U-Net batch has both halves
@@ -41,6 +41,11 @@ class LoopInputs:
     @property
     def unet_rows(self) -> int:
         return self.x.shape[0] * (2 if self.guided else 1)
+
+    @property
+    def shapes(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """The conditioning's names and shapes: the key of a device binding or CUDA graph made for them."""
+        return tuple(sorted((name, tuple(value.shape)) for name, value in self.conditioning.items()))
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,7 @@ def run_on_host(unet, inputs: LoopInputs, on_eval: EvalCallback | None = None) -
     timestep = np.full((inputs.unet_rows,), table.timesteps[0], np.float32)
     for j in range(table.evaluations):
         started = time.perf_counter()
-        (unet_out,) = unet.run({"sample": sample, "timestep": timestep, "encoder_hidden_states": inputs.hidden})
+        (unet_out,) = unet.run({**inputs.conditioning, "sample": sample, "timestep": timestep})
         check_finite("U-Net", unet_out)
         scalars = StepScalars.of(table, j)
         denoised, state = fused_step(scalars, guide(unet_out, rows, inputs.guided, inputs.use_cfg, inputs.cfg_scale),

@@ -75,13 +75,21 @@ class OrtCudaEngine(OrtEngine):
     """A component on the CUDA provider, fed from numpy (text encoder, VAE: once per image)."""
 
 
+class _Bound:
+    """One IO binding of the U-Net: device values for the sample, the timestep, each conditioning input and the output."""
+
+    def __init__(self, binding, loop_options, call_options, values: dict, output):
+        self.binding, self.loop_options, self.call_options, self.values, self.output = binding, loop_options, call_options, values, output
+
+
 class OrtCudaUnetEngine(OrtEngine):
-    """The U-Net with IO binding: fixed device buffers per prompt length, a CUDA graph per length (gpu_graph_id)."""
+    """The U-Net with IO binding: fixed device buffers per conditioning shape (the prompt's length), a CUDA graph for each
+    (gpu_graph_id). Every input is bound by its name: the family's conditioning arrays, then sample and timestep."""
 
     def __init__(self, info: ComponentInfo, session, stream, cuda_graphs: bool):
         super().__init__(info, session)
         self.stream, self.cuda_graphs = stream, cuda_graphs
-        self._bound: dict[int, tuple] = {}  # prompt tokens -> (binding, run options, sample, timestep, hidden, output)
+        self._bound: dict[tuple, _Bound] = {}  # conditioning names and shapes -> binding
         self._loop = None
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -91,36 +99,35 @@ class OrtCudaUnetEngine(OrtEngine):
         from sdfast.runtime.cuda_device import download_from, upload_to
 
         feeds = self.check_feeds(feeds)
-        binding, _, call_options, sample, timestep, states, output = self._binding(feeds["encoder_hidden_states"], feeds["sample"].shape[0])
-        for value, name in ((sample, "sample"), (timestep, "timestep"), (states, "encoder_hidden_states")):
-            upload_to(value.data_ptr(), feeds[name], self.stream)
-        self.session.run_with_iobinding(binding, call_options)
-        return [download_from(output.data_ptr(), tuple(output.shape()), np.float32, self.stream)]
+        conditioning = {name: value for name, value in feeds.items() if name not in ("sample", "timestep")}
+        bound = self._binding(conditioning, feeds["sample"].shape[0])
+        for name, value in feeds.items():
+            upload_to(bound.values[name].data_ptr(), value, self.stream)
+        self.session.run_with_iobinding(bound.binding, bound.call_options)
+        return [download_from(bound.output.data_ptr(), tuple(bound.output.shape()), np.float32, self.stream)]
 
-    def _binding(self, hidden: np.ndarray, rows: int):
+    def _binding(self, conditioning: dict[str, np.ndarray], rows: int) -> _Bound:
         import onnxruntime as ort
 
-        tokens = hidden.shape[1]
-        if tokens not in self._bound:
+        key = tuple(sorted((name, tuple(value.shape)) for name, value in conditioning.items()))
+        if key not in self._bound:
             sample_spec, output_spec = self.info.input("sample"), self.info.outputs[0]
             device = lambda shape: ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, "cuda", 0)  # noqa: E731
-            sample = device((rows, *sample_spec.shape[1:]))
-            timestep = device((rows,))
-            states = device(hidden.shape)
+            values = {"sample": device((rows, *sample_spec.shape[1:])), "timestep": device((rows,)),
+                      **{name: device(shape) for name, shape in key}}
             output = device((rows, *output_spec.shape[1:]))
             binding = self.session.io_binding()
-            binding.bind_ortvalue_input("sample", sample)
-            binding.bind_ortvalue_input("timestep", timestep)
-            binding.bind_ortvalue_input("encoder_hidden_states", states)
+            for name, value in values.items():
+                binding.bind_ortvalue_input(name, value)
             binding.bind_ortvalue_output(output_spec.name, output)
-            graph_id = str(len(self._bound) + 1)  # one graph per prompt length; 0 is onnxruntime's own
+            graph_id = str(len(self._bound) + 1)  # one graph per conditioning shape; 0 is onnxruntime's own
             loop_options, call_options = ort.RunOptions(), ort.RunOptions()
             loop_options.add_run_config_entry("disable_synchronize_execution_providers", "1")  # the loop syncs once, at the end
             if self.cuda_graphs:
                 loop_options.add_run_config_entry("gpu_graph_id", graph_id)
                 call_options.add_run_config_entry("gpu_graph_id", graph_id)
-            self._bound[tokens] = (binding, loop_options, call_options, sample, timestep, states, output)
-        return self._bound[tokens]
+            self._bound[key] = _Bound(binding, loop_options, call_options, values, output)
+        return self._bound[key]
 
     def table_loop(self, inputs: LoopInputs, on_eval: EvalCallback | None) -> np.ndarray:
         from sdfast.runtime.gpu_loop import GpuLoop
@@ -132,16 +139,17 @@ class OrtCudaUnetEngine(OrtEngine):
         from sdfast.runtime.cuda_device import upload_to
 
         table, rows = inputs.table, inputs.unet_rows
-        binding, options, _, sample, timestep, states, output = self._binding(inputs.hidden, rows)
+        bound = self._binding(inputs.conditioning, rows)
         repeat = 2 if inputs.guided else 1
-        upload_to(sample.data_ptr(), np.concatenate([inputs.x * table.c_in[0]] * repeat).astype(np.float32), self.stream)
-        upload_to(timestep.data_ptr(), np.full((rows,), table.timesteps[0], np.float32), self.stream)
-        upload_to(states.data_ptr(), inputs.hidden.astype(np.float32), self.stream)
+        upload_to(bound.values["sample"].data_ptr(), np.concatenate([inputs.x * table.c_in[0]] * repeat).astype(np.float32), self.stream)
+        upload_to(bound.values["timestep"].data_ptr(), np.full((rows,), table.timesteps[0], np.float32), self.stream)
+        for name, value in inputs.conditioning.items():
+            upload_to(bound.values[name].data_ptr(), value.astype(np.float32), self.stream)
         if self._loop is None:
             self._loop = GpuLoop(self.stream, kernels, inputs.x.shape)
         stride = int(np.prod(self.info.input("sample").shape[1:]))
-        return self._loop.run(inputs, sample.data_ptr(), timestep.data_ptr(), output.data_ptr(), stride,
-                              lambda: self.session.run_with_iobinding(binding, options), on_eval)
+        return self._loop.run(inputs, bound.values["sample"].data_ptr(), bound.values["timestep"].data_ptr(), bound.output.data_ptr(),
+                              stride, lambda: self.session.run_with_iobinding(bound.binding, bound.loop_options), on_eval)
 
 
 class OrtCudaBackend(OrtBackend):
@@ -325,9 +333,9 @@ class TrtEngine(Engine):
             return run_on_host(self, inputs, on_eval)
         table, rows, repeat = inputs.table, inputs.unet_rows, 2 if inputs.guided else 1
         sample = np.concatenate([inputs.x * table.c_in[0]] * repeat).astype(np.float32)
-        self._set_inputs(self.check_feeds({"sample": sample, "timestep": np.full((rows,), table.timesteps[0], np.float32),
-                                           "encoder_hidden_states": inputs.hidden}))
-        shape = tuple(inputs.hidden.shape)
+        self._set_inputs(self.check_feeds({**inputs.conditioning, "sample": sample,
+                                           "timestep": np.full((rows,), table.timesteps[0], np.float32)}))
+        shape = inputs.shapes
         if shape not in self._graphs or self._enqueued_shapes != self._shapes:
             # TensorRT updates its state lazily on the first run after a shape change; a graph replays only after one
             self._enqueue()

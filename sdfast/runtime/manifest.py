@@ -122,6 +122,11 @@ class Manifest:
         return self.data["tokenizer"]
 
     @property
+    def family(self) -> str:
+        """The model family the engine dir was exported as (the runtime module that runs it)."""
+        return self.data["family"]
+
+    @property
     def model_hash(self) -> str:
         """A1111's short model hash: the first 10 hex digits of the weights' fingerprint."""
         return self.data["source"]["fingerprint"].split(":")[-1][:10]
@@ -218,6 +223,8 @@ _TENSOR_DTYPES = ("float32", "float16", "int64", "int32")
 
 
 def _check_structure(data: dict, root: Path) -> None:
+    if not isinstance(data.get("family"), str):
+        raise ValueError("'family' is missing or not a string")
     for section, fields in _REQUIRED.items():
         if not isinstance(data.get(section), dict):
             raise ValueError(f"'{section}' must be an object")

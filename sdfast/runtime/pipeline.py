@@ -12,24 +12,17 @@ from sdfast import __version__
 from sdfast.errors import EngineError, RequestError, StopSampling
 from sdfast.runtime.backends import Engine, get_backend
 from sdfast.runtime.device_loop import LoopInputs, check_finite, run_on_host
+from sdfast.runtime.families import Family, family_class
 from sdfast.runtime.image_source import ImageSource
 from sdfast.runtime.images import infotext, to_uint8
 from sdfast.runtime.manifest import Manifest, read_manifest
-from sdfast.runtime.prompts import PromptChunks, apply_emphasis, pad_pair, tokenize_weighted
 from sdfast.runtime.request_check import RequestChecker, read_scheduler_config
-from sdfast.runtime.tokenizer import PromptTokenizer
 from sdfast.sampling.denoiser import Denoiser
 from sdfast.sampling.noise import TorchCompatibleGenerator
 from sdfast.sampling.schedules import SamplingPlan
 from sdfast.sampling.tables import sampler_table
 
 LOOPS = ("auto", "table", "numpy")
-REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")  # the VAE encoder is optional: only img2img and inpainting need it
-# The inputs the pipeline feeds each engine, by name.
-_FED_INPUTS = {
-    "text_encoder": ("input_ids", "clip_skip"), "unet": ("sample", "timestep", "encoder_hidden_states"),
-    "vae_decoder": ("latent",), "vae_encoder": ("image",),
-}
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 LoadProgress = Callable[[str, int, int], None]  # (stage: 'verify' in bytes or 'load' in components, done, total)
 
@@ -104,10 +97,10 @@ class _LatestEstimate:
 class Pipeline:
     """A loaded engine dir. Thread-compatible, not thread-safe: serialize calls to ``generate``."""
 
-    def __init__(self, manifest: Manifest, engines: dict[str, Engine], tokenizer: PromptTokenizer, scheduler_config: dict, backend: str):
+    def __init__(self, manifest: Manifest, engines: dict[str, Engine], family: Family, scheduler_config: dict, backend: str):
         self.manifest = manifest
         self.engines = engines
-        self.tokenizer = tokenizer
+        self.family = family  # the model family's runtime side: conditioning and latent layout
         self.checker = RequestChecker(manifest, scheduler_config)
         self.scheduler_config = scheduler_config
         self.schedule = self.checker.schedule
@@ -118,7 +111,6 @@ class Pipeline:
         checker = self.checker
         self.height, self.width, self.batch_size, self.guidance = checker.height, checker.width, checker.batch_size, checker.guidance
         self.latent_shape, self.text_layers, self.inpainting_unet = checker.latent_shape, checker.text_layers, checker.inpainting_unet
-        self.max_text_chunks = int(manifest.geometry["max_text_chunks"])
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "cpu", verify: str = "full", loop: str = "auto",
@@ -149,10 +141,8 @@ class Pipeline:
         usable, why = runtime_backend.available()  # before gigabytes are hashed for a backend that cannot run here
         if not usable:
             raise EngineError(f"backend '{backend}' is not available: {why}")
-        missing = [name for name in REQUIRED_COMPONENTS if name not in manifest.components]
-        if missing:
-            raise EngineError(f"engine dir {manifest.root} has no {', '.join(missing)}")
-        components = [manifest.components[name] for name in (*REQUIRED_COMPONENTS, "vae_encoder") if name in manifest.components]
+        family = family_class(manifest.family)
+        components = [manifest.components[name] for name in family.check_components(manifest)]
         files = {**manifest.tokenizer["files"], **manifest.data["scheduler"]["files"]}
         for info in components:
             files.update(runtime_backend.files_for(info))
@@ -167,13 +157,9 @@ class Pipeline:
             engines[info.name] = runtime_backend.load(info, manifest.path(info.file))
         if progress:
             progress("load", len(components), len(components))
-        for name, inputs in _FED_INPUTS.items():
-            if name in engines:
-                for input_name in inputs:
-                    engines[name].info.input(input_name)
-        tok = manifest.tokenizer
-        tokenizer = PromptTokenizer(manifest.path(tok["file"]), tok["bos_id"], tok["eos_id"], tok["pad_id"], tok["max_length"])
-        pipeline = cls(manifest, engines, tokenizer, scheduler_config, backend)
+        for input_name in ("sample", "timestep"):  # the denoiser's own inputs; the family checks what it feeds
+            engines["unet"].info.input(input_name)
+        pipeline = cls(manifest, engines, family(manifest, engines), scheduler_config, backend)
         finished = time.perf_counter()
         pipeline.load_timings = {"verify_s": verified - started, "engines_s": finished - verified, "total_s": finished - started}
         return pipeline
@@ -186,57 +172,18 @@ class Pipeline:
 
     # -- stages ---------------------------------------------------------------------------------------
 
-    def _encode_text(self, request: GenerationRequest, use_cfg: bool, warnings: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
-        """A1111-style prompts: (cond, uncond) embeddings, each [chunks * 77, D], of equal length when both exist."""
-        prompts = [tokenize_weighted(self.tokenizer, request.prompt)]
-        if use_cfg:
-            prompts.append(tokenize_weighted(self.tokenizer, request.negative_prompt))
-        for index, label in enumerate(("prompt", "negative prompt")[: len(prompts)]):
-            if prompts[index].chunks > self.max_text_chunks:
-                warnings.append(
-                    f"{label} has {prompts[index].token_count} tokens, {prompts[index].chunks} chunks of 75; this engine takes "
-                    f"{self.max_text_chunks} chunks (export --max-prompt-chunks): the rest was dropped"
-                )
-                prompts[index] = PromptChunks(prompts[index].ids[: self.max_text_chunks], prompts[index].weights[: self.max_text_chunks], -1)
-        if use_cfg:
-            prompts = list(pad_pair(prompts[0], prompts[1], self.tokenizer))
-
-        rows = np.concatenate([p.ids for p in prompts])  # rows: [total chunks, 77], every chunk of every prompt
-        engine = self.engines["text_encoder"]
-        per_call = engine.info.input("input_ids").shape[0]
-        clip_skip = np.asarray([request.clip_skip], dtype=np.int64)
-        outputs = []
-        for first in range(0, len(rows), per_call):
-            group = rows[first : first + per_call]
-            padded = np.concatenate([group, np.repeat(group[-1:], per_call - len(group), axis=0)])  # the engine's fixed batch
-            (hidden,) = engine.run({"input_ids": padded, "clip_skip": clip_skip})
-            outputs.append(check_finite("text encoder", hidden)[: len(group)])
-        hidden = np.concatenate(outputs)  # hidden: [total chunks, 77, D]
-        embeddings, first = [], 0
-        for prompt in prompts:
-            chunks = apply_emphasis(hidden[first : first + prompt.chunks], prompt.weights)  # chunks: [C, 77, D]
-            embeddings.append(chunks.reshape(-1, chunks.shape[-1]))  # [C * 77, D]
-            first += prompt.chunks
-        return embeddings[0], (embeddings[1] if use_cfg else None)
-
-    def _unet_hidden(self, cond: np.ndarray, uncond: np.ndarray | None) -> np.ndarray:
-        """encoder_hidden_states [unet_batch, T, D]: unconditional rows first, as diffusers concatenates them."""
-        rows = self.batch_size
-        if self.guidance:
-            return np.stack([uncond if uncond is not None else cond] * rows + [cond] * rows)  # cfg <= 1: both halves conditional
-        return np.stack([cond] * rows)
-
-    def _unet_function(self, hidden: np.ndarray, cfg_scale: float, use_cfg: bool, timings: StageTimings, conditioning: np.ndarray | None):
+    def _unet_function(self, conditioning: dict[str, np.ndarray], cfg_scale: float, use_cfg: bool, timings: StageTimings,
+                       masked: np.ndarray | None):
         engine = self.engines["unet"]
-        unet_batch = hidden.shape[0]
+        unet_batch = self.batch_size * (2 if self.guidance else 1)
 
         def predict(x_in: np.ndarray, timestep: float) -> np.ndarray:
-            # x_in: [B, 4, h, w], already scaled by c_in; conditioning: [B, 5, h, w] (mask, masked-image latents) or None
-            sample = x_in if conditioning is None else np.concatenate([x_in, conditioning], axis=1)
+            # x_in: [B, 4, h, w], already scaled by c_in; masked: [B, 5, h, w] (mask, masked-image latents) or None
+            sample = x_in if masked is None else np.concatenate([x_in, masked], axis=1)
             sample = np.concatenate([sample, sample]) if self.guidance else sample  # sample: [unet_batch, C, h, w]
             timesteps = np.full((unet_batch,), timestep, dtype=np.float32)
             started = time.perf_counter()
-            (output,) = engine.run({"sample": sample, "timestep": timesteps, "encoder_hidden_states": hidden})
+            (output,) = engine.run({**conditioning, "sample": sample, "timestep": timesteps})
             timings.unet_steps.append(time.perf_counter() - started)
             check_finite("U-Net", output)
             if not self.guidance:
@@ -250,13 +197,12 @@ class Pipeline:
         """[1, 3, H, W] in [-1, 1] -> the VAE posterior (mean, std), each [1, 4, h, w], already times the scaling factor."""
         rows = self.engines["vae_encoder"].info.input("image").shape[0]
         mean, std = self.engines["vae_encoder"].run({"image": np.repeat(image, rows, axis=0)})
-        scaling = np.float32(self.manifest.model["vae_scaling_factor"])
-        return check_finite("VAE encoder", mean[:1]) * scaling, check_finite("VAE encoder", std[:1]) * scaling
+        layout = self.family.latent
+        return layout.from_vae(check_finite("VAE encoder", mean[:1])), layout.from_vae(check_finite("VAE encoder", std[:1]), centred=False)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """VP latents [B, 4, h, w] -> images [B, 3, H, W] in [-1, 1]."""
-        scaled = latents / np.float32(self.manifest.model["vae_scaling_factor"])
-        (images,) = self.engines["vae_decoder"].run({"latent": scaled})
+        (images,) = self.engines["vae_decoder"].run({"latent": self.family.latent.to_vae(latents)})
         return check_finite("VAE decoder", images)
 
     # -- the whole thing ------------------------------------------------------------------------------
@@ -291,8 +237,7 @@ class Pipeline:
         use_cfg = self.guidance and request.cfg_scale > 1  # as diffusers: guidance only above 1
 
         stage = time.perf_counter()
-        cond, uncond = self._encode_text(request, use_cfg, warnings)
-        hidden = self._unet_hidden(cond, uncond)  # hidden: [unet_batch, T, D]
+        conditioning = self.family.conditioning(request.prompt, request.negative_prompt, request.clip_skip, use_cfg, warnings)
         timings.text_encoder = time.perf_counter() - stage
 
         source = None
@@ -308,7 +253,7 @@ class Pipeline:
             done = iteration * plan.steps
             progress = (lambda i, _x, done=done: on_step(done + i + 1, total_steps)) if on_step else None
             try:
-                x, steps_run = self._sample(request, spec, plan, hidden, use_cfg, seeds, source, strength, timings, progress), None
+                x, steps_run = self._sample(request, spec, plan, conditioning, use_cfg, seeds, source, strength, timings, progress), None
             except StopSampling as stop:
                 if stop.latents is None:
                     raise
@@ -325,7 +270,7 @@ class Pipeline:
                 return  # A1111 skips the rest of the batch count once interrupted
             timings, started = StageTimings(), time.perf_counter()
 
-    def _sample(self, request, spec, plan, hidden, use_cfg, seeds, source, strength, timings, progress) -> np.ndarray:
+    def _sample(self, request, spec, plan, conditioning, use_cfg, seeds, source, strength, timings, progress) -> np.ndarray:
         """One batch: initial latents from the seeds (and the image), the sampler loop, back to VP form. -> [B_engine, 4, h, w]."""
         # Image i draws from a torch-compatible generator seeded seed + i, in diffusers' order; rows past the requested
         # batch (the engine's batch is fixed) repeat the first seed and are dropped.
@@ -336,17 +281,17 @@ class Pipeline:
         def draw(shape: tuple[int, ...] = one) -> np.ndarray:  # one draw per image: [B, ...]
             return np.concatenate([g.randn((1, *shape[1:])) for g in generators])
 
-        conditioning = None
+        masked = None
         if source is None:
             x = draw() * np.float32(plan.initial_noise_scale)  # x: [B, 4, h, w], VE form
             table = self._table(request, spec, plan)
             if table is not None:
-                return self._sample_tabulated(table, x, draw, hidden, request.cfg_scale, use_cfg, timings, progress)
+                return self._sample_tabulated(table, x, draw, conditioning, request.cfg_scale, use_cfg, timings, progress)
         else:
-            x, conditioning = source.initial_latents(draw, plan, strength, self.inpainting_unet)
+            x, masked = source.initial_latents(draw, plan, strength, self.inpainting_unet)
 
         denoiser = _LatestEstimate(Denoiser(
-            self._unet_function(hidden, request.cfg_scale, use_cfg, timings, conditioning),
+            self._unet_function(conditioning, request.cfg_scale, use_cfg, timings, masked),
             self.manifest.model["prediction_type"],
             lambda sigma: plan.timestep_for(sigma, self.schedule),
         ))
@@ -384,10 +329,10 @@ class Pipeline:
                                               float(request.eta))
         return self._tables[key]  # None: this sampler is not a fixed linear recurrence (DPM++ SDE's Brownian tree)
 
-    def _sample_tabulated(self, table, x, draw, hidden, cfg_scale, use_cfg, timings: StageTimings, progress) -> np.ndarray:
+    def _sample_tabulated(self, table, x, draw, conditioning, cfg_scale, use_cfg, timings: StageTimings, progress) -> np.ndarray:
         """The loop over the table, on the device (cuda, tensorrt) or in numpy; noise drawn up front in the samplers' order."""
         noise = np.stack([draw() for _ in range(table.noise_draws)]) if table.noise_draws else None  # [draws, B, 4, h, w]
-        inputs = LoopInputs(table, x, hidden, float(cfg_scale), use_cfg, self.guidance, noise)
+        inputs = LoopInputs(table, x, conditioning, float(cfg_scale), use_cfg, self.guidance, noise)
         step_of = {int(done): step for step, done in enumerate(table.step_ends)}
         steps_done = 0
 

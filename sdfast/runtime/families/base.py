@@ -1,0 +1,77 @@
+"""What every runtime family module provides: its components, its conditioning and its latent layout."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+from sdfast.errors import EngineError
+
+if TYPE_CHECKING:
+    from sdfast.runtime.backends import Engine
+    from sdfast.runtime.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class LatentLayout:
+    """The VAE's latent space: latents = (vae_mean - shift) * scaling (diffusers' scaling_factor, shift_factor)."""
+
+    channels: int
+    factor: int  # image pixels per latent cell, each way
+    scaling_factor: float
+    shift_factor: float = 0.0
+
+    def to_vae(self, latents: np.ndarray) -> np.ndarray:
+        """Denoiser latents [B, C, h, w] -> the VAE decoder's input."""
+        scaled = latents / np.float32(self.scaling_factor)
+        return scaled + np.float32(self.shift_factor) if self.shift_factor else scaled
+
+    def from_vae(self, moment: np.ndarray, centred: bool = True) -> np.ndarray:
+        """A VAE posterior moment [B, C, h, w] -> denoiser latents; ``centred`` False for the std (no shift)."""
+        shifted = moment - np.float32(self.shift_factor) if centred and self.shift_factor else moment
+        return shifted * np.float32(self.scaling_factor)
+
+
+def guided_rows(cond: np.ndarray, uncond: np.ndarray | None, rows: int, guidance: bool) -> np.ndarray:
+    """One conditioning array for the denoiser's batch: [2 x rows, ...] unconditional rows first (as diffusers), or
+    [rows, ...] without guidance; a guided engine run at cfg <= 1 gets the conditional rows in both halves."""
+    if guidance:
+        return np.stack([uncond if uncond is not None else cond] * rows + [cond] * rows)
+    return np.stack([cond] * rows)
+
+
+class Family:
+    """A family's runtime side. Subclasses set the class attributes and implement ``conditioning``."""
+
+    name: ClassVar[str]
+    required: ClassVar[tuple[str, ...]]  # components an engine dir of this family must have
+    optional: ClassVar[tuple[str, ...]] = ()  # components it may have (the VAE encoder: img2img and inpainting)
+    # the inputs the pipeline feeds each component by name, beyond the denoiser's own sample and timestep
+    fed_inputs: ClassVar[dict[str, tuple[str, ...]]]
+
+    def __init__(self, manifest: "Manifest", engines: dict[str, "Engine"]):
+        self.manifest, self.engines = manifest, engines
+        for component, names in self.fed_inputs.items():
+            if component in engines:
+                for input_name in names:
+                    engines[component].info.input(input_name)  # an EngineError naming the input a re-export would add
+
+    @classmethod
+    def check_components(cls, manifest: "Manifest") -> list[str]:
+        """The components to load, required first; an EngineError when a required one is missing."""
+        missing = [name for name in cls.required if name not in manifest.components]
+        if missing:
+            raise EngineError(f"engine dir {manifest.root} has no {', '.join(missing)}")
+        return [*cls.required, *(name for name in cls.optional if name in manifest.components)]
+
+    @property
+    def latent(self) -> LatentLayout:
+        model, geometry = self.manifest.model, self.manifest.geometry
+        return LatentLayout(int(geometry["latent_channels"]), int(geometry["height"]) // int(geometry["latent_height"]),
+                            float(model["vae_scaling_factor"]), float(model.get("vae_shift_factor") or 0.0))
+
+    def conditioning(self, prompt: str, negative_prompt: str, clip_skip: int, use_cfg: bool,
+                     warnings: list[str]) -> dict[str, np.ndarray]:
+        """The denoiser's named conditioning arrays for one request, each [unet_batch, ...], unconditional rows first."""
+        raise NotImplementedError

@@ -10,17 +10,20 @@ onnx = pytest.importorskip("onnx")
 
 from sdfast.errors import ConfigError, ExportError
 from sdfast.export.build import ExportRequest, check_request, export_engine
-from sdfast.runtime.manifest import COMPONENTS, FORMAT_VERSION, read_manifest, sha256_file
+from sdfast.runtime.manifest import FORMAT_VERSION, read_manifest, sha256_file
 
 
 def test_manifest_describes_every_component(tiny_engine):
     manifest = read_manifest(tiny_engine)
     data = manifest.data
     assert data["format_version"] == FORMAT_VERSION
-    assert set(manifest.components) == set(COMPONENTS)
+    assert {name: (c.role, c.optional) for name, c in manifest.components.items()} == {
+        "text_encoder": ("text_encoder", False), "unet": ("denoiser", False), "vae_decoder": ("vae_decoder", False),
+        "vae_encoder": ("vae_encoder", True)}
+    assert data["family"] == "sd15" and set(manifest.tokenizers) == {"text_encoder"}
     assert data["source"]["fingerprint"].startswith("sha256:") and data["source"]["random_weights"] is True
-    assert data["model"]["vae_scaling_factor"] == pytest.approx(0.18215)
-    assert data["model"]["prediction_type"] == "epsilon"
+    assert manifest.latent == {"channels": 4, "factor": 8, "scaling_factor": pytest.approx(0.18215), "shift_factor": 0.0}
+    assert manifest.prediction_type == "epsilon"
     for key in ("torch", "diffusers", "transformers", "onnx", "onnxruntime"):
         assert data["libraries"][key]
     geometry = data["geometry"]

@@ -194,7 +194,7 @@ def test_clip_skip_is_the_layer_norm_of_an_earlier_layer(pipeline, tiny_model):
     from transformers import CLIPTextModel
 
     text_encoder = CLIPTextModel.from_pretrained(tiny_model / "text_encoder").eval()
-    ids = tokenize_weighted(pipeline.tokenizer, PROMPT).ids  # ids: [1, 77]
+    ids = tokenize_weighted(pipeline.family.text.tokenizer, PROMPT).ids  # ids: [1, 77]
     rows = np.repeat(ids, 2, axis=0)
     with torch.no_grad():
         hidden_states = text_encoder(torch.from_numpy(rows), output_hidden_states=True).hidden_states
@@ -226,10 +226,10 @@ def _torch_embeddings(text_encoder, ids: np.ndarray) -> torch.Tensor:
 def test_long_prompt_matches_diffusers_with_concatenated_chunk_embeddings(pipeline, tiny_model):
     """A several-chunk prompt and a 1-chunk negative, padded with empty chunks, through the dynamic-length U-Net."""
     long_prompt = ", ".join(f"{word} apple" for word in ["red", "green", "blue", "small", "large", "round"] * 6)
-    positive = tokenize_weighted(pipeline.tokenizer, long_prompt)
+    positive = tokenize_weighted(pipeline.family.text.tokenizer, long_prompt)
     assert 2 <= positive.chunks <= pipeline.max_text_chunks
-    negative = tokenize_weighted(pipeline.tokenizer, NEGATIVE)
-    empty = tokenize_weighted(pipeline.tokenizer, "")
+    negative = tokenize_weighted(pipeline.family.text.tokenizer, NEGATIVE)
+    empty = tokenize_weighted(pipeline.family.text.tokenizer, "")
     negative_ids = np.concatenate([negative.ids] + [empty.ids] * (positive.chunks - 1))
 
     reference = _diffusers("StableDiffusionPipeline", tiny_model, "EulerDiscreteScheduler")

@@ -51,7 +51,7 @@ def _variant_file(name):
 
 
 def _tokenizer_file(name):
-    return lambda data: data["tokenizer"]["files"].update({name: {"sha256": "0" * 64, "bytes": 1}})
+    return lambda data: data["tokenizers"]["text_encoder"]["files"].update({name: {"sha256": "0" * 64, "bytes": 1}})
 
 
 def _link_out(engine_dir, outside):

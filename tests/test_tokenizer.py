@@ -58,7 +58,7 @@ LEAD = {"comma-moves": 6, "comma-at-cut": 1}
 def runtime_tokenizer(tiny_engine) -> PromptTokenizer:
     """The lean runtime's tokenizer over the tiny engine's exported tokenizer.json."""
     manifest = read_manifest(tiny_engine)
-    info = manifest.tokenizer
+    info = manifest.tokenizers["text_encoder"]
     return PromptTokenizer(manifest.path(info["file"]), info["bos_id"], info["eos_id"], info["pad_id"], info["max_length"])
 
 

@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
         ("size", f"{geometry['width']}x{geometry['height']}, batch {geometry['batch']}, "
                  f"guidance {'on (U-Net batch ' + str(geometry['unet_batch']) + ')' if geometry['guidance'] else 'off'}"),
         ("precision", data.get("precision", "?")),
-        ("prediction", f"{data['model']['prediction_type']}, VAE scaling factor {data['model']['vae_scaling_factor']}"),
+        ("prediction", f"{manifest.prediction_type}; latents {manifest.latent['channels']} channels, 1/{manifest.latent['factor']} size, "
+                       f"VAE scaling factor {manifest.latent['scaling_factor']}, shift {manifest.latent['shift_factor']}"),
         ("scheduler", f"{data['scheduler'].get('class')} config ({data['scheduler']['file']})"),
         ("libraries", ", ".join(f"{k} {v}" for k, v in data.get("libraries", {}).items())),
     ]

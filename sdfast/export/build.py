@@ -173,6 +173,8 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
             leftover.unlink()
         file_info = _hashed(staging, files)
         entry = {
+            "role": component.role,
+            **({"optional": True} if component.optional else {}),
             "file": files[0].name,
             "files": file_info,
             "inputs": [t.to_json() for t in component.inputs],
@@ -243,16 +245,19 @@ def _build(request: ExportRequest, recipe, folder: Path, builtin: bool, staging:
             "max_text_chunks": dims["max_text_chunks"],
         },
         "dynamic_dims": dynamic_json,
+        "latent": {
+            "channels": dims["latent_channels"], "factor": recipe.latent_factor,
+            "scaling_factor": float(model.vae.config.scaling_factor),
+            "shift_factor": float(getattr(model.vae.config, "shift_factor", None) or 0.0),
+        },
+        "parametrization": {"prediction_type": model.scheduler_config.get("prediction_type") or "epsilon"},
         "model": {
-            "vae_scaling_factor": float(model.vae.config.scaling_factor),
-            "prediction_type": model.scheduler_config.get("prediction_type", "epsilon"),
-            "latent_factor": recipe.latent_factor,
             "unet_in_channels": dims["unet_in_channels"],
             "text_hidden": dims["text_hidden"],
             "text_layers": int(model.text_encoder.config.num_hidden_layers),  # clip skip goes from 1 to this
         },
         "precision": request.precision,
-        "tokenizer": tokenizer_info,
+        "tokenizers": {"text_encoder": tokenizer_info},  # keyed by the component each one feeds
         "scheduler": scheduler_info,
         "components": components,
         "libraries": _library_versions(),

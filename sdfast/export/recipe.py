@@ -57,6 +57,8 @@ class ComponentRecipe:
     keep_fp32_ops: tuple[str, ...] = ()  # op types that stay fp32 inside its fp16 graph
     whole_fp32_reason: str | None = None  # why an fp16 export keeps this component fp32
     ort_model_type: str | None = None  # onnxruntime transformer optimizer's model type, for GPU fusions
+    role: str = "denoiser"  # text_encoder, denoiser, vae_decoder or vae_encoder (the manifest's ROLES)
+    optional: bool = False  # an engine dir of the family may lack it
 
 
 @dataclass(frozen=True)
@@ -125,5 +127,6 @@ class Recipe:
         inputs, outputs = resolve(spec["inputs"]), resolve(spec["outputs"])
         return ComponentRecipe(
             name, inputs, outputs, float(tolerance), used, precision,
-            tuple(spec.get("fp16_keep_fp32_ops", ())), whole_fp32_reason, spec.get("ort_model_type"),
+            tuple(spec.get("fp16_keep_fp32_ops", ())), whole_fp32_reason, spec.get("ort_model_type"), spec["role"],
+            bool(spec.get("optional", False)),
         )

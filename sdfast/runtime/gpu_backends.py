@@ -196,7 +196,7 @@ class OrtCudaBackend(OrtBackend):
         path = confined(path.parent, self.graph_for(info)[0])
         from sdfast.runtime.native import load_kernels
 
-        cuda_graphs = info.name == "unet" and load_kernels() is not None
+        cuda_graphs = info.role == "denoiser" and load_kernels() is not None
         session = None
         for graphs in ([True, False] if cuda_graphs else [False]):
             providers = [("CUDAExecutionProvider", self.provider_options(info, graphs)), "CPUExecutionProvider"]
@@ -212,7 +212,7 @@ class OrtCudaBackend(OrtBackend):
         if "CUDAExecutionProvider" not in session.get_providers():
             raise EngineError(f"{info.name}: onnxruntime fell back to the CPU (is onnxruntime-gpu installed, and CUDA 12/13 found?)")
         _check_session_matches(session, info)
-        if info.name == "unet":
+        if info.role == "denoiser":
             return OrtCudaUnetEngine(info, session, self._stream.get(), cuda_graphs)
         return OrtCudaEngine(info, session)
 

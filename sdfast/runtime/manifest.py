@@ -12,8 +12,8 @@ from sdfast.errors import EngineError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "sdfast-engine"
-FORMAT_VERSION = 2  # 2: clip_skip input, dynamic prompt length (dynamic_dims), text_layers
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+FORMAT_VERSION = 3  # 3: tokenizers by the component they feed, component roles, the latent block, the parametrization
+ROLES = ("text_encoder", "denoiser", "vae_decoder", "vae_encoder")  # what a component does; a family may have several text encoders
 _HASH_CHUNK = 8 << 20
 
 
@@ -79,6 +79,8 @@ class ComponentInfo:
     precision: str
     dynamic: dict[str, DynamicDim]  # the manifest's dynamic axes, by name
     variants: dict[str, dict] = field(default_factory=dict)  # backend -> {"file", "files", "optimization"}: pre-optimized for it
+    role: str = "denoiser"  # one of ROLES: the backends treat the denoiser (loop, IO binding, CUDA graphs) apart
+    optional: bool = False  # the engine dir may lack it (the VAE encoder: img2img and inpainting only)
 
     def input(self, name: str) -> TensorSpec:
         """The input called ``name``; an engine without it was not made by this sdfast's export."""
@@ -98,6 +100,8 @@ class ComponentInfo:
             precision=data["precision"],
             dynamic={key: DynamicDim(key, int(d["multiple_of"]), int(d["min"]), int(d["max"])) for key, d in (dynamic or {}).items()},
             variants=dict(data.get("variants", {})),
+            role=data["role"],
+            optional=bool(data.get("optional", False)),
         )
 
 
@@ -118,8 +122,18 @@ class Manifest:
         return self.data["model"]
 
     @property
-    def tokenizer(self) -> dict:
-        return self.data["tokenizer"]
+    def tokenizers(self) -> dict[str, dict]:
+        """The tokenizers, keyed by the text-encoder component each one feeds."""
+        return self.data["tokenizers"]
+
+    @property
+    def latent(self) -> dict:
+        """channels, factor, scaling_factor, shift_factor: the VAE's latent space (never inline constants)."""
+        return self.data["latent"]
+
+    @property
+    def prediction_type(self) -> str:
+        return self.data["parametrization"]["prediction_type"]
 
     @property
     def family(self) -> str:
@@ -146,7 +160,8 @@ class Manifest:
             files.update(component.files)
             for variant in component.variants.values():
                 files.update(variant["files"])
-        files.update(self.data["tokenizer"]["files"])
+        for tokenizer in self.tokenizers.values():
+            files.update(tokenizer["files"])
         files.update(self.data["scheduler"]["files"])
         return files
 
@@ -212,19 +227,26 @@ def read_manifest(engine_dir: str | Path) -> Manifest:
 _REQUIRED = {
     "geometry": {"height": int, "width": int, "batch": int, "guidance": bool, "unet_batch": int, "latent_channels": int,
                  "latent_height": int, "latent_width": int, "text_length": int, "max_text_chunks": int},
-    "model": {"vae_scaling_factor": (int, float), "prediction_type": str, "unet_in_channels": int, "text_layers": int},
-    "tokenizer": {"file": str, "files": dict, "bos_id": int, "eos_id": int, "pad_id": int, "max_length": int},
+    "model": {"unet_in_channels": int, "text_layers": int},
+    "latent": {"channels": int, "factor": int, "scaling_factor": (int, float), "shift_factor": (int, float)},
+    "parametrization": {"prediction_type": str},
+    "tokenizers": {},
     "scheduler": {"file": str, "files": dict},
     "source": {"name": str, "fingerprint": str},
     "components": {},
     "dynamic_dims": {},
 }
+_TOKENIZER_FIELDS = {"file": str, "files": dict, "bos_id": int, "eos_id": int, "pad_id": int, "max_length": int}
 _TENSOR_DTYPES = ("float32", "float16", "int64", "int32")
 
 
 def _check_structure(data: dict, root: Path) -> None:
+    from sdfast.runtime.families import FAMILY_NAMES
+
     if not isinstance(data.get("family"), str):
         raise ValueError("'family' is missing or not a string")
+    if data["family"] not in FAMILY_NAMES:
+        raise ValueError(f"model family '{data['family']}' is not one this sdfast runs ({', '.join(FAMILY_NAMES)})")
     for section, fields in _REQUIRED.items():
         if not isinstance(data.get(section), dict):
             raise ValueError(f"'{section}' must be an object")
@@ -235,19 +257,29 @@ def _check_structure(data: dict, root: Path) -> None:
     for field_name, value in data["geometry"].items():
         if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
             raise ValueError(f"'geometry.{field_name}' must be positive")
-    if not 3 <= data["tokenizer"]["max_length"] == data["geometry"]["text_length"]:
-        raise ValueError("'tokenizer.max_length' must equal 'geometry.text_length' (at least 3)")
+    for feeds, tokenizer in data["tokenizers"].items():
+        for field_name, kind in _TOKENIZER_FIELDS.items():
+            if not isinstance(tokenizer, dict) or not isinstance(tokenizer.get(field_name), kind) or isinstance(tokenizer.get(field_name), bool):
+                raise ValueError(f"tokenizer of '{feeds}': '{field_name}' is missing or of the wrong type")
+        if not 3 <= tokenizer["max_length"] == data["geometry"]["text_length"]:
+            raise ValueError(f"tokenizer of '{feeds}': 'max_length' must equal 'geometry.text_length' (at least 3)")
+        if not isinstance(data["components"].get(feeds), dict) or data["components"][feeds].get("role") != "text_encoder":
+            raise ValueError(f"a tokenizer feeds '{feeds}', which is not a text-encoder component")
+        _check_files(tokenizer["files"], root)
+        if tokenizer["file"] not in tokenizer["files"]:
+            raise ValueError(f"tokenizer of '{feeds}': its file is not among its hashed files")
     for name, dim in data["dynamic_dims"].items():
         if not isinstance(dim, dict) or not all(
             isinstance(dim.get(k), int) and not isinstance(dim[k], bool) and dim[k] > 0 for k in ("multiple_of", "min", "max")
         ) or dim["min"] > dim["max"]:
             raise ValueError(f"dynamic dim '{name}' needs positive integers multiple_of, min <= max")
-    for section in ("tokenizer", "scheduler"):
-        _check_files(data[section]["files"], root)
-        if data[section]["file"] not in data[section]["files"]:
-            raise ValueError(f"'{section}.file' is not among its hashed files")
+    _check_files(data["scheduler"]["files"], root)
+    if data["scheduler"]["file"] not in data["scheduler"]["files"]:
+        raise ValueError("'scheduler.file' is not among its hashed files")
     for name, info in data["components"].items():
         _check_graph_files(f"component '{name}'", info, root)
+        if info.get("role") not in ROLES:
+            raise ValueError(f"component '{name}': 'role' must be one of {', '.join(ROLES)}")
         if not isinstance(info.get("variants", {}), dict):
             raise ValueError(f"component '{name}': 'variants' must be an object")
         for backend, variant in info.get("variants", {}).items():

@@ -143,7 +143,8 @@ class Pipeline:
             raise EngineError(f"backend '{backend}' is not available: {why}")
         family = family_class(manifest.family)
         components = [manifest.components[name] for name in family.check_components(manifest)]
-        files = {**manifest.tokenizer["files"], **manifest.data["scheduler"]["files"]}
+        files = {name: entry for tokenizer in manifest.tokenizers.values() for name, entry in tokenizer["files"].items()}
+        files.update(manifest.data["scheduler"]["files"])
         for info in components:
             files.update(runtime_backend.files_for(info))
         manifest.verify_files(full=verify == "full", files=files,
@@ -292,7 +293,7 @@ class Pipeline:
 
         denoiser = _LatestEstimate(Denoiser(
             self._unet_function(conditioning, request.cfg_scale, use_cfg, timings, masked),
-            self.manifest.model["prediction_type"],
+            self.manifest.prediction_type,
             lambda sigma: plan.timestep_for(sigma, self.schedule),
         ))
         steps_done = 0
@@ -325,7 +326,7 @@ class Pipeline:
             return None
         key = (spec.key, request.steps, float(request.eta))
         if key not in self._tables:
-            self._tables[key] = sampler_table(spec, plan, self.scheduler_config, self.manifest.model["prediction_type"], self.schedule,
+            self._tables[key] = sampler_table(spec, plan, self.scheduler_config, self.manifest.prediction_type, self.schedule,
                                               float(request.eta))
         return self._tables[key]  # None: this sampler is not a fixed linear recurrence (DPM++ SDE's Brownian tree)
 

@@ -13,6 +13,7 @@ from sdfast.runtime.families.base import Family, LatentLayout, guided_rows
 
 # family name -> module holding its Family subclass as FAMILY; more families are more lines here
 _MODULES = {"sd15": "sdfast.runtime.families.sd15"}
+FAMILY_NAMES = tuple(_MODULES)
 
 
 def family_class(name: str) -> type[Family]:
@@ -22,4 +23,4 @@ def family_class(name: str) -> type[Family]:
     return importlib.import_module(_MODULES[name]).FAMILY
 
 
-__all__ = ["Family", "LatentLayout", "family_class", "guided_rows"]
+__all__ = ["FAMILY_NAMES", "Family", "LatentLayout", "family_class", "guided_rows"]

@@ -67,9 +67,8 @@ class Family:
 
     @property
     def latent(self) -> LatentLayout:
-        model, geometry = self.manifest.model, self.manifest.geometry
-        return LatentLayout(int(geometry["latent_channels"]), int(geometry["height"]) // int(geometry["latent_height"]),
-                            float(model["vae_scaling_factor"]), float(model.get("vae_shift_factor") or 0.0))
+        block = self.manifest.latent
+        return LatentLayout(int(block["channels"]), int(block["factor"]), float(block["scaling_factor"]), float(block["shift_factor"]))
 
     def conditioning(self, prompt: str, negative_prompt: str, clip_skip: int, use_cfg: bool,
                      warnings: list[str]) -> dict[str, np.ndarray]:

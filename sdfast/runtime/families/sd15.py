@@ -17,7 +17,7 @@ class StableDiffusion1(Family):
 
     def __init__(self, manifest, engines):
         super().__init__(manifest, engines)
-        tok = manifest.tokenizer
+        tok = manifest.tokenizers["text_encoder"]
         tokenizer = PromptTokenizer(manifest.path(tok["file"]), tok["bos_id"], tok["eos_id"], tok["pad_id"], tok["max_length"])
         self.text = PromptEncoder(tokenizer, engines["text_encoder"], int(manifest.geometry["max_text_chunks"]))
 

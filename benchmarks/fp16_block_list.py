@@ -23,20 +23,19 @@ def main() -> int:
     parser.add_argument("--components", default="text_encoder,unet,vae_encoder")
     args = parser.parse_args()
 
-    from sdfast.export.build import ExportRequest, _dimensions
+    from sdfast.export.build import ExportRequest
     from sdfast.export.builtin import ensure_builtin
-    from sdfast.export.components import WRAPPERS, sample_inputs
+    from sdfast.export.families.sd15 import WRAPPERS, dimensions, load, sample_inputs
     from sdfast.export.fp16 import convert_to_fp16
     from sdfast.export.onnx_export import export_to_onnx, optimize_offline
     from sdfast.export.parity import compare, torch_outputs
     from sdfast.export.recipe import Recipe
-    from sdfast.export.source import load_model
     from sdfast.runtime.backends import get_backend
     from sdfast.runtime.manifest import ComponentInfo
 
-    model = load_model(ensure_builtin(args.model))
+    model = load(ensure_builtin(args.model))
     recipe = Recipe.load("sd15")
-    dims = _dimensions(ExportRequest(model=args.model, out=Path("unused")), recipe, model)
+    dims = dimensions(ExportRequest(model=args.model, out=Path("unused")), recipe, model)
     dynamic = {dim.name: dim.to_json() for dim in recipe.dynamic_dims(dims).values()}
     results = {}
     with tempfile.TemporaryDirectory() as work:

@@ -72,11 +72,10 @@ def test_exported_flops_match_torch_flop_counter(tiny_engine, tiny_model):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sdfast.export.components import WRAPPERS
-    from sdfast.export.source import load_model
+    from sdfast.export.families.sd15 import WRAPPERS, load
 
     manifest = json.loads((tiny_engine / "manifest.json").read_text())
-    model = load_model(tiny_model)
+    model = load(tiny_model)
     for name, component in manifest["components"].items():
         flops = component["flops"]
         shapes = flops["input_shapes"]

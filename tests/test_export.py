@@ -147,3 +147,34 @@ def test_force_replaces_an_engine_dir(tiny_model, tmp_path):
     export_engine(ExportRequest(model=str(tiny_model), out=out, force=True, height=32, width=32))
     assert not (out / "stale.txt").exists() and read_manifest(out).geometry["height"] == 32
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
+
+
+def _folder_with_pipeline_class(tiny_model, tmp_path, pipeline_class: str):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": pipeline_class}))
+    return folder
+
+
+def test_the_family_comes_from_the_pipeline_class_and_an_unknown_one_is_refused(tiny_model, tmp_path):
+    from tests.conftest import run_cli, visible_lines
+
+    folder = _folder_with_pipeline_class(tiny_model, tmp_path, "KandinskyV22Pipeline")
+    done = run_cli("export", "--model", folder, "--out", tmp_path / "engine")
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert visible_lines(done.stderr)[-1] == (
+        f"sdfast export: error: '{folder}' holds a KandinskyV22Pipeline; sdfast exports StableDiffusionPipeline, "
+        "StableDiffusionInpaintPipeline (or name the family with --family: sd15)")
+    done = run_cli("export", "--model", folder, "--out", tmp_path / "engine", "--family", "sd9")
+    assert visible_lines(done.stderr)[-1] == "sdfast export: error: --family 'sd9' is not a model family sdfast exports (sd15)"
+    assert not (tmp_path / "engine").exists()
+
+
+def test_family_override_exports_a_folder_of_another_pipeline_class(tiny_model, tmp_path):
+    folder = _folder_with_pipeline_class(tiny_model, tmp_path, "MyFineTunedStableDiffusionPipeline")
+    out = export_engine(ExportRequest(model=str(folder), out=tmp_path / "engine", family="sd15", cpu_variant=False))
+    manifest = read_manifest(out)
+    assert manifest.family == "sd15" and manifest.components["unet"].role == "denoiser"

@@ -9,7 +9,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks" / "gpu"))
 from check import junit_counts  # noqa: E402
-from runner import Check, StageError  # noqa: E402
+from runner import Check  # noqa: E402
 
 
 def test_a_failing_stage_is_reported_and_the_next_still_runs(tmp_path):

@@ -19,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest prompt the U-Net takes, in 75-token chunks (default 8, i.e. 600 tokens)")
     parser.add_argument("--no-cpu-variant", dest="cpu_variant", action="store_false",
                         help="skip the copy of each graph pre-optimized for onnxruntime's CPU provider (half the disk; CPU cold start then re-optimizes)")
+    parser.add_argument("--family", help="the model family, overriding what model_index.json's pipeline class implies (sd15)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     request = ExportRequest(
         model=args.model, out=args.out, height=args.height, width=args.width, batch=args.batch,
-        precision=args.precision, guidance=args.guidance, force=args.force, max_prompt_chunks=args.max_prompt_chunks, cpu_variant=args.cpu_variant,
+        precision=args.precision, guidance=args.guidance, force=args.force, family=args.family, max_prompt_chunks=args.max_prompt_chunks, cpu_variant=args.cpu_variant,
     )
     check_request(request)  # refuse bad shapes and paths before importing torch
     export_engine(request, ElapsedLog("export"))

@@ -13,7 +13,9 @@ def recipe_text(family: str) -> str:
     try:
         return resources.files("sdfast.recipes").joinpath(f"{family}.toml").read_text(encoding="utf-8")
     except (FileNotFoundError, ModuleNotFoundError):
-        raise ConfigError(f"no export recipe for model family '{family}'") from None
+        from sdfast.export.families import FAMILIES
+
+        raise ConfigError(f"no export recipe for model family '{family}' (sdfast exports {', '.join(FAMILIES)})") from None
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,22 @@
-"""A diffusers-format Stable Diffusion folder: checked, fingerprinted and loaded in PyTorch (heavy side)."""
+"""A diffusers-format model folder: checked and fingerprinted (heavy side; each family's module loads it)."""
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from sdfast.errors import ConfigError
 from sdfast.sampling.registry import check_supported
 
-REQUIRED_SUBFOLDERS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+T = TypeVar("T")
 
 
-def check_model_folder(folder: Path, pipeline_classes: list[str]) -> dict:
-    """model_index.json of a supported pipeline and the component folders it needs; returns model_index."""
+def read_model_index(folder: Path) -> dict:
+    """model_index.json of a diffusers folder; a ConfigError in one line for anything else."""
     if not folder.exists():
-        raise ConfigError(f"model folder '{folder}' does not exist (pass a diffusers folder, or 'tiny' or 'sd15')")
+        raise ConfigError(f"model folder '{folder}' does not exist (pass a diffusers folder, or a built-in model)")
     if not folder.is_dir():
         raise ConfigError(f"model '{folder}' is not a folder; sdfast export takes a diffusers-format folder")
     index_path = folder / "model_index.json"
@@ -26,13 +26,20 @@ def check_model_folder(folder: Path, pipeline_classes: list[str]) -> dict:
         model_index = json.loads(index_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise ConfigError(f"{index_path}: not valid JSON ({error})") from None
-    pipeline_class = model_index.get("_class_name")
-    if pipeline_class not in pipeline_classes:
-        raise ConfigError(f"'{folder}' holds a {pipeline_class}; this recipe exports {', '.join(pipeline_classes)}")
-    missing = [name for name in REQUIRED_SUBFOLDERS if not (folder / name).is_dir()]
+    if not isinstance(model_index, dict):
+        raise ConfigError(f"{index_path}: not a model index (a JSON object)")
+    return model_index
+
+
+def check_model_folder(folder: Path, recipe, pipeline_class: str | None) -> None:
+    """The folder has the component folders the recipe's family reads; ``pipeline_class`` (None: --family was given)
+    is one the recipe exports."""
+    classes = recipe.data["pipeline_classes"]
+    if pipeline_class is not None and pipeline_class not in classes:
+        raise ConfigError(f"'{folder}' holds a {pipeline_class}; the {recipe.family} recipe exports {', '.join(classes)}")
+    missing = [name for name in recipe.data["model_folders"] if not (folder / name).is_dir()]
     if missing:
         raise ConfigError(f"'{folder}' lacks the component folder(s) {', '.join(missing)}")
-    return model_index
 
 
 def weights_fingerprint(folder: Path) -> str:
@@ -49,48 +56,29 @@ def weights_fingerprint(folder: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-@dataclass
-class LoadedModel:
-    """The PyTorch components of a Stable Diffusion folder, fp32, in eval mode."""
+def read_scheduler_config(folder: Path) -> dict:
+    """scheduler/scheduler_config.json, refused by name when sdfast cannot run it (read before any weights load)."""
+    path = folder / "scheduler" / "scheduler_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot read {path}: {error}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: not a scheduler config (a JSON object)")
+    check_supported(config)
+    return config
 
-    folder: Path
-    text_encoder: object
-    unet: object
-    vae: object
-    tokenizer: object
-    scheduler_config: dict
 
-
-def load_model(folder: Path) -> LoadedModel:
+def load_or_refuse(folder: Path, what: str, loader: Callable[[], T]) -> T:
+    """``loader()``, its failure (of any type) said in one line as a bad folder; transformers and diffusers kept quiet."""
     import diffusers
-    import torch
     import transformers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     for library in (diffusers, transformers):  # sdfast reports progress itself
         library.logging.set_verbosity_error()
         library.logging.disable_progress_bar()
-
-    def load(what: str, loader):
-        try:
-            return loader()
-        except Exception as error:  # noqa: BLE001 - any load failure is a bad folder, said in one line
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ConfigError(f"cannot load {what} from '{folder}': {first_line}") from None
-
-    scheduler_path = folder / "scheduler" / "scheduler_config.json"  # read first: a scheduler sdfast cannot run stops the export
     try:
-        scheduler_config = json.loads(scheduler_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"cannot read {scheduler_path}: {error}") from None
-    if not isinstance(scheduler_config, dict):
-        raise ConfigError(f"{scheduler_path}: not a scheduler config (a JSON object)")
-    check_supported(scheduler_config)
-    text_encoder = load("text_encoder", lambda: CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32))
-    unet = load("unet", lambda: UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32))
-    vae = load("vae", lambda: AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32))
-    tokenizer = load("tokenizer", lambda: CLIPTokenizer.from_pretrained(folder / "tokenizer"))
-    for module in (text_encoder, unet, vae):
-        module.eval().requires_grad_(False)
-    return LoadedModel(folder, text_encoder, unet, vae, tokenizer, scheduler_config)
+        return loader()
+    except Exception as error:  # noqa: BLE001 - any load failure is a bad folder, said in one line
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"cannot load {what} from '{folder}': {first_line}") from None

@@ -139,3 +139,37 @@ def test_every_file_is_as_readable_as_the_umask_allows(tiny_fp16_engine):
     os.umask(umask)
     for path in tiny_fp16_engine.rglob("*"):
         assert path.stat().st_mode & 0o777 == ((0o777 if path.is_dir() else 0o666) & ~umask), path
+
+
+def _score_dtypes(path) -> dict[str, int]:
+    """The element type each attention op computes in: the type of its output after shape inference."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.output)}
+    return {node.op_type + ("_scores" if node.op_type == "MatMul" else ""): types[node.output[0]]
+            for node in model.graph.node if node.op_type == "Softmax" or (node.op_type == "MatMul" and "scores" in node.output[0])}
+
+
+def test_fp32_attention_scores_keep_the_score_path_fp32(tmp_path):
+    """SD 2.1's scores overflow fp16's 65504 (on a GPU; the CPU provider upcasts fp16 MatMul itself): with the policy,
+    Q·Kᵀ, its scalings and the Softmax compute in fp32 and give the fp32 answer."""
+    scale = numpy_helper.from_array(np.array(0.5, np.float32), "scale")  # torch's export scales Q and K by sqrt(1/sqrt(d))
+    nodes = [helper.make_node("Mul", ["q", "scale"], ["qs"]), helper.make_node("Transpose", ["k"], ["kt"], perm=[1, 0]),
+             helper.make_node("Mul", ["kt", "scale"], ["ks"]), helper.make_node("MatMul", ["qs", "ks"], ["scores"]),
+             helper.make_node("Softmax", ["scores"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v"], ["y"])]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4, 8]) for n in ("q", "k", "v")]
+    graph = helper.make_graph(nodes, "attention", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], [scale])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "attn.onnx"))
+    _, plain = convert_to_fp16(tmp_path / "attn.onnx", tmp_path / "plain.onnx", [])
+    _, record = convert_to_fp16(tmp_path / "attn.onnx", tmp_path / "upcast.onnx", [], "upcast_attention")
+    assert record["fp32_attention_scores"] == {"nodes": 4, "why": "upcast_attention"}  # Softmax, Q·Kᵀ and the two scalings
+    assert "fp32_attention_scores" not in plain
+    assert _score_dtypes(tmp_path / "plain.onnx") == {"MatMul_scores": TensorProto.FLOAT16, "Softmax": TensorProto.FLOAT16}
+    assert _score_dtypes(tmp_path / "upcast.onnx") == {"MatMul_scores": TensorProto.FLOAT, "Softmax": TensorProto.FLOAT}
+    rng = np.random.default_rng(2)
+    feeds = {"q": rng.uniform(150, 300, (4, 8)).astype(np.float32), "k": rng.uniform(150, 300, (4, 8)).astype(np.float32),
+             "v": rng.standard_normal((4, 8)).astype(np.float32)}  # scores of 4e4 to 2e5: beyond fp16
+    expected = ort.InferenceSession(str(tmp_path / "attn.onnx")).run(None, feeds)[0]
+    got = ort.InferenceSession(str(tmp_path / "upcast.onnx")).run(None, feeds)[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-2 * np.abs(expected).max())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
-                        help="a diffusers-format folder, or a built-in random-weight model: tiny, tiny-inpaint, sd15")
+                        help="a diffusers-format folder, or a built-in random-weight model: tiny, tiny-inpaint, tiny-sd2, sd15, sd21")
     parser.add_argument("--out", required=True, type=Path, help="the engine dir to write")
     parser.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: the model's native size)")
     parser.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's native size)")

@@ -1,9 +1,10 @@
-"""Built-in random-weight Stable Diffusion 1.x pipelines, made locally from diffusers config classes.
+"""Built-in random-weight Stable Diffusion 1.x and 2.x pipelines, made locally from diffusers config classes.
 
-``tiny`` has SD 1.x's structure at toy width, for tests. ``sd15`` has SD 1.5's real architecture and
-configs, so latency is real; its weights are random, so its images are noise. Both are saved as
-ordinary diffusers folders and cached under ``$SDFAST_CACHE`` (default ``~/.cache/sdfast``). Their
-tokenizer is CLIP's real one (builtin_tokenizer.py), so prompts tokenize as on a real SD 1.x model.
+``tiny`` has SD 1.x's structure at toy width and ``tiny-sd2`` SD 2.x's (OpenCLIP-style text encoder, linear
+projections, upcast attention, v-prediction), for tests. ``sd15`` and ``sd21`` have SD 1.5's and SD 2.1's real
+architectures and configs, so latency is real; their weights are random, so their images are noise. All are saved as
+ordinary diffusers folders and cached under ``$SDFAST_CACHE`` (default ``~/.cache/sdfast``). Their tokenizer is
+CLIP's real one (builtin_tokenizer.py), so prompts tokenize as on a real model; SD 2.x's pads with "!" (id 0).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Callable
 
 from sdfast.export.builtin_tokenizer import CLIP_VOCAB_SIZE, bpe_data_path, write_tokenizer_files
 
-BUILTIN_FORMAT = 2  # bump when what a built-in folder holds changes; stale caches are rebuilt
+BUILTIN_FORMAT = 3  # bump when what a built-in folder holds changes; stale caches are rebuilt
 MARKER = "sdfast_builtin.json"
 
 # stable-diffusion-v1-5's scheduler_config.json, key for key.
@@ -28,6 +29,20 @@ SD15_SCHEDULER_CONFIG = {
     "beta_start": 0.00085,
     "clip_sample": False,
     "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+# stable-diffusion-2-1's (768 px, v-prediction) scheduler_config.json, key for key.
+SD21_SCHEDULER_CONFIG = {
+    "_class_name": "DDIMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
     "set_alpha_to_one": False,
     "skip_prk_steps": True,
     "steps_offset": 1,
@@ -47,6 +62,8 @@ class BuiltinModel:
     vae: dict = field(default_factory=dict)
     text_encoder: dict = field(default_factory=dict)
     pipeline_class: str = "StableDiffusionPipeline"
+    scheduler: dict = field(default_factory=lambda: dict(SD15_SCHEDULER_CONFIG))  # written as the model ships it
+    pad_token: str | None = None  # None: CLIP's (<|endoftext|>, SD 1.x); "!" for SD 2.x's OpenCLIP tokenizer
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -101,6 +118,31 @@ BUILTIN_MODELS |= {
     ),
 }
 
+# SD 2.x: OpenCLIP ViT-H/14 in CLIPTextModel form (gelu, 23 of its 24 layers: the penultimate is the output), a U-Net
+# with linear projections, per-block head counts and upcast attention (2.1 overflows fp16 attention), v-prediction.
+BUILTIN_MODELS |= {
+    "tiny-sd2": replace(
+        BUILTIN_MODELS["tiny"], name="tiny-sd2", description="SD 2.x structure at toy width (random weights), for tests", seed=3,
+        unet={**BUILTIN_MODELS["tiny"].unet, "attention_head_dim": (2, 4), "use_linear_projection": True, "upcast_attention": True},
+        text_encoder={**BUILTIN_MODELS["tiny"].text_encoder, "hidden_act": "gelu", "projection_dim": 16},
+        scheduler=dict(SD21_SCHEDULER_CONFIG), pad_token="!",
+    ),
+    "sd21": BuiltinModel(
+        name="sd21",
+        description="Stable Diffusion 2.1 (768, v-prediction) architecture and configs with RANDOM weights (real latency, noise images)",
+        default_size=768,
+        seed=0,
+        unet={**BUILTIN_MODELS["sd15"].unet, "sample_size": 96, "attention_head_dim": (5, 10, 20, 20), "cross_attention_dim": 1024,
+              "use_linear_projection": True, "upcast_attention": True},
+        vae={**BUILTIN_MODELS["sd15"].vae, "sample_size": 768},
+        text_encoder=dict(
+            vocab_size=CLIP_VOCAB_SIZE, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+            max_position_embeddings=77, hidden_act="gelu", projection_dim=512, layer_norm_eps=1e-5,
+        ),
+        scheduler=dict(SD21_SCHEDULER_CONFIG), pad_token="!",
+    ),
+}
+
 
 def cache_root() -> Path:
     return Path(os.environ.get("SDFAST_CACHE", Path.home() / ".cache" / "sdfast"))
@@ -149,7 +191,7 @@ def save_builtin(model: BuiltinModel, folder: Path) -> None:
     transformers.logging.set_verbosity_error()  # before diffusers' pipeline imports probe optional image processors
     transformers.logging.disable_progress_bar()
     import diffusers
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     diffusers.logging.set_verbosity_error()
@@ -157,7 +199,7 @@ def save_builtin(model: BuiltinModel, folder: Path) -> None:
 
     raw_tokenizer_dir = folder / "_raw_tokenizer"
     vocab_path, merges_path = write_tokenizer_files(raw_tokenizer_dir)
-    tokenizer = CLIPTokenizer(vocab=str(vocab_path), merges=str(merges_path))
+    tokenizer = CLIPTokenizer(vocab=str(vocab_path), merges=str(merges_path), **({"pad_token": model.pad_token} if model.pad_token else {}))
     tokenizer.model_max_length = model.text_encoder["max_position_embeddings"]
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
@@ -167,15 +209,15 @@ def save_builtin(model: BuiltinModel, folder: Path) -> None:
     unet = UNet2DConditionModel(**model.unet).eval()
     torch.manual_seed(model.seed + 2)
     vae = AutoencoderKL(**model.vae).eval()
-    scheduler = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
+    scheduler = getattr(diffusers, model.scheduler["_class_name"]).from_config(model.scheduler)
 
     pipeline = getattr(diffusers, model.pipeline_class)(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipeline.save_pretrained(folder, safe_serialization=True)
-    # The scheduler file as SD 1.5 ships it (diffusers would drop keys PNDM does not take, such as clip_sample).
-    scheduler_config = {**SD15_SCHEDULER_CONFIG, "_diffusers_version": json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_diffusers_version"]}
+    # The scheduler file as the model ships it (diffusers would drop keys its class does not take, such as clip_sample).
+    scheduler_config = {**model.scheduler, "_diffusers_version": json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_diffusers_version"]}
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
     for path in (vocab_path, merges_path):  # also CLIP's classic files, for older tokenizer loaders
         shutil.copy(path, folder / "tokenizer" / path.name)

@@ -38,7 +38,8 @@ def export_component(request, recipe, family, model, name: str, dims: dict, dyna
     progress(f"{label}: exported to ONNX in {exported_s:.1f} s ({counted})")
 
     step = time.perf_counter()
-    files, variants, fp16_record = graphs(request, component, raw_path, staging, label, progress)
+    files, variants, fp16_record = graphs(request, component, raw_path, staging, label, progress,
+                                          family.fp32_attention_scores(model, name))
     optimized_s = time.perf_counter() - step
     for leftover in raw_dir.glob(f"{name}.*"):
         leftover.unlink()
@@ -96,11 +97,12 @@ def export_component(request, recipe, family, model, name: str, dims: dict, dyna
     return entry
 
 
-def graphs(request, component, raw_path: Path, staging: Path, label: str, progress: Progress):
+def graphs(request, component, raw_path: Path, staging: Path, label: str, progress: Progress, fp32_scores: str | None = None):
     """The component's files: the portable graph (fp32 or fp16) and its per-backend variants.
 
     fp32: the portable graph, plus the CPU variant (Winograd, MHA, onnxruntime's NCHWc layouts for this CPU).
     fp16: the portable graph converted to fp16, plus the CUDA variant (MHA and the GPU fusions, then fp16).
+    ``fp32_scores``: why this component's attention scores stay fp32 in fp16 graphs (the family's policy), or None.
     Returns (files, variants, the manifest's fp16 record or None).
     """
     import onnxruntime
@@ -113,11 +115,12 @@ def graphs(request, component, raw_path: Path, staging: Path, label: str, progre
     variants: dict[str, dict] = {}
     if component.precision == "fp16":
         optimized = optimize_offline(raw_path, raw_dir / f"{name}.fp32.onnx")[0]
-        files, fp16_record = convert_to_fp16(optimized, staging / f"{name}.onnx", list(component.keep_fp32_ops))
+        files, fp16_record = convert_to_fp16(optimized, staging / f"{name}.onnx", list(component.keep_fp32_ops), fp32_scores)
         if component.ort_model_type:
             fused_path = raw_dir / f"{name}.cuda32.onnx"
             fusions = rewrite_for_cuda(raw_path, fused_path, component.ort_model_type)
-            cuda_files, _ = convert_to_fp16(fused_path, staging / f"{name}.cuda.onnx", list(component.keep_fp32_ops))
+            # fused attention (MultiHeadAttention) keeps its scores in fp32 accumulators; any left unfused is blocked here
+            cuda_files, _ = convert_to_fp16(fused_path, staging / f"{name}.cuda.onnx", list(component.keep_fp32_ops), fp32_scores)
             variants["cuda"] = {"file": cuda_files[0].name, "files": hashed(staging, cuda_files), "optimization": {
                 "tool": "onnxruntime.transformers.optimizer", "model_type": component.ort_model_type, "for": "CUDAExecutionProvider",
                 "onnxruntime": onnxruntime.__version__, "fusions": fusions}}

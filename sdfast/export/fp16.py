@@ -17,8 +17,12 @@ from sdfast.export.onnx_export import EXTERNAL_DATA_THRESHOLD
 CONVERTER = "onnxruntime.transformers.float16.convert_float_to_float16"
 
 
-def convert_to_fp16(src: Path, out: Path, keep_fp32_ops: list[str]) -> tuple[list[Path], dict]:
-    """Write ``src`` as fp16 to ``out`` (+ ``.data`` when large); returns the files and the manifest's ``fp16`` record."""
+def convert_to_fp16(src: Path, out: Path, keep_fp32_ops: list[str], fp32_attention_scores: str | None = None) -> tuple[list[Path], dict]:
+    """Write ``src`` as fp16 to ``out`` (+ ``.data`` when large); returns the files and the manifest's ``fp16`` record.
+
+    ``fp32_attention_scores`` (the reason, or None): keep every attention's Q·Kᵀ, its scaling and its Softmax in fp32, as
+    diffusers' upcast_attention does (SD 2.1's scores overflow fp16's 65504); the ·V product stays fp16, as there.
+    """
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     # the converter places its Casts from value_info; infer it by path, which works past protobuf's 2 GiB
@@ -28,12 +32,19 @@ def convert_to_fp16(src: Path, out: Path, keep_fp32_ops: list[str]) -> tuple[lis
     model = onnx.load(str(inferred))
     inferred.unlink()
     block_list = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_fp32_ops))
-    converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=block_list, disable_shape_infer=True)
+    _unique_node_names(model.graph)  # the converter's node block list goes by name
+    score_nodes = attention_score_nodes(model.graph) if fp32_attention_scores else []
+    converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=block_list, node_block_list=score_nodes,
+                                         disable_shape_infer=True)
     del model
     removed = _drop_duplicate_casts(converted.graph)
+    if score_nodes:
+        _keep_fp32_between(converted.graph, set(score_nodes))
     _unique_node_names(converted.graph)
-    kept = collections.Counter(node.op_type for node in converted.graph.node if node.op_type in block_list)
-    fp16_nodes = sum(1 for node in converted.graph.node if node.op_type not in block_list and node.op_type != "Cast")
+    kept_names = set(score_nodes)
+    kept = collections.Counter(node.op_type for node in converted.graph.node if node.op_type in block_list or node.name in kept_names)
+    fp16_nodes = sum(1 for node in converted.graph.node
+                     if node.op_type not in block_list and node.name not in kept_names and node.op_type != "Cast")
     files = [out]
     large = sum(init.ByteSize() for init in converted.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     if large:
@@ -47,9 +58,57 @@ def convert_to_fp16(src: Path, out: Path, keep_fp32_ops: list[str]) -> tuple[lis
         "requested_fp32_ops": sorted(keep_fp32_ops),
         "kept_fp32_ops": dict(sorted(kept.items())),  # op type -> nodes that still compute in fp32 (recipe's list and the converter's own)
         "fp16_nodes": fp16_nodes,
+        **({"fp32_attention_scores": {"nodes": len(score_nodes), "why": fp32_attention_scores}} if fp32_attention_scores else {}),
         "duplicate_casts_removed": removed,
     }
     return files, record
+
+
+def attention_score_nodes(graph: onnx.GraphProto) -> list[str]:
+    """Names of each attention's score path: Softmax, the MatMul (Q·Kᵀ) feeding it, and the Muls scaling Q and K there."""
+    producer = {out: node for node in graph.node for out in node.output}
+    names = []
+    for softmax in (node for node in graph.node if node.op_type == "Softmax"):
+        scores = producer.get(softmax.input[0])
+        if scores is None or scores.op_type != "MatMul":
+            continue
+        names += [softmax.name, scores.name]
+        names += [p.name for p in (producer.get(i) for i in scores.input) if p is not None and p.op_type == "Mul"]
+    return names
+
+
+def _keep_fp32_between(graph: onnx.GraphProto, kept: set[str]) -> int:
+    """Drop the fp32 -> fp16 -> fp32 Cast round trips the converter puts between two kept nodes (a score through fp16
+    is what overflows); returns how many tensors now pass in fp32."""
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = collections.defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    dead, rewired = set(), 0
+    for down in [n for n in graph.node if n.op_type == "Cast" and _cast_to(n) == onnx.TensorProto.FLOAT]:
+        up = producer.get(down.input[0])
+        if up is None or up.op_type != "Cast" or _cast_to(up) != onnx.TensorProto.FLOAT16:
+            continue
+        source = producer.get(up.input[0])
+        if source is None or source.name not in kept or not all(c.name in kept for c in consumers[down.output[0]]):
+            continue
+        for consumer in consumers[down.output[0]]:
+            consumer.input[:] = [up.input[0] if name == down.output[0] else name for name in consumer.input]
+        dead.add(id(down))
+        if all(id(c) in dead for c in consumers[up.output[0]]):  # the fp16 copy feeds nothing else now
+            dead.add(id(up))
+        rewired += 1
+    if dead:
+        nodes = [node for node in graph.node if id(node) not in dead]
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return rewired
+
+
+def _cast_to(node: onnx.NodeProto) -> int | None:
+    """A Cast node's target element type."""
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "to"), None)
 
 
 def _declare_domains(path: Path) -> None:
@@ -82,8 +141,11 @@ def _drop_duplicate_casts(graph: onnx.GraphProto) -> int:
 
 
 def _unique_node_names(graph: onnx.GraphProto) -> None:
+    """Every node named, and uniquely (onnxruntime refuses duplicates; the converter's node block list goes by name)."""
     names: collections.Counter = collections.Counter()
-    for node in graph.node:
-        if node.name and names[node.name]:
+    for index, node in enumerate(graph.node):
+        if not node.name:
+            node.name = f"sdfast_{node.op_type}_{index}"
+        if names[node.name]:
             node.name = f"{node.name}_{names[node.name]}"
         names[node.name] += 1

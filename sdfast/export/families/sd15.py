@@ -143,6 +143,13 @@ def dimensions(request, recipe, model: LoadedModel) -> dict[str, int]:
     }
 
 
+def fp32_attention_scores(model: LoadedModel, name: str) -> str | None:
+    """The fp16 policy's attention rule: a U-Net whose config sets upcast_attention (SD 2.1) keeps its scores fp32."""
+    if name == "unet" and getattr(model.unet.config, "upcast_attention", False):
+        return "the U-Net sets upcast_attention: its attention scores overflow fp16 (SD 2.1), as diffusers upcasts them"
+    return None
+
+
 def manifest_blocks(recipe, model: LoadedModel, dims: dict[str, int]) -> dict:
     """The manifest's family-specific blocks: the latent layout, the parametrization and the model's own figures."""
     return {

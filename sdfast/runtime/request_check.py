@@ -16,7 +16,7 @@ from sdfast.sampling.registry import check_supported, resolve_sampler
 from sdfast.sampling.schedules import NoiseSchedule, SamplingPlan
 
 if TYPE_CHECKING:
-    from sdfast.runtime.pipeline import GenerationRequest
+    from sdfast.runtime.generation import GenerationRequest
 
 MAX_STEPS = 1000  # the one step limit (CLI, Python API, HTTP): the training schedule's 1000 timesteps, past which diffusers refuses
 MAX_ITERATIONS = 10000

@@ -237,7 +237,7 @@ def test_gpu_peaks_match_the_most_specific_name():
     """nvidia-smi's names: the PCIe H100 is not the SXM one, an L40S is not an L4, an A10G is not an A10."""
     from sdfast.bench.hardware import gpu_fp16_peak_tflops
 
-    expected = {"NVIDIA H200": 989.4, "NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 PCIe": 756.0, "NVIDIA L40S": 362.05,
+    expected = {"NVIDIA H200": 989.4, "NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 PCIe": 756.0, "NVIDIA L40S": 362.05, "NVIDIA L40": 181.05,
                 "NVIDIA L4": 121.0, "NVIDIA A10G": 70.0, "NVIDIA A10": 125.0, "NVIDIA A100-SXM4-80GB": 312.0,
                 "Tesla T4": None, None: None}
     assert {name: gpu_fp16_peak_tflops(name) for name in expected} == expected

@@ -255,6 +255,7 @@ def test_batch_writes_numbered_pngs_with_their_own_seeds(tiny_engine_batch2_ungu
         (lambda m: m["tokenizers"]["text_encoder"].update(max_length=2), "max_length"),
         (lambda m: m["tokenizers"].update(unet=m["tokenizers"]["text_encoder"]), "feeds 'unet'"),
         (lambda m: m["components"]["unet"].update(role="painter"), "'role' must be one of"),
+        (lambda m: m["components"]["vae_decoder"].update(role="denoiser"), "exactly one component with role 'denoiser'"),
         (lambda m: m["latent"].pop("scaling_factor"), "latent.scaling_factor"),
         (lambda m: m.update(family="sd9"), "family 'sd9'"),
         (lambda m: m["geometry"].update(max_text_chunks=0), "max_text_chunks"),

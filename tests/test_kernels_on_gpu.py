@@ -49,7 +49,7 @@ def gpu(tmp_path_factory):
 
 
 def on_device(cuda_device, stream, array: np.ndarray | None, buffers: list):
-    """A device copy of ``array`` (kept alive in ``buffers``); its pointer, or 0 for None."""
+    """A device buffer holding a copy of ``array``, listed in ``buffers`` to be freed; 0 for None."""
     if array is None:
         return 0
     buffer = cuda_device.DeviceBuffer(array.shape, array.dtype)
@@ -76,29 +76,31 @@ def test_sampler_kernel_on_the_gpu_equals_fused_step(gpu, sampler, guided, use_c
         draw = noise[scalars.draw] if scalars.draw >= 0 else None
         buffers: list = []
         put = lambda a: on_device(cuda_device, stream, a, buffers)  # noqa: E731
-        unet_in, timestep = put(np.zeros((unet_rows, *shape[1:]), np.float32)), put(np.zeros(unet_rows, np.float32))
-        estimate_out, state_out = put(np.zeros(shape, np.float32)), put(np.zeros(shape, np.float32))
-        state_buffers, estimate_buffers = [put(s) for s in states], [put(e) for e in estimates]
-        noise_buffer = put(draw)
-        args = native.StepArgs(
-            unet_out=put(unet_out).pointer, unet_in=unet_in.pointer, timestep=timestep.pointer,
-            states=native.Pointers(*(b.pointer for b in state_buffers)), estimates=native.Pointers(*(b.pointer for b in estimate_buffers)),
-            estimate_out=estimate_out.pointer, state_out=state_out.pointer, noise=noise_buffer.pointer if noise_buffer else None,
-            state_coeffs=native.Coefficients(*scalars.state_coeffs), estimate_coeffs=native.Coefficients(*scalars.estimate_coeffs),
-            noise_coeff=scalars.noise_coeff, c_skip=scalars.c_skip, c_out=scalars.c_out, c_in_next=scalars.c_in_next,
-            timestep_next=scalars.timestep_next, cfg_scale=7.5, per_row=int(np.prod(shape[1:])), rows=rows,
-            unet_row_stride=int(np.prod(shape[1:])), guided=int(guided), use_cfg=int(use_cfg), write_next=int(scalars.write_next))
-        kernels.sampler_step(args, stream.pointer)
-        stream.synchronize()
-        denoised, state = fused_step(scalars, guide(unet_out, rows, guided, use_cfg, 7.5), states, estimates, noise)
-        scale = float(np.abs(state).max()) + float(np.abs(denoised).max())
-        np.testing.assert_allclose(estimate_out.download(stream), denoised, rtol=1e-5, atol=1e-5 * scale, err_msg=f"D_{j}")
-        np.testing.assert_allclose(state_out.download(stream), state, rtol=1e-5, atol=1e-5 * scale, err_msg=f"S_{j + 1}")
-        if scalars.write_next:
-            np.testing.assert_allclose(unet_in.download(stream)[:rows], np.float32(scalars.c_in_next) * state, rtol=1e-5, atol=1e-5 * scale)
-            assert np.array_equal(timestep.download(stream), np.full(unet_rows, np.float32(scalars.timestep_next)))
-        for buffer in buffers:
-            buffer.free()
+        try:
+            unet_in, timestep = put(np.zeros((unet_rows, *shape[1:]), np.float32)), put(np.zeros(unet_rows, np.float32))
+            estimate_out, state_out = put(np.zeros(shape, np.float32)), put(np.zeros(shape, np.float32))
+            state_buffers, estimate_buffers = [put(s) for s in states], [put(e) for e in estimates]
+            noise_buffer = put(draw)
+            args = native.StepArgs(
+                unet_out=put(unet_out).pointer, unet_in=unet_in.pointer, timestep=timestep.pointer,
+                states=native.Pointers(*(b.pointer for b in state_buffers)), estimates=native.Pointers(*(b.pointer for b in estimate_buffers)),
+                estimate_out=estimate_out.pointer, state_out=state_out.pointer, noise=noise_buffer.pointer if noise_buffer else None,
+                state_coeffs=native.Coefficients(*scalars.state_coeffs), estimate_coeffs=native.Coefficients(*scalars.estimate_coeffs),
+                noise_coeff=scalars.noise_coeff, c_skip=scalars.c_skip, c_out=scalars.c_out, c_in_next=scalars.c_in_next,
+                timestep_next=scalars.timestep_next, cfg_scale=7.5, per_row=int(np.prod(shape[1:])), rows=rows,
+                unet_row_stride=int(np.prod(shape[1:])), guided=int(guided), use_cfg=int(use_cfg), write_next=int(scalars.write_next))
+            kernels.sampler_step(args, stream.pointer)
+            stream.synchronize()
+            denoised, state = fused_step(scalars, guide(unet_out, rows, guided, use_cfg, 7.5), states, estimates, noise)
+            scale = float(np.abs(state).max()) + float(np.abs(denoised).max())
+            np.testing.assert_allclose(estimate_out.download(stream), denoised, rtol=1e-5, atol=1e-5 * scale, err_msg=f"D_{j}")
+            np.testing.assert_allclose(state_out.download(stream), state, rtol=1e-5, atol=1e-5 * scale, err_msg=f"S_{j + 1}")
+            if scalars.write_next:
+                np.testing.assert_allclose(unet_in.download(stream)[:rows], np.float32(scalars.c_in_next) * state, rtol=1e-5, atol=1e-5 * scale)
+                assert np.array_equal(timestep.download(stream), np.full(unet_rows, np.float32(scalars.timestep_next)))
+        finally:
+            for buffer in buffers:
+                buffer.free()
 
 
 def test_scale_and_uint8_kernels_on_the_gpu(gpu):

@@ -1,15 +1,15 @@
 """The GPU check: sdfast's kernels, GPU backends and device loop against the torch peers, on one NVIDIA GPU, in one run.
 
-    python benchmarks/gpu/check.py [--part first|second|all] [--out DIR] [--work DIR] [--wheels DIR] [--budget S]
+    python benchmarks/gpu/check.py [--part first|full] [--out DIR] [--work DIR] [--wheels DIR] [--budget S]
     python benchmarks/gpu/check.py --rehearse      # on a CPU machine: every CPU-side step, at the tiny model's size
 
 Parts (each stage is timed; a stage that fails or overruns is reported and the next one still runs):
-- first, needing no onnxruntime-gpu: environment, kernels (CMake, for the GPU found), pytest -m gpu, the built-in
-  models, and the torch peers (diffusers fp16 with SDPA, and with torch.compile): the figures sdfast must beat;
-- second: the same environment, kernels and tests (now with the cuda backend), fp16 and fp32 engines, sdfast bench
-  on cuda (tensorrt where installed) and torch at 20 and 50 steps, fp16 PSNR against the fp32 CPU image, and every
-  GPU peer with sdfast in one alternating run;
-- all: both, the torch peers measured once, inside the alternating run.
+- first, needing no onnxruntime-gpu: the wheels, environment, kernels (CMake, for the GPU found), pytest -m gpu,
+  the built-in models, and the torch peers (diffusers fp16 with SDPA, and with torch.compile): the figures sdfast
+  must beat;
+- full (the default): the same wheels, environment, kernels and tests (now with the cuda backend), fp16 and fp32
+  engines, sdfast bench on cuda (tensorrt where installed) and torch at 20 and 50 steps, fp16 PSNR against the fp32
+  CPU image, and every GPU peer with sdfast in one alternating run (the torch peers again, measured beside sdfast).
 The machine needs no package registry: --wheels DIR installs the wheels found there (pip --no-index --target) and
 puts them first on the path of every step. Results: DIR/gpu_check.json, DIR/gpu_check.md (the summary table,
 printed last) and DIR/gpu_check.log (every command and its output).
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib
 import json
 import os
 import platform
@@ -25,7 +26,7 @@ import re
 import shutil
 import sys
 import xml.etree.ElementTree as ElementTree
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -33,15 +34,14 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 from runner import Check, StageError  # noqa: E402
 
+# first: what needs no onnxruntime-gpu; full: everything, the torch peers measured inside the alternating GPU run
 PART_STAGES = {
-    "first": ("environment", "kernels", "pytest_gpu", "models", "torch_peers"),
-    "second": ("environment", "kernels", "pytest_gpu", "models", "export", "bench", "fp16_psnr", "gpu_peers"),
-    "all": ("environment", "kernels", "pytest_gpu", "models", "export", "bench", "fp16_psnr", "gpu_peers"),
+    "first": ("wheels", "environment", "kernels", "pytest_gpu", "models", "torch_peers"),
+    "full": ("wheels", "environment", "kernels", "pytest_gpu", "models", "export", "bench", "fp16_psnr", "gpu_peers"),
 }
 # seconds each stage may take at most on an H200 machine (16 cores); the whole check is held to --budget besides
-BUDGETS = {"environment": 60, "kernels": 150, "pytest_gpu": 180, "models": 150, "torch_peers": 300, "export": 360,
+BUDGETS = {"wheels": 120, "environment": 60, "kernels": 150, "pytest_gpu": 180, "models": 150, "torch_peers": 300, "export": 360,
            "bench": 240, "fp16_psnr": 200, "gpu_peers": 360}
-NATIVE_SIZES = {"sd15": 512, "sdxl": 1024, "tiny": 64}
 
 
 @dataclass
@@ -60,7 +60,6 @@ class Plan:
     repeat: int = 5
     rounds: int = 5
     calls: int = 3
-    sizes: dict = field(default_factory=lambda: dict(NATIVE_SIZES))
 
     @classmethod
     def rehearsal(cls) -> "Plan":
@@ -72,9 +71,9 @@ class Plan:
 class GpuCheck(Check):
     """The stages, in the order PART_STAGES gives; each records its figures and what later stages need."""
 
-    def __init__(self, plan: Plan, work: Path, **kwargs):
+    def __init__(self, plan: Plan, work: Path, wheels: Path | None, **kwargs):
         super().__init__(**kwargs)
-        self.plan, self.work = plan, work
+        self.plan, self.work, self.wheel_dir = plan, work, wheels
         self.gpu: dict = {}
         self.model_dirs: dict[str, str] = {}
         self.engines: dict[tuple[str, str], Path] = {}  # (model, precision) -> engine dir
@@ -83,9 +82,23 @@ class GpuCheck(Check):
         return self.sh([sys.executable, *args])
 
     def size(self, model: str) -> int:
-        return self.plan.sizes[model]
+        from sdfast.export.builtin import BUILTIN_MODELS
+
+        return BUILTIN_MODELS[model].default_size  # the models stage made only built-in ones
 
     # --- part one: no onnxruntime-gpu needed ---
+
+    def wheels(self) -> dict:
+        """Install the wheels brought to this machine (pip --no-index --target), first on every later step's path."""
+        if self.wheel_dir is None:
+            return {"installed": "none asked for (--wheels)"}
+        found = sorted(str(p) for p in self.wheel_dir.glob("*.whl"))
+        if not found:
+            raise StageError(f"--wheels {self.wheel_dir} holds no .whl file")
+        self.sh([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade",
+                 "--target", str(self.work / "site"), *found])
+        importlib.invalidate_caches()  # the site folder is on this process's path from the start, empty until now
+        return {"installed": [Path(p).name for p in found]}
 
     def environment(self) -> dict:
         figures: dict = {}
@@ -143,6 +156,8 @@ class GpuCheck(Check):
         figures = junit_counts(report)
         if error is not None:
             raise StageError(f"{figures['failed']} failed: {'; '.join(figures['failures'][:3]) or error}", figures)
+        if self.gpu.get("name") and not figures["passed"]:
+            raise StageError(f"a GPU is here but every gpu test skipped: {'; '.join(figures['skip_reasons'])[:300]}", figures)
         return figures
 
     def models(self) -> dict:
@@ -272,23 +287,15 @@ def bench_figures(run: dict) -> dict:
     return out
 
 
-def install_wheels(wheels: Path, target: Path, check: Check) -> list[str]:
-    """Install every wheel in a folder without an index, into a target that goes first on the children's path."""
-    found = sorted(str(p) for p in wheels.glob("*.whl"))
-    if found:
-        check.sh([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade",
-                  "--target", str(target), *found])
-    return [Path(p).name for p in found]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=tuple(PART_STAGES), default="all")
-    parser.add_argument("--stages", help="comma-separated stages to run instead of a part's (in the part's order)")
+    parser.add_argument("--part", choices=tuple(PART_STAGES), default="full")
+    parser.add_argument("--stages", help="comma-separated stages to run instead of a part's (run in the check's order: "
+                                         f"{', '.join(BUDGETS)})")
     parser.add_argument("--out", type=Path, default=Path("gpu-check"), help="results folder (default ./gpu-check)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sdfast-gpu-check"), help="models, engines and the build (default /tmp/sdfast-gpu-check)")
     parser.add_argument("--wheels", type=Path, help="a folder of wheels brought to this machine, installed first")
-    parser.add_argument("--models", default="sd15,sdxl", help="built-in models to run, those that exist (default sd15,sdxl)")
+    parser.add_argument("--models", default="sd15,sd21,sdxl", help="built-in models to run, those that exist (default sd15,sd21,sdxl)")
     parser.add_argument("--budget", type=float, default=540, help="seconds the whole check may take (default 540)")
     parser.add_argument("--rehearse", action="store_true", help="on a CPU machine: the tiny model, the cpu backend, one repeat")
     args = parser.parse_args()
@@ -305,9 +312,8 @@ def main() -> int:
     env = {**os.environ, "SDFAST_CACHE": str(args.work / "cache"), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(site), str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     sys.path[:0] = [str(site), str(REPO)]
-    check = GpuCheck(plan, args.work, log_path=args.out / "gpu_check.log", env=env, cwd=REPO,
+    check = GpuCheck(plan, args.work, args.wheels, log_path=args.out / "gpu_check.log", env=env, cwd=REPO,
                      total_budget_s=None if args.rehearse else args.budget)
-    brought = install_wheels(args.wheels, site, check) if args.wheels else []
     started = _dt.datetime.now(_dt.timezone.utc)
     for name in [s for s in BUDGETS if s in wanted]:
         check.run_stage(name, getattr(GpuCheck, name), BUDGETS[name])
@@ -315,7 +321,7 @@ def main() -> int:
     header = {"title": f"### sdfast GPU check: {gpu}, part {args.part}{' (CPU rehearsal)' if args.rehearse else ''}, {started:%Y-%m-%d %H:%M} UTC",
               "date": started.isoformat(timespec="seconds"), "command": "python benchmarks/gpu/check.py " + " ".join(sys.argv[1:]),
               "machine": {"gpu": check.gpu, "platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-              "plan": plan.__dict__, "wheels_brought": brought}
+              "plan": plan.__dict__}
     table = check.write(args.out / "gpu_check.json", header)
     print("\n" + header["title"] + "\n\n" + table, flush=True)
     return 0 if all(r.status == "ok" for r in check.results) else 1

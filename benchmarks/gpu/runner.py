@@ -7,6 +7,8 @@ time budget and of the whole check's.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 import traceback
@@ -37,12 +39,24 @@ class StageResult:
     commands: list[str] = field(default_factory=list)
 
 
-def last_meaningful_line(text: str) -> str:
-    """The line that says what went wrong: the last error-looking line, else the last line."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    for line in reversed(lines):
-        if any(marker in line for marker in ("Error", "error:", "FAILED", "failed", "Traceback")) and not line.startswith("Traceback"):
+_MARKERS = ("Error", "error:", "FAILED", "failed")
+
+
+def _error_line(text: str) -> str | None:
+    """The last error-looking line of ``text``, or None."""
+    for line in reversed([line.strip() for line in text.strip().splitlines() if line.strip()]):
+        if any(marker in line for marker in _MARKERS) and not line.startswith("Traceback"):
             return line[:300]
+    return None
+
+
+def failure_line(stderr: str, stdout: str) -> str:
+    """What went wrong, in one line: an error line of stderr (a traceback's last), else of stdout (pytest's summary),
+    else the last line of either."""
+    found = _error_line(stderr) or _error_line(stdout)
+    if found:
+        return found
+    lines = [line.strip() for line in (stderr.strip() or stdout.strip()).splitlines() if line.strip()]
     return lines[-1][:300] if lines else "no output"
 
 
@@ -70,17 +84,22 @@ class Check:
         left = None if self._stage_deadline is None else self._stage_deadline - time.monotonic()
         if left is not None and left <= 0:
             raise StageTimeout("no time left in this stage's budget")
-        try:
-            done = subprocess.run(command, cwd=self.cwd, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=left)
-        except subprocess.TimeoutExpired as error:
-            self.log.write(_text(error.stdout) + _text(error.stderr))
-            raise StageTimeout(f"`{' '.join(command[:4])} ...` ran past the stage's budget ({left:.0f} s left)") from None
+        try:  # a session of its own: on a timeout the whole tree goes (peer workers, compilers, bench children)
+            child = subprocess.Popen(command, cwd=self.cwd, env={**self.env, **(env or {})}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
         except OSError as error:
             raise StageError(f"cannot run {command[0]}: {error.strerror or error}") from None
-        self.log.write(done.stdout + done.stderr)
-        if done.returncode:
-            raise StageError(f"exit {done.returncode}: {last_meaningful_line(done.stderr or done.stdout)}")
-        return done.stdout
+        try:
+            stdout, stderr = child.communicate(timeout=left)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            stdout, stderr = child.communicate()
+            self.log.write(stdout + stderr)
+            raise StageTimeout(f"`{' '.join(command[:4])} ...` ran past the stage's budget ({left:.0f} s left)") from None
+        self.log.write(stdout + stderr)
+        if child.returncode:
+            raise StageError(f"exit {child.returncode}: {failure_line(stderr, stdout)}")
+        return stdout
 
     def run_stage(self, name: str, stage: Callable[["Check"], dict], budget_s: float) -> StageResult:
         now = time.monotonic()

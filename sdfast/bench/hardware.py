@@ -108,6 +108,7 @@ GPU_FP16_DENSE_TFLOPS = (
     ("H100", 989.4),  # SXM
     ("A100", 312.0),
     ("L40S", 362.05),
+    ("L40", 181.05),
     ("L4", 121.0),
     ("A10G", 70.0),  # AWS's A10G: fp16 tensor dense as AWS states it
     ("A10", 125.0),
@@ -117,8 +118,8 @@ GPU_FP16_DENSE_TFLOPS = (
 
 def gpu_fp16_peak_tflops(gpu_name: str | None) -> float | None:
     """The dense fp16 tensor peak of a GPU named as nvidia-smi names it; None for a GPU not in the table."""
-    for marker, tflops in GPU_FP16_DENSE_TFLOPS:
-        if gpu_name and marker.lower() in gpu_name.lower():
+    for marker, tflops in GPU_FP16_DENSE_TFLOPS:  # whole words: "L4" is not in "NVIDIA L40"
+        if gpu_name and re.search(rf"(?<![A-Za-z0-9]){re.escape(marker)}(?![A-Za-z0-9])", gpu_name, re.IGNORECASE):
             return tflops
     return None
 

@@ -90,6 +90,8 @@ def measure_engine(backend: str, engine: Path, unguided: Path | None, repeat: in
     started = time.perf_counter()
     pipeline = Pipeline.load(engine, backend=backend, verify="size")
     rows = [_row("load", value=time.perf_counter() - started)]
+    if backend != "cpu" and pipeline.manifest.data["precision"] != "fp16":
+        peak = None  # the GPU's peak given is its dense fp16 one; an fp32 engine's share of it would mislead
     engines = pipeline.engines
     geometry = pipeline.manifest.geometry
     rng = np.random.default_rng(0)
@@ -240,7 +242,8 @@ def main() -> int:
             rows.append(_row("peak_device_memory", value=device, note="nvidia-smi, this process"))
         elif device_baseline is not None and (now := _device_memory_used_mib()) is not None:
             # in a VM nvidia-smi may list no process ids: the whole GPU's use, less what was used before this process loaded
-            rows.append(_row("peak_device_memory", value=now - device_baseline, note="nvidia-smi, whole GPU less its use before the load"))
+            rows.append(_row("peak_device_memory", value=now - device_baseline,
+                             note="nvidia-smi: the whole GPU's use after the run less before the load (pools kept: about the peak)"))
     answer.write(json.dumps({"rows": rows}))
     return 0
 

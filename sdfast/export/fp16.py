@@ -12,6 +12,7 @@ from pathlib import Path
 
 import onnx
 
+from sdfast.errors import ExportError
 from sdfast.export.onnx_export import EXTERNAL_DATA_THRESHOLD
 
 CONVERTER = "onnxruntime.transformers.float16.convert_float_to_float16"
@@ -34,12 +35,14 @@ def convert_to_fp16(src: Path, out: Path, keep_fp32_ops: list[str], fp32_attenti
     block_list = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_fp32_ops))
     _unique_node_names(model.graph)  # the converter's node block list goes by name
     score_nodes = attention_score_nodes(model.graph) if fp32_attention_scores else []
+    if fp32_attention_scores and not score_nodes:
+        raise ExportError(f"{src.name}: the fp16 policy keeps attention scores fp32 ({fp32_attention_scores}), but no "
+                          "MatMul -> Softmax attention was found in the graph")
     converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=block_list, node_block_list=score_nodes,
                                          disable_shape_infer=True)
     del model
     removed = _drop_duplicate_casts(converted.graph)
-    if score_nodes:
-        _keep_fp32_between(converted.graph, set(score_nodes))
+    round_trips = _keep_fp32_between(converted.graph, set(score_nodes)) if score_nodes else 0
     _unique_node_names(converted.graph)
     kept_names = set(score_nodes)
     kept = collections.Counter(node.op_type for node in converted.graph.node if node.op_type in block_list or node.name in kept_names)
@@ -58,7 +61,8 @@ def convert_to_fp16(src: Path, out: Path, keep_fp32_ops: list[str], fp32_attenti
         "requested_fp32_ops": sorted(keep_fp32_ops),
         "kept_fp32_ops": dict(sorted(kept.items())),  # op type -> nodes that still compute in fp32 (recipe's list and the converter's own)
         "fp16_nodes": fp16_nodes,
-        **({"fp32_attention_scores": {"nodes": len(score_nodes), "why": fp32_attention_scores}} if fp32_attention_scores else {}),
+        **({"fp32_attention_scores": {"nodes": len(score_nodes), "fp16_round_trips_removed": round_trips, "why": fp32_attention_scores}}
+           if fp32_attention_scores else {}),
         "duplicate_casts_removed": removed,
     }
     return files, record

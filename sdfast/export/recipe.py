@@ -59,7 +59,7 @@ class ComponentRecipe:
     keep_fp32_ops: tuple[str, ...] = ()  # op types that stay fp32 inside its fp16 graph
     whole_fp32_reason: str | None = None  # why an fp16 export keeps this component fp32
     ort_model_type: str | None = None  # onnxruntime transformer optimizer's model type, for GPU fusions
-    role: str = "denoiser"  # text_encoder, denoiser, vae_decoder or vae_encoder (the manifest's ROLES)
+    role: str | None = None  # text_encoder, denoiser, vae_decoder or vae_encoder (the manifest's ROLES); the recipe says
     optional: bool = False  # an engine dir of the family may lack it
 
 

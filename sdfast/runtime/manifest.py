@@ -79,7 +79,7 @@ class ComponentInfo:
     precision: str
     dynamic: dict[str, DynamicDim]  # the manifest's dynamic axes, by name
     variants: dict[str, dict] = field(default_factory=dict)  # backend -> {"file", "files", "optimization"}: pre-optimized for it
-    role: str = "denoiser"  # one of ROLES: the backends treat the denoiser (loop, IO binding, CUDA graphs) apart
+    role: str | None = None  # one of ROLES (read from the manifest): the backends treat the denoiser (loop, IO binding, CUDA graphs) apart
     optional: bool = False  # the engine dir may lack it (the VAE encoder: img2img and inpainting only)
 
     def input(self, name: str) -> TensorSpec:
@@ -215,6 +215,11 @@ def read_manifest(engine_dir: str | Path) -> Manifest:
         raise EngineError(
             f"{path}: engine format version {version}, this sdfast reads version {FORMAT_VERSION}; re-export the model"
         )
+    from sdfast.runtime.families import FAMILY_NAMES
+
+    if isinstance(data.get("family"), str) and data["family"] not in FAMILY_NAMES:
+        raise EngineError(f"{path}: the engine dir is of model family '{data['family']}', which this sdfast does not run "
+                          f"({', '.join(FAMILY_NAMES)})")
     try:
         _check_structure(data, root)
         components = {name: ComponentInfo.from_json(name, info, data["dynamic_dims"]) for name, info in data["components"].items()}
@@ -241,12 +246,8 @@ _TENSOR_DTYPES = ("float32", "float16", "int64", "int32")
 
 
 def _check_structure(data: dict, root: Path) -> None:
-    from sdfast.runtime.families import FAMILY_NAMES
-
     if not isinstance(data.get("family"), str):
         raise ValueError("'family' is missing or not a string")
-    if data["family"] not in FAMILY_NAMES:
-        raise ValueError(f"model family '{data['family']}' is not one this sdfast runs ({', '.join(FAMILY_NAMES)})")
     for section, fields in _REQUIRED.items():
         if not isinstance(data.get(section), dict):
             raise ValueError(f"'{section}' must be an object")
@@ -280,6 +281,9 @@ def _check_structure(data: dict, root: Path) -> None:
         _check_graph_files(f"component '{name}'", info, root)
         if info.get("role") not in ROLES:
             raise ValueError(f"component '{name}': 'role' must be one of {', '.join(ROLES)}")
+    denoisers = [name for name, info in data["components"].items() if info.get("role") == "denoiser"]
+    if len(denoisers) != 1:
+        raise ValueError(f"there must be exactly one component with role 'denoiser', not {len(denoisers)}")
         if not isinstance(info.get("variants", {}), dict):
             raise ValueError(f"component '{name}': 'variants' must be an object")
         for backend, variant in info.get("variants", {}).items():

@@ -55,6 +55,7 @@ class Pipeline:
         checker = self.checker
         self.height, self.width, self.batch_size, self.guidance = checker.height, checker.width, checker.batch_size, checker.guidance
         self.latent_shape, self.text_layers, self.inpainting_unet = checker.latent_shape, checker.text_layers, checker.inpainting_unet
+        self.max_text_chunks = int(manifest.geometry["max_text_chunks"])  # longest prompt, in 75-token chunks
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "cpu", verify: str = "full", loop: str = "auto",

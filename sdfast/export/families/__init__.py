@@ -19,6 +19,9 @@ def family_for_pipeline(pipeline_class: str | None, folder) -> str:
     for family in FAMILIES:
         for name in Recipe.load(family).data["pipeline_classes"]:
             known[name] = family
+    if pipeline_class is None:
+        raise ConfigError(f"'{folder}/model_index.json' names no pipeline class (_class_name); name the family with --family: "
+                          f"{', '.join(FAMILIES)}")
     if pipeline_class not in known:
         raise ConfigError(f"'{folder}' holds a {pipeline_class}; sdfast exports {', '.join(known)} "
                           f"(or name the family with --family: {', '.join(FAMILIES)})")

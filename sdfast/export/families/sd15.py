@@ -40,8 +40,6 @@ def load(folder: Path) -> LoadedModel:
     return LoadedModel(folder, text_encoder, unet, vae, tokenizer, scheduler_config)
 
 
-
-
 class TextEncoder(torch.nn.Module):
     """(input_ids [B, 77], clip_skip [1]) -> prompt_embeds [B, 77, D]: layer -clip_skip's hidden state, final-layer-normed.
 

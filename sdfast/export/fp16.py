@@ -89,7 +89,7 @@ def _keep_fp32_between(graph: onnx.GraphProto, kept: set[str]) -> int:
     for node in graph.node:
         for name in node.input:
             consumers[name].append(node)
-    dead, rewired = set(), 0
+    dead, rewired, fp32_tensors = set(), 0, set()
     for down in [n for n in graph.node if n.op_type == "Cast" and _cast_to(n) == onnx.TensorProto.FLOAT]:
         up = producer.get(down.input[0])
         if up is None or up.op_type != "Cast" or _cast_to(up) != onnx.TensorProto.FLOAT16:
@@ -99,10 +99,14 @@ def _keep_fp32_between(graph: onnx.GraphProto, kept: set[str]) -> int:
             continue
         for consumer in consumers[down.output[0]]:
             consumer.input[:] = [up.input[0] if name == down.output[0] else name for name in consumer.input]
+        fp32_tensors.add(up.input[0])
         dead.add(id(down))
         if all(id(c) in dead for c in consumers[up.output[0]]):  # the fp16 copy feeds nothing else now
             dead.add(id(up))
         rewired += 1
+    stale = [v for v in graph.value_info if v.name in fp32_tensors]  # the converter declared them fp16
+    for value in stale:
+        value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
     if dead:
         nodes = [node for node in graph.node if id(node) not in dead]
         del graph.node[:]

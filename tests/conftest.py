@@ -74,3 +74,12 @@ def tiny_fp16_engine(tiny_model, tmp_path_factory) -> Path:
 def visible_lines(stderr: str) -> list[str]:
     """stderr as a terminal shows it: a progress bar redraws its line after '\r', and leave=False clears it."""
     return [shown for line in stderr.split("\n") if (shown := line.rsplit("\r", 1)[-1].strip())]
+
+
+def diffusers_reference(folder: Path):
+    """diffusers' StableDiffusionPipeline over a model folder, quiet and without a safety checker: the parity reference."""
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

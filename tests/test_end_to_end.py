@@ -8,15 +8,14 @@ diffusers = pytest.importorskip("diffusers")
 from sdfast.runtime.images import psnr
 from sdfast.runtime.pipeline import GenerationRequest, Pipeline
 from sdfast.sampling.registry import SAMPLERS
+from tests.conftest import diffusers_reference
 
 PROMPT, NEGATIVE = "a red apple on a table", "blurry"
 
 
 @pytest.fixture(scope="module")
 def reference_pipeline(tiny_model):
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_reference(tiny_model)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ diffusers = pytest.importorskip("diffusers")
 from sdfast.runtime.images import psnr
 from sdfast.runtime.manifest import sha256_file
 from sdfast.runtime.pipeline import LOOPS, GenerationRequest, Pipeline
+from tests.conftest import diffusers_reference
 from tests.sampler_harness import SD15_SCHEDULER
 
 PROMPT, NEGATIVE, SEED = "a red apple on a table", "blurry", 42
@@ -30,9 +31,7 @@ HEUN_DUMP = json.loads(json.dumps(dict(diffusers.HeunDiscreteScheduler.from_conf
 
 @pytest.fixture(scope="module")
 def reference_pipeline(tiny_model):
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_reference(tiny_model)
 
 
 @pytest.fixture(scope="module")

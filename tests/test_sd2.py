@@ -10,6 +10,7 @@ from sdfast.runtime.images import psnr
 from sdfast.runtime.manifest import read_manifest
 from sdfast.runtime.pipeline import GenerationRequest, Pipeline
 from sdfast.sampling.registry import SAMPLERS
+from tests.conftest import diffusers_reference
 
 PROMPT, NEGATIVE = "a lighthouse on a cliff at dawn", "blurry"
 
@@ -30,9 +31,7 @@ def sd2_engine(sd2_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(sd2_model):
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd2_model, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_reference(sd2_model)
 
 
 @pytest.fixture(scope="module")

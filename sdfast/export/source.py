@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from sdfast.errors import ConfigError
-from sdfast.sampling.registry import check_supported
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 T = TypeVar("T")
@@ -58,15 +57,9 @@ def weights_fingerprint(folder: Path) -> str:
 
 def read_scheduler_config(folder: Path) -> dict:
     """scheduler/scheduler_config.json, refused by name when sdfast cannot run it (read before any weights load)."""
-    path = folder / "scheduler" / "scheduler_config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"cannot read {path}: {error}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: not a scheduler config (a JSON object)")
-    check_supported(config)
-    return config
+    from sdfast.runtime.request_check import read_scheduler_file
+
+    return read_scheduler_file(folder / "scheduler" / "scheduler_config.json", ConfigError)
 
 
 def load_or_refuse(folder: Path, what: str, loader: Callable[[], T]) -> T:

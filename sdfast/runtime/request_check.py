@@ -33,17 +33,21 @@ class PreparedRequest:
     strength: float | None  # img2img denoising strength; None for txt2img
 
 
-def read_scheduler_config(manifest: Manifest) -> dict:
-    """The engine dir's scheduler config, refused by name when sdfast cannot run it."""
-    path = manifest.path(manifest.data["scheduler"]["file"])
+def read_scheduler_file(path: Path, error: type[Exception] = EngineError) -> dict:
+    """A scheduler_config.json: ``error`` when it is unreadable, a ConfigError naming what sdfast cannot run in it."""
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise EngineError(f"cannot read {path}: {error}") from None
+    except (OSError, ValueError) as problem:
+        raise error(f"cannot read {path}: {problem}") from None
     if not isinstance(config, dict):
-        raise EngineError(f"{path}: not a scheduler config (a JSON object)")
-    check_supported(config)
+        raise error(f"{path}: not a scheduler config (a JSON object)")
+    check_supported(config)  # a ConfigError naming what sdfast cannot run
     return config
+
+
+def read_scheduler_config(manifest: Manifest) -> dict:
+    """The engine dir's scheduler config, refused by name when sdfast cannot run it."""
+    return read_scheduler_file(manifest.path(manifest.data["scheduler"]["file"]))
 
 
 class RequestChecker:

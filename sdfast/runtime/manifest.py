@@ -281,9 +281,6 @@ def _check_structure(data: dict, root: Path) -> None:
         _check_graph_files(f"component '{name}'", info, root)
         if info.get("role") not in ROLES:
             raise ValueError(f"component '{name}': 'role' must be one of {', '.join(ROLES)}")
-    denoisers = [name for name, info in data["components"].items() if info.get("role") == "denoiser"]
-    if len(denoisers) != 1:
-        raise ValueError(f"there must be exactly one component with role 'denoiser', not {len(denoisers)}")
         if not isinstance(info.get("variants", {}), dict):
             raise ValueError(f"component '{name}': 'variants' must be an object")
         for backend, variant in info.get("variants", {}).items():
@@ -298,6 +295,9 @@ def _check_structure(data: dict, root: Path) -> None:
                     f"component '{name}': tensor '{tensor.get('name')}' needs a shape of positive sizes or declared dynamic dims, "
                     f"and a dtype of {_TENSOR_DTYPES}"
                 )
+    denoisers = [name for name, info in data["components"].items() if info.get("role") == "denoiser"]
+    if len(denoisers) != 1:
+        raise ValueError(f"there must be exactly one component with role 'denoiser', not {len(denoisers)}")
 
 
 def _check_graph_files(label: str, entry: dict, root: Path) -> None:

@@ -149,7 +149,7 @@ def _build(request: ExportRequest, recipe, family, folder: Path, builtin: bool, 
     dynamic_json = {dim.name: dim.to_json() for dim in recipe.dynamic_dims(dims).values()}
     raw_dir = staging / ".raw"
     raw_dir.mkdir()
-    names = recipe.component_names
+    names = family.components(recipe, model)
     components = {name: export_component(request, recipe, family, model, name, dims, dynamic_json, staging, raw_dir,
                                          f"[{index}/{len(names)}] {name}", progress)
                   for index, name in enumerate(names, 1)}

@@ -18,7 +18,7 @@ from typing import Callable
 
 from sdfast.export.builtin_tokenizer import CLIP_VOCAB_SIZE, bpe_data_path, write_tokenizer_files
 
-BUILTIN_FORMAT = 3  # bump when what a built-in folder holds changes; stale caches are rebuilt
+BUILTIN_FORMAT = 4  # bump when what a built-in folder holds changes; stale caches are rebuilt
 MARKER = "sdfast_builtin.json"
 
 # stable-diffusion-v1-5's scheduler_config.json, key for key.
@@ -50,6 +50,9 @@ SD21_SCHEDULER_CONFIG = {
 }
 
 
+SD_PIPELINE_OPTIONS = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
 @dataclass(frozen=True)
 class BuiltinModel:
     """Configs of one built-in pipeline; every text encoder takes CLIP's 49408-token vocabulary (builtin_tokenizer.py)."""
@@ -60,10 +63,12 @@ class BuiltinModel:
     seed: int
     unet: dict = field(default_factory=dict)
     vae: dict = field(default_factory=dict)
-    text_encoder: dict = field(default_factory=dict)
+    text_encoder: dict | None = field(default_factory=dict)  # None: the pipeline has no first text encoder (SDXL's refiner)
     pipeline_class: str = "StableDiffusionPipeline"
     scheduler: dict = field(default_factory=lambda: dict(SD15_SCHEDULER_CONFIG))  # written as the model ships it
     pad_token: str | None = None  # None: CLIP's (<|endoftext|>, SD 1.x); "!" for SD 2.x's OpenCLIP tokenizer
+    text_encoder_2: dict | None = None  # SDXL's OpenCLIP-bigG with projection (CLIPTextModelWithProjection); pads with "!"
+    pipeline_options: dict = field(default_factory=lambda: dict(SD_PIPELINE_OPTIONS))  # the pipeline class's own arguments
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -144,6 +149,100 @@ BUILTIN_MODELS |= {
 }
 
 
+# stable-diffusion-xl-base-1.0's scheduler_config.json, key for key; SDXL Turbo's differs in class and spacing.
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+SDXL_TURBO_SCHEDULER_CONFIG = {**SDXL_SCHEDULER_CONFIG, "_class_name": "EulerAncestralDiscreteScheduler", "timestep_spacing": "trailing"}
+SDXL_BASE_OPTIONS = {"force_zeros_for_empty_prompt": True}  # model_index.json of the base (and Turbo)
+SDXL_REFINER_OPTIONS = {"force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True}  # the refiner's
+
+# SDXL: CLIP ViT-L (penultimate layer) and OpenCLIP ViT-bigG with projection (penultimate layer, pooled text_embeds),
+# a U-Net conditioned on text_embeds and time_ids (addition_embed_type "text_time"), a VAE scaled by 0.13025. The
+# refiner has only the second encoder, a wider 4-level U-Net and aesthetic-score time ids.
+_TINY_SDXL_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True, norm_num_groups=8,
+    addition_embed_type="text_time", addition_time_embed_dim=8, cross_attention_dim=64,
+    projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids x addition_time_embed_dim + the pooled width
+)
+_TINY_OPENCLIP = dict(
+    vocab_size=CLIP_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+    max_position_embeddings=77, hidden_act="gelu", projection_dim=32,
+)
+_SDXL_VAE = {**BUILTIN_MODELS["sd15"].vae, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+BUILTIN_MODELS |= {
+    "tiny-sdxl": replace(
+        BUILTIN_MODELS["tiny"], name="tiny-sdxl", description="SDXL base structure at toy width (random weights), for tests",
+        seed=5, unet=_TINY_SDXL_UNET, vae={**BUILTIN_MODELS["tiny"].vae, "scaling_factor": 0.13025, "force_upcast": True},
+        text_encoder_2=_TINY_OPENCLIP, pipeline_class="StableDiffusionXLPipeline", scheduler=dict(SDXL_SCHEDULER_CONFIG),
+        pipeline_options=dict(SDXL_BASE_OPTIONS),
+    ),
+    "sdxl": BuiltinModel(
+        name="sdxl",
+        description="SDXL base 1.0 architecture and configs with RANDOM weights (real latency, noise images)",
+        default_size=1024,
+        seed=0,
+        unet=dict(
+            sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+            cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816, norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
+        ),
+        vae=_SDXL_VAE,
+        text_encoder={**BUILTIN_MODELS["sd15"].text_encoder},
+        text_encoder_2=dict(
+            vocab_size=CLIP_VOCAB_SIZE, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+            max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, layer_norm_eps=1e-5,
+        ),
+        pipeline_class="StableDiffusionXLPipeline", scheduler=dict(SDXL_SCHEDULER_CONFIG), pipeline_options=dict(SDXL_BASE_OPTIONS),
+    ),
+}
+BUILTIN_MODELS |= {
+    "tiny-sdxl-turbo": replace(
+        BUILTIN_MODELS["tiny-sdxl"], name="tiny-sdxl-turbo", scheduler=dict(SDXL_TURBO_SCHEDULER_CONFIG),
+        description="tiny-sdxl with SDXL Turbo's scheduler (Euler a, trailing spacing), for tests",
+    ),
+    "sdxl-turbo": replace(
+        BUILTIN_MODELS["sdxl"], name="sdxl-turbo", default_size=512, scheduler=dict(SDXL_TURBO_SCHEDULER_CONFIG),
+        description="SDXL Turbo architecture and scheduler (Euler a, trailing) with RANDOM weights, 512 px",
+    ),
+    "tiny-sdxl-refiner": replace(
+        BUILTIN_MODELS["tiny-sdxl"], name="tiny-sdxl-refiner", seed=9, text_encoder=None,
+        unet={**_TINY_SDXL_UNET, "cross_attention_dim": 32, "projection_class_embeddings_input_dim": 5 * 8 + 32},
+        description="SDXL refiner structure at toy width (random weights), for tests",
+        pipeline_class="StableDiffusionXLImg2ImgPipeline", pipeline_options=dict(SDXL_REFINER_OPTIONS),
+    ),
+    "sdxl-refiner": replace(
+        BUILTIN_MODELS["sdxl"], name="sdxl-refiner", text_encoder=None,
+        unet={**BUILTIN_MODELS["sdxl"].unet, "block_out_channels": (384, 768, 1536, 1536),
+              "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+              "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+              "attention_head_dim": (6, 12, 24, 24), "transformer_layers_per_block": 4, "cross_attention_dim": 1280,
+              "projection_class_embeddings_input_dim": 2560},
+        description="SDXL refiner 1.0 architecture and configs with RANDOM weights (real latency, noise images)",
+        pipeline_class="StableDiffusionXLImg2ImgPipeline", pipeline_options=dict(SDXL_REFINER_OPTIONS),
+    ),
+}
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("SDFAST_CACHE", Path.home() / ".cache" / "sdfast"))
 
@@ -192,38 +291,51 @@ def save_builtin(model: BuiltinModel, folder: Path) -> None:
     transformers.logging.disable_progress_bar()
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     diffusers.logging.set_verbosity_error()
     diffusers.logging.disable_progress_bar()
 
     raw_tokenizer_dir = folder / "_raw_tokenizer"
     vocab_path, merges_path = write_tokenizer_files(raw_tokenizer_dir)
-    tokenizer = CLIPTokenizer(vocab=str(vocab_path), merges=str(merges_path), **({"pad_token": model.pad_token} if model.pad_token else {}))
-    tokenizer.model_max_length = model.text_encoder["max_position_embeddings"]
-    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    components = {"text_encoder": None, "tokenizer": None}  # SDXL's refiner has no first text encoder
+    if model.text_encoder is not None:
+        components["tokenizer"], components["text_encoder"] = _text_encoder(
+            CLIPTextModel, model.text_encoder, model.pad_token, vocab_path, merges_path, model.seed)
+    if model.text_encoder_2 is not None:
+        from transformers import CLIPTextModelWithProjection
 
-    torch.manual_seed(model.seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**model.text_encoder, **special)).eval()
+        components["tokenizer_2"], components["text_encoder_2"] = _text_encoder(
+            CLIPTextModelWithProjection, model.text_encoder_2, "!", vocab_path, merges_path, model.seed + 3)
     torch.manual_seed(model.seed + 1)
-    unet = UNet2DConditionModel(**model.unet).eval()
+    components["unet"] = UNet2DConditionModel(**model.unet).eval()
     torch.manual_seed(model.seed + 2)
-    vae = AutoencoderKL(**model.vae).eval()
-    scheduler = getattr(diffusers, model.scheduler["_class_name"]).from_config(model.scheduler)
-
-    pipeline = getattr(diffusers, model.pipeline_class)(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    components["vae"] = AutoencoderKL(**model.vae).eval()
+    components["scheduler"] = getattr(diffusers, model.scheduler["_class_name"]).from_config(model.scheduler)
+    pipeline = getattr(diffusers, model.pipeline_class)(**components, **model.pipeline_options)
     pipeline.save_pretrained(folder, safe_serialization=True)
     # The scheduler file as the model ships it (diffusers would drop keys its class does not take, such as clip_sample).
     scheduler_config = {**model.scheduler, "_diffusers_version": json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_diffusers_version"]}
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
-    for path in (vocab_path, merges_path):  # also CLIP's classic files, for older tokenizer loaders
-        shutil.copy(path, folder / "tokenizer" / path.name)
+    for tokenizer_dir in ("tokenizer", "tokenizer_2"):  # also CLIP's classic files, for older tokenizer loaders
+        if (folder / tokenizer_dir).is_dir():
+            for path in (vocab_path, merges_path):
+                shutil.copy(path, folder / tokenizer_dir / path.name)
     shutil.rmtree(raw_tokenizer_dir)
     (folder / "README.md").write_text(
         f"# sdfast built-in model '{model.name}'\n\n{model.description}.\n\n"
         "The weights are RANDOM (seeded): this folder has a real architecture for testing and timing, "
         "and its images are noise.\n"
     )
+
+
+def _text_encoder(model_class, config: dict, pad_token: str | None, vocab_path: Path, merges_path: Path, seed: int):
+    """(tokenizer, text encoder) of CLIP's real vocabulary, the encoder's weights random from ``seed``."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer(vocab=str(vocab_path), merges=str(merges_path), **({"pad_token": pad_token} if pad_token else {}))
+    tokenizer.model_max_length = config["max_position_embeddings"]
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return tokenizer, model_class(CLIPTextConfig(**config, **special)).eval()

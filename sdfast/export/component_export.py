@@ -21,7 +21,7 @@ def export_component(request, recipe, family, model, name: str, dims: dict, dyna
     from sdfast.runtime.backends import get_backend
     from sdfast.runtime.manifest import ComponentInfo
 
-    component = recipe.component(name, dims, request.precision)
+    component = recipe.component(name, dims, request.precision, fp16_safe=family.fp16_safe(model, name))
     module = family.WRAPPERS[name](model).eval()
     step = time.perf_counter()
     raw_path = raw_dir / f"{name}.onnx"

@@ -101,10 +101,14 @@ class Recipe:
             for name, spec in self.data.get("dynamic", {}).items()
         }
 
-    def component(self, name: str, dims: dict[str, int], precision: str) -> ComponentRecipe:
-        """One component with every static symbolic dimension replaced by its value from ``dims``."""
+    def component(self, name: str, dims: dict[str, int], precision: str, fp16_safe: bool = False) -> ComponentRecipe:
+        """One component with every static symbolic dimension replaced by its value from ``dims``.
+
+        ``fp16_safe``: the family's module found this model's component safe in fp16 (the fp16-fix VAE), which lifts
+        the recipe's fp16_whole_fp32 rule.
+        """
         spec = self.data["components"][name]
-        whole_fp32_reason = spec.get("fp16_whole_fp32") if precision == "fp16" else None
+        whole_fp32_reason = spec.get("fp16_whole_fp32") if precision == "fp16" and not fp16_safe else None
         if whole_fp32_reason:
             precision = "fp32"
         tolerance = spec.get("tolerance", {}).get(precision)

@@ -148,6 +148,16 @@ def fp32_attention_scores(model: LoadedModel, name: str) -> str | None:
     return None
 
 
+def fp16_safe(model, name: str) -> bool:
+    """A VAE whose config sets force_upcast false (the fp16-fix VAEs) runs in fp16, as diffusers runs it; others stay fp32."""
+    return name.startswith("vae_") and getattr(model.vae.config, "force_upcast", True) is False
+
+
+def components(recipe, model: LoadedModel) -> list[str]:
+    """Every component of the recipe: an SD 1.x or 2.x folder has them all."""
+    return recipe.component_names
+
+
 def manifest_blocks(recipe, model: LoadedModel, dims: dict[str, int]) -> dict:
     """The manifest's family-specific blocks: the latent layout, the parametrization and the model's own figures."""
     return {

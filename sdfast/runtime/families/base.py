@@ -11,6 +11,7 @@ from sdfast.errors import EngineError
 if TYPE_CHECKING:
     from sdfast.runtime.backends import Engine
     from sdfast.runtime.manifest import Manifest
+    from sdfast.runtime.text_encoding import PromptEncoder
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,17 @@ class Family:
         if missing:
             raise EngineError(f"engine dir {manifest.root} has no {', '.join(missing)}")
         return [*cls.required, *(name for name in cls.optional if name in manifest.components)]
+
+    def prompt_encoder(self, component: str, label: str) -> "PromptEncoder":
+        """The tokenizer the manifest keys by ``component`` with that text-encoder engine (A1111's chunking and emphasis)."""
+        from sdfast.runtime.text_encoding import PromptEncoder
+        from sdfast.runtime.tokenizer import PromptTokenizer
+
+        tok = self.manifest.tokenizers.get(component)
+        if tok is None:
+            raise EngineError(f"engine dir {self.manifest.root}: the manifest has no tokenizer for {component} (re-export the model)")
+        tokenizer = PromptTokenizer(self.manifest.path(tok["file"]), tok["bos_id"], tok["eos_id"], tok["pad_id"], tok["max_length"])
+        return PromptEncoder(tokenizer, self.engines[component], int(self.manifest.geometry["max_text_chunks"]), label)
 
     @property
     def latent(self) -> LatentLayout:

@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sdfast.errors import EngineError
 from sdfast.runtime.families.base import Family, guided_rows
-from sdfast.runtime.text_encoding import PromptEncoder
-from sdfast.runtime.tokenizer import PromptTokenizer
 
 
 class StableDiffusion1(Family):
@@ -18,11 +15,7 @@ class StableDiffusion1(Family):
 
     def __init__(self, manifest, engines):
         super().__init__(manifest, engines)
-        tok = manifest.tokenizers.get("text_encoder")
-        if tok is None:
-            raise EngineError(f"engine dir {manifest.root}: the manifest has no tokenizer for text_encoder (re-export the model)")
-        tokenizer = PromptTokenizer(manifest.path(tok["file"]), tok["bos_id"], tok["eos_id"], tok["pad_id"], tok["max_length"])
-        self.text = PromptEncoder(tokenizer, engines["text_encoder"], int(manifest.geometry["max_text_chunks"]))
+        self.text = self.prompt_encoder("text_encoder", "text encoder")
 
     def conditioning(self, prompt, negative_prompt, clip_skip, use_cfg, warnings):
         cond, uncond = self.text.encode_pair(prompt, negative_prompt, use_cfg, clip_skip, warnings)

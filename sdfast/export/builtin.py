@@ -224,6 +224,10 @@ BUILTIN_MODELS |= {
         BUILTIN_MODELS["sdxl"], name="sdxl-turbo", default_size=512, scheduler=dict(SDXL_TURBO_SCHEDULER_CONFIG),
         description="SDXL Turbo architecture and scheduler (Euler a, trailing) with RANDOM weights, 512 px",
     ),
+    "tiny-sdxl-inpaint": replace(
+        BUILTIN_MODELS["tiny-sdxl"], name="tiny-sdxl-inpaint", unet={**_TINY_SDXL_UNET, "in_channels": 9},
+        description="tiny-sdxl with a 9-channel inpainting U-Net (random weights), for tests", pipeline_class="StableDiffusionXLInpaintPipeline",
+    ),
     "tiny-sdxl-refiner": replace(
         BUILTIN_MODELS["tiny-sdxl"], name="tiny-sdxl-refiner", seed=9, text_encoder=None,
         unet={**_TINY_SDXL_UNET, "cross_attention_dim": 32, "projection_class_embeddings_input_dim": 5 * 8 + 32},

@@ -16,6 +16,7 @@ from sdfast.runtime.generation import GenerationRequest, GenerationResult, Stage
 from sdfast.runtime.image_source import ImageSource
 from sdfast.runtime.images import infotext, to_uint8
 from sdfast.runtime.manifest import Manifest, read_manifest
+from sdfast.runtime.refiner import HandOff, LatentSource, Refiner, base_steps, refiner_start
 from sdfast.runtime.request_check import RequestChecker, read_scheduler_config
 from sdfast.sampling.denoiser import Denoiser
 from sdfast.sampling.noise import TorchCompatibleGenerator
@@ -56,6 +57,13 @@ class Pipeline:
         self.height, self.width, self.batch_size, self.guidance = checker.height, checker.width, checker.batch_size, checker.guidance
         self.latent_shape, self.text_layers, self.inpainting_unet = checker.latent_shape, checker.text_layers, checker.inpainting_unet
         self.max_text_chunks = int(manifest.geometry["max_text_chunks"])  # longest prompt, in 75-token chunks
+        self.refiner: Refiner | None = None  # SDXL's second stage: runs the schedule's low-noise steps (attach_refiner)
+
+    def attach_refiner(self, refiner: "Pipeline", switch: float) -> None:
+        """Run ``refiner`` after this pipeline from ``switch`` (a fraction of the schedule) on, as diffusers' denoising_end."""
+        attached = Refiner(refiner, float(switch))
+        attached.check(self)
+        self.refiner = attached
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "cpu", verify: str = "full", loop: str = "auto",
@@ -178,12 +186,16 @@ class Pipeline:
         """
         prepared = self.checker.prepare(request)
         batch, spec, plan, strength = prepared.batch, prepared.spec, prepared.plan, prepared.strength
+        second = self._refiner_stage(request, spec, plan) if self.refiner else None
         started = time.perf_counter()
         timings, warnings = StageTimings(), []
         use_cfg = self.guidance and request.cfg_scale > 1  # as diffusers: guidance only above 1
 
         stage = time.perf_counter()
         conditioning = self.family.conditioning(request.prompt, request.negative_prompt, request.clip_skip, use_cfg, warnings)
+        if second:
+            second["conditioning"] = self.refiner.pipeline.family.conditioning(
+                request.prompt, request.negative_prompt, request.clip_skip, use_cfg, [])
         timings.text_encoder = time.perf_counter() - stage
 
         source = None
@@ -192,20 +204,31 @@ class Pipeline:
             source = ImageSource.encode(self, request.init_image, request.mask)
             timings.vae_encode = time.perf_counter() - stage
 
-        total_steps = plan.steps * request.n_iter
+        image_steps = plan.steps if second is None else second["handoff"] + second["plan"].steps
+        total_steps = image_steps * request.n_iter
         for iteration in range(request.n_iter):
             seeds = ([request.seeds[iteration * batch + i] for i in range(batch)] if request.seeds is not None
                      else [request.seed + iteration * batch + i for i in range(batch)])
-            done = iteration * plan.steps
+            done = iteration * image_steps
             progress = (lambda i, _x, done=done: on_step(done + i + 1, total_steps)) if on_step else None
+            decoder = self
             try:
-                x, steps_run = self._sample(request, spec, plan, conditioning, use_cfg, seeds, source, strength, timings, progress), None
+                if second is None:
+                    x = self._sample(request, spec, plan, conditioning, use_cfg, seeds, source, strength, timings, progress)
+                else:
+                    x = self._sample(request, spec, plan, conditioning, use_cfg, seeds, None, None, timings, progress,
+                                     stop_after=second["handoff"])  # x: [B, 4, h, w], VE form, unfinished
+                    decoder = self.refiner.pipeline
+                    later = (lambda i, _x, done=done + second["handoff"]: on_step(done + i + 1, total_steps)) if on_step else None
+                    x = decoder._sample(request, spec, second["plan"], second["conditioning"], use_cfg, seeds, LatentSource(x),
+                                        None, timings, later)
+                steps_run = None
             except StopSampling as stop:
                 if stop.latents is None:
                     raise
                 x, steps_run = stop.latents, stop.steps_run  # x: [B, 4, h, w], the x0 estimate (the same in VE and VP form)
             stage = time.perf_counter()
-            images = to_uint8(self.decode(x))[:batch]
+            images = to_uint8(decoder.decode(x))[:batch]
             timings.vae_decode = time.perf_counter() - stage
             timings.total = time.perf_counter() - started
             stopped = None if steps_run is None else f"after {steps_run} of {plan.steps} steps"
@@ -216,8 +239,26 @@ class Pipeline:
                 return  # A1111 skips the rest of the batch count once interrupted
             timings, started = StageTimings(), time.perf_counter()
 
-    def _sample(self, request, spec, plan, conditioning, use_cfg, seeds, source, strength, timings, progress) -> np.ndarray:
-        """One batch: initial latents from the seeds (and the image), the sampler loop, back to VP form. -> [B_engine, 4, h, w]."""
+    def _refiner_stage(self, request: GenerationRequest, spec, plan: SamplingPlan) -> dict:
+        """The refiner's plan from its first step, and how many steps the base runs; RequestError when they cannot split."""
+        if request.init_image is not None:
+            raise RequestError("the refiner follows txt2img only; run img2img on the refiner's engine dir itself")
+        if plan.midpoint_sigmas is not None or not spec.starts_late:
+            raise RequestError(f"{spec.a1111_name} cannot hand its latents over part-way to a refiner; choose another sampler")
+        switch, refiner = self.refiner.switch, self.refiner.pipeline
+        handoff = base_steps(plan, switch, self.schedule.num_train_timesteps)
+        full = refiner.checker.prepare(request).plan
+        start = refiner_start(full, switch, refiner.schedule.num_train_timesteps)
+        if not 0 < handoff < plan.steps or start >= full.steps:
+            raise RequestError(f"refiner switch {switch} with {request.steps} steps leaves no step for the base or for the refiner")
+        return {"handoff": handoff, "plan": full.starting_at(start)}
+
+    def _sample(self, request, spec, plan, conditioning, use_cfg, seeds, source, strength, timings, progress,
+                stop_after: int | None = None) -> np.ndarray:
+        """One batch: initial latents from the seeds (and the image), the sampler loop, back to VP form. -> [B_engine, 4, h, w].
+
+        ``stop_after``: hand the latents over unfinished (VE form) after that many steps, for a refiner.
+        """
         # Image i draws from a torch-compatible generator seeded seed + i, in diffusers' order; rows past the requested
         # batch (the engine's batch is fixed) repeat the first seed and are dropped.
         row_seeds = [seeds[row] if row < len(seeds) else seeds[0] for row in range(self.batch_size)]
@@ -230,7 +271,7 @@ class Pipeline:
         masked = None
         if source is None:
             x = draw() * np.float32(plan.initial_noise_scale)  # x: [B, 4, h, w], VE form
-            table = self._table(request, spec, plan)
+            table = self._table(request, spec, plan) if stop_after is None else None
             if table is not None:
                 return self._sample_tabulated(table, x, draw, conditioning, request.cfg_scale, use_cfg, timings, progress)
         else:
@@ -248,6 +289,8 @@ class Pipeline:
             steps_done = i + 1
             if progress:
                 progress(i, x)  # may raise StopSampling
+            if steps_done == stop_after:
+                raise HandOff(x)
 
         blends = source is not None and source.blends(self.inpainting_unet)
         callback, model = (source.blend_callback(plan, counted), source.blending_model(denoiser, plan)) if blends else (counted, denoiser)
@@ -257,6 +300,8 @@ class Pipeline:
             options["eta"] = float(request.eta)
         try:
             x = spec.run(model, x, plan, callback, scheduler_config=spec.config_for(self.scheduler_config), noise=draw, **options)
+        except HandOff as handoff:
+            return handoff.latents
         except StopSampling as stop:
             stop.latents = source.keep_known(denoiser.latest) if blends else denoiser.latest  # [B, 4, h, w] x0
             stop.steps_run = steps_done
@@ -321,6 +366,8 @@ class Pipeline:
                 "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
                 "Batch size": batch if batch > 1 else None,
                 "Batch pos": position if batch > 1 else None,
+                "Refiner": f"{self.refiner.pipeline.manifest.model_name} [{self.refiner.pipeline.manifest.model_hash}]" if self.refiner else None,
+                "Refiner switch at": self.refiner.switch if self.refiner else None,
                 "Interrupted": stopped,  # "after k of n steps": the image is the x0 estimate of step k
                 "Version": f"sdfast {__version__}",
             },

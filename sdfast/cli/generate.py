@@ -12,7 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="the prompt")
     parser.add_argument("--negative", default="", help="the negative prompt")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
-    parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale; 1 disables guidance (default 7.5)")
+    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale; 1 disables guidance (default: the family's, 7.5 for "
+                                                   "SD 1.x and 2.x, 5 for SDXL; 1 on an engine exported without guidance)")
     parser.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same image as diffusers (default 0)")
     parser.add_argument("--sampler", default="euler",
                         help="sampler, by A1111 or diffusers name, e.g. 'Euler a', 'DPM++ 2M Karras' (default euler; see 'sdfast samplers')")
@@ -26,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strength", type=float,
                         help="img2img denoising strength 0..1 (default 0.75; 1.0 on a 9-channel inpainting engine)")
     parser.add_argument("--mask", type=Path, help="inpainting: white repaints, black keeps (needs --init-image)")
+    parser.add_argument("--refiner", type=Path, help="SDXL: an engine dir of the refiner, which runs the schedule's last steps")
+    parser.add_argument("--refiner-switch", type=float,
+                        help="the fraction of the schedule the base runs before the refiner takes over (default 0.8, as A1111)")
     parser.add_argument("--backend", default="cpu", help="execution backend: cpu, cuda (onnxruntime-gpu) or tensorrt (default cpu); the GPU ones keep the sampler loop on the device")
     parser.add_argument("--verify", default="full", choices=("full", "size"), help="check engine files by sha256 (full) or size only")
     parser.add_argument("-o", "--output", type=Path, default=Path("sdfast.png"),
@@ -52,16 +56,25 @@ def run(args: argparse.Namespace) -> int:
         raise RequestError("--mask needs --init-image (the image to inpaint)")
     if args.strength is not None and args.init_image is None:
         raise RequestError("--strength needs --init-image")
+    if args.refiner_switch is not None and args.refiner is None:
+        raise RequestError("--refiner-switch needs --refiner (the refiner's engine dir)")
     # Everything that can be refused is refused before the engines are hashed and loaded: the manifest and the
     # scheduler config are enough to check the request, and the output location is probed by writing to it.
     checker = RequestChecker.for_engine_dir(args.engine_dir)
     warnings: list[str] = []
     init_image = load_init_image(args.init_image, checker.width, checker.height, warnings) if args.init_image else None
     mask = load_mask(args.mask, checker.width, checker.height, warnings) if args.mask else None
+    refiner_switch = None
+    if args.refiner is not None:
+        from sdfast.runtime.refiner import check_switch
+
+        refiner_switch = check_switch(0.8 if args.refiner_switch is None else args.refiner_switch)
+        RequestChecker.for_engine_dir(args.refiner)  # a bad refiner dir is refused before anything loads
+    cfg = args.cfg if args.cfg is not None else checker.default_cfg_scale
     request = GenerationRequest(
-        prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
+        prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, cfg_scale=cfg, seed=args.seed,
         sampler=args.sampler, height=args.height, width=args.width, batch_size=args.batch_size, n_iter=args.n_iter,
-        clip_skip=args.clip_skip, init_image=init_image, mask=mask, strength=args.strength, eta=args.eta,
+        clip_skip=args.clip_skip, init_image=init_image, mask=mask, strength=args.strength, eta=args.eta, refiner_switch=refiner_switch,
     )
     prepared = checker.prepare(request)
     paths = output_paths(args.output, prepared.batch * args.n_iter)
@@ -75,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     load_bars = None if args.quiet else LoadBars()
     try:
         pipeline = Pipeline.load(args.engine_dir, backend=args.backend, verify=args.verify, progress=load_bars)
+        if args.refiner is not None:
+            pipeline.attach_refiner(Pipeline.load(args.refiner, backend=args.backend, verify=args.verify, progress=load_bars))
     finally:
         if load_bars is not None:
             load_bars.close()

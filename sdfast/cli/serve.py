@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="require 'Authorization: Bearer KEY' (default: $SDFAST_API_KEY); needed to bind beyond loopback")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a request may wait and run before 504 (default 300)")
     parser.add_argument("--verify", choices=("full", "size"), default="full", help="check the engine files' sha256 (full) or sizes")
+    parser.add_argument("--refiner", type=Path, help="an SDXL refiner engine dir, used by requests that name it (A1111's refiner_checkpoint)")
     parser.add_argument("--quiet", action="store_true", help="no access log on stderr")
 
 
@@ -50,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     load_bars = None if args.quiet else LoadBars()
     try:  # a bad engine dir fails before binding
         pipeline = Pipeline.load(args.engine_dir, backend=args.backend, verify=args.verify, progress=load_bars)
+        if args.refiner is not None:
+            pipeline.attach_refiner(Pipeline.load(args.refiner, backend=args.backend, verify=args.verify, progress=load_bars))
     finally:
         if load_bars is not None:
             load_bars.close()

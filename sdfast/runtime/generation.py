@@ -23,6 +23,7 @@ class GenerationRequest:
     mask: np.ndarray | None = None  # [1, 1, H, W] of 0 and 1, 1 = repaint (images.load_mask): inpainting
     strength: float | None = None  # img2img denoising strength; None: 0.75 (A1111), 1.0 on a 9-channel inpainting engine
     eta: float = 0.0  # DDIM's eta: 0 is deterministic DDIM, 1 adds DDPM-like noise from the seed's generator
+    refiner_switch: float | None = None  # hand over to the attached refiner at this fraction of the schedule (SDXL), or None
     seeds: list[int] | None = None  # one seed per image (batch_size x n_iter), instead of seed, seed + 1, ... (the server's micro-batches)
 
 

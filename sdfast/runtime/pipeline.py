@@ -16,7 +16,7 @@ from sdfast.runtime.generation import GenerationRequest, GenerationResult, Stage
 from sdfast.runtime.image_source import ImageSource
 from sdfast.runtime.images import infotext, to_uint8
 from sdfast.runtime.manifest import Manifest, read_manifest
-from sdfast.runtime.refiner import HandOff, LatentSource, Refiner, base_steps, refiner_start
+from sdfast.runtime.refiner import HandOff, LatentSource, base_steps, check_pair, check_switch, refiner_start
 from sdfast.runtime.request_check import RequestChecker, read_scheduler_config
 from sdfast.sampling.denoiser import Denoiser
 from sdfast.sampling.noise import TorchCompatibleGenerator
@@ -57,13 +57,12 @@ class Pipeline:
         self.height, self.width, self.batch_size, self.guidance = checker.height, checker.width, checker.batch_size, checker.guidance
         self.latent_shape, self.text_layers, self.inpainting_unet = checker.latent_shape, checker.text_layers, checker.inpainting_unet
         self.max_text_chunks = int(manifest.geometry["max_text_chunks"])  # longest prompt, in 75-token chunks
-        self.refiner: Refiner | None = None  # SDXL's second stage: runs the schedule's low-noise steps (attach_refiner)
+        self.refiner: Pipeline | None = None  # SDXL's second stage: the schedule's low-noise steps (attach_refiner)
 
-    def attach_refiner(self, refiner: "Pipeline", switch: float) -> None:
-        """Run ``refiner`` after this pipeline from ``switch`` (a fraction of the schedule) on, as diffusers' denoising_end."""
-        attached = Refiner(refiner, float(switch))
-        attached.check(self)
-        self.refiner = attached
+    def attach_refiner(self, refiner: "Pipeline") -> None:
+        """Let requests with ``refiner_switch`` hand their latents to ``refiner`` there, as diffusers' denoising_end/start."""
+        check_pair(refiner, self)
+        self.refiner = refiner
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "cpu", verify: str = "full", loop: str = "auto",
@@ -186,7 +185,7 @@ class Pipeline:
         """
         prepared = self.checker.prepare(request)
         batch, spec, plan, strength = prepared.batch, prepared.spec, prepared.plan, prepared.strength
-        second = self._refiner_stage(request, spec, plan) if self.refiner else None
+        second = self._refiner_stage(request, spec, plan) if request.refiner_switch is not None else None
         started = time.perf_counter()
         timings, warnings = StageTimings(), []
         use_cfg = self.guidance and request.cfg_scale > 1  # as diffusers: guidance only above 1
@@ -194,7 +193,7 @@ class Pipeline:
         stage = time.perf_counter()
         conditioning = self.family.conditioning(request.prompt, request.negative_prompt, request.clip_skip, use_cfg, warnings)
         if second:
-            second["conditioning"] = self.refiner.pipeline.family.conditioning(
+            second["conditioning"] = self.refiner.family.conditioning(
                 request.prompt, request.negative_prompt, request.clip_skip, use_cfg, [])
         timings.text_encoder = time.perf_counter() - stage
 
@@ -218,7 +217,7 @@ class Pipeline:
                 else:
                     x = self._sample(request, spec, plan, conditioning, use_cfg, seeds, None, None, timings, progress,
                                      stop_after=second["handoff"])  # x: [B, 4, h, w], VE form, unfinished
-                    decoder = self.refiner.pipeline
+                    decoder = self.refiner
                     later = (lambda i, _x, done=done + second["handoff"]: on_step(done + i + 1, total_steps)) if on_step else None
                     x = decoder._sample(request, spec, second["plan"], second["conditioning"], use_cfg, seeds, LatentSource(x),
                                         None, timings, later)
@@ -241,11 +240,13 @@ class Pipeline:
 
     def _refiner_stage(self, request: GenerationRequest, spec, plan: SamplingPlan) -> dict:
         """The refiner's plan from its first step, and how many steps the base runs; RequestError when they cannot split."""
+        switch, refiner = check_switch(request.refiner_switch), self.refiner
+        if refiner is None:
+            raise RequestError("a refiner switch needs a refiner (generate --refiner, serve --refiner)")
         if request.init_image is not None:
             raise RequestError("the refiner follows txt2img only; run img2img on the refiner's engine dir itself")
-        if plan.midpoint_sigmas is not None or not spec.starts_late:
+        if spec.evaluates_twice or not spec.starts_late:
             raise RequestError(f"{spec.a1111_name} cannot hand its latents over part-way to a refiner; choose another sampler")
-        switch, refiner = self.refiner.switch, self.refiner.pipeline
         handoff = base_steps(plan, switch, self.schedule.num_train_timesteps)
         full = refiner.checker.prepare(request).plan
         start = refiner_start(full, switch, refiner.schedule.num_train_timesteps)
@@ -366,8 +367,8 @@ class Pipeline:
                 "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
                 "Batch size": batch if batch > 1 else None,
                 "Batch pos": position if batch > 1 else None,
-                "Refiner": f"{self.refiner.pipeline.manifest.model_name} [{self.refiner.pipeline.manifest.model_hash}]" if self.refiner else None,
-                "Refiner switch at": self.refiner.switch if self.refiner else None,
+                "Refiner": f"{self.refiner.manifest.model_name} [{self.refiner.manifest.model_hash}]" if request.refiner_switch else None,
+                "Refiner switch at": request.refiner_switch,
                 "Interrupted": stopped,  # "after k of n steps": the image is the x0 estimate of step k
                 "Version": f"sdfast {__version__}",
             },

@@ -55,21 +55,19 @@ def refiner_start(plan: "SamplingPlan", switch: float, train_timesteps: int) -> 
     return len(plan.timesteps) - int((plan.timesteps < cutoff_timestep(switch, train_timesteps)).sum())
 
 
-@dataclass
-class Refiner:
-    """A refiner engine dir attached to a base, and where it takes over."""
+def check_switch(switch) -> float:
+    """The fraction of the schedule the base runs (A1111's refiner_switch_at, diffusers' denoising_end), from 0 to 1 exclusive."""
+    if isinstance(switch, bool) or not isinstance(switch, (int, float)) or not 0.0 < switch < 1.0:
+        raise RequestError(f"refiner switch must be a number between 0 and 1 (exclusive), not {switch}")
+    return float(switch)
 
-    pipeline: "Pipeline"
-    switch: float  # the fraction of the schedule the base runs (A1111's refiner_switch_at, diffusers' denoising_end)
 
-    def check(self, base: "Pipeline") -> None:
-        """The refiner must take the base's latents as they are: same latent layout, size and batch."""
-        if not 0.0 < self.switch < 1.0:
-            raise RequestError(f"refiner switch must be between 0 and 1 (exclusive), not {self.switch}")
-        mine, theirs = self.pipeline, base
-        if mine.family.latent != theirs.family.latent or mine.latent_shape != theirs.latent_shape:
-            raise EngineError(f"the refiner's latents ({mine.latent_shape}, {mine.family.latent}) are not the base's "
-                              f"({theirs.latent_shape}, {theirs.family.latent}): export both at one size")
-        if mine.batch_size != theirs.batch_size or mine.guidance != theirs.guidance:
-            raise EngineError(f"the refiner was exported for batch {mine.batch_size} {'with' if mine.guidance else 'without'} guidance, "
-                              f"the base for batch {theirs.batch_size} {'with' if theirs.guidance else 'without'}: export both alike")
+def check_pair(refiner: "Pipeline", base: "Pipeline") -> None:
+    """The refiner must take the base's latents as they are: same latent layout, size, batch and guidance."""
+    mine, theirs = refiner, base
+    if mine.family.latent != theirs.family.latent or mine.latent_shape != theirs.latent_shape:
+        raise EngineError(f"the refiner's latents ({mine.latent_shape}, {mine.family.latent}) are not the base's "
+                          f"({theirs.latent_shape}, {theirs.family.latent}): export both at one size")
+    if mine.batch_size != theirs.batch_size or mine.guidance != theirs.guidance:
+        raise EngineError(f"the refiner was exported for batch {mine.batch_size} {'with' if mine.guidance else 'without'} guidance, "
+                          f"the base for batch {theirs.batch_size} {'with' if theirs.guidance else 'without'}: export both alike")

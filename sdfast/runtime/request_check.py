@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sdfast.errors import EngineError, RequestError
+from sdfast.runtime.families import family_class
 from sdfast.runtime.manifest import Manifest, read_manifest
 from sdfast.runtime.prompts import parse_prompt_attention
 from sdfast.sampling.registry import check_supported, resolve_sampler
@@ -65,6 +66,8 @@ class RequestChecker:
         self.text_layers = int(manifest.model["text_layers"])
         self.inpainting_unet = int(manifest.model["unet_in_channels"]) == 2 * self.latent_shape[0] + 1  # latents, mask, masked latents
         self.has_vae_encoder = "vae_encoder" in manifest.components
+        # the family's guidance scale, or 1 (no guidance) on an engine exported without it
+        self.default_cfg_scale = family_class(manifest.family).default_cfg_scale if self.guidance else 1.0
 
     @classmethod
     def for_engine_dir(cls, engine_dir: str | Path) -> "RequestChecker":

@@ -41,6 +41,11 @@ class SamplerSpec:
     config_overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def evaluates_twice(self) -> bool:
+        """Two model evaluations per step: diffusers' order-2 schedulers (Heun, DPM2, DPM++ SDE) and DPM++ 2S a."""
+        return self.run in _TWO_EVALUATIONS
+
+    @property
     def scheduler_class(self) -> str:
         """The diffusers scheduler this sampler reproduces (with config_overrides); "" for k-diffusion-only samplers."""
         return self.diffusers_class or self.equivalent_class
@@ -157,6 +162,8 @@ def _run_plms(model, x, plan: SamplingPlan, callback=None, *, scheduler_config: 
 def _run_dpmpp_2s_ancestral(model, x, plan: SamplingPlan, callback=None, *, scheduler_config: dict, noise=None):
     return samplers.sample_dpmpp_2s_ancestral(model, x, plan.sigmas, callback, noise=_step_noise(noise))
 
+
+_TWO_EVALUATIONS = (_run_heun, _run_dpm2, _run_dpm2_ancestral, _run_dpmpp_2s_ancestral, solver_plans.run_dpmpp_sde)
 
 SAMPLERS: dict[str, SamplerSpec] = {
     spec.key: spec

@@ -17,6 +17,7 @@ from sdfast.sampling.registry import SAMPLERS, resolve_sampler
 from sdfast.serve.context import ServeContext
 from sdfast.serve.schemas import (
     DEFAULT_CFG_SCALE,
+    DEFAULT_REFINER_SWITCH,
     IMAGE_OPTIONS,
     SEED_LIMIT,
     FieldError,
@@ -45,8 +46,12 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
 
     @router.get("/sdapi/v1/sd-models")
     async def sd_models():
-        return [{"title": model_title(), "model_name": pipeline.manifest.model_name, "hash": pipeline.manifest.model_hash,
-                 "sha256": pipeline.manifest.data["source"].get("fingerprint"), "filename": pipeline.manifest.root.name, "config": None}]
+        """A1111's fields, plus the family and the sizes each engine serves (the refiner, when loaded, listed second)."""
+        served = [pipeline] + ([pipeline.refiner] if pipeline.refiner is not None else [])
+        return [{"title": f"{p.manifest.model_name} [{p.manifest.model_hash}]", "model_name": p.manifest.model_name,
+                 "hash": p.manifest.model_hash, "sha256": p.manifest.data["source"].get("fingerprint"),
+                 "filename": p.manifest.root.name, "config": None, "family": p.manifest.family, "sizes": [f"{p.width}x{p.height}"]}
+                for p in served]
 
     @router.get("/sdapi/v1/scripts")
     async def scripts():
@@ -153,6 +158,7 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
             if eta not in (0.0, 1.0):  # 1.0 is A1111's ancestral default, which webuiapi always sends
                 raise FieldError("eta", f"eta applies to DDIM only, not to {sampler.a1111_name}")
             eta = None
+        refiner_switch = _refiner_switch(body)
         clip_skip = body.override_settings.get("CLIP_stop_at_last_layers") or ctx.options["CLIP_stop_at_last_layers"]
         seed = body.seed if body.seed >= 0 else secrets.randbelow(SEED_LIMIT - 1)
         total = body.batch_size * body.n_iter
@@ -161,8 +167,20 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
             prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, cfg_scale=_cfg_scale(body), seed=seed,
             sampler=sampler.key, height=pipeline.height, width=pipeline.width, batch_size=batch, n_iter=total // batch, clip_skip=clip_skip,
             init_image=init, mask=mask, strength=strength if init is not None else None, eta=eta or 0.0,
-            seeds=[seed + i for i in range(total)],
+            seeds=[seed + i for i in range(total)], refiner_switch=refiner_switch,
         )
+
+    def _refiner_switch(body: _Request) -> float | None:
+        """A1111's refiner_checkpoint (its name, "name [hash]" title or hash) names the refiner this server loaded."""
+        if body.refiner_checkpoint in (None, "", "None"):
+            return None
+        refiner = pipeline.refiner
+        if refiner is None:
+            raise FieldError("refiner_checkpoint", f"{body.refiner_checkpoint!r}: this server has no refiner (sdfast serve --refiner DIR)")
+        manifest = refiner.manifest
+        if body.refiner_checkpoint not in (manifest.model_name, f"{manifest.model_name} [{manifest.model_hash}]", manifest.model_hash):
+            raise FieldError("refiner_checkpoint", f"{body.refiner_checkpoint!r}: this server's refiner is '{manifest.model_name} [{manifest.model_hash}]'")
+        return body.refiner_switch_at if body.refiner_switch_at is not None else DEFAULT_REFINER_SWITCH
 
     def _cfg_scale(body: _Request) -> float:
         """The request's, else A1111's 7 where the engine guides and 1 where it was exported without guidance."""

@@ -22,13 +22,14 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_BODY_BYTES = 48 << 20
 SEED_LIMIT = 2**32  # A1111 seeds are below 2^32; -1 picks one
 DEFAULT_CFG_SCALE = 7.0  # A1111's, on engines exported with guidance
+DEFAULT_REFINER_SWITCH = 0.8  # A1111's refiner_switch_at
 
 
 # A1111 request fields that change the image, with the values at which they change nothing: any other is refused, never
 # ignored. Fields that only act through one of these (hr_* with enable_hr, script_args with script_name) need no entry.
 OFF_VALUES: dict[str, tuple] = {
     "enable_hr": (False,), "restore_faces": (False,), "tiling": (False,), "subseed_strength": (0.0,), "script_name": (None, ""),
-    "refiner_checkpoint": (None, "", "None"), "s_churn": (0.0,), "s_tmin": (0.0,), "s_tmax": (0.0,), "s_noise": (1.0,),
+    "s_churn": (0.0,), "s_tmin": (0.0,), "s_tmax": (0.0,), "s_noise": (1.0,),
     "resize_mode": (0,), "initial_noise_multiplier": (1.0,),
 }
 # A1111 options (override_settings, POST /sdapi/v1/options) that change the image, with the values that are what sdfast does.
@@ -77,7 +78,8 @@ class _Request(BaseModel):
     tiling: bool = False
     subseed_strength: float = 0.0
     script_name: str | None = None
-    refiner_checkpoint: str | None = None
+    refiner_checkpoint: str | None = None  # served when 'sdfast serve --refiner' loaded that engine dir
+    refiner_switch_at: float | None = Field(None, gt=0.0, lt=1.0)  # None: A1111's 0.8
     s_churn: float = 0.0
     s_tmin: float = 0.0
     s_tmax: float = 0.0  # A1111: 0 is infinity

@@ -54,7 +54,7 @@ class Job:
         r = self.request
         if r.init_image is not None or r.mask is not None:
             return None
-        return (r.prompt, r.negative_prompt, r.steps, float(r.cfg_scale), r.sampler, r.clip_skip, float(r.eta), r.n_iter)
+        return (r.prompt, r.negative_prompt, r.steps, float(r.cfg_scale), r.sampler, r.clip_skip, float(r.eta), r.n_iter, r.refiner_switch)
 
 
 @dataclass

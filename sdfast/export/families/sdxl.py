@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdfast.export.families.sd15 import VaeDecoder, VaeEncoder, fp16_safe, fp32_attention_scores  # noqa: F401 - shared policy
+from sdfast.export.families import sd15
+from sdfast.export.families.sd15 import VaeDecoder, VaeEncoder
 from sdfast.export.recipe import ComponentRecipe
 from sdfast.export.source import load_or_refuse, read_model_index, read_scheduler_config
 from sdfast.export.staging import copy_tokenizer
@@ -111,6 +112,10 @@ class UNet(torch.nn.Module):
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
+
+# The fp16 rules are SD 1.x's: the fp16-fix VAE runs fp16, upcast_attention keeps attention scores fp32.
+fp16_safe = sd15.fp16_safe
+fp32_attention_scores = sd15.fp32_attention_scores
 
 WRAPPERS = {"text_encoder": TextEncoder, "text_encoder_2": TextEncoder2, "unet": UNet, "vae_decoder": VaeDecoder,
             "vae_encoder": VaeEncoder}

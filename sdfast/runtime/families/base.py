@@ -50,6 +50,7 @@ class Family:
     optional: ClassVar[tuple[str, ...]] = ()  # components it may have (the VAE encoder: img2img and inpainting)
     # the inputs the pipeline feeds each component by name, beyond the denoiser's own sample and timestep
     fed_inputs: ClassVar[dict[str, tuple[str, ...]]]
+    default_cfg_scale: ClassVar[float] = 7.5  # a request's guidance scale when it names none (diffusers' pipeline default)
 
     def __init__(self, manifest: "Manifest", engines: dict[str, "Engine"]):
         self.manifest, self.engines = manifest, engines

@@ -19,6 +19,7 @@ class StableDiffusionXL(Family):
     name = "sdxl"
     required = ("text_encoder_2", "unet", "vae_decoder")
     optional = ("text_encoder", "vae_encoder")  # the refiner has only encoder 2
+    default_cfg_scale = 5.0  # StableDiffusionXLPipeline's
     fed_inputs = {"text_encoder": ("input_ids", "clip_skip"), "text_encoder_2": ("input_ids", "clip_skip"),
                   "unet": ("encoder_hidden_states", "text_embeds", "time_ids"), "vae_decoder": ("latent",), "vae_encoder": ("image",)}
 

@@ -146,6 +146,7 @@ def _build(request: ExportRequest, recipe, family, folder: Path, builtin: bool, 
     scheduler_info = {"file": "scheduler/scheduler_config.json", "files": hashed(staging, [scheduler_dir / "scheduler_config.json"]),
                       "class": model.scheduler_config.get("_class_name")}
 
+    family_blocks = family.manifest_blocks(recipe, model, dims)  # before the components' export frees the modules it reads
     dynamic_json = {dim.name: dim.to_json() for dim in recipe.dynamic_dims(dims).values()}
     raw_dir = staging / ".raw"
     raw_dir.mkdir()
@@ -175,7 +176,7 @@ def _build(request: ExportRequest, recipe, family, folder: Path, builtin: bool, 
             "max_text_chunks": dims["max_text_chunks"],
         },
         "dynamic_dims": dynamic_json,
-        **family.manifest_blocks(recipe, model, dims),  # latent, parametrization, model
+        **family_blocks,  # latent, parametrization, model
         "precision": request.precision,
         "tokenizers": tokenizers,  # keyed by the text encoder each one feeds
         "scheduler": scheduler_info,

@@ -22,6 +22,7 @@ def export_component(request, recipe, family, model, name: str, dims: dict, dyna
     from sdfast.runtime.manifest import ComponentInfo
 
     component = recipe.component(name, dims, request.precision, fp16_safe=family.fp16_safe(model, name))
+    fp32_scores = family.fp32_attention_scores(model, name)
     module = family.WRAPPERS[name](model).eval()
     step = time.perf_counter()
     raw_path = raw_dir / f"{name}.onnx"
@@ -29,6 +30,12 @@ def export_component(request, recipe, family, model, name: str, dims: dict, dyna
         export_to_onnx(module, component, family.sample_inputs(component, model, "trace"), raw_path, recipe.opset)
     except Exception as error:  # noqa: BLE001 - exporter failures are many types; report one line
         raise ExportError(f"{name}: ONNX export failed: {str(error).strip().splitlines()[0]}") from None
+    # PyTorch's side of the parity check now, so its weights can go before onnxruntime loads the graph (SDXL's U-Net
+    # is 10 GB in fp32: holding both would not fit a 24 GB machine)
+    inputs = family.sample_inputs(component, model, "parity")
+    expected = torch_outputs(module, component, inputs)
+    del module
+    release(model, family.RELEASES.get(name, ()))
     exported_s = time.perf_counter() - step
     try:
         flops = flops_entry(raw_path, component)
@@ -38,8 +45,7 @@ def export_component(request, recipe, family, model, name: str, dims: dict, dyna
     progress(f"{label}: exported to ONNX in {exported_s:.1f} s ({counted})")
 
     step = time.perf_counter()
-    files, variants, fp16_record = graphs(request, component, raw_path, staging, label, progress,
-                                          family.fp32_attention_scores(model, name))
+    files, variants, fp16_record = graphs(request, component, raw_path, staging, label, progress, fp32_scores)
     optimized_s = time.perf_counter() - step
     for leftover in raw_dir.glob(f"{name}.*"):
         leftover.unlink()
@@ -62,8 +68,6 @@ def export_component(request, recipe, family, model, name: str, dims: dict, dyna
     progress(f"{label}: optimized offline in {optimized_s:.1f} s ({component.precision}, {size_mib:.1f} MiB{with_variants})")
 
     step = time.perf_counter()
-    inputs = family.sample_inputs(component, model, "parity")
-    expected = torch_outputs(module, component, inputs)
     cpu = get_backend("cpu")
     for variant_name, target in [("portable", entry), *variants.items()]:
         # the CPU variant loads through the backend's own variant choice; the CUDA variant is loaded on the CPU directly
@@ -95,6 +99,15 @@ def export_component(request, recipe, family, model, name: str, dims: dict, dyna
         entry["variants"] = variants
     entry["export_seconds"] = round(time.perf_counter() - step + exported_s + optimized_s, 2)
     return entry
+
+
+def release(model, attributes: tuple[str, ...]) -> None:
+    """Drop the PyTorch modules no later component needs, and give their memory back."""
+    import gc
+
+    for attribute in attributes:
+        setattr(model, attribute, None)
+    gc.collect()
 
 
 def graphs(request, component, raw_path: Path, staging: Path, label: str, progress: Progress, fp32_scores: str | None = None):

@@ -95,6 +95,9 @@ class VaeEncoder(torch.nn.Module):
 
 WRAPPERS = {"text_encoder": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
 
+# The PyTorch modules each component is the last to need: the export frees them once its parity outputs are computed.
+RELEASES = {"text_encoder": ("text_encoder",), "unet": ("unet",), "vae_encoder": ("vae",)}
+
 
 def sample_inputs(recipe: ComponentRecipe, model: LoadedModel, purpose: str = "trace", seed: int = 1234) -> dict[str, np.ndarray]:
     """Seeded inputs in each input's realistic range, for tracing (``purpose='trace'``) or the parity check ('parity').

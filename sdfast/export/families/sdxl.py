@@ -120,6 +120,9 @@ fp32_attention_scores = sd15.fp32_attention_scores
 WRAPPERS = {"text_encoder": TextEncoder, "text_encoder_2": TextEncoder2, "unet": UNet, "vae_decoder": VaeDecoder,
             "vae_encoder": VaeEncoder}
 
+# The PyTorch modules each component is the last to need: the export frees them once its parity outputs are computed.
+RELEASES = {"text_encoder": ("text_encoder",), "text_encoder_2": ("text_encoder_2",), "unet": ("unet",), "vae_encoder": ("vae",)}
+
 
 def sample_inputs(recipe: ComponentRecipe, model: LoadedModel, purpose: str = "trace", seed: int = 1234) -> dict[str, np.ndarray]:
     """Seeded inputs in each input's realistic range (time ids as the pipeline makes them), for tracing or parity."""

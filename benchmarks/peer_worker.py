@@ -42,6 +42,11 @@ def unet_inputs(model: str, height: int, width: int) -> dict[str, np.ndarray]:
     return inputs
 
 
+def is_sdxl(model: str) -> bool:
+    """The folder holds an SDXL pipeline: the peers then use their XL classes."""
+    return "XL" in json.loads((Path(model) / "model_index.json").read_text()).get("_class_name", "")
+
+
 def load_diffusers(model: str, dtype):
     """The folder's own pipeline class (model_index.json), without the safety checker where it has one."""
     from diffusers import DiffusionPipeline, EulerDiscreteScheduler
@@ -92,7 +97,7 @@ class OptimumOrtPeer(DiffusersPeer):
     def __init__(self, args):
         import torch
         from diffusers import EulerDiscreteScheduler
-        from optimum.onnxruntime import ORTStableDiffusionPipeline
+        from optimum.onnxruntime import ORTStableDiffusionPipeline, ORTStableDiffusionXLPipeline
 
         self.torch = torch
         exported = Path(args.cache) / self.folder
@@ -102,7 +107,8 @@ class OptimumOrtPeer(DiffusersPeer):
             _say_progress(f"optimum: exporting {args.model} to {self.precision} ONNX (once)")
             main_export(args.model, output=exported, task="text-to-image", do_validation=False, **self.export_options)
         started = time.perf_counter()
-        self.pipe = ORTStableDiffusionPipeline.from_pretrained(exported, provider=self.provider)
+        pipeline_class = ORTStableDiffusionXLPipeline if is_sdxl(args.model) else ORTStableDiffusionPipeline
+        self.pipe = pipeline_class.from_pretrained(exported, provider=self.provider)
         self.load_s = time.perf_counter() - started
         self.pipe.scheduler = EulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
         self.pipe.set_progress_bar_config(disable=True)
@@ -116,20 +122,21 @@ class OpenVinoPeer(DiffusersPeer):
     def __init__(self, args):
         import torch
         from diffusers import EulerDiscreteScheduler
-        from optimum.intel import OVStableDiffusionPipeline
+        from optimum.intel import OVStableDiffusionPipeline, OVStableDiffusionXLPipeline
 
         self.torch = torch
+        pipeline_class = OVStableDiffusionXLPipeline if is_sdxl(args.model) else OVStableDiffusionPipeline
         exported = Path(args.cache) / "openvino-ir"
         if not (exported / "model_index.json").is_file():
             _say_progress(f"optimum-intel: converting {args.model} to OpenVINO IR (once)")
-            pipe = OVStableDiffusionPipeline.from_pretrained(args.model, export=True, compile=False, load_in_8bit=False)
+            pipe = pipeline_class.from_pretrained(args.model, export=True, compile=False, load_in_8bit=False)
             pipe.save_pretrained(exported)
             del pipe
         config = {"PERFORMANCE_HINT": "LATENCY"}
         if self.precision_hint:
             config["INFERENCE_PRECISION_HINT"] = self.precision_hint
         started = time.perf_counter()
-        self.pipe = OVStableDiffusionPipeline.from_pretrained(exported, compile=False, ov_config=config)
+        self.pipe = pipeline_class.from_pretrained(exported, compile=False, ov_config=config)
         self.pipe.reshape(batch_size=1, height=args.height, width=args.width, num_images_per_prompt=1)
         self.pipe.compile()
         self.load_s = time.perf_counter() - started
@@ -142,7 +149,9 @@ class OpenVinoPeer(DiffusersPeer):
         return inputs
 
     def unet(self, feeds):
-        return self.pipe.unet(sample=feeds["sample"], timestep=np.array([500.0], dtype=np.float32), encoder_hidden_states=feeds["encoder_hidden_states"])
+        added = {key: feeds[key] for key in ("text_embeds", "time_ids") if key in feeds}  # SDXL's
+        return self.pipe.unet(sample=feeds["sample"], timestep=np.array([500.0], dtype=np.float32),
+                              encoder_hidden_states=feeds["encoder_hidden_states"], **added)
 
 
 class DiffusersCudaPeer(DiffusersPeer):

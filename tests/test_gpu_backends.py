@@ -11,7 +11,8 @@ import pytest
 
 from sdfast.cli.bench import backend_availability
 from sdfast.errors import EngineError
-from sdfast.runtime import cuda_device, gpu_backends
+from sdfast.runtime import cuda_device
+from sdfast.runtime.backends import onnxruntime_cuda, tensorrt as trt_backend
 from sdfast.runtime.backends import OrtBackend, get_backend
 from sdfast.runtime.images import psnr
 from sdfast.runtime.pipeline import GenerationRequest, Pipeline
@@ -87,8 +88,8 @@ def test_a_visible_device_makes_the_backends_available(monkeypatch, tensorrt_ins
     """The probe is not a blanket no: one device and the libraries present say yes."""
     monkeypatch.setattr(cuda_device, "cudart", lambda: StandInRuntime(count=1))
     monkeypatch.setattr(OrtBackend, "available", lambda self: (True, ""))
-    assert gpu_backends.TensorRTBackend().available() == (True, "")
-    assert gpu_backends.OrtCudaBackend().available() == (True, "")
+    assert trt_backend.TensorRTBackend().available() == (True, "")
+    assert onnxruntime_cuda.OrtCudaBackend().available() == (True, "")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from sdfast.errors import EngineError
-from sdfast.runtime import gpu_backends, trt_cache
+from sdfast.runtime import trt_cache
+from sdfast.runtime.backends import tensorrt as trt_backend
 from sdfast.runtime.images import psnr
 from sdfast.runtime.manifest import read_manifest
 from sdfast.runtime.pipeline import GenerationRequest, Pipeline
@@ -196,10 +197,10 @@ def test_tensorrt_backend_builds_once_into_the_cache_file(engine_copy, monkeypat
         builds.append((info.name, onnx_path, timing_cache))
         return b"plan of " + info.name.encode()
 
-    backend = gpu_backends.TensorRTBackend()
-    monkeypatch.setattr(gpu_backends, "_trt", lambda: FakeTensorRT)
-    monkeypatch.setattr(gpu_backends, "build_plan", build_plan)
-    monkeypatch.setattr(gpu_backends, "TrtEngine", lambda info, engine, stream: engine)
+    backend = trt_backend.TensorRTBackend()
+    monkeypatch.setattr(trt_backend, "_trt", lambda: FakeTensorRT)
+    monkeypatch.setattr(trt_backend, "build_plan", build_plan)
+    monkeypatch.setattr(trt_backend, "TrtEngine", lambda info, engine, stream: engine)
     monkeypatch.setattr(backend, "available", lambda: (True, ""))
     monkeypatch.setattr(backend, "key", lambda info: _key(engine_copy, component=info.name))
     monkeypatch.setattr(backend, "_stream", type("Stream", (), {"get": lambda self: None})())

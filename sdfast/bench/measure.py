@@ -96,17 +96,17 @@ def measure_engine(backend: str, engine: Path, unguided: Path | None, repeat: in
     geometry = pipeline.manifest.geometry
     rng = np.random.default_rng(0)
     batch, latent = geometry["batch"], (geometry["latent_channels"], geometry["latent_height"], geometry["latent_width"])
-    ids_shape = engines["text_encoder"].info.input("input_ids").shape  # [2B or B, 77]: uncond and cond prompts in one call
-    text_feeds = {"input_ids": rng.integers(0, 1000, ids_shape).astype(np.int64), "clip_skip": np.ones(1, np.int64)}
-    hidden = engines["text_encoder"].run(text_feeds)[0][-batch:]  # [B, 77, hidden]: the conditional half
+    # The family's own conditioning (every text encoder, as a request runs them): the U-Net's named inputs, whatever the family.
+    conditioning = pipeline.family.conditioning(PROMPT, "", 1, bool(geometry["guidance"]), [])  # each [unet_batch, ...]
 
     def unet_feeds(unet_batch: int, in_channels: int) -> dict[str, np.ndarray]:
-        return {"sample": rng.standard_normal((unet_batch, in_channels, *latent[1:]), dtype=np.float32),  # [2B, 4, H/8, W/8]
-                "timestep": np.full(unet_batch, 500.0, np.float32),
-                "encoder_hidden_states": np.repeat(hidden, unet_batch // batch, axis=0)}
+        named = {name: np.resize(value, (unet_batch, *value.shape[1:])) for name, value in conditioning.items()}  # rows repeated
+        return {**named, "sample": rng.standard_normal((unet_batch, in_channels, *latent[1:]), dtype=np.float32),  # [2B, 4, H/8, W/8]
+                "timestep": np.full(unet_batch, 500.0, np.float32)}
 
     in_channels = pipeline.manifest.data["model"].get("unet_in_channels", latent[0])
-    stages: dict[str, Summary] = {"text_encoder": time_ms(lambda: engines["text_encoder"].run(text_feeds), repeat)}
+    stages: dict[str, Summary] = {
+        "text_encoder": time_ms(lambda: pipeline.family.conditioning(PROMPT, "", 1, bool(geometry["guidance"]), []), repeat)}
     guided_name = "unet_step_cfg" if geometry["guidance"] else "unet_step"
     feeds = unet_feeds(geometry["unet_batch"], in_channels)
     stages[guided_name] = time_ms(lambda: engines["unet"].run(feeds), repeat)
@@ -149,7 +149,7 @@ def measure_engine(backend: str, engine: Path, unguided: Path | None, repeat: in
 def measure_torch(engine: Path, repeat: int, steps: int, peaks: dict[str, tuple[float, str]]) -> list[dict]:
     """diffusers on the engine's source weights: the reference every backend is compared with."""
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, EulerDiscreteScheduler
 
     from sdfast.runtime.manifest import read_manifest
 
@@ -161,7 +161,8 @@ def measure_torch(engine: Path, repeat: int, steps: int, peaks: dict[str, tuple[
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     started = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False).to(device)
+    options = {"add_watermarker": False} if manifest.family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, **options).to(device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     rows = [_row("load", value=time.perf_counter() - started)]
@@ -181,14 +182,25 @@ def measure_torch(engine: Path, repeat: int, steps: int, peaks: dict[str, tuple[
             sync()
         return time_ms(run, repeat)
 
-    ids = torch.randint(0, 1000, (2 * batch, g["text_length"]), generator=generator).to(device)  # [2B, 77]: as the engine's call
-    hidden = pipe.text_encoder(ids)[0][batch:]  # [B, 77, 768]: the conditional half
-    stages = {"text_encoder": timed(lambda: pipe.text_encoder(ids))}
+    stages = {"text_encoder": timed(lambda: pipe.encode_prompt(prompt=PROMPT, device=device, num_images_per_prompt=1,
+                                                             do_classifier_free_guidance=True))}
     t = torch.tensor(500.0, device=device)
+    config = pipe.unet.config
     sample2, sample1 = randn(2 * batch, 4, g["latent_height"], g["latent_width"]), randn(batch, 4, g["latent_height"], g["latent_width"])
-    hidden2 = torch.cat([hidden, hidden])
-    stages["unet_step_cfg"] = timed(lambda: pipe.unet(sample2, t, encoder_hidden_states=hidden2))
-    stages["unet_step"] = timed(lambda: pipe.unet(sample1, t, encoder_hidden_states=hidden))
+
+    def conditioning(rows: int) -> dict:
+        """The U-Net's conditioning for ``rows`` rows: text hidden states, and SDXL's pooled embeddings and six size/crop ids."""
+        named = {"encoder_hidden_states": randn(rows, g["text_length"], config.cross_attention_dim)}
+        if config.addition_embed_type == "text_time":
+            pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            named["added_cond_kwargs"] = {"text_embeds": randn(rows, pooled),
+                                          "time_ids": torch.tensor([[g["height"], g["width"], 0, 0, g["height"], g["width"]]] * rows,
+                                                                   dtype=dtype, device=device)}
+        return named
+
+    guided, single = conditioning(2 * batch), conditioning(batch)
+    stages["unet_step_cfg"] = timed(lambda: pipe.unet(sample2, t, **guided))
+    stages["unet_step"] = timed(lambda: pipe.unet(sample1, t, **single))
     stages["vae_decode"] = timed(lambda: pipe.vae.decode(sample1 / pipe.vae.config.scaling_factor))
     image = (torch.rand((batch, 3, g["height"], g["width"]), generator=generator) * 2 - 1).to(device, dtype)
     stages["vae_encode"] = timed(lambda: pipe.vae.encode(image))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sdfast.runtime.backends import OrtEngine
+from sdfast.runtime.backends.onnxruntime_cpu import OrtEngine
 from sdfast.runtime.device_loop import EvalCallback, LoopInputs, run_on_host
 from sdfast.runtime.manifest import ComponentInfo
 

@@ -1,70 +1,14 @@
-"""Execution backends: one small engine class per runtime behind one interface (rembg's sessions/ style)."""
+"""onnxruntime on the CPU: the export's pre-optimized CPU variant where it suits this CPU, the portable graph otherwise."""
 from __future__ import annotations
 
 import functools
-from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
 
 from sdfast.errors import EngineError
+from sdfast.runtime.backends.base import Backend, Engine
 from sdfast.runtime.manifest import ComponentInfo, confined
-
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
-
-
-class Engine(ABC):
-    """One exported component, ready to run at its fixed shapes."""
-
-    def __init__(self, info: ComponentInfo):
-        self.info = info
-
-    def check_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Inputs in the manifest's order, dtype and shape; a mismatch is a bug in the caller, said plainly."""
-        checked = {}
-        for spec in self.info.inputs:
-            value = feeds.get(spec.name)
-            if value is None:
-                raise EngineError(f"{self.info.name}: input '{spec.name}' not given")
-            if not self._shape_fits(tuple(value.shape), spec.shape):
-                raise EngineError(f"{self.info.name}: input '{spec.name}' has shape {tuple(value.shape)}, the engine was built for {self.describe(spec.shape)}")
-            checked[spec.name] = np.ascontiguousarray(value, dtype=_NUMPY_DTYPES[spec.dtype])
-        return checked
-
-    def _shape_fits(self, shape: tuple[int, ...], declared: tuple[int | str, ...]) -> bool:
-        return len(shape) == len(declared) and all(
-            self.info.dynamic[d].accepts(n) if isinstance(d, str) else n == d for n, d in zip(shape, declared)
-        )
-
-    def describe(self, declared: tuple[int | str, ...]) -> tuple:
-        """A declared shape for messages: a dynamic axis reads as 'name=min..max step k'."""
-        return tuple(
-            f"{d}={self.info.dynamic[d].min}..{self.info.dynamic[d].max} step {self.info.dynamic[d].multiple_of}" if isinstance(d, str) else d
-            for d in declared
-        )
-
-    @abstractmethod
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Outputs in the manifest's order."""
-
-
-class Backend(ABC):
-    name: str
-
-    @abstractmethod
-    def available(self) -> tuple[bool, str]:
-        """(usable here, why not)."""
-
-    @abstractmethod
-    def load(self, info: ComponentInfo, path: Path) -> Engine: ...
-
-    def graph_for(self, info: ComponentInfo) -> tuple[str, dict[str, dict]]:
-        """(the graph file this backend loads for ``info``, every file that graph reads with its manifest entry)."""
-        return info.file, info.files
-
-    def files_for(self, info: ComponentInfo) -> dict[str, dict]:
-        """The files ``load`` reads for ``info``: what a load verifies, and nothing else."""
-        return self.graph_for(info)[1]
 
 
 @functools.cache
@@ -165,20 +109,3 @@ def _check_session_matches(session, info: ComponentInfo) -> None:
         )
         if not matches:
             raise EngineError(f"{info.name}: the ONNX file's input '{spec.name}' {graph_inputs.get(spec.name)} differs from the manifest's {spec.shape}")
-
-
-BACKENDS: dict[str, Backend] = {"cpu": OrtBackend("cpu", "CPUExecutionProvider")}
-# The GPU backends live in gpu_backends.py and are made on first use (their imports stay lazy: cuda-python, tensorrt).
-_GPU_BACKENDS = {"cuda": "OrtCudaBackend", "tensorrt": "TensorRTBackend"}
-BACKEND_NAMES = ("cpu", *_GPU_BACKENDS)
-
-
-def get_backend(name: str) -> Backend:
-    if name not in BACKENDS and name in _GPU_BACKENDS:
-        from sdfast.runtime import gpu_backends
-
-        BACKENDS[name] = getattr(gpu_backends, _GPU_BACKENDS[name])()
-    backend = BACKENDS.get(name)
-    if backend is None:
-        raise EngineError(f"unknown backend '{name}'; choose one of {', '.join(BACKEND_NAMES)}")
-    return backend

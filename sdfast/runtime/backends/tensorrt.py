@@ -1,16 +1,10 @@
-"""GPU backends: onnxruntime's CUDA provider (IO binding, CUDA graphs) and TensorRT 10, with the sampler loop on the device.
+"""TensorRT 10: engines built from the portable graph (cached by the manifest's keys), CUDA graphs, the loop on the device.
 
-Both keep the U-Net's inputs and outputs in fixed device buffers and expose ``table_loop`` (pipeline.py runs the
-tabulated sampler through it): per evaluation, one U-Net launch (a CUDA graph replay), one sdfast_sampler_step kernel
-and an event on the same stream; gpu_loop reports an evaluation once its event has completed, and a callback that
-raises stops the loop between evaluations. The text encoder and VAE run once per image with host copies.
-
-Written against onnxruntime-gpu's and TensorRT 10's documented Python APIs and cuda-python; no GPU was available
-where this was written, so none of it has run yet (README, "GPU backends").
+Written against TensorRT 10's documented Python API and cuda-python; TensorRT cannot be installed where this was written,
+so none of it has run yet (README, "GPU backends").
 """
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,130 +12,12 @@ from typing import Callable
 import numpy as np
 
 from sdfast.errors import EngineError
-from sdfast.runtime.backends import Backend, Engine, OrtBackend, OrtEngine, _check_session_matches
-from sdfast.runtime.cuda_unet import OrtCudaUnetEngine
+from sdfast.runtime.backends.base import Backend, Engine
+from sdfast.runtime.backends.gpu_common import _SharedStream, _first_line, _gpu_count, _probe, log
 from sdfast.runtime.device_loop import EvalCallback, LoopInputs, run_on_host
-from sdfast.runtime.manifest import ComponentInfo, confined
+from sdfast.runtime.manifest import ComponentInfo
 
-log = logging.getLogger("sdfast.gpu")
 Progress = Callable[[str], None]
-
-
-def _first_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {(str(error).strip().splitlines() or ['no message'])[0]}"
-
-
-def _gpu_count() -> int:
-    """CUDA devices visible to cuda-python; an EngineError with the reason for every way it cannot tell."""
-    from sdfast.runtime.cuda_device import check, cudart
-
-    try:
-        return int(check(cudart().cudaGetDeviceCount(), "cudaGetDeviceCount"))
-    except EngineError as error:
-        if "insufficient" in str(error).lower():  # cuda-python 13 needs driver 580+; CUDA 12 drivers need cuda-python 12
-            raise EngineError(f"{error}; with a CUDA 12 driver, pip install 'cuda-python>=12.6,<13'") from None
-        raise
-    except Exception as error:  # noqa: BLE001 - a broken driver or cuda-python install raises its own kinds
-        raise EngineError(f"cannot query the CUDA devices: {_first_line(error)}") from None
-
-
-def _probe(check: Callable[[], tuple[bool, str]]) -> tuple[bool, str]:
-    """``check()``, or (False, the reason) for any error it raises: a GPU probe skips its backend, never aborts (bench)."""
-    try:
-        return check()
-    except EngineError as error:
-        return False, str(error)
-    except Exception as error:  # noqa: BLE001 - onnxruntime, TensorRT and the driver each raise their own kinds
-        return False, f"the probe failed: {_first_line(error)}"
-
-
-class _SharedStream:
-    """One CUDA stream per backend, made on first use: every engine's work queues on it in order."""
-
-    def __init__(self):
-        self._stream = None
-
-    def get(self):
-        from sdfast.runtime.cuda_device import Stream
-
-        if self._stream is None:
-            self._stream = Stream()
-        return self._stream
-
-
-# -- onnxruntime CUDA -------------------------------------------------------------------------------------------
-
-
-class OrtCudaEngine(OrtEngine):
-    """A component on the CUDA provider, fed from numpy (text encoder, VAE: once per image)."""
-
-
-class OrtCudaBackend(OrtBackend):
-    """onnxruntime-gpu's CUDA provider: the export's CUDA variant (fp16, fused attention), cuDNN's exhaustive search."""
-
-    def __init__(self):
-        super().__init__("cuda", "CUDAExecutionProvider")
-        self._stream = _SharedStream()
-
-    def available(self) -> tuple[bool, str]:
-        return _probe(self._available)
-
-    def _available(self) -> tuple[bool, str]:
-        ok, why = super().available()
-        if not ok:
-            return ok, why
-        return (True, "") if _gpu_count() else (False, "no CUDA device is visible")
-
-    def graph_for(self, info: ComponentInfo) -> tuple[str, dict[str, dict]]:
-        """The export's CUDA variant (fp16, fused attention) where there is one, else the portable graph."""
-        variant = info.variants.get("cuda")
-        return (variant["file"], variant["files"]) if variant else (info.file, info.files)
-
-    def provider_options(self, info: ComponentInfo, cuda_graphs: bool) -> dict[str, str]:
-        options = {
-            "device_id": "0",
-            "cudnn_conv_algo_search": "EXHAUSTIVE",  # each conv's fastest algorithm, measured once per session
-            "cudnn_conv_use_max_workspace": "1",
-            "prefer_nhwc": "1",  # NHWC convolutions, the tensor cores' layout
-            "user_compute_stream": str(self._stream.get().pointer),
-        }
-        if cuda_graphs:
-            options["enable_cuda_graph"] = "1"
-        return options
-
-    def load(self, info: ComponentInfo, path: Path) -> Engine:
-        import onnxruntime as ort
-
-        ok, why = self.available()
-        if not ok:
-            raise EngineError(f"backend 'cuda' is not available: {why}")
-        if hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()  # the CUDA and cuDNN libraries that pip's nvidia-* packages bring
-        path = confined(path.parent, self.graph_for(info)[0])
-        from sdfast.runtime.native import load_kernels
-
-        cuda_graphs = info.role == "denoiser" and load_kernels() is not None
-        session = None
-        for graphs in ([True, False] if cuda_graphs else [False]):
-            providers = [("CUDAExecutionProvider", self.provider_options(info, graphs)), "CPUExecutionProvider"]
-            try:
-                session = ort.InferenceSession(str(path), self.session_options(optimize=True), providers=providers)
-                cuda_graphs = graphs
-                break
-            except Exception as error:  # noqa: BLE001 - CUDA graphs need every node on the GPU; without them, retry once
-                failure = str(error).splitlines()[0]
-                log.info("%s: onnxruntime refused CUDA graphs (%s); loading without them", info.name, failure)
-        if session is None:
-            raise EngineError(f"cannot load {info.name} from '{path}' on CUDA: {failure}")
-        if "CUDAExecutionProvider" not in session.get_providers():
-            raise EngineError(f"{info.name}: onnxruntime fell back to the CPU (is onnxruntime-gpu installed, and CUDA 12/13 found?)")
-        _check_session_matches(session, info)
-        if info.role == "denoiser":
-            return OrtCudaUnetEngine(info, session, self._stream.get(), cuda_graphs)
-        return OrtCudaEngine(info, session)
-
-
-# -- TensorRT ---------------------------------------------------------------------------------------------------
 
 
 def _trt():
@@ -326,4 +202,3 @@ class TensorRTBackend(Backend):
         if engine is None:
             raise EngineError(f"{info.name}: TensorRT could not load {plan} (delete it to rebuild)")
         return TrtEngine(info, engine, self._stream.get())
-

@@ -156,7 +156,13 @@ def _build(request: ExportRequest, recipe, family, folder: Path, builtin: bool, 
                   for index, name in enumerate(names, 1)}
     raw_dir.rmdir()
     progress(f"export finished in {time.perf_counter() - started:.1f} s")
+    return _manifest(request, recipe, folder, builtin, fingerprint, dims, dynamic_json, family_blocks, tokenizers, scheduler_info,
+                     components, time.perf_counter() - started)
 
+
+def _manifest(request: ExportRequest, recipe, folder: Path, builtin: bool, fingerprint: str, dims: dict, dynamic_json: dict,
+              family_blocks: dict, tokenizers: dict, scheduler_info: dict, components: dict, seconds: float) -> dict:
+    """manifest.json's content: format, source, geometry, the family's blocks, tokenizers, scheduler and components."""
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -182,5 +188,5 @@ def _build(request: ExportRequest, recipe, family, folder: Path, builtin: bool, 
         "scheduler": scheduler_info,
         "components": components,
         "libraries": _library_versions(),
-        "export_seconds": round(time.perf_counter() - started, 1),
+        "export_seconds": round(seconds, 1),
     }

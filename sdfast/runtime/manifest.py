@@ -118,6 +118,11 @@ class Manifest:
         return self.data["geometry"]
 
     @property
+    def denoiser(self) -> str:
+        """The name of the one component whose role is 'denoiser' (the U-Net; SD3's transformer)."""
+        return next(name for name, info in self.components.items() if info.role == "denoiser")
+
+    @property
     def model(self) -> dict:
         return self.data["model"]
 

@@ -111,7 +111,7 @@ class Pipeline:
         if progress:
             progress("load", len(components), len(components))
         for input_name in ("sample", "timestep"):  # the denoiser's own inputs; the family checks what it feeds
-            engines["unet"].info.input(input_name)
+            engines[manifest.denoiser].info.input(input_name)
         pipeline = cls(manifest, engines, family(manifest, engines), scheduler_config, backend)
         finished = time.perf_counter()
         pipeline.load_timings = {"verify_s": verified - started, "engines_s": finished - verified, "total_s": finished - started}
@@ -127,7 +127,7 @@ class Pipeline:
 
     def _unet_function(self, conditioning: dict[str, np.ndarray], cfg_scale: float, use_cfg: bool, timings: StageTimings,
                        masked: np.ndarray | None):
-        engine = self.engines["unet"]
+        engine = self.engines[self.manifest.denoiser]
         unet_batch = self.batch_size * (2 if self.guidance else 1)
 
         def predict(x_in: np.ndarray, timestep: float) -> np.ndarray:
@@ -312,7 +312,7 @@ class Pipeline:
 
     def _table(self, request: GenerationRequest, spec, plan: SamplingPlan):
         """The sampler's coefficient table when this request runs the tabulated loop, else None (the numpy samplers)."""
-        device_loop = getattr(self.engines["unet"], "table_loop", None)
+        device_loop = getattr(self.engines[self.manifest.denoiser], "table_loop", None)
         if self.loop == "numpy" or (self.loop == "auto" and device_loop is None):
             return None
         key = (spec.key, request.steps, float(request.eta))
@@ -336,7 +336,7 @@ class Pipeline:
                 if progress:
                     progress(step_of[done], None)  # may raise StopSampling
 
-        unet = self.engines["unet"]
+        unet = self.engines[self.manifest.denoiser]
         device_loop = getattr(unet, "table_loop", None)
         try:
             final = device_loop(inputs, on_eval) if self.loop == "auto" else run_on_host(unet, inputs, on_eval)

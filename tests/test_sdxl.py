@@ -291,3 +291,18 @@ def test_serve_runs_sdxl_and_its_refiner_for_unchanged_a1111_clients(sdxl_engine
         assert wrong.status_code == 422 and "refiner_checkpoint" in wrong.text
     finally:
         assert server.stop()
+
+
+def test_bench_measures_sdxl_on_sdfast_and_diffusers(sdxl_engine, tmp_path):
+    """sdfast bench feeds the U-Net the family's own conditioning, and diffusers its added text and time ids."""
+    from sdfast.bench.report import BenchRun
+    from tests.conftest import run_cli
+
+    out = tmp_path / "bench.json"
+    done = run_cli("bench", sdxl_engine, "--backends", "cpu,torch", "--repeat", "1", "--steps", "2", "--format", "json", "--out", out)
+    assert done.returncode == 0, done.stderr
+    (run,) = BenchRun.load(out)
+    for backend in ("cpu", "torch"):
+        for metric in ("text_encoder", "unet_step_cfg", "vae_decode", "end_to_end"):
+            row = run.value(backend, metric)
+            assert row is not None and row.median > 0, (backend, metric)

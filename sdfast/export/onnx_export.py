@@ -100,20 +100,74 @@ def rewrite_for_cpu(raw: Path, out: Path) -> dict[str, int]:
     """The CPU variant's graph: 3x3 convolutions as Winograd F(2x2, 3x3), attention as MultiHeadAttention.
 
     Measured on the sd15 U-Net (benchmarks/results/README.md); both keep fp32 and pass the export's parity check.
+    The weights are never all in memory (SDXL's U-Net is 10 GB): the graph is read without them, each convolution's
+    weight is read when it is rewritten, and the new weights go straight to ``out``'s data file. The weights left as
+    they were stay in ``raw``'s data file, which ``out`` references (both in one folder; onnxruntime then writes the
+    variant's own files).
     """
-    from onnx import numpy_helper
-
     from sdfast.export.attention import fuse_attention
     from sdfast.export.winograd import rewrite_convolutions
 
-    model = onnx.load(str(raw))
+    if out.parent != raw.parent:
+        raise ValueError(f"the rewritten graph references {raw.name}'s data: write it beside it, not in {out.parent}")
+    model = onnx.load(str(raw), load_external_data=False)
     del model.graph.value_info[:]  # stale after the rewrites; onnxruntime infers its own
-    weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer if len(init.dims) in (1, 4)}
-    model, convolutions = rewrite_convolutions(model, weights, WINOGRAD_MIN_TILES)  # first: it needs ONNX's shape inference
-    del weights
-    model, attentions = fuse_attention(model)
-    onnx.save(model, str(out), save_as_external_data=True, location=out.name + ".data", size_threshold=1024)
+    with _ExternalWriter(out.with_name(out.name + ".data")) as writer:
+        weights = _LazyWeights(model.graph, raw.parent)
+        model, convolutions = rewrite_convolutions(model, weights, WINOGRAD_MIN_TILES, writer.initializer)  # first: it needs ONNX's shape inference
+        model, attentions = fuse_attention(model)
+    onnx.save(model, str(out))  # the graph alone: every large tensor is external by now
     return {"winograd_f2x2_3x3": convolutions, "fused_attention": attentions}
+
+
+class _LazyWeights:
+    """A graph's initializers as arrays, each read (from external data if there) when asked for and not kept."""
+
+    def __init__(self, graph: onnx.GraphProto, base_dir: Path):
+        self.tensors = {init.name: init for init in graph.initializer}
+        self.base_dir = str(base_dir)
+
+    def get(self, name: str, default=None):
+        from onnx import numpy_helper
+
+        tensor = self.tensors.get(name)
+        return default if tensor is None else numpy_helper.to_array(tensor, self.base_dir)
+
+    def __getitem__(self, name: str):
+        if name not in self.tensors:
+            raise KeyError(name)
+        return self.get(name)
+
+
+class _ExternalWriter:
+    """Appends arrays to one external-data file and gives TensorProtos that reference them (small ones stay inline)."""
+
+    ALIGN = 4096  # page-aligned offsets: onnxruntime can map them
+
+    def __init__(self, path: Path, inline_below: int = 1024):
+        self.path, self.inline_below = path, inline_below
+        self.handle = None
+
+    def __enter__(self):
+        self.handle = open(self.path, "wb")
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+    def initializer(self, array: np.ndarray, name: str) -> onnx.TensorProto:
+        from onnx import helper, numpy_helper
+
+        if array.nbytes < self.inline_below:
+            return numpy_helper.from_array(array, name)
+        self.handle.write(b"\0" * (-self.handle.tell() % self.ALIGN))
+        offset = self.handle.tell()
+        self.handle.write(np.ascontiguousarray(array).tobytes())  # ONNX's raw data is little-endian, as this machine
+        tensor = onnx.TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                                  data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(array.nbytes))):
+            tensor.external_data.add(key=key, value=value)
+        return tensor
 
 
 def rewrite_for_cuda(raw: Path, out: Path, ort_model_type: str) -> dict[str, int]:

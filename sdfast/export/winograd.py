@@ -58,10 +58,11 @@ def _without_large_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
-def rewrite_convolutions(model: onnx.ModelProto, weights: dict[str, np.ndarray], min_tiles: int = 64) -> tuple[onnx.ModelProto, int]:
+def rewrite_convolutions(model: onnx.ModelProto, weights, min_tiles: int = 64, make_initializer=numpy_helper.from_array) -> tuple[onnx.ModelProto, int]:
     """Replace each eligible Conv (3x3, stride 1, pad 1, no groups or dilation, even H and W) in place; returns (model, count).
 
-    ``weights`` maps initializer names to their arrays (the model may keep them in external data).
+    ``weights`` maps initializer names to their arrays (``get`` and ``[]``; the model may keep them in external data).
+    ``make_initializer(array, name)`` makes each new weight's TensorProto (it may write the array out and reference it).
     """
     inferred = shape_inference.infer_shapes(_without_large_weights(model), data_prop=True)
     shapes = known_shapes(inferred)
@@ -86,7 +87,7 @@ def rewrite_convolutions(model: onnx.ModelProto, weights: dict[str, np.ndarray],
         th, tw = h // 2, w // 2
         prefix = f"wino{count}"
         u_name = f"{prefix}_u"
-        new_initializers.append(numpy_helper.from_array(transform_weights(weight), u_name))
+        new_initializers.append(make_initializer(transform_weights(weight), u_name))
         consts = {
             "s_tiles_in": [n * c, 1, h, w], "s_v": [n, c, 16, th * tw], "s_m": [n, 16, k * th * tw], "s_y": [n, 4 * k, th, tw],
         }

@@ -1,6 +1,8 @@
 """SDXL: small random SDXL-shaped models (base, 9-channel inpainting, refiner, Turbo scheduler) exported and run by
 sdfast equal diffusers' StableDiffusionXL pipelines: every sampler, an empty negative prompt, long prompts, clip skip,
 img2img, inpainting, the refiner hand-off and 1-to-4-step Turbo sampling without guidance."""
+import json
+
 import numpy as np
 import pytest
 
@@ -306,3 +308,35 @@ def test_bench_measures_sdxl_on_sdfast_and_diffusers(sdxl_engine, tmp_path):
         for metric in ("text_encoder", "unet_step_cfg", "vae_decode", "end_to_end"):
             row = run.value(backend, metric)
             assert row is not None and row.median > 0, (backend, metric)
+
+
+def test_an_engine_without_guidance_defaults_to_its_distilled_recipe(turbo_engine, tmp_path):
+    """Silent on steps, sampler and cfg, the CLI and A1111's and OpenAI's routes give Turbo's recipe (4 steps of its
+    scheduler's Euler a, no guidance): the same image as asking for it."""
+    import base64
+    import io
+
+    httpx = pytest.importorskip("httpx")
+    from tests.conftest import run_cli
+    from tests.test_serve import Server
+
+    expected = Pipeline.load(turbo_engine).generate(GenerationRequest(PROMPT, steps=4, cfg_scale=1.0, seed=5, sampler="Euler a"))
+    out = tmp_path / "turbo.png"
+    done = run_cli("generate", turbo_engine, PROMPT, "--seed", "5", "--output", out)
+    assert done.returncode == 0, done.stderr
+    with Image.open(out) as image:
+        assert np.array_equal(np.asarray(image), expected.images[0])
+        assert "Steps: 4, Sampler: Euler a, CFG scale: 1" in image.info["parameters"]
+    server = Server(turbo_engine)
+    try:
+        answer = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": PROMPT, "seed": 5}, timeout=120)
+        assert answer.status_code == 200, answer.text
+        info = json.loads(answer.json()["info"])
+        assert (info["steps"], info["sampler_name"], info["cfg_scale"]) == (4, "Euler a", 1.0)
+        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]))))
+        assert np.array_equal(image, expected.images[0])
+        openai = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": PROMPT, "response_format": "b64_json"}, timeout=120)
+        assert openai.status_code == 200, openai.text
+        assert "Steps: 4, Sampler: Euler a" in Image.open(io.BytesIO(base64.b64decode(openai.json()["data"][0]["b64_json"]))).info["parameters"]
+    finally:
+        assert server.stop()

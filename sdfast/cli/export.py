@@ -6,20 +6,23 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from sdfast.export.builtin import BUILTIN_MODELS  # plain data: no torch
+    from sdfast.export.families import FAMILIES
+
     parser.add_argument("--model", required=True,
-                        help="a diffusers-format folder, or a built-in random-weight model: tiny, tiny-inpaint, tiny-sd2, sd15, sd21")
+                        help=f"a diffusers-format folder, or a built-in random-weight model: {', '.join(BUILTIN_MODELS)}")
     parser.add_argument("--out", required=True, type=Path, help="the engine dir to write")
     parser.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: the model's native size)")
     parser.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's native size)")
     parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
-    parser.add_argument("--precision", default="fp32", help="weights precision: fp32 (default) or fp16 (U-Net and text encoder; the VAE stays fp32, see export/sd15.toml)")
+    parser.add_argument("--precision", default="fp32", help="weights precision: fp32 (default) or fp16 (U-Net and text encoders; the VAE stays fp32 unless the family's recipe says otherwise, see export/<family>.toml)")
     parser.add_argument("--no-guidance", dest="guidance", action="store_false",
                         help="export the U-Net at batch B instead of 2B: no classifier-free guidance, twice as fast per step")
     parser.add_argument("--max-prompt-chunks", type=int,
                         help="longest prompt the U-Net takes, in 75-token chunks (default 8, i.e. 600 tokens)")
     parser.add_argument("--no-cpu-variant", dest="cpu_variant", action="store_false",
                         help="skip the copy of each graph pre-optimized for onnxruntime's CPU provider (half the disk; CPU cold start then re-optimizes)")
-    parser.add_argument("--family", help="the model family, overriding what model_index.json's pipeline class implies (sd15)")
+    parser.add_argument("--family", help=f"the model family, overriding what model_index.json's pipeline class implies ({', '.join(FAMILIES)})")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 

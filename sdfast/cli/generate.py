@@ -11,12 +11,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("engine_dir", type=Path, help="an engine dir written by 'sdfast export'")
     parser.add_argument("prompt", help="the prompt")
     parser.add_argument("--negative", default="", help="the negative prompt")
-    parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default 25; 4 on an engine exported without guidance, "
+                                                   "which serves a distilled model: Turbo, Lightning)")
     parser.add_argument("--cfg", type=float, help="classifier-free guidance scale; 1 disables guidance (default: the family's, 7.5 for "
                                                    "SD 1.x and 2.x, 5 for SDXL; 1 on an engine exported without guidance)")
     parser.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same image as diffusers (default 0)")
-    parser.add_argument("--sampler", default="euler",
-                        help="sampler, by A1111 or diffusers name, e.g. 'Euler a', 'DPM++ 2M Karras' (default euler; see 'sdfast samplers')")
+    parser.add_argument("--sampler", help="sampler, by A1111 or diffusers name, e.g. 'Euler a', 'DPM++ 2M Karras' (default euler; "
+                                           "on an engine without guidance, its scheduler's; see 'sdfast samplers')")
     parser.add_argument("--height", type=int, help="must equal the engine's (default: the engine's)")
     parser.add_argument("--width", type=int, help="must equal the engine's (default: the engine's)")
     parser.add_argument("--batch-size", type=int, help="images per U-Net call, 1 to the engine's batch (default: the engine's)")
@@ -72,8 +73,9 @@ def run(args: argparse.Namespace) -> int:
         RequestChecker.for_engine_dir(args.refiner)  # a bad refiner dir is refused before anything loads
     cfg = args.cfg if args.cfg is not None else checker.default_cfg_scale
     request = GenerationRequest(
-        prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, cfg_scale=cfg, seed=args.seed,
-        sampler=args.sampler, height=args.height, width=args.width, batch_size=args.batch_size, n_iter=args.n_iter,
+        prompt=args.prompt, negative_prompt=args.negative, steps=args.steps if args.steps is not None else checker.default_steps or 25,
+        cfg_scale=cfg,
+        seed=args.seed, sampler=args.sampler if args.sampler is not None else checker.default_sampler or "euler", height=args.height, width=args.width, batch_size=args.batch_size, n_iter=args.n_iter,
         clip_skip=args.clip_skip, init_image=init_image, mask=mask, strength=args.strength, eta=args.eta, refiner_switch=refiner_switch,
     )
     prepared = checker.prepare(request)

@@ -51,6 +51,17 @@ def read_scheduler_config(manifest: Manifest) -> dict:
     return read_scheduler_file(manifest.path(manifest.data["scheduler"]["file"]))
 
 
+DISTILLED_STEPS = 4  # SDXL Turbo's and Lightning's 1 to 4
+
+
+def _scheduler_sampler(scheduler_config: dict) -> str:
+    """The sampler of the folder's own scheduler class (diffusers' default), or Euler a where sdfast has none for it."""
+    try:
+        return resolve_sampler(scheduler_config.get("_class_name", "")).key
+    except RequestError:
+        return "euler_a"
+
+
 class RequestChecker:
     """The engine dir's fixed shapes, components and scheduler: enough to accept or refuse a request without its engines."""
 
@@ -68,6 +79,10 @@ class RequestChecker:
         self.has_vae_encoder = "vae_encoder" in manifest.components
         # the family's guidance scale, or 1 (no guidance) on an engine exported without it
         self.default_cfg_scale = family_class(manifest.family).default_cfg_scale if self.guidance else 1.0
+        # An engine without guidance serves a distilled model (Turbo, Lightning, LCM): a few steps of the sampler its
+        # folder's scheduler names. With guidance, None: each interface keeps its own defaults (A1111's, the CLI's).
+        self.default_steps = None if self.guidance else DISTILLED_STEPS
+        self.default_sampler = None if self.guidance else _scheduler_sampler(scheduler_config)
 
     @classmethod
     def for_engine_dir(cls, engine_dir: str | Path) -> "RequestChecker":

@@ -16,6 +16,7 @@ from sdfast.runtime.pipeline import GenerationRequest, GenerationResult
 from sdfast.sampling.registry import SAMPLERS, resolve_sampler
 from sdfast.serve.context import ServeContext
 from sdfast.serve.schemas import (
+    A1111_STEPS,
     DEFAULT_CFG_SCALE,
     DEFAULT_REFINER_SWITCH,
     IMAGE_OPTIONS,
@@ -164,8 +165,9 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         total = body.batch_size * body.n_iter
         batch = max(d for d in range(1, min(total, pipeline.batch_size) + 1) if total % d == 0)
         return GenerationRequest(
-            prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, cfg_scale=_cfg_scale(body), seed=seed,
+            prompt=body.prompt, negative_prompt=body.negative_prompt, cfg_scale=_cfg_scale(body), seed=seed,
             sampler=sampler.key, height=pipeline.height, width=pipeline.width, batch_size=batch, n_iter=total // batch, clip_skip=clip_skip,
+            steps=body.steps if body.steps is not None else pipeline.checker.default_steps or A1111_STEPS,
             init_image=init, mask=mask, strength=strength if init is not None else None, eta=eta or 0.0,
             seeds=[seed + i for i in range(total)], refiner_switch=refiner_switch,
         )
@@ -189,7 +191,7 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         return DEFAULT_CFG_SCALE if pipeline.guidance else 1.0
 
     def _sampler(body: _Request):
-        name = body.sampler_name or body.sampler_index or "Euler a"
+        name = body.sampler_name or body.sampler_index or pipeline.checker.default_sampler or "Euler a"
         scheduler = (body.scheduler or "automatic").strip().lower()
         if scheduler not in ("automatic", "karras"):
             raise FieldError("scheduler", f"'{body.scheduler}' is not supported: use automatic, or karras")

@@ -64,8 +64,10 @@ def openai_router(ctx: ServeContext) -> APIRouter:
                 raise FieldError("size", f"{body.size}: this engine serves {pipeline.width}x{pipeline.height} only")
         seed = secrets.randbelow(SEED_LIMIT - 1)
         batch = max(d for d in range(1, min(body.n, pipeline.batch_size) + 1) if body.n % d == 0)
-        generation = GenerationRequest(prompt=body.prompt, steps=25, cfg_scale=DEFAULT_CFG_SCALE if pipeline.guidance else 1.0, seed=seed,
-                                       sampler="dpmpp_2m_karras", width=width, height=height, batch_size=batch,
+        checker = pipeline.checker  # an engine without guidance (Turbo) samples as its model was distilled for
+        generation = GenerationRequest(prompt=body.prompt, steps=checker.default_steps or 25,
+                                       cfg_scale=DEFAULT_CFG_SCALE if pipeline.guidance else 1.0, seed=seed,
+                                       sampler=checker.default_sampler or "dpmpp_2m_karras", width=width, height=height, batch_size=batch,
                                        n_iter=body.n // batch, clip_skip=ctx.options["CLIP_stop_at_last_layers"],
                                        seeds=[seed + i for i in range(body.n)])
         results = await ctx.run(generation, request)

@@ -22,6 +22,7 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_BODY_BYTES = 48 << 20
 SEED_LIMIT = 2**32  # A1111 seeds are below 2^32; -1 picks one
 DEFAULT_CFG_SCALE = 7.0  # A1111's, on engines exported with guidance
+A1111_STEPS = 20  # A1111's default steps, on engines exported with guidance
 DEFAULT_REFINER_SWITCH = 0.8  # A1111's refiner_switch_at
 
 
@@ -60,7 +61,7 @@ class _Request(BaseModel):
 
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
-    steps: int = Field(20, ge=1, le=MAX_STEPS)
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)  # None: A1111's 20, or the engine's few steps without guidance
     cfg_scale: float | None = Field(None, ge=0.0, le=30.0)  # None: the engine's (7, or 1 without guidance)
     width: int | None = Field(None, ge=8, le=4096)  # None: the engine's size, the only one it serves
     height: int | None = Field(None, ge=8, le=4096)

@@ -37,6 +37,37 @@ def test_winograd_convolution_matches_the_direct_one(bias):
     assert none == 0
 
 
+def test_cpu_rewrite_streams_weights_from_and_to_external_data(tmp_path, monkeypatch):
+    """rewrite_for_cpu on a graph whose weights are external (as SDXL's 10 GB U-Net): the untouched weight stays in the
+    raw data file, the Winograd weight goes to the variant's own, the graph file holds no weights, and the result
+    computes what the original does."""
+    from sdfast.export import onnx_export
+
+    rng = np.random.default_rng(1)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),  # rewritten
+         helper.make_node("Conv", ["c", "w2"], ["y"], strides=[2, 2], pads=[1, 1, 1, 1])],  # stride 2: left alone
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 20, 20])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+         for name, shape in (("w", (24, 16, 3, 3)), ("b", (24,)), ("w2", (8, 24, 3, 3)))],
+    )
+    raw = tmp_path / "unet.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(raw),
+              save_as_external_data=True, location="unet.onnx.data", size_threshold=64)
+    monkeypatch.setattr(onnx_export, "WINOGRAD_MIN_TILES", 4)
+    out = tmp_path / "unet.cpu.onnx"
+    assert onnx_export.rewrite_for_cpu(raw, out)["winograd_f2x2_3x3"] == 1
+    rewritten = onnx.load(str(out), load_external_data=False)
+    locations = {init.name: {e.key: e.value for e in init.external_data}.get("location") for init in rewritten.graph.initializer}
+    assert locations["w2"] == "unet.onnx.data" and locations["wino0_u"] == "unet.cpu.onnx.data" and "w" not in locations
+    assert out.stat().st_size < 16 * 1024 and (tmp_path / "unet.cpu.onnx.data").stat().st_size >= 16 * 24 * 16 * 4
+    x = rng.standard_normal((1, 16, 20, 20)).astype(np.float32)
+    expected = ort.InferenceSession(str(raw), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
 def _attention_graph(batch=2, seq=24, ctx=7, heads=4, dim=8, shared_scale=True) -> onnx.ModelProto:
     """Attention as torch.onnx exports scaled_dot_product_attention: both sides scaled by scale ** 0.5."""
     width = heads * dim

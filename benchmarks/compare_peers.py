@@ -125,6 +125,9 @@ def main() -> int:
                         help="run the peers with this interpreter, which has their packages already (no virtualenv is made: "
                              "for a machine without a package registry)")
     parser.add_argument("--cache", type=Path, help="where the peers' exported models are kept (default: $SDFAST_CACHE/peers)")
+    parser.add_argument("--one-at-a-time", action="store_true",
+                        help="load, time and close each system in turn every round, instead of holding all of them loaded "
+                             "(SDXL: three 10-14 GB systems do not fit in 24 GiB together); cold starts are then per round")
     parser.add_argument("--out", type=Path, help="JSON results (default benchmarks/results/peers_<model>_<W>x<H>.json, and .md beside it)")
     args = parser.parse_args()
 
@@ -167,11 +170,7 @@ def main() -> int:
     logs = (args.out or HERE / "results" / "x").parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
-    workers: list[Worker] = []
-    for name in peers:
-        if name in failures:
-            say(f"{name}: {failures[name]}")
-            continue
+    def start(name: str) -> Worker | None:
         say(f"loading {name} ...")
         own_engine = ["--engine", str(gpu_engine if name in GPU_PEERS else engine)] if name.startswith("sdfast") else []
         worker = Worker(name, Path(sys.executable) if name.startswith("sdfast") else peer_python, common + own_engine,
@@ -180,27 +179,48 @@ def main() -> int:
             failures[name] = worker.ready.get("error", "unknown error")
             say(f"{name} failed: {failures[name]}")
             worker.close()
-            continue
+            return None
         say(f"{name}: loaded in {worker.ready['load_s']:.1f} s at {worker.ready['precision']}")
-        workers.append(worker)
+        return worker
 
-    samples = {w.name: [] for w in workers}
-    e2e = {w.name: [] for w in workers}
+    for name in [p for p in peers if p in failures]:
+        say(f"{name}: {failures[name]}")
+    names = [p for p in peers if p not in failures]
+    samples: dict[str, list[float]] = {}
+    e2e: dict[str, list[float]] = {}
+    ready: dict[str, dict] = {}  # name -> the worker's ready answer (load time, precision; the last load's)
+
+    def measure(worker: Worker) -> None:
+        samples.setdefault(worker.name, []).extend(worker.ask(op="unet", n=args.calls)["unet_ms"])
+        if args.e2e_steps:
+            e2e.setdefault(worker.name, []).append(worker.ask(op="e2e", steps=args.e2e_steps)["e2e_ms"])
+        ready[worker.name] = worker.ready
+
+    workers: dict[str, Worker] = {}
     try:
+        if not args.one_at_a_time:
+            workers = {name: w for name in names if (w := start(name)) is not None}
         for round_index in range(args.rounds):
-            order = workers[round_index % len(workers):] + workers[:round_index % len(workers)] if workers else []
-            for worker in order:
-                samples[worker.name] += worker.ask(op="unet", n=args.calls)["unet_ms"]
-                if args.e2e_steps:
-                    e2e[worker.name].append(worker.ask(op="e2e", steps=args.e2e_steps)["e2e_ms"])
+            live = [name for name in names if name not in failures]
+            order = live[round_index % len(live):] + live[:round_index % len(live)] if live else []
+            for name in order:
+                if args.one_at_a_time:  # loaded, timed and closed in turn: SDXL's systems do not fit in memory together
+                    worker = start(name)
+                    if worker is not None:
+                        try:
+                            measure(worker)
+                        finally:
+                            worker.close()
+                else:
+                    measure(workers[name])
             say(f"round {round_index + 1}/{args.rounds}: " + ", ".join(f"{n} {statistics.median(s):.0f} ms" for n, s in samples.items()))
     finally:
-        for worker in workers:
+        for worker in workers.values():
             worker.close()
 
-    results = {w.name: {**summary(samples[w.name]), "load_s": w.ready["load_s"], "precision": w.ready["precision"],
-                        "output_rms": w.ready.get("output_rms"), **({"e2e": summary(e2e[w.name])} if e2e[w.name] else {})}
-               for w in workers}
+    results = {name: {**summary(samples[name]), "load_s": ready[name]["load_s"], "precision": ready[name]["precision"],
+                      "output_rms": ready[name].get("output_rms"), **({"e2e": summary(e2e[name])} if e2e.get(name) else {})}
+               for name in samples if name not in failures}
     reference = next((n for n in ("sdfast-tensorrt", "sdfast-cuda", "sdfast-cpu") if n in results), None)
     if reference:
         for name, figures in results.items():
@@ -211,7 +231,8 @@ def main() -> int:
         "machine": {"cpu": cpu.name, "cores": cpu.cores, "platform": platform.platform(), "peak": theoretical_peak(cpu).to_json(),
                     "gpu": gpu_name()},
         "workload": {"model": f"{label}" + (" architecture, random weights" if args.model in BUILTIN_MODELS else ""), "height": args.height, "width": args.width, "unet_batch": 2,
-                     "guidance": True, "rounds": args.rounds, "calls_per_round": args.calls, "e2e_steps": args.e2e_steps},
+                     "guidance": True, "rounds": args.rounds, "calls_per_round": args.calls, "e2e_steps": args.e2e_steps,
+                     "one_at_a_time": args.one_at_a_time},
         "versions": {"sdfast_env": versions_of(Path(sys.executable), ["sdfast", "onnxruntime", "numpy", "torch"]),
                      "peers_env": versions_of(peer_python, ["torch", "diffusers", "transformers", "optimum", "optimum-onnx",
                                                             "optimum-intel", "onnxruntime", "openvino"]) if peer_python else {}},
@@ -240,7 +261,8 @@ def render_markdown(record: dict, reference: str | None) -> str:
                      f"{r['load_s']:.1f} | {ratio} |")
     for name, why in record["not_run"].items():
         lines.append(f"| {name} | - | - | - | - | - | {why} |")
-    lines += ["", f"{w['rounds']} alternating rounds x {w['calls_per_round']} calls per system, after one warm-up call; "
+    loading = "each system loaded afresh for its turn (--one-at-a-time), " if w.get("one_at_a_time") else ""
+    lines += ["", f"{w['rounds']} alternating rounds x {w['calls_per_round']} calls per system, {loading}after one warm-up call; "
               f"ratio = sdfast median / system median (below 1: sdfast is faster)."]
     return "\n".join(lines)
 

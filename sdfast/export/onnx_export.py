@@ -83,6 +83,7 @@ def optimize_offline(raw: Path, out: Path, level: str = "ORT_ENABLE_BASIC") -> l
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     options.optimized_model_filepath = str(out)
     options.log_severity_level = 3
+    options.add_session_config_entry("session.disable_prepacking", "1")  # nothing runs here: no packed copy of the weights
     files = [out]
     if raw.with_name(raw.name + ".data").exists():  # large models keep their weights in a side file
         data_name = out.name + ".data"
@@ -96,10 +97,13 @@ def optimize_offline(raw: Path, out: Path, level: str = "ORT_ENABLE_BASIC") -> l
 WINOGRAD_MIN_TILES = 64  # 3x3 convolutions on maps of at least 16x16: below that the larger weights cost more than they save
 
 
-def rewrite_for_cpu(raw: Path, out: Path) -> dict[str, int]:
-    """The CPU variant's graph: 3x3 convolutions as Winograd F(2x2, 3x3), attention as MultiHeadAttention.
+def rewrite_for_cpu(raw: Path, out: Path, winograd: bool = True) -> dict[str, int]:
+    """The CPU variant's graph: 3x3 convolutions as Winograd F(2x2, 3x3) (where ``winograd``), attention as
+    MultiHeadAttention.
 
     Measured on the sd15 U-Net (benchmarks/results/README.md); both keep fp32 and pass the export's parity check.
+    Winograd is for the denoiser only: its tile tensors are 4x the input map, which on a VAE at 1024x1024 (128 channels
+    at full size) is GBs per convolution (the SDXL export was killed at 24.3 GB running such a VAE decoder).
     The weights are never all in memory (SDXL's U-Net is 10 GB): the graph is read without them, each convolution's
     weight is read when it is rewritten, and the new weights go straight to ``out``'s data file. The weights left as
     they were stay in ``raw``'s data file, which ``out`` references (both in one folder; onnxruntime then writes the
@@ -114,7 +118,7 @@ def rewrite_for_cpu(raw: Path, out: Path) -> dict[str, int]:
     del model.graph.value_info[:]  # stale after the rewrites; onnxruntime infers its own
     with _ExternalWriter(out.with_name(out.name + ".data")) as writer:
         weights = _LazyWeights(model.graph, raw.parent)
-        model, convolutions = rewrite_convolutions(model, weights, WINOGRAD_MIN_TILES, writer.initializer)  # first: it needs ONNX's shape inference
+        model, convolutions = rewrite_convolutions(model, weights, WINOGRAD_MIN_TILES, writer.initializer) if winograd else (model, 0)  # first: it needs ONNX's shape inference
         model, attentions = fuse_attention(model)
     onnx.save(model, str(out))  # the graph alone: every large tensor is external by now
     return {"winograd_f2x2_3x3": convolutions, "fused_attention": attentions}

@@ -101,8 +101,8 @@ def test_failed_export_leaves_nothing_behind(tiny_model, tmp_path, monkeypatch):
 
     original = recipe_module.Recipe.component
 
-    def strict(self, name, dims, precision):
-        component = original(self, name, dims, precision)
+    def strict(self, name, dims, precision, **options):
+        component = original(self, name, dims, precision, **options)
         return dataclasses.replace(component, tolerance=1e-30) if name == "unet" else component
 
     monkeypatch.setattr(recipe_module.Recipe, "component", strict)
@@ -167,9 +167,10 @@ def test_the_family_comes_from_the_pipeline_class_and_an_unknown_one_is_refused(
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert visible_lines(done.stderr)[-1] == (
         f"sdfast export: error: '{folder}' holds a KandinskyV22Pipeline; sdfast exports StableDiffusionPipeline, "
-        "StableDiffusionInpaintPipeline (or name the family with --family: sd15)")
+        "StableDiffusionInpaintPipeline, StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline "
+        "(or name the family with --family: sd15, sdxl)")
     done = run_cli("export", "--model", folder, "--out", tmp_path / "engine", "--family", "sd9")
-    assert visible_lines(done.stderr)[-1] == "sdfast export: error: --family 'sd9' is not a model family sdfast exports (sd15)"
+    assert visible_lines(done.stderr)[-1] == "sdfast export: error: --family 'sd9' is not a model family sdfast exports (sd15, sdxl)"
     assert not (tmp_path / "engine").exists()
 
 

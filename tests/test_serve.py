@@ -485,7 +485,7 @@ def test_shutdown_past_its_grace_is_an_error_not_an_interrupt(tiny_engine):
 def test_micro_batching_merges_requests_that_differ_only_in_seed(tiny_engine_batch2_unguided):
     server = Server(tiny_engine_batch2_unguided)
     try:
-        body = {"prompt": "a boat", "steps": 40, "cfg_scale": 1.0, "width": 64, "height": 64}
+        body = {"prompt": "a boat", "steps": 40, "cfg_scale": 1.0, "width": 64, "height": 64, "sampler_name": "Euler a"}
         httpx.post(f"{server.url}/sdapi/v1/txt2img", json={**body, "seed": 99}, timeout=60)  # warm up
         with ThreadPoolExecutor(3) as pool:
             responses = list(pool.map(lambda seed: httpx.post(f"{server.url}/sdapi/v1/txt2img", json={**body, "seed": seed}, timeout=120),

@@ -39,8 +39,8 @@ def probe(engine_dir: Path, component: str, config: str, calls: int) -> dict:
     manifest = read_manifest(engine_dir)
     info = manifest.components[component]
     backend = get_backend("cpu")
-    use_variant = "portable" not in keys and backend._preoptimized(info) is not None
-    file, files = backend.graph_for(info) if use_variant else (info.file, info.files)
+    file, files = (info.file, info.files) if "portable" in keys else backend.graph_for(info)  # the variant where usable
+    use_variant = file != info.file
     options = backend.session_options(optimize=not use_variant)
     for level in ("basic", "extended", "all"):
         if f"level={level}" in keys:

@@ -42,6 +42,15 @@ def reference_config(sampler: str, config: dict) -> dict:
     return {**config, **A1111_OPTIONS.get(sampler, {})}
 
 
+def diffusers_scheduler_for(spec, model_config: dict, seed: int):
+    """The diffusers scheduler of sdfast sampler ``spec`` on a model whose scheduler config is ``model_config``; a
+    Brownian-tree sampler (DPM++ SDE) gets ``noise_sampler_seed`` = ``seed``, as sdfast seeds its tree."""
+    config = spec.config_for(model_config)
+    if spec.seeded_tree:
+        config["noise_sampler_seed"] = seed
+    return getattr(diffusers, spec.scheduler_class).from_config(config)
+
+
 def stand_in_model(x: np.ndarray, t: float) -> np.ndarray:
     """A smooth, deterministic fake U-Net output that depends on both the input and the timestep."""
     return (0.6 * np.tanh(x) + 0.3 * np.cos(x * 1.7 + t / 250.0) + 0.05 * (t / 1000.0)).astype(np.float32)

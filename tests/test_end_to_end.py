@@ -9,6 +9,7 @@ from sdfast.runtime.images import psnr
 from sdfast.runtime.pipeline import GenerationRequest, Pipeline
 from sdfast.sampling.registry import SAMPLERS
 from tests.conftest import diffusers_reference
+from tests.sampler_harness import diffusers_scheduler_for
 
 PROMPT, NEGATIVE = "a red apple on a table", "blurry"
 
@@ -44,10 +45,7 @@ def test_image_matches_diffusers(pipeline, reference_pipeline, sampler, schedule
 def test_every_sampler_matches_its_diffusers_scheduler_end_to_end(pipeline, reference_pipeline, key):
     """The whole pipeline, with guidance, for each sampler; DPM++ SDE's Brownian tree gets noise_sampler_seed = the seed."""
     spec = SAMPLERS[key]
-    config = spec.config_for(pipeline.scheduler_config)  # the model's own config, not the previous test's scheduler
-    if spec.seeded_tree:
-        config["noise_sampler_seed"] = 42
-    reference_pipeline.scheduler = getattr(diffusers, spec.scheduler_class).from_config(config)
+    reference_pipeline.scheduler = diffusers_scheduler_for(spec, pipeline.scheduler_config, seed=42)  # the model's own config
     expected = reference_pipeline(
         PROMPT, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=7.5, height=64, width=64,
         generator=torch.Generator("cpu").manual_seed(42), output_type="np",

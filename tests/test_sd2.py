@@ -11,6 +11,7 @@ from sdfast.runtime.manifest import read_manifest
 from sdfast.runtime.pipeline import GenerationRequest, Pipeline
 from sdfast.sampling.registry import SAMPLERS
 from tests.conftest import diffusers_reference
+from tests.sampler_harness import diffusers_scheduler_for
 
 PROMPT, NEGATIVE = "a lighthouse on a cliff at dawn", "blurry"
 
@@ -50,10 +51,7 @@ def test_the_manifest_records_what_makes_it_sd2(sd2_engine, reference):
 @pytest.mark.parametrize("key", [spec.key for spec in SAMPLERS.values() if spec.scheduler_class])
 def test_every_sampler_matches_diffusers_on_sd2(pipeline, reference, key):
     spec = SAMPLERS[key]
-    config = spec.config_for(pipeline.scheduler_config)
-    if spec.seeded_tree:
-        config["noise_sampler_seed"] = 7
-    reference.scheduler = getattr(diffusers, spec.scheduler_class).from_config(config)
+    reference.scheduler = diffusers_scheduler_for(spec, pipeline.scheduler_config, seed=7)  # the model's own config
     expected = reference(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=7.5, height=64, width=64,
                          generator=torch.Generator("cpu").manual_seed(7), output_type="np").images
     expected = (expected * 255).round().astype(np.uint8)

@@ -17,7 +17,7 @@ from sdfast.runtime.manifest import read_manifest
 from sdfast.runtime.pipeline import GenerationRequest, Pipeline
 from sdfast.runtime.prompts import tokenize_weighted
 from sdfast.sampling.registry import SAMPLERS
-from tests.sampler_harness import reference_config
+from tests.sampler_harness import diffusers_scheduler_for, reference_config
 
 PROMPT, NEGATIVE, SIZE = "a lighthouse on a cliff at dawn", "blurry", 64
 
@@ -95,10 +95,7 @@ def test_the_manifest_records_what_makes_it_sdxl(sdxl_engine, reference):
 @pytest.mark.parametrize("key", [spec.key for spec in SAMPLERS.values() if spec.scheduler_class])
 def test_every_sampler_matches_diffusers_on_sdxl(pipeline, reference, key):
     spec = SAMPLERS[key]
-    config = spec.config_for(pipeline.scheduler_config)
-    if spec.seeded_tree:
-        config["noise_sampler_seed"] = 7
-    reference.scheduler = getattr(diffusers, spec.scheduler_class).from_config(config)
+    reference.scheduler = diffusers_scheduler_for(spec, pipeline.scheduler_config, seed=7)  # the model's own config
     expected = _uint8(reference(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=7.5, height=SIZE,
                                 width=SIZE, generator=_seeded(7), output_type="np").images)
     result = pipeline.generate(GenerationRequest(PROMPT, NEGATIVE, steps=6, cfg_scale=7.5, seed=7, sampler=spec.a1111_name))

@@ -73,9 +73,10 @@ def run(args: argparse.Namespace) -> int:
         RequestChecker.for_engine_dir(args.refiner)  # a bad refiner dir is refused before anything loads
     cfg = args.cfg if args.cfg is not None else checker.default_cfg_scale
     request = GenerationRequest(
-        prompt=args.prompt, negative_prompt=args.negative, steps=args.steps if args.steps is not None else checker.default_steps or 25,
-        cfg_scale=cfg,
-        seed=args.seed, sampler=args.sampler if args.sampler is not None else checker.default_sampler or "euler", height=args.height, width=args.width, batch_size=args.batch_size, n_iter=args.n_iter,
+        prompt=args.prompt, negative_prompt=args.negative, cfg_scale=cfg, seed=args.seed,
+        steps=args.steps if args.steps is not None else checker.default_steps or 25,
+        sampler=args.sampler if args.sampler is not None else checker.default_sampler or "euler",
+        height=args.height, width=args.width, batch_size=args.batch_size, n_iter=args.n_iter,
         clip_skip=args.clip_skip, init_image=init_image, mask=mask, strength=args.strength, eta=args.eta, refiner_switch=refiner_switch,
     )
     prepared = checker.prepare(request)

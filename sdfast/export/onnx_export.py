@@ -103,7 +103,7 @@ def rewrite_for_cpu(raw: Path, out: Path, winograd: bool = True) -> dict[str, in
 
     Measured on the sd15 U-Net (benchmarks/results/README.md); both keep fp32 and pass the export's parity check.
     Winograd is for the denoiser only: its tile tensors are 4x the input map, which on a VAE at 1024x1024 (128 channels
-    at full size) is GBs per convolution (the SDXL export was killed at 24.3 GB running such a VAE decoder).
+    at full size) is GBs per convolution (the SDXL export was killed at 23.1 GiB running such a VAE decoder).
     The weights are never all in memory (SDXL's U-Net is 10 GB): the graph is read without them, each convolution's
     weight is read when it is rewritten, and the new weights go straight to ``out``'s data file. The weights left as
     they were stay in ``raw``'s data file, which ``out`` references (both in one folder; onnxruntime then writes the

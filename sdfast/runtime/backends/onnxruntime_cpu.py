@@ -94,8 +94,8 @@ class OrtBackend(Backend):
             path = confined(path.parent, self.graph_for(info)[0])  # beside the graph, at the engine dir's top level (manifest.py checks)
         options = self.session_options(optimize=not preoptimized)
         if self.provider == "CPUExecutionProvider" and info.role in ("vae_decoder", "vae_encoder"):
-            # the VAE's activations are the largest of a generation (4.5 GB at 1024x1024) and come once per image:
-            # without an arena they are freed as they die (SDXL 1024: 4.17 GB peak instead of 5.07 for the decoder)
+            # the VAE's activations are the largest of a generation (4.5 GiB at 1024x1024) and come once per image:
+            # without an arena they are freed as they die (SDXL 1024: 4.1 GiB peak instead of 4.9 GiB for the decoder)
             options.enable_cpu_mem_arena = False
         try:
             session = ort.InferenceSession(str(path), options, providers=[self.provider])
@@ -106,7 +106,7 @@ class OrtBackend(Backend):
 
     def run_options(self, arena: bool = True):
         """Each call hands its activations' memory back when it ends: every session has its own arena, so without
-        this an SDXL generation at 1024x1024 holds the U-Net's 3 GB and the VAE decoder's beside each other."""
+        this an SDXL generation at 1024x1024 holds the U-Net's 3 GiB and the VAE decoder's beside each other."""
         import onnxruntime as ort
 
         options = ort.RunOptions()

@@ -11,7 +11,7 @@ from diffusers import EulerDiscreteScheduler
 
 from sdfast.errors import ConfigError
 from sdfast.export.builtin import SD15_SCHEDULER_CONFIG
-from sdfast.sampling.parametrization import check_prediction_type, sigma_to_timestep, sigmas_to_timesteps, vp_scalings
+from sdfast.sampling.parametrization import check_prediction_type, sigma_to_timestep, sigmas_to_timesteps, denoiser_scalings
 from sdfast.sampling.registry import check_supported
 from sdfast.sampling.schedules import NoiseSchedule
 from tests.conftest import run_cli, visible_lines
@@ -27,7 +27,7 @@ def test_scalings_give_diffusers_x0_and_model_input(prediction_type):
         sigma = float(scheduler.sigmas[index])
         x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
         output = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
-        c_in, c_skip, c_out = vp_scalings(sigma, prediction_type)
+        c_in, c_skip, c_out = denoiser_scalings(sigma, prediction_type)
         scheduler._step_index = index
         expected_in = scheduler.scale_model_input(torch.from_numpy(x), scheduler.timesteps[index]).numpy()
         scheduler._step_index = index
@@ -47,16 +47,20 @@ def test_sigma_to_timestep_matches_diffusers():
 
 def test_unknown_prediction_types_are_refused_by_name():
     assert check_prediction_type("v_prediction") == "v_prediction"
-    with pytest.raises(ConfigError, match="prediction type 'flow_prediction' is not supported \\(flow matching"):
-        check_prediction_type("flow_prediction")
+    assert check_prediction_type("flow_prediction") == "flow_prediction"
+    with pytest.raises(ConfigError, match="prediction type 'sample' is not supported \\(x0-predicting"):
+        check_prediction_type("sample")
+    with pytest.raises(ConfigError, match="is a VP \\(DDPM\\) one, but its prediction type is flow_prediction"):
+        check_supported({**SD15_SCHEDULER_CONFIG, "prediction_type": "flow_prediction"})
     with pytest.raises(ConfigError, match="prediction type 'banana' is not supported \\(unknown"):
-        vp_scalings(1.0, "banana")
+        denoiser_scalings(1.0, "banana")
 
 
 def test_scheduler_classes_outside_the_vp_family_are_refused_by_name():
     check_supported({**SD15_SCHEDULER_CONFIG, "_class_name": "DDPMScheduler"})
     check_supported({k: v for k, v in SD15_SCHEDULER_CONFIG.items() if k != "_class_name"})  # no class named: the VP default
-    for name, kind in (("FlowMatchEulerDiscreteScheduler", "flow matching"), ("EDMEulerScheduler", "EDM"),
+    check_supported({"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0})  # SD3's
+    for name, kind in (("FlowMatchLCMScheduler", "flow matching"), ("EDMEulerScheduler", "EDM"),
                        ("CMStochasticIterativeScheduler", "not a VP")):
         with pytest.raises(ConfigError, match=f"the model's scheduler is {name} \\({kind}"):
             check_supported({"_class_name": name, "num_train_timesteps": 1000, "shift": 3.0})
@@ -73,5 +77,5 @@ def test_export_of_a_flow_matching_folder_stops_before_loading_weights(tiny_mode
     assert done.returncode != 0
     lines = visible_lines(done.stderr)
     assert "Traceback" not in done.stderr and lines[-1].startswith("sdfast export: error: the model's scheduler is "
-                                                                   "FlowMatchEulerDiscreteScheduler (flow matching (SD3, FLUX))"), done.stderr
+                                                                   "FlowMatchEulerDiscreteScheduler (flow matching), but this model family samples with VP (DDPM) schedulers"), done.stderr
     assert not (tmp_path / "engine").exists() and time.monotonic() - started < 60

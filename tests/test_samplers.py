@@ -145,10 +145,12 @@ MODEL_CONFIGS = {
 def test_class_defaults_are_the_diffusers_signatures():
     import inspect
 
-    from sdfast.sampling.scheduler_classes import CLASS_DEFAULTS
+    from sdfast.sampling.registry import FLOW_SAMPLERS
+    from sdfast.sampling.scheduler_classes import CLASS_DEFAULTS, FLOW_CLASS_DEFAULTS
 
     assert {spec.scheduler_class for spec in SAMPLERS.values() if spec.scheduler_class} <= set(CLASS_DEFAULTS)
-    for cls_name, defaults in CLASS_DEFAULTS.items():
+    assert {spec.scheduler_class for spec in FLOW_SAMPLERS.values()} <= set(CLASS_DEFAULTS) | set(FLOW_CLASS_DEFAULTS)
+    for cls_name, defaults in {**CLASS_DEFAULTS, **FLOW_CLASS_DEFAULTS}.items():
         parameters = inspect.signature(getattr(diffusers, cls_name).__init__).parameters
         assert defaults == {name: p.default for name, p in parameters.items() if name != "self"}, cls_name
 

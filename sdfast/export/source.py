@@ -55,11 +55,21 @@ def weights_fingerprint(folder: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def read_scheduler_config(folder: Path) -> dict:
-    """scheduler/scheduler_config.json, refused by name when sdfast cannot run it (read before any weights load)."""
-    from sdfast.runtime.request_check import read_scheduler_file
+def read_scheduler_config(folder: Path, flow_matching: bool = False) -> dict:
+    """scheduler/scheduler_config.json, refused by name when sdfast cannot run it (read before any weights load).
 
-    return read_scheduler_file(folder / "scheduler" / "scheduler_config.json", ConfigError)
+    ``flow_matching``: the family's denoiser is trained for flow matching (SD3); the U-Net families take VP schedulers only.
+    """
+    from sdfast.runtime.request_check import read_scheduler_file
+    from sdfast.sampling.registry import is_flow
+
+    config = read_scheduler_file(folder / "scheduler" / "scheduler_config.json", ConfigError)
+    if is_flow(config) != flow_matching:
+        kind = "flow matching" if is_flow(config) else "a VP (DDPM) schedule"
+        wanted = "flow-matching" if flow_matching else "VP (DDPM)"
+        raise ConfigError(f"the model's scheduler is {config.get('_class_name')} ({kind}), but this model family samples with "
+                          f"{wanted} schedulers; sdfast cannot export flow-matching (SD3) models yet")
+    return config
 
 
 def load_or_refuse(folder: Path, what: str, loader: Callable[[], T]) -> T:

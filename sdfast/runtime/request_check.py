@@ -13,8 +13,8 @@ from sdfast.errors import EngineError, RequestError
 from sdfast.runtime.families import family_class
 from sdfast.runtime.manifest import Manifest, read_manifest
 from sdfast.runtime.prompts import parse_prompt_attention
-from sdfast.sampling.registry import check_supported, resolve_sampler
-from sdfast.sampling.schedules import NoiseSchedule, SamplingPlan
+from sdfast.sampling.registry import check_supported, is_flow, resolve_sampler, schedule_for
+from sdfast.sampling.schedules import SamplingPlan
 
 if TYPE_CHECKING:
     from sdfast.runtime.generation import GenerationRequest
@@ -57,7 +57,7 @@ DISTILLED_STEPS = 4  # SDXL Turbo's and Lightning's 1 to 4
 def _scheduler_sampler(scheduler_config: dict) -> str:
     """The sampler of the folder's own scheduler class (diffusers' default), or Euler a where sdfast has none for it."""
     try:
-        return resolve_sampler(scheduler_config.get("_class_name", "")).key
+        return resolve_sampler(scheduler_config.get("_class_name", ""), is_flow(scheduler_config)).key
     except RequestError:
         return "euler_a"
 
@@ -68,7 +68,8 @@ class RequestChecker:
     def __init__(self, manifest: Manifest, scheduler_config: dict):
         self.manifest = manifest
         self.scheduler_config = scheduler_config
-        self.schedule = NoiseSchedule.from_config(scheduler_config)
+        self.flow_model = is_flow(scheduler_config)  # a flow-matching model: its own samplers (sampling/flow.py)
+        self.schedule = schedule_for(scheduler_config)
         geometry = manifest.geometry
         self.height, self.width = int(geometry["height"]), int(geometry["width"])
         self.batch_size = int(geometry["batch"])
@@ -97,7 +98,7 @@ class RequestChecker:
     def prepare(self, request: "GenerationRequest") -> PreparedRequest:
         """The request's batch, sampler, plan and strength; RequestError for anything this engine cannot serve."""
         batch = self._check(request)
-        spec = resolve_sampler(request.sampler)
+        spec = resolve_sampler(request.sampler, self.flow_model)
         plan = spec.plan(self.scheduler_config, self.schedule, request.steps)  # refuses what it cannot do, before any work
         strength = self.strength(request)
         if strength is not None:
@@ -154,7 +155,7 @@ class RequestChecker:
             raise RequestError(f"seeds must be {batch * request.n_iter} integers >= 0, one per image")
         if not isinstance(request.eta, (int, float)) or not 0.0 <= request.eta <= 1.0:
             raise RequestError(f"eta must be from 0.0 to 1.0, not {request.eta}")
-        sampler = resolve_sampler(request.sampler)
+        sampler = resolve_sampler(request.sampler, self.flow_model)
         if request.eta and not sampler.takes_eta:
             raise RequestError(f"eta applies to DDIM only, not to {sampler.a1111_name}")
         if not isinstance(request.clip_skip, int) or not 1 <= request.clip_skip <= self.text_layers:

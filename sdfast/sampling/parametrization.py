@@ -4,8 +4,9 @@ Every sampler works in k-diffusion's VE form, x = x0 + sigma * eps, on a denoise
 (SD 1.x, SD 2.x, SDXL: DDPM, Ho et al. 2020) sees c_in * x at a training timestep and predicts epsilon or v
 (Salimans & Ho 2022); D(x; sigma) = c_skip * x + c_out * F(c_in * x, t(sigma)), with the scalings of Karras et al. 2022,
 Table 1. The denoiser (denoiser.py), the coefficient tables of the device loop (tables.py) and the sigma/timestep plans
-(schedules.py, solver_plans.py) all take them from here. Flow matching (SD3; Lipman et al. 2023) is not supported yet
-and is refused by name.
+(schedules.py, solver_plans.py) all take them from here. A flow-matching network (SD3; Lipman et al. 2023) predicts
+v = noise - x0 on x_t = (1 - t) x0 + t noise; its samplers keep that form with sigma = t (flow.py), where
+D(x; t) = x - t v.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import numpy as np
 
 from sdfast.errors import ConfigError
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-_NOT_YET = {"flow_prediction": "flow matching (SD3) is not supported yet", "sample": "x0-predicting models are not supported yet"}
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow_prediction")
+_NOT_YET = {"sample": "x0-predicting models are not supported yet"}
 
 
 def check_prediction_type(prediction_type: str) -> str:
@@ -25,13 +26,17 @@ def check_prediction_type(prediction_type: str) -> str:
     return prediction_type
 
 
-def vp_scalings(sigmas, prediction_type: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(c_in, c_skip, c_out) in float64 for sigma (a scalar or an array), VP models in VE form (Karras et al. 2022, Table 1).
+def denoiser_scalings(sigmas, prediction_type: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(c_in, c_skip, c_out) in float64 for sigma (a scalar or an array): VP models in VE form (Karras et al. 2022, Table 1),
+    flow models in their own form.
 
-    epsilon: c_in = 1/sqrt(sigma^2+1), c_skip = 1, c_out = -sigma; v: c_skip = 1/(sigma^2+1), c_out = -sigma/sqrt(sigma^2+1).
+    epsilon: c_in = 1/sqrt(sigma^2+1), c_skip = 1, c_out = -sigma; v: c_skip = 1/(sigma^2+1), c_out = -sigma/sqrt(sigma^2+1);
+    flow (sigma = t): c_in = 1, c_skip = 1, c_out = -t.
     """
     check_prediction_type(prediction_type)
     sigmas = np.asarray(sigmas, dtype=np.float64)
+    if prediction_type == "flow_prediction":
+        return np.ones_like(sigmas), np.ones_like(sigmas), -sigmas
     norm = np.sqrt(sigmas * sigmas + 1.0)
     if prediction_type == "epsilon":
         return 1.0 / norm, np.ones_like(sigmas), -sigmas

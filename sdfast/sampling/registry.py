@@ -8,7 +8,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sdfast.errors import ConfigError, RequestError
-from sdfast.sampling import samplers
+from sdfast.sampling import flow, samplers
 from sdfast.sampling import solver_plans
 from sdfast.sampling.parametrization import check_prediction_type
 from sdfast.sampling.scheduler_classes import CLASS_DEFAULTS, config_as
@@ -58,21 +58,34 @@ class SamplerSpec:
 
     def config_for(self, model_config: dict) -> dict:
         """The scheduler config this sampler runs with: the model's, as diffusers' config_class.from_config reads it
-        (absent options take that class's defaults), plus the sampler's own overrides."""
-        return config_as(self.config_class, model_config, self.config_overrides)
+        (absent options take that class's defaults), plus the sampler's own overrides. A solver on flow sigmas takes the
+        flow model's shift as its flow_shift, as SD3 users configure DPM++ 2M and UniPC."""
+        config = config_as(self.config_class, model_config, self.config_overrides)
+        if config.get("use_flow_sigmas") and "flow_shift" not in model_config and "shift" in model_config:
+            config["flow_shift"] = float(model_config["shift"])
+        return config
 
-    def plan(self, model_config: dict, schedule: NoiseSchedule, steps: int) -> SamplingPlan:
-        """The plan for ``steps`` on ``schedule``, the model's training schedule (NoiseSchedule.from_config(model_config))."""
+    def plan(self, model_config: dict, schedule, steps: int) -> SamplingPlan:
+        """The plan for ``steps`` on ``schedule``, the model's training schedule (schedule_for(model_config))."""
         check_supported(model_config)
         config = self.config_for(model_config)
-        if not np.array_equal(NoiseSchedule.from_config(config).alphas_cumprod, schedule.alphas_cumprod):
+        if isinstance(schedule, NoiseSchedule) and not np.array_equal(NoiseSchedule.from_config(config).alphas_cumprod, schedule.alphas_cumprod):
             absent = [key for key in _TRAINING_OPTIONS if config.get(key) != model_config.get(key)]
             raise ConfigError(
                 f"the model's scheduler config leaves out {', '.join(absent) or 'training options'}, for which "
                 f"{self.config_class} (the {self.a1111_name} sampler) has defaults of another training schedule; "
                 "add them to its scheduler_config.json"
             )
-        return self.make_plan(config, schedule, steps, config["timestep_spacing"])
+        return self.make_plan(config, schedule, steps, config.get("timestep_spacing", "linspace"))
+
+
+def schedule_for(scheduler_config: dict, image_seq_len: int | None = None) -> "NoiseSchedule | flow.FlowSchedule":
+    """The model's training schedule: a FlowSchedule for a flow-matching scheduler (``image_seq_len``, its latent tokens,
+    for dynamic shifting), else the VP NoiseSchedule of its betas."""
+    check_supported(scheduler_config)
+    if is_flow(scheduler_config):
+        return flow.FlowSchedule.from_config(scheduler_config, image_seq_len)
+    return NoiseSchedule.from_config(scheduler_config)
 
 
 _TRAINING_OPTIONS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
@@ -98,14 +111,26 @@ _SUPPORTED_OPTIONS = {
 VP_SCHEDULER_CLASSES = frozenset(CLASS_DEFAULTS) | {"DDPMScheduler", "DEISMultistepScheduler", "DPMSolverSinglestepScheduler", "TCDScheduler"}
 
 
+def is_flow(scheduler_config: dict) -> bool:
+    """The model's scheduler is a flow-matching one (SD3): its samplers are FLOW_SAMPLERS, its schedule a FlowSchedule."""
+    return scheduler_config.get("_class_name") in flow.FLOW_SCHEDULER_CLASSES
+
+
 def check_supported(scheduler_config: dict) -> None:
     """Refuse a scheduler config that sdfast would read as something else: an unknown class, an unsupported option."""
     class_name = scheduler_config.get("_class_name")
+    if is_flow(scheduler_config):
+        flow.check_flow_config(scheduler_config)
+        return
     if class_name is not None and class_name not in VP_SCHEDULER_CLASSES:
-        kind = ("flow matching (SD3, FLUX)" if "FlowMatch" in str(class_name) else "EDM" if "EDM" in str(class_name) else "not a VP (DDPM) schedule")
+        kind = ("flow matching" if "FlowMatch" in str(class_name) else "EDM" if "EDM" in str(class_name) else "not a VP (DDPM) schedule")
+        known = sorted(VP_SCHEDULER_CLASSES | set(flow.FLOW_SCHEDULER_CLASSES))
         raise ConfigError(f"the model's scheduler is {class_name} ({kind}), which sdfast does not support yet; it reads "
-                          f"the VP schedulers: {', '.join(sorted(VP_SCHEDULER_CLASSES))}")
-    check_prediction_type(scheduler_config.get("prediction_type") or "epsilon")
+                          f"the schedulers {', '.join(known)}")
+    prediction_type = check_prediction_type(scheduler_config.get("prediction_type") or "epsilon")
+    if prediction_type == "flow_prediction":
+        raise ConfigError(f"the model's scheduler {class_name or '(unnamed)'} is a VP (DDPM) one, but its prediction type is "
+                          "flow_prediction; a flow model names a FlowMatch scheduler")
     for option, allowed in _SUPPORTED_OPTIONS.items():
         if scheduler_config.get(option) not in allowed:
             raise ConfigError(f"the model's scheduler config sets {option}={scheduler_config[option]!r}, which sdfast does not support yet")
@@ -226,28 +251,53 @@ SAMPLERS: dict[str, SamplerSpec] = {
 }
 
 
-def _aliases() -> dict[str, str]:
+# Samplers of a flow-matching model (SD3), on its flow times (flow.py). The keys and A1111 names are those of their VP
+# counterparts, so "Euler" means FlowMatchEuler on a flow model. DPM++ 2M and UniPC are DPMSolverMultistep and UniPC
+# with use_flow_sigmas, prediction_type flow_prediction and the model's shift as flow_shift, as SD3 users set them.
+_ON_FLOW_SIGMAS = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+FLOW_SAMPLERS: dict[str, SamplerSpec] = {
+    spec.key: spec
+    for spec in (
+        SamplerSpec("euler", "Euler", "FlowMatchEulerDiscreteScheduler", flow.flow_euler_plan, flow.run_flow_euler),
+        SamplerSpec("heun", "Heun", "FlowMatchHeunDiscreteScheduler", flow.flow_heun_plan, flow.run_flow_heun),
+        SamplerSpec(
+            "dpmpp_2m", "DPM++ 2M", "", flow.flow_dpm_solver_plan, flow.run_flow_dpmpp_2m, equivalent_class="DPMSolverMultistepScheduler",
+            config_overrides={**_ON_FLOW_SIGMAS, "algorithm_type": "dpmsolver++", "solver_order": 2},
+        ),
+        SamplerSpec("unipc", "UniPC", "", flow.flow_unipc_plan, flow.run_flow_unipc, equivalent_class="UniPCMultistepScheduler",
+                    config_overrides=_ON_FLOW_SIGMAS),
+    )
+}
+_TWO_EVALUATIONS += (flow.run_flow_heun,)
+
+
+def _aliases(table_of: dict[str, SamplerSpec]) -> dict[str, str]:
     table = {}
-    for spec in SAMPLERS.values():
+    for spec in table_of.values():
         for name in (spec.key, spec.a1111_name, spec.diffusers_class):
             if name:  # diffusers_class is "" for samplers no diffusers class gives by default
                 table[name.lower()] = spec.key
     return table
 
 
-def sampler_names() -> list[str]:
+def sampler_names(flow_model: bool = False) -> list[str]:
     """Each sampler once, by its A1111 name (keys and diffusers class names are aliases), for help and error messages."""
-    return [spec.a1111_name for spec in SAMPLERS.values()]
+    return [spec.a1111_name for spec in (FLOW_SAMPLERS if flow_model else SAMPLERS).values()]
 
 
-def resolve_sampler(name: str) -> SamplerSpec:
-    """A sampler by its sdfast key, A1111 name or diffusers class name, case-insensitive."""
+def resolve_sampler(name: str, flow_model: bool = False) -> SamplerSpec:
+    """A sampler by its sdfast key, A1111 name or diffusers class name, case-insensitive; ``flow_model``: among a flow
+    model's samplers, where the others are refused by name."""
     wanted = str(name).strip().lower()
-    aliases = _aliases()
+    table, other = (FLOW_SAMPLERS, SAMPLERS) if flow_model else (SAMPLERS, FLOW_SAMPLERS)
+    aliases = _aliases(table)
     key = aliases.get(wanted)
+    if key is None and wanted in _aliases(other):
+        kind = "a flow-matching model (SD3)" if flow_model else "a VP (DDPM) model (it is a flow-matching sampler, for SD3)"
+        raise RequestError(f"sampler '{name}' does not apply to {kind}; samplers here: {', '.join(sampler_names(flow_model))}")
     if key is None:
         close = difflib.get_close_matches(wanted, aliases, n=6, cutoff=0.6)  # the aliases nearest in spelling
-        suggestions = list(dict.fromkeys(SAMPLERS[aliases[alias]].a1111_name for alias in close))[:3]
+        suggestions = list(dict.fromkeys(table[aliases[alias]].a1111_name for alias in close))[:3]
         hint = f"; did you mean {' or '.join(repr(s) for s in suggestions)}?" if suggestions else ";"
-        raise RequestError(f"unknown sampler '{name}'{hint} samplers: {', '.join(sampler_names())} (see 'sdfast samplers')")
-    return SAMPLERS[key]
+        raise RequestError(f"unknown sampler '{name}'{hint} samplers: {', '.join(sampler_names(flow_model))} (see 'sdfast samplers')")
+    return table[key]

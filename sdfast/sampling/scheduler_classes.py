@@ -54,6 +54,17 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
+_FLOW_SIGMA_SPACINGS = {**_SIGMA_SPACINGS, "shift_terminal": None, "invert_sigmas": False}
+# Flow-matching schedulers (SD3): not VP, so apart from CLASS_DEFAULTS (registry.VP_SCHEDULER_CLASSES is built from it).
+FLOW_CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "FlowMatchEulerDiscreteScheduler": {
+        "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5, "max_shift": 1.15,
+        "base_image_seq_len": 256, "max_image_seq_len": 4096, **_FLOW_SIGMA_SPACINGS, "time_shift_type": "exponential",
+        "stochastic_sampling": False,
+    },
+    "FlowMatchHeunDiscreteScheduler": {"num_train_timesteps": 1000, "shift": 1.0},
+}
+
 
 def config_as(class_name: str, model_config: dict, overrides: dict | None = None) -> dict:
     """The config ``class_name.from_config(model_config, **overrides)`` runs with, as diffusers builds it.
@@ -62,7 +73,7 @@ def config_as(class_name: str, model_config: dict, overrides: dict | None = None
     (diffusers keeps them as hidden config that some schedulers read, e.g. sigma_min for Karras sigmas); options the
     model's config lists under ``_use_default_values`` (defaults its own class filled in) count as absent.
     """
-    defaults = CLASS_DEFAULTS[class_name]
+    defaults = CLASS_DEFAULTS[class_name] if class_name in CLASS_DEFAULTS else FLOW_CLASS_DEFAULTS[class_name]
     filled_in = set(model_config.get("_use_default_values") or ())
     given = {k: v for k, v in model_config.items() if k not in filled_in and k != "_use_default_values"}
     own = {k: given.get(k, default) for k, default in defaults.items()}

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from sdfast.sampling.parametrization import vp_scalings
+from sdfast.sampling.parametrization import denoiser_scalings
 
 MAX_HISTORY = 4  # the CUDA kernel's ring of past latents and denoised estimates (LMS and PLMS use 4)
 _EXACT = 1e-5  # relative residual of the probe fit
@@ -93,7 +93,7 @@ def tabulate(run: Callable[..., np.ndarray], timestep_for: Callable[[float], flo
         return None
     x_coeffs, d_coeffs, noise_coeffs = fitted
     sigma_array = np.asarray(sigmas, np.float32)
-    c_in, c_skip, c_out = (c.astype(np.float32) for c in vp_scalings(sigma_array, prediction_type))
+    c_in, c_skip, c_out = (c.astype(np.float32) for c in denoiser_scalings(sigma_array, prediction_type))
     table = StepTable(
         sigmas=sigma_array,
         timesteps=np.asarray([timestep_for(s) for s in sigmas], np.float32),

@@ -95,6 +95,10 @@ def export_engine(request: ExportRequest, progress: Progress = lambda _: None) -
     folder = ensure_builtin(request.model, progress) if builtin else Path(request.model)
     pipeline_class = read_model_index(folder).get("_class_name")
     recipe = Recipe.load(request.family or family_for_pipeline(pipeline_class, folder))
+    multiple = int(recipe.data.get("size_multiple", recipe.latent_factor))  # SD3: 8x8 latent cells in 2x2 patches
+    for label, value in (("height", request.height), ("width", request.width)):
+        if value is not None and value % multiple:
+            raise ConfigError(f"{label} {value} is not a multiple of {multiple}, which the {recipe.family} family needs")
     check_model_folder(folder, recipe, pipeline_class if request.family is None else None)
     family = export_module(recipe)
 

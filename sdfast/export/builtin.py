@@ -1,4 +1,4 @@
-"""Built-in random-weight Stable Diffusion 1.x and 2.x pipelines, made locally from diffusers config classes.
+"""Built-in random-weight Stable Diffusion 1.x, 2.x, XL and 3.5 pipelines, made locally from diffusers config classes.
 
 ``tiny`` has SD 1.x's structure at toy width and ``tiny-sd2`` SD 2.x's (OpenCLIP-style text encoder, linear
 projections, upcast attention, v-prediction), for tests. ``sd15`` and ``sd21`` have SD 1.5's and SD 2.1's real
@@ -69,6 +69,8 @@ class BuiltinModel:
     pad_token: str | None = None  # None: CLIP's (<|endoftext|>, SD 1.x); "!" for SD 2.x's OpenCLIP tokenizer
     text_encoder_2: dict | None = None  # SDXL's OpenCLIP-bigG with projection (CLIPTextModelWithProjection); pads with "!"
     pipeline_options: dict = field(default_factory=lambda: dict(SD_PIPELINE_OPTIONS))  # the pipeline class's own arguments
+    transformer: dict | None = None  # SD3's MMDiT (SD3Transformer2DModel) in place of the U-Net
+    text_encoder_class: str = "CLIPTextModel"  # SD3's first encoder has a projection too (CLIPTextModelWithProjection)
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -246,6 +248,38 @@ BUILTIN_MODELS |= {
     ),
 }
 
+# SD3.5: CLIP-L and OpenCLIP-bigG, both with projection (pooled 768 + 1280 = 2048), T5-XXL left out (the pipeline puts
+# zeros in its place), the MMDiT transformer on 2x2 patches of a 16-channel VAE (scaling 1.5305, shift 0.0609), and
+# flow matching with shift 3 (stable-diffusion-3.5-medium's and -large's scheduler_config.json).
+SD3_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+SD3_PIPELINE_OPTIONS = {"text_encoder_3": None, "tokenizer_3": None}
+_SD3_VAE = {**BUILTIN_MODELS["sd15"].vae, "latent_channels": 16, "sample_size": 1024, "scaling_factor": 1.5305,
+            "shift_factor": 0.0609, "use_quant_conv": False, "use_post_quant_conv": False, "force_upcast": True}
+BUILTIN_MODELS |= {
+    "tiny-sd3": replace(
+        BUILTIN_MODELS["tiny"], name="tiny-sd3", seed=11, unet={}, text_encoder_class="CLIPTextModelWithProjection",
+        description="SD3.5 Medium structure at toy width (random weights, no T5), for tests",
+        transformer=dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+                         joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
+                         pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm"),
+        vae={**_SD3_VAE, **{k: BUILTIN_MODELS["tiny"].vae[k] for k in ("layers_per_block", "block_out_channels", "norm_num_groups")},
+             "sample_size": 64},
+        text_encoder_2=dict(_TINY_OPENCLIP), pipeline_class="StableDiffusion3Pipeline", scheduler=dict(SD3_SCHEDULER_CONFIG),
+        pipeline_options=dict(SD3_PIPELINE_OPTIONS),
+    ),
+    "sd35m": BuiltinModel(
+        name="sd35m",
+        description="SD3.5 Medium architecture and configs (MMDiT with dual attention, no T5) with RANDOM weights (real latency, noise images)",
+        default_size=1024, seed=0, unet={}, vae=_SD3_VAE, text_encoder_class="CLIPTextModelWithProjection",
+        transformer=dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+                         joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+                         pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+        text_encoder={**BUILTIN_MODELS["sd15"].text_encoder},
+        text_encoder_2=dict(BUILTIN_MODELS["sdxl"].text_encoder_2),
+        pipeline_class="StableDiffusion3Pipeline", scheduler=dict(SD3_SCHEDULER_CONFIG), pipeline_options=dict(SD3_PIPELINE_OPTIONS),
+    ),
+}
+
 
 def cache_root() -> Path:
     return Path(os.environ.get("SDFAST_CACHE", Path.home() / ".cache" / "sdfast"))
@@ -295,7 +329,6 @@ def save_builtin(model: BuiltinModel, folder: Path) -> None:
     transformers.logging.disable_progress_bar()
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
 
     diffusers.logging.set_verbosity_error()
     diffusers.logging.disable_progress_bar()
@@ -305,14 +338,17 @@ def save_builtin(model: BuiltinModel, folder: Path) -> None:
     components = {"text_encoder": None, "tokenizer": None}  # SDXL's refiner has no first text encoder
     if model.text_encoder is not None:
         components["tokenizer"], components["text_encoder"] = _text_encoder(
-            CLIPTextModel, model.text_encoder, model.pad_token, vocab_path, merges_path, model.seed)
+            getattr(transformers, model.text_encoder_class), model.text_encoder, model.pad_token, vocab_path, merges_path, model.seed)
     if model.text_encoder_2 is not None:
         from transformers import CLIPTextModelWithProjection
 
         components["tokenizer_2"], components["text_encoder_2"] = _text_encoder(
             CLIPTextModelWithProjection, model.text_encoder_2, "!", vocab_path, merges_path, model.seed + 3)
     torch.manual_seed(model.seed + 1)
-    components["unet"] = UNet2DConditionModel(**model.unet).eval()
+    if model.transformer is not None:
+        components["transformer"] = diffusers.SD3Transformer2DModel(**model.transformer).eval()
+    else:
+        components["unet"] = UNet2DConditionModel(**model.unet).eval()
     torch.manual_seed(model.seed + 2)
     components["vae"] = AutoencoderKL(**model.vae).eval()
     components["scheduler"] = getattr(diffusers, model.scheduler["_class_name"]).from_config(model.scheduler)

@@ -170,6 +170,8 @@ class RequestChecker:
         if self.inpainting_unet and (request.init_image is None or request.mask is None):
             raise RequestError("this engine holds a 9-channel inpainting U-Net: it needs an init image and a mask")
         if request.init_image is not None:
+            if self.flow_model:
+                raise RequestError("img2img and inpainting on a flow-matching (SD3) engine are not supported yet")
             if not self.has_vae_encoder:
                 raise RequestError("this engine dir has no VAE encoder, which img2img and inpainting need")
             if not isinstance(request.init_image, np.ndarray) or request.init_image.shape != image_shape:

@@ -8,7 +8,7 @@ from types import ModuleType
 
 from sdfast.errors import ConfigError
 
-FAMILIES = ("sd15", "sdxl")  # the recipes in export/, one per family
+FAMILIES = ("sd15", "sdxl", "sd3")  # the recipes in export/, one per family
 
 
 def family_for_pipeline(pipeline_class: str | None, folder) -> str:

@@ -12,7 +12,7 @@ from sdfast.errors import EngineError
 from sdfast.runtime.families.base import Family, LatentLayout, guided_rows
 
 # family name -> module holding its Family subclass as FAMILY; more families are more lines here
-_MODULES = {"sd15": "sdfast.runtime.families.sd15", "sdxl": "sdfast.runtime.families.sdxl"}
+_MODULES = {"sd15": "sdfast.runtime.families.sd15", "sdxl": "sdfast.runtime.families.sdxl", "sd3": "sdfast.runtime.families.sd3"}
 FAMILY_NAMES = tuple(_MODULES)
 
 

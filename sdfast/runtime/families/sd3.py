@@ -1,0 +1,60 @@
+"""Stable Diffusion 3 and 3.5 at run time: the two CLIP encoders' penultimate layers side by side, zero-padded to T5's
+width and followed by T5's tokens (zeros: T5 is not exported yet), and the pooled projections side by side.
+
+As diffusers' StableDiffusion3Pipeline.encode_prompt builds them: no A1111 chunking or emphasis (a "(word:1.3)" is
+plain text), each prompt cut at CLIP's 77 tokens with a warning naming how many were dropped, and a silent negative
+prompt encoded as "" (SD3 has no force_zeros_for_empty_prompt).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from sdfast.errors import EngineError
+from sdfast.runtime.families.base import Family, guided_rows
+
+
+class StableDiffusion3(Family):
+    name = "sd3"
+    required = ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")
+    optional = ("vae_encoder",)
+    default_cfg_scale = 7.0  # StableDiffusion3Pipeline's
+    fed_inputs = {"text_encoder": ("input_ids", "clip_skip"), "text_encoder_2": ("input_ids", "clip_skip"),
+                  "transformer": ("encoder_hidden_states", "pooled_projections"), "vae_decoder": ("latent",), "vae_encoder": ("image",)}
+
+    def __init__(self, manifest, engines):
+        super().__init__(manifest, engines)
+        self.encoders = [self.prompt_encoder(name, f"text encoder {index}") for index, name in enumerate(("text_encoder", "text_encoder_2"), 1)]
+        context = engines["transformer"].info.input("encoder_hidden_states").shape  # [unet_batch, 77 + T5 tokens, joint width]
+        self.t5_tokens, self.joint_width = int(context[1]) - self.encoders[0].tokenizer.max_length, int(context[2])
+        if self.t5_tokens < 0 or manifest.model.get("t5") is not None:
+            raise EngineError(f"engine dir {manifest.root}: its transformer's context does not match this sdfast's SD3 conditioning (re-export)")
+
+    def _encode(self, text: str, clip_skip: int, label: str, warnings: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(context [77 + T5 tokens, joint width], pooled [P1 + P2]) of one prompt."""
+        hidden, pooled = [], []
+        for index, encoder in enumerate(self.encoders):
+            tokens = encoder.tokenizer.encode(text)
+            if tokens.dropped_tokens and index == 0:
+                warnings.append(f"{label} is longer than CLIP's {encoder.tokenizer.max_length - 2} tokens: its last "
+                                f"{tokens.dropped_tokens} were dropped, as diffusers' SD3 pipeline drops them")
+            layer, projected = encoder.run(tokens.ids[None], clip_skip)  # [1, 77, D], [1, P]
+            hidden.append(layer[0])
+            pooled.append(projected[0])
+        clip = np.concatenate(hidden, axis=-1)  # [77, D1 + D2]
+        context = np.zeros((clip.shape[0] + self.t5_tokens, self.joint_width), dtype=np.float32)  # T5's rows stay zero
+        context[: clip.shape[0], : clip.shape[1]] = clip
+        return context, np.concatenate(pooled)
+
+    def conditioning(self, prompt, negative_prompt, clip_skip, use_cfg, warnings):
+        cond_context, cond_pooled = self._encode(prompt, clip_skip, "the prompt", warnings)
+        uncond_context = uncond_pooled = None
+        if use_cfg:  # diffusers encodes the negative prompt at the default layer whatever clip_skip says
+            uncond_context, uncond_pooled = self._encode(negative_prompt, 1, "the negative prompt", warnings)
+        rows, guidance = int(self.manifest.geometry["batch"]), bool(self.manifest.geometry["guidance"])
+        return {
+            "encoder_hidden_states": guided_rows(cond_context, uncond_context, rows, guidance),
+            "pooled_projections": guided_rows(cond_pooled, uncond_pooled, rows, guidance).astype(np.float32, copy=False),
+        }
+
+
+FAMILY = StableDiffusion3

@@ -1,0 +1,125 @@
+"""SD3: a small random SD3.5 Medium-shaped model (dual attention, no T5) exported and run by sdfast equals diffusers'
+StableDiffusion3Pipeline with text_encoder_3=None, for every flow sampler, an empty negative prompt and clip skip; and
+what SD3 does not take yet is refused by name."""
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from sdfast.errors import ConfigError, RequestError
+from sdfast.runtime.images import psnr
+from sdfast.runtime.manifest import read_manifest
+from sdfast.runtime.pipeline import GenerationRequest, Pipeline
+from sdfast.sampling.registry import FLOW_SAMPLERS
+from tests.conftest import run_cli, visible_lines
+from tests.test_flow_samplers import REFERENCES
+
+PROMPT, NEGATIVE, SIZE = "a lighthouse on a cliff at dawn", "blurry", 64
+
+
+@pytest.fixture(scope="module")
+def sd3_engine(sdfast_cache, tmp_path_factory):
+    from sdfast.export.build import ExportRequest, export_engine
+
+    return export_engine(ExportRequest(model="tiny-sd3", out=tmp_path_factory.mktemp("sd3-engines") / "tiny-sd3"))
+
+
+@pytest.fixture(scope="module")
+def pipeline(sd3_engine):
+    return Pipeline.load(sd3_engine)
+
+
+@pytest.fixture(scope="module")
+def reference(sd3_engine):
+    from sdfast.export.builtin import ensure_builtin
+
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(
+        ensure_builtin("tiny-sd3"), text_encoder_3=None, tokenizer_3=None, image_encoder=None, feature_extractor=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _expected(reference, sampler: str, seed: int = 7, **options) -> np.ndarray:
+    """diffusers' image with the sampler's scheduler configured as SD3 users configure it (test_flow_samplers.REFERENCES)."""
+    from sdfast.export.builtin import SD3_SCHEDULER_CONFIG
+
+    cls_name, extra = REFERENCES[sampler]
+    extra = {**extra, "flow_shift": SD3_SCHEDULER_CONFIG["shift"]} if "use_flow_sigmas" in extra else extra
+    reference.scheduler = getattr(diffusers, cls_name).from_config({**SD3_SCHEDULER_CONFIG, **extra})
+    options = {"negative_prompt": NEGATIVE, "num_inference_steps": 6, "guidance_scale": 5.0, **options}
+    images = reference(PROMPT, height=SIZE, width=SIZE, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **options).images
+    return (images * 255).round().astype(np.uint8)
+
+
+def test_the_manifest_records_what_makes_it_sd3(sd3_engine, reference):
+    manifest = read_manifest(sd3_engine)
+    assert manifest.family == "sd3" and manifest.prediction_type == "flow_prediction"
+    assert manifest.latent == {"channels": 16, "factor": 8, "scaling_factor": 1.5305, "shift_factor": 0.0609}
+    transformer = manifest.components["transformer"]
+    assert transformer.role == "denoiser" and manifest.denoiser == "transformer"
+    assert [t.name for t in transformer.inputs] == ["sample", "timestep", "encoder_hidden_states", "pooled_projections"]
+    # 77 CLIP tokens + 256 (zero) T5 tokens, T5's width; the pooled pair 32 + 32
+    assert transformer.input("encoder_hidden_states").shape == (2, 77 + 256, reference.transformer.config.joint_attention_dim)
+    assert transformer.input("pooled_projections").shape == (2, 64)
+    assert json.loads((sd3_engine / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+
+
+@pytest.mark.parametrize("sampler", list(FLOW_SAMPLERS))
+def test_every_flow_sampler_matches_diffusers_on_sd3(pipeline, reference, sampler):
+    expected = _expected(reference, sampler)
+    spec = FLOW_SAMPLERS[sampler]
+    result = pipeline.generate(GenerationRequest(PROMPT, NEGATIVE, steps=6, cfg_scale=5.0, seed=7, sampler=spec.a1111_name))
+    assert result.images.std() > 10, "a flat image would make the comparison meaningless"
+    assert psnr(result.images, expected) >= 40.0, sampler
+
+
+def test_a_silent_negative_prompt_is_the_encoding_of_nothing(pipeline, reference):
+    """SD3 has no force_zeros_for_empty_prompt: diffusers encodes "" for a missing negative prompt."""
+    expected = _expected(reference, "euler", seed=3, negative_prompt=None)
+    result = pipeline.generate(GenerationRequest(PROMPT, "", steps=6, cfg_scale=5.0, seed=3, sampler="Euler"))
+    assert psnr(result.images, expected) >= 40.0
+
+
+def test_clip_skip_is_diffusers_sd3_clip_skip_plus_one(pipeline, reference):
+    """A1111's clip skip 2 is diffusers' clip_skip=1 (hidden_states[-3]); diffusers applies it to the prompt only."""
+    expected = _expected(reference, "euler", seed=4, clip_skip=1)
+    result = pipeline.generate(GenerationRequest(PROMPT, NEGATIVE, steps=6, cfg_scale=5.0, seed=4, sampler="Euler", clip_skip=2))
+    assert psnr(result.images, expected) >= 40.0
+    assert psnr(result.images, _expected(reference, "euler", seed=4)) < 35.0
+
+
+def test_a_prompt_past_77_tokens_is_cut_as_diffusers_cuts_it_with_a_warning(pipeline, reference):
+    long_prompt = ", ".join(["a red lighthouse on a rocky cliff"] * 12)
+    images = reference(long_prompt, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=5.0, height=SIZE, width=SIZE,
+                       generator=torch.Generator("cpu").manual_seed(2), output_type="np").images
+    result = pipeline.generate(GenerationRequest(long_prompt, NEGATIVE, steps=4, cfg_scale=5.0, seed=2, sampler="Euler"))
+    assert psnr(result.images, (images * 255).round().astype(np.uint8)) >= 40.0
+    assert any("longer than CLIP's 75 tokens" in warning and "were dropped" in warning for warning in result.warnings)
+
+
+def test_what_sd3_does_not_take_is_refused_by_name(pipeline, sd3_engine, tmp_path):
+    with pytest.raises(RequestError, match="sampler 'Euler a' does not apply to a flow-matching model"):
+        pipeline.generate(GenerationRequest(PROMPT, steps=2, sampler="Euler a"))
+    image = np.zeros((1, 3, SIZE, SIZE), np.float32)
+    with pytest.raises(RequestError, match="img2img and inpainting on a flow-matching \\(SD3\\) engine are not supported yet"):
+        pipeline.generate(GenerationRequest(PROMPT, steps=2, init_image=image))
+    done = run_cli("export", "--model", "tiny-sd3", "--height", "72", "--width", "64", "--out", tmp_path / "e")
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert visible_lines(done.stderr)[-1] == "sdfast export: error: height 72 is not a multiple of 16, which the sd3 family needs"
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_vp_family_refuses_a_flow_scheduler_and_sd3_refuses_a_vp_one(sdfast_cache, tmp_path):
+    import shutil
+
+    from sdfast.export.builtin import ensure_builtin
+    from sdfast.export.families import sd3
+
+    folder = tmp_path / "sd3-with-vp-scheduler"
+    shutil.copytree(ensure_builtin("tiny-sd3"), folder)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "EulerDiscreteScheduler"}))
+    with pytest.raises(ConfigError, match="EulerDiscreteScheduler \\(a VP \\(DDPM\\) schedule\\), but this model family samples with flow-matching"):
+        sd3.load(folder)

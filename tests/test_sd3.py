@@ -123,3 +123,44 @@ def test_a_vp_family_refuses_a_flow_scheduler_and_sd3_refuses_a_vp_one(sdfast_ca
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "EulerDiscreteScheduler"}))
     with pytest.raises(ConfigError, match="EulerDiscreteScheduler \\(a VP \\(DDPM\\) schedule\\), but this model family samples with flow-matching"):
         sd3.load(folder)
+
+
+def test_serve_runs_sd3_for_unchanged_a1111_and_openai_clients(sd3_engine):
+    """webuiapi and the openai client as users call them: the engine's own sampler (flow Euler) where a request is
+    silent, its flow samplers listed, A1111's Euler a refused with a 422 naming the field."""
+    import base64
+    import io
+
+    httpx = pytest.importorskip("httpx")
+    webuiapi = pytest.importorskip("webuiapi")
+    openai = pytest.importorskip("openai")
+    from PIL import Image
+
+    from tests.test_serve import Server
+
+    server = Server(sd3_engine)
+    try:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+        assert [m["family"] for m in api.get_sd_models()] == ["sd3"]
+        assert [s["name"] for s in api.get_samplers()] == ["Euler", "Heun", "DPM++ 2M", "UniPC"]
+        pipeline = Pipeline.load(sd3_engine)
+        plain = api.txt2img(prompt=PROMPT, negative_prompt=NEGATIVE, seed=3, steps=6, cfg_scale=5.0, width=SIZE, height=SIZE,
+                            sampler_name="DPM++ 2M")
+        expected = pipeline.generate(GenerationRequest(PROMPT, NEGATIVE, steps=6, cfg_scale=5.0, seed=3, sampler="DPM++ 2M"))
+        assert np.array_equal(np.asarray(plain.image), expected.images[0])
+
+        silent = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": PROMPT, "seed": 4, "steps": 5}, timeout=120)
+        assert silent.status_code == 200, silent.text
+        assert "Sampler: Euler," in silent.json()["info"]
+        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(silent.json()["images"][0]))))
+        assert np.array_equal(image, pipeline.generate(GenerationRequest(PROMPT, steps=5, cfg_scale=7.0, seed=4, sampler="Euler")).images[0])
+
+        wrong = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 2, "sampler_name": "Euler a"}, timeout=60)
+        assert wrong.status_code == 422 and "sampler_name" in wrong.text and "flow-matching" in wrong.text
+
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+        answer = client.images.generate(prompt=PROMPT, n=1, size=f"{SIZE}x{SIZE}", response_format="b64_json")
+        image = Image.open(io.BytesIO(base64.b64decode(answer.data[0].b64_json)))
+        assert image.size == (SIZE, SIZE) and np.asarray(image).std() > 10
+    finally:
+        assert server.stop()

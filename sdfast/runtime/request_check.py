@@ -59,7 +59,7 @@ def _scheduler_sampler(scheduler_config: dict) -> str:
     try:
         return resolve_sampler(scheduler_config.get("_class_name", ""), is_flow(scheduler_config)).key
     except RequestError:
-        return "euler_a"
+        return "euler" if is_flow(scheduler_config) else "euler_a"
 
 
 class RequestChecker:
@@ -81,9 +81,10 @@ class RequestChecker:
         # the family's guidance scale, or 1 (no guidance) on an engine exported without it
         self.default_cfg_scale = family_class(manifest.family).default_cfg_scale if self.guidance else 1.0
         # An engine without guidance serves a distilled model (Turbo, Lightning, LCM): a few steps of the sampler its
-        # folder's scheduler names. With guidance, None: each interface keeps its own defaults (A1111's, the CLI's).
+        # folder's scheduler names. With guidance, None: each interface keeps its own defaults (A1111's, the CLI's),
+        # except on a flow model (SD3), where those (Euler a, DPM++ 2M Karras) do not apply: its scheduler's sampler.
         self.default_steps = None if self.guidance else DISTILLED_STEPS
-        self.default_sampler = None if self.guidance else _scheduler_sampler(scheduler_config)
+        self.default_sampler = _scheduler_sampler(scheduler_config) if self.flow_model or not self.guidance else None
 
     @classmethod
     def for_engine_dir(cls, engine_dir: str | Path) -> "RequestChecker":

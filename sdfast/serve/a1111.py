@@ -13,7 +13,7 @@ from sdfast import __version__
 from sdfast.errors import RequestError
 from sdfast.runtime.images import init_image_array, mask_array, png_bytes
 from sdfast.runtime.pipeline import GenerationRequest, GenerationResult
-from sdfast.sampling.registry import SAMPLERS, resolve_sampler
+from sdfast.sampling.registry import FLOW_SAMPLERS, SAMPLERS, resolve_sampler
 from sdfast.serve.context import ServeContext
 from sdfast.serve.schemas import (
     A1111_STEPS,
@@ -37,8 +37,9 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
 
     @router.get("/sdapi/v1/samplers")
     async def samplers():
+        table = FLOW_SAMPLERS if pipeline.checker.flow_model else SAMPLERS  # a flow model (SD3) has its own
         return [{"name": spec.a1111_name, "aliases": [spec.key] + ([spec.diffusers_class] if spec.diffusers_class else []), "options": {}}
-                for spec in SAMPLERS.values()]
+                for spec in table.values()]
 
     @router.get("/sdapi/v1/schedulers")
     async def schedulers():
@@ -196,12 +197,12 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         if scheduler not in ("automatic", "karras"):
             raise FieldError("scheduler", f"'{body.scheduler}' is not supported: use automatic, or karras")
         try:
-            spec = resolve_sampler(name)
+            spec = resolve_sampler(name, pipeline.checker.flow_model)
         except RequestError as error:
             raise FieldError("sampler_name", str(error)) from None
         if scheduler == "karras" and "karras" not in spec.key:
             try:
-                spec = resolve_sampler(f"{spec.a1111_name} Karras")
+                spec = resolve_sampler(f"{spec.a1111_name} Karras", pipeline.checker.flow_model)
             except RequestError:
                 raise FieldError("scheduler", f"{spec.a1111_name} has no Karras form; use scheduler automatic") from None
         return spec
@@ -210,7 +211,7 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         encoded = [base64.b64encode(png_bytes(r.images[0], r.parameters[0])).decode() for r in results]
         seeds = [r.seeds[0] for r in results]
         infotexts = [r.parameters[0] for r in results]
-        spec = resolve_sampler(generation.sampler)
+        spec = resolve_sampler(generation.sampler, pipeline.checker.flow_model)
         info = {
             "prompt": generation.prompt, "all_prompts": [generation.prompt] * len(results),
             "negative_prompt": generation.negative_prompt, "all_negative_prompts": [generation.negative_prompt] * len(results),

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from sdfast.sampling.parametrization import add_noise
 from sdfast.sampling.schedules import SamplingPlan
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ class ImageSource:
     masked_mean: np.ndarray | None  # [1, 4, h, w] posterior of the image with the masked region blanked (9-channel U-Nets)
     masked_std: np.ndarray | None
     rows: int  # the engine's batch: every array below has this many rows
+    prediction_type: str  # how the image latents are noised to a sigma (parametrization.add_noise)
     known: np.ndarray | None = None  # [B, 4, h, w] the sampled image latents of the current batch
     noise: np.ndarray | None = None  # [B, 4, h, w] the current batch's initial noise
 
@@ -34,14 +36,15 @@ class ImageSource:
             latent_mask = mask[:, :, ::factor, ::factor].astype(np.float32)  # torch interpolate 'nearest' at an integer factor
             if pipeline.inpainting_unet:
                 masked_mean, masked_std = pipeline.encode_image(image * (mask < 0.5))
-        return cls(mean, std, latent_mask, masked_mean, masked_std, pipeline.batch_size)
+        return cls(mean, std, latent_mask, masked_mean, masked_std, pipeline.batch_size, pipeline.manifest.prediction_type)
 
     def blends(self, inpainting_unet: bool) -> bool:
         """Ordinary U-Nets inpaint by blending the known region back after each step; 9-channel ones see the mask."""
         return self.mask is not None and not inpainting_unet
 
     def initial_latents(self, draw, plan: SamplingPlan, strength: float, inpainting_unet: bool):
-        """x [B, 4, h, w] in VE form, and the 9-channel conditioning, drawing noise in StableDiffusion(Img2Img|Inpaint)Pipeline's order."""
+        """x [B, C, h, w] in the samplers' form, and the 9-channel conditioning, drawing noise in the img2img and inpaint
+        pipelines' order (StableDiffusion's, SDXL's and SD3's draw alike)."""
         rows = lambda a: np.repeat(a, self.rows, axis=0)  # noqa: E731
         strength_max = strength == 1.0 and self.mask is not None  # the inpaint pipeline starts from pure noise at strength 1
         needs_image = not (inpainting_unet and strength_max)
@@ -50,7 +53,7 @@ class ImageSource:
         if strength_max:
             x = self.noise * np.float32(plan.initial_noise_scale)
         else:
-            x = self.known + self.noise * np.float32(plan.sigmas[0])  # scheduler.add_noise at the first timestep, in VE form
+            x = add_noise(self.known, self.noise, float(plan.sigmas[0]), self.prediction_type)  # the scheduler's, at the first timestep
         conditioning = None
         if self.mask is not None:
             masked = draw()  # the inpaint pipeline always samples the masked image's posterior (unused by 4-channel U-Nets)
@@ -96,8 +99,8 @@ class ImageSource:
         return model
 
     def _blend(self, x: np.ndarray, sigma: float) -> np.ndarray:
-        """x with the known region replaced by the image latents noised to ``sigma`` (VE form; exact for a 0/1 mask)."""
-        return (np.float32(1.0) - self.mask) * (self.known + self.noise * np.float32(sigma)) + self.mask * x
+        """x with the known region replaced by the image latents noised to ``sigma`` (exact for a 0/1 mask)."""
+        return (np.float32(1.0) - self.mask) * add_noise(self.known, self.noise, float(sigma), self.prediction_type) + self.mask * x
 
     def keep_known(self, x: np.ndarray) -> np.ndarray:
         """The final blend, in VP form: the known region is exactly the image latents."""

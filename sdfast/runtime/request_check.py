@@ -103,8 +103,8 @@ class RequestChecker:
         plan = spec.plan(self.scheduler_config, self.schedule, request.steps)  # refuses what it cannot do, before any work
         strength = self.strength(request)
         if strength is not None:
-            # diffusers' get_timesteps: the last int(steps * strength) steps run, starting from the noised image
-            start_step = request.steps - min(int(request.steps * strength), request.steps)
+            # diffusers' get_timesteps, as the family's pipeline rounds it: the last steps run, from the noised image
+            start_step = family_class(self.manifest.family).img2img_start_step(request.steps, strength)
             if not spec.starts_late and start_step > 0:
                 raise RequestError(f"{spec.a1111_name} cannot start part-way through its schedule, as img2img and inpainting need; choose another sampler")
             if start_step >= plan.steps:
@@ -171,8 +171,6 @@ class RequestChecker:
         if self.inpainting_unet and (request.init_image is None or request.mask is None):
             raise RequestError("this engine holds a 9-channel inpainting U-Net: it needs an init image and a mask")
         if request.init_image is not None:
-            if self.flow_model:
-                raise RequestError("img2img and inpainting on a flow-matching (SD3) engine are not supported yet")
             if not self.has_vae_encoder:
                 raise RequestError("this engine dir has no VAE encoder, which img2img and inpainting need")
             if not isinstance(request.init_image, np.ndarray) or request.init_image.shape != image_shape:

@@ -60,3 +60,11 @@ def sigma_to_timestep(sigma: float, train_sigmas: np.ndarray) -> float:
     low = high - 1
     weight = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0.0, 1.0)
     return float((1 - weight) * low + weight * high)
+
+
+def add_noise(x0: np.ndarray, noise: np.ndarray, sigma: float, prediction_type: str) -> np.ndarray:
+    """x0 noised to sigma in the samplers' form: x0 + sigma noise (VP models in VE form; diffusers' add_noise divided by
+    sqrt(alpha_bar)), or (1 - t) x0 + t noise for flow models (diffusers' FlowMatch scale_noise)."""
+    if prediction_type == "flow_prediction":
+        return x0 * np.float32(1.0 - sigma) + noise * np.float32(sigma)
+    return x0 + noise * np.float32(sigma)

@@ -59,6 +59,12 @@ class Family:
                 for input_name in names:
                     engines[component].info.input(input_name)  # an EngineError naming the input a re-export would add
 
+    @staticmethod
+    def img2img_start_step(steps: int, strength: float) -> int:
+        """The first step img2img runs: diffusers' StableDiffusion(XL)Img2ImgPipeline.get_timesteps runs the last
+        int(steps x strength) steps."""
+        return steps - min(int(steps * strength), steps)
+
     @classmethod
     def check_components(cls, manifest: "Manifest") -> list[str]:
         """The components to load, required first; an EngineError when a required one is missing."""

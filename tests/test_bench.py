@@ -105,7 +105,7 @@ def test_schema_round_trips_and_renders_every_format():
     assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == 4
     assert {(r["backend"], r["metric"], r["unit"]) for r in rows} >= {("cpu", "unet_step_cfg", "ms"), ("torch", "load", "s")}
     table = render([run], "table")
-    assert "U-Net step, with guidance" in table and "10.0 (9.0-13.0)" in table
+    assert "denoiser step (U-Net; SD3: transformer), with guidance" in table and "10.0 (9.0-13.0)" in table
     markdown = render([run], "md")
     assert markdown.splitlines()[0] == "| metric | unit | cpu | torch |"
     with pytest.raises(ValueError, match="unknown bench metric"):

@@ -228,3 +228,18 @@ def test_serve_runs_sd3_for_unchanged_a1111_and_openai_clients(sd3_engine):
         assert image.size == (SIZE, SIZE) and np.asarray(image).std() > 10
     finally:
         assert server.stop()
+
+
+def test_bench_measures_the_sd3_transformer_on_sdfast_and_diffusers(sd3_engine, tmp_path):
+    """sdfast bench times the transformer (the manifest's denoiser) with SD3's conditioning, and diffusers' SD3 pipeline;
+    the effective GFLOP/s comes from the transformer's counted FLOPs."""
+    from sdfast.bench.report import BenchRun
+
+    out = tmp_path / "bench.json"
+    done = run_cli("bench", sd3_engine, "--backends", "cpu,torch", "--repeat", "1", "--steps", "2", "--format", "json", "--out", out)
+    assert done.returncode == 0, done.stderr
+    (run,) = BenchRun.load(out)
+    for backend in ("cpu", "torch"):
+        for metric in ("text_encoder", "unet_step_cfg", "vae_decode", "end_to_end", "unet_gflops"):  # an engine dir: guided only
+            row = run.value(backend, metric)
+            assert row is not None and row.median > 0, (backend, metric)

@@ -24,9 +24,10 @@ def cached_engine(model: str, height: int | None, width: int | None, batch: int,
     out = cache_root() / "bench-engines" / f"{label}-{width or 'native'}x{height or 'native'}-b{batch}-{'cfg' if guidance else 'nocfg'}{'' if precision == 'fp32' else '-' + precision}"
     try:
         manifest = json.loads((out / MANIFEST_NAME).read_text())
+        denoiser = next(c for c in manifest["components"].values() if c.get("role") == "denoiser")  # the U-Net, SD3's transformer
         fresh = (manifest["format_version"] == FORMAT_VERSION and manifest["libraries"]["sdfast"] == __version__
-                 and "flops" in manifest["components"]["unet"] and manifest["source"]["builtin"] == builtin
-                 and manifest["precision"] == precision and (precision != "fp32" or _variant_current(manifest["components"]["unet"])))
+                 and "flops" in denoiser and manifest["source"]["builtin"] == builtin
+                 and manifest["precision"] == precision and (precision != "fp32" or _variant_current(denoiser)))
         if fresh and not builtin:
             from sdfast.export.source import weights_fingerprint
 

@@ -109,13 +109,14 @@ def measure_engine(backend: str, engine: Path, unguided: Path | None, repeat: in
         "text_encoder": time_ms(lambda: pipeline.family.conditioning(PROMPT, "", 1, bool(geometry["guidance"]), []), repeat)}
     guided_name = "unet_step_cfg" if geometry["guidance"] else "unet_step"
     feeds = unet_feeds(geometry["unet_batch"], in_channels)
-    stages[guided_name] = time_ms(lambda: engines["unet"].run(feeds), repeat)
+    denoiser = pipeline.manifest.denoiser  # the U-Net, or SD3's transformer: the "unet_*" rows are its step
+    stages[guided_name] = time_ms(lambda: engines[denoiser].run(feeds), repeat)
     if unguided is not None:  # only its U-Net: the other components are the same, and would double the peak RSS
         from sdfast.runtime.backends import get_backend
         from sdfast.runtime.manifest import read_manifest
 
         other = read_manifest(unguided)
-        other_unet = get_backend(backend).load(other.components["unet"], other.path(other.components["unet"].file))
+        other_unet = get_backend(backend).load(other.components[other.denoiser], other.path(other.components[other.denoiser].file))
         other_feeds = unet_feeds(other.geometry["unet_batch"], in_channels)
         stages["unet_step_cfg" if other.geometry["guidance"] else "unet_step"] = time_ms(lambda: other_unet.run(other_feeds), repeat)
         del other_unet
@@ -140,7 +141,7 @@ def measure_engine(backend: str, engine: Path, unguided: Path | None, repeat: in
     if in_loop:
         rows.append(_row("unet_step_in_loop", Summary.of(in_loop), note="U-Net (CUDA graph) and the sampler kernel, per evaluation"))
         rows.append(_row("host_queue_per_step", Summary.of(queued), note="the GPU waits on the host only if this exceeds the step"))
-    unet_flops = pipeline.manifest.data["components"]["unet"].get("flops", {}).get("per_call")
+    unet_flops = pipeline.manifest.data["components"][denoiser].get("flops", {}).get("per_call")
     rows += _derived_rows(stages, statistics.median(overheads), "end to end minus the same runs' engine calls, over the steps",
                           unet_flops, peak)
     return rows
@@ -161,12 +162,15 @@ def measure_torch(engine: Path, repeat: int, steps: int, peaks: dict[str, tuple[
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     started = time.perf_counter()
-    options = {"add_watermarker": False} if manifest.family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    options = {"sdxl": {"add_watermarker": False},  # null components (SD3 without T5) must be named to from_pretrained
+               "sd3": {"text_encoder_3": None, "tokenizer_3": None, "image_encoder": None, "feature_extractor": None},
+               }.get(manifest.family, {"safety_checker": None, "requires_safety_checker": False})
     pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, **options).to(device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     rows = [_row("load", value=time.perf_counter() - started)]
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    if manifest.family != "sd3":  # SD3 keeps its FlowMatch Euler
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     g = manifest.geometry
     batch = g["batch"]
@@ -182,15 +186,22 @@ def measure_torch(engine: Path, repeat: int, steps: int, peaks: dict[str, tuple[
             sync()
         return time_ms(run, repeat)
 
-    stages = {"text_encoder": timed(lambda: pipe.encode_prompt(prompt=PROMPT, device=device, num_images_per_prompt=1,
+    more_prompts = {"prompt_2": None, "prompt_3": None} if manifest.family == "sd3" else {}  # SD3's encode_prompt asks for them
+    stages = {"text_encoder": timed(lambda: pipe.encode_prompt(prompt=PROMPT, **more_prompts, device=device, num_images_per_prompt=1,
                                                              do_classifier_free_guidance=True))}
     t = torch.tensor(500.0, device=device)
-    config = pipe.unet.config
-    sample2, sample1 = randn(2 * batch, 4, g["latent_height"], g["latent_width"]), randn(batch, 4, g["latent_height"], g["latent_width"])
+    denoiser = pipe.transformer if manifest.family == "sd3" else pipe.unet
+    config, channels = denoiser.config, g["latent_channels"]
+    sample2, sample1 = (randn(rows, channels, g["latent_height"], g["latent_width"]) for rows in (2 * batch, batch))
 
     def conditioning(rows: int) -> dict:
-        """The U-Net's conditioning for ``rows`` rows: text hidden states, and SDXL's pooled embeddings and six size/crop ids."""
-        named = {"encoder_hidden_states": randn(rows, g["text_length"], config.cross_attention_dim)}
+        """The denoiser's conditioning for ``rows`` rows: text hidden states, SDXL's pooled embeddings and six size/crop ids,
+        SD3's 77 + 256 joint tokens and pooled projections."""
+        if manifest.family == "sd3":
+            tokens = manifest.components[manifest.denoiser].input("encoder_hidden_states").shape[1]  # 77 + T5's 256
+            return {"encoder_hidden_states": randn(rows, tokens, config.joint_attention_dim),
+                    "pooled_projections": randn(rows, config.pooled_projection_dim), "timestep": t.expand(rows)}
+        named = {"encoder_hidden_states": randn(rows, g["text_length"], config.cross_attention_dim), "timestep": t}
         if config.addition_embed_type == "text_time":
             pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
             named["added_cond_kwargs"] = {"text_embeds": randn(rows, pooled),
@@ -199,8 +210,8 @@ def measure_torch(engine: Path, repeat: int, steps: int, peaks: dict[str, tuple[
         return named
 
     guided, single = conditioning(2 * batch), conditioning(batch)
-    stages["unet_step_cfg"] = timed(lambda: pipe.unet(sample2, t, **guided))
-    stages["unet_step"] = timed(lambda: pipe.unet(sample1, t, **single))
+    stages["unet_step_cfg"] = timed(lambda: denoiser(sample2, **guided))
+    stages["unet_step"] = timed(lambda: denoiser(sample1, **single))
     stages["vae_decode"] = timed(lambda: pipe.vae.decode(sample1 / pipe.vae.config.scaling_factor))
     image = (torch.rand((batch, 3, g["height"], g["width"]), generator=generator) * 2 - 1).to(device, dtype)
     stages["vae_encode"] = timed(lambda: pipe.vae.encode(image))
@@ -212,7 +223,7 @@ def measure_torch(engine: Path, repeat: int, steps: int, peaks: dict[str, tuple[
         sync()
     end_to_end = time_ms(whole, max(1, min(repeat, 3)), warmup=0)
     rows.append(_row("end_to_end", end_to_end))
-    unet_flops = manifest.data["components"]["unet"].get("flops", {}).get("per_call")
+    unet_flops = manifest.data["components"][manifest.denoiser].get("flops", {}).get("per_call")
     engine_ms = stages["text_encoder"].median + steps * stages["unet_step_cfg"].median + stages["vae_decode"].median
     rows += _derived_rows(stages, (end_to_end.median - engine_ms) / steps, "end to end minus the stage medians, over the steps (noisy)",
                           unet_flops, peaks.get("gpu" if cuda else "cpu"))

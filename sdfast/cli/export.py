@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest prompt the U-Net takes, in 75-token chunks (default 8, i.e. 600 tokens)")
     parser.add_argument("--no-cpu-variant", dest="cpu_variant", action="store_false",
                         help="skip the copy of each graph pre-optimized for onnxruntime's CPU provider (half the disk; CPU cold start then re-optimizes)")
+    parser.add_argument("--t5", choices=("none", "fp32", "fp16", "int8"),
+                        help="SD3's T5-XXL text encoder (19 GB in fp32): none (default: zeros in its place, as diffusers without "
+                             "it), fp32, fp16 (stored fp16) or int8 (onnxruntime's dynamic quantization of its MatMuls)")
     parser.add_argument("--family", help=f"the model family, overriding what model_index.json's pipeline class implies ({', '.join(FAMILIES)})")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
@@ -33,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     request = ExportRequest(
         model=args.model, out=args.out, height=args.height, width=args.width, batch=args.batch,
         precision=args.precision, guidance=args.guidance, force=args.force, family=args.family, max_prompt_chunks=args.max_prompt_chunks, cpu_variant=args.cpu_variant,
+        t5=args.t5,
     )
     check_request(request)  # refuse bad shapes and paths before importing torch
     export_engine(request, ElapsedLog("export"))

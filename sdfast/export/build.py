@@ -19,6 +19,7 @@ from sdfast.export.staging import hashed
 from sdfast.runtime.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
 
 PRECISIONS = ("fp32", "fp16")
+T5_OPTIONS = ("none", "fp32", "fp16", "int8")  # SD3's T5-XXL encoder: left out (zeros), or exported in this precision
 Progress = Callable[[str], None]
 
 
@@ -35,6 +36,7 @@ class ExportRequest:
     family: str | None = None  # None: from model_index.json's pipeline class
     max_prompt_chunks: int | None = None  # None: the recipe's default; prompts up to this many 75-token chunks
     cpu_variant: bool = True  # also save each graph fully optimized for onnxruntime's CPU provider (fast cold start)
+    t5: str | None = None  # SD3's T5-XXL: none (zeros, the default), fp32, fp16 or int8 (dynamic MatMul quantization)
 
 
 def check_request(request: ExportRequest) -> None:
@@ -50,6 +52,8 @@ def check_request(request: ExportRequest) -> None:
 
     if request.family is not None and request.family not in FAMILIES:
         raise ConfigError(f"--family '{request.family}' is not a model family sdfast exports ({', '.join(FAMILIES)})")
+    if request.t5 is not None and request.t5 not in T5_OPTIONS:
+        raise ConfigError(f"--t5 '{request.t5}' is not one of {', '.join(T5_OPTIONS)}")
     if request.precision not in PRECISIONS:
         raise ConfigError(f"precision '{request.precision}' is not supported yet; choose one of {', '.join(PRECISIONS)}")
     out = request.out
@@ -95,6 +99,8 @@ def export_engine(request: ExportRequest, progress: Progress = lambda _: None) -
     folder = ensure_builtin(request.model, progress) if builtin else Path(request.model)
     pipeline_class = read_model_index(folder).get("_class_name")
     recipe = Recipe.load(request.family or family_for_pipeline(pipeline_class, folder))
+    if request.t5 not in (None, "none") and "t5_options" not in recipe.data:
+        raise ConfigError(f"--t5 applies to the sd3 family (SD3, SD3.5) only, not to {recipe.family}")
     multiple = int(recipe.data.get("size_multiple", recipe.latent_factor))  # SD3: 8x8 latent cells in 2x2 patches
     for label, value in (("height", request.height), ("width", request.width)):
         if value is not None and value % multiple:
@@ -135,7 +141,7 @@ def _build(request: ExportRequest, recipe, family, folder: Path, builtin: bool, 
 
     started = time.perf_counter()
     progress(f"loading {folder} ({recipe.family})")
-    model = family.load(folder)
+    model = family.load(folder, request)
     fingerprint = weights_fingerprint(folder)
     dims = family.dimensions(request, recipe, model)
     progress(

@@ -71,6 +71,7 @@ class BuiltinModel:
     pipeline_options: dict = field(default_factory=lambda: dict(SD_PIPELINE_OPTIONS))  # the pipeline class's own arguments
     transformer: dict | None = None  # SD3's MMDiT (SD3Transformer2DModel) in place of the U-Net
     text_encoder_class: str = "CLIPTextModel"  # SD3's first encoder has a projection too (CLIPTextModelWithProjection)
+    text_encoder_3: dict | None = None  # SD3's T5 encoder (T5EncoderModel config), with a T5-style tokenizer
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -280,6 +281,15 @@ BUILTIN_MODELS |= {
     ),
 }
 
+BUILTIN_MODELS |= {
+    "tiny-sd3-t5": replace(
+        BUILTIN_MODELS["tiny-sd3"], name="tiny-sd3-t5", description="tiny-sd3 with a small T5 encoder (random weights), for tests",
+        text_encoder_3=dict(vocab_size=1000, d_model=96, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                            feed_forward_proj="gated-gelu"),
+        pipeline_options={},
+    ),
+}
+
 
 def cache_root() -> Path:
     return Path(os.environ.get("SDFAST_CACHE", Path.home() / ".cache" / "sdfast"))
@@ -344,6 +354,14 @@ def save_builtin(model: BuiltinModel, folder: Path) -> None:
 
         components["tokenizer_2"], components["text_encoder_2"] = _text_encoder(
             CLIPTextModelWithProjection, model.text_encoder_2, "!", vocab_path, merges_path, model.seed + 3)
+    if model.text_encoder_3 is not None:
+        from transformers import T5Config, T5EncoderModel
+
+        from sdfast.export.builtin_tokenizer import t5_tokenizer
+
+        components["tokenizer_3"] = t5_tokenizer(model.text_encoder_3["vocab_size"])
+        torch.manual_seed(model.seed + 4)
+        components["text_encoder_3"] = T5EncoderModel(T5Config(**model.text_encoder_3, pad_token_id=0, eos_token_id=1)).eval()
     torch.manual_seed(model.seed + 1)
     if model.transformer is not None:
         components["transformer"] = diffusers.SD3Transformer2DModel(**model.transformer).eval()

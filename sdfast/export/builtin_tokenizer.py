@@ -72,3 +72,30 @@ def write_tokenizer_files(directory: Path) -> tuple[Path, Path]:
     vocab_path.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     merges_path.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     return vocab_path, merges_path
+
+
+T5_SPECIAL = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as T5's SentencePiece vocabulary has them
+
+
+def t5_tokenizer(vocab_size: int):
+    """A T5-style tokenizer (Unigram over "▁"-prefixed words, "</s>" appended, "<pad>" = 0) for the built-in SD3 models
+    with T5, whose own 32k SentencePiece vocabulary is not at hand: CLIP's whole-word tokens (the ``</w>`` ones, in
+    merge order) as its pieces, plus the printable ASCII characters so that every prompt tokenizes. Random T5 weights
+    give noise whatever the vocabulary; what matters is that ids, "</s>", padding and truncation behave as T5's do.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    vocab, _ = build_vocab_and_merges()
+    characters = [chr(c) for c in range(33, 127)]
+    words = [token[: -len("</w>")] for token in vocab if token.endswith("</w>") and token[:-4].isascii() and token[:-4].isalnum()]
+    room = vocab_size - len(T5_SPECIAL) - 2 * len(characters)
+    pieces = [(token, 0.0) for token in T5_SPECIAL]
+    pieces += [("\u2581" + c, -5.0) for c in characters] + [(c, -6.0) for c in characters]  # the fallbacks: always a parse
+    pieces += [("\u2581" + word, -1.0 - index / room) for index, word in enumerate(dict.fromkeys(words)) if index < room]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2))
+    backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(" +", " ")])
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)

@@ -21,7 +21,9 @@ def export_component(request, recipe, family, model, name: str, dims: dict, dyna
     from sdfast.runtime.backends import get_backend
     from sdfast.runtime.manifest import ComponentInfo
 
-    component = recipe.component(name, dims, request.precision, fp16_safe=family.fp16_safe(model, name))
+    # a family may export one component in another precision (SD3's T5: --t5 fp16 or int8 in an fp32 export)
+    precision = getattr(family, "component_precision", lambda _model, _name, asked: asked)(model, name, request.precision)
+    component = recipe.component(name, dims, precision, fp16_safe=family.fp16_safe(model, name))
     fp32_scores = family.fp32_attention_scores(model, name)
     module = family.WRAPPERS[name](model).eval()
     step = time.perf_counter()
@@ -126,6 +128,14 @@ def graphs(request, component, raw_path: Path, staging: Path, label: str, progre
 
     name, raw_dir = component.name, raw_path.parent
     variants: dict[str, dict] = {}
+    if component.precision == "int8":  # onnxruntime's dynamic quantization of the MatMul weights (per channel)
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        optimized = optimize_offline(raw_path, raw_dir / f"{name}.fp32.onnx")[0]
+        quantize_dynamic(optimized, staging / f"{name}.onnx", op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                         per_channel=True, use_external_data_format=True)
+        files = sorted(p for p in staging.glob(f"{name}.onnx*") if p.is_file())
+        return files, variants, None
     if component.precision == "fp16":
         optimized = optimize_offline(raw_path, raw_dir / f"{name}.fp32.onnx")[0]
         files, fp16_record = convert_to_fp16(optimized, staging / f"{name}.onnx", list(component.keep_fp32_ops), fp32_scores)

@@ -264,10 +264,15 @@ def _check_structure(data: dict, root: Path) -> None:
         if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
             raise ValueError(f"'geometry.{field_name}' must be positive")
     for feeds, tokenizer in data["tokenizers"].items():
+        t5 = isinstance(tokenizer, dict) and tokenizer.get("kind") == "t5"  # SD3's T5: no BOS, its own length
         for field_name, kind in _TOKENIZER_FIELDS.items():
+            if t5 and field_name == "bos_id" and tokenizer.get(field_name) is None:
+                continue
             if not isinstance(tokenizer, dict) or not isinstance(tokenizer.get(field_name), kind) or isinstance(tokenizer.get(field_name), bool):
                 raise ValueError(f"tokenizer of '{feeds}': '{field_name}' is missing or of the wrong type")
-        if not 3 <= tokenizer["max_length"] == data["geometry"]["text_length"]:
+        if t5 and not 2 <= tokenizer["max_length"] <= 512:
+            raise ValueError(f"tokenizer of '{feeds}': a T5 'max_length' must be from 2 to 512")
+        if not t5 and not 3 <= tokenizer["max_length"] == data["geometry"]["text_length"]:
             raise ValueError(f"tokenizer of '{feeds}': 'max_length' must equal 'geometry.text_length' (at least 3)")
         if not isinstance(data["components"].get(feeds), dict) or data["components"][feeds].get("role") != "text_encoder":
             raise ValueError(f"a tokenizer feeds '{feeds}', which is not a text-encoder component")

@@ -16,14 +16,14 @@ from sdfast.errors import EngineError
 
 @dataclass(frozen=True)
 class EncodedPrompt:
-    ids: np.ndarray  # [max_length] int64: BOS, up to max_length - 2 tokens, EOS, padding
+    ids: np.ndarray  # [max_length] int64: BOS (not T5's), the tokens that fit, EOS, padding
     dropped_tokens: int  # tokens cut by truncation (0 when the prompt fits)
 
 
 class PromptTokenizer:
     """tokenizer.json plus the special ids and length recorded in the manifest."""
 
-    def __init__(self, path: Path, bos_id: int, eos_id: int, pad_id: int, max_length: int):
+    def __init__(self, path: Path, bos_id: int | None, eos_id: int, pad_id: int, max_length: int):
         from tokenizers import Tokenizer
 
         try:
@@ -36,10 +36,12 @@ class PromptTokenizer:
         self.bos_id, self.eos_id, self.pad_id, self.max_length = bos_id, eos_id, pad_id, max_length
 
     def encode(self, prompt: str) -> EncodedPrompt:
+        """[BOS], the tokens that fit, EOS, padding: CLIP's layout, or T5's (no BOS: ``bos_id`` None)."""
         tokens = self._tokenizer.encode(prompt, add_special_tokens=False).ids
-        room = self.max_length - 2
+        start = [] if self.bos_id is None else [self.bos_id]
+        room = self.max_length - 1 - len(start)
         dropped = max(0, len(tokens) - room)
-        ids = [self.bos_id, *tokens[:room], self.eos_id]
+        ids = [*start, *tokens[:room], self.eos_id]
         ids += [self.pad_id] * (self.max_length - len(ids))
         return EncodedPrompt(ids=np.asarray(ids, dtype=np.int64), dropped_tokens=dropped)
 

@@ -25,7 +25,7 @@ class LoadedModel:
     scheduler_config: dict
 
 
-def load(folder: Path) -> LoadedModel:
+def load(folder: Path, request=None) -> LoadedModel:
     """The folder's CLIP text encoder, U-Net and VAE in fp32, eval mode; the scheduler config is read (and refused) first."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer

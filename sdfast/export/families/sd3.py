@@ -3,8 +3,9 @@
 
 The conditioning follows diffusers' StableDiffusion3Pipeline.encode_prompt (Esser et al. 2024, "Scaling Rectified Flow
 Transformers for High-Resolution Image Synthesis", sec. 5.2): each CLIP's penultimate layer, side by side, zero-padded
-to T5's width and followed by T5's tokens; the two pooled projections side by side. T5-XXL is not exported yet: the
-runtime puts zeros in its place, as diffusers does with text_encoder_3=None.
+to T5's width and followed by T5's tokens; the two pooled projections side by side. T5-XXL is exported only when
+asked (--t5 fp32, fp16 or int8); without it the runtime puts zeros in its place, as diffusers does with
+text_encoder_3=None.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from sdfast.export.staging import copy_tokenizer
 
 @dataclass
 class LoadedModel:
-    """The PyTorch components of an SD3 folder, fp32, in eval mode (T5 is not loaded: see the module doc)."""
+    """The PyTorch components of an SD3 folder, fp32, in eval mode; T5 only when the export asks for it."""
 
     folder: Path
     text_encoder: object
@@ -35,17 +36,29 @@ class LoadedModel:
     tokenizer: object
     tokenizer_2: object
     scheduler_config: dict
-    has_t5: bool  # the folder holds T5-XXL, which this export leaves out
+    has_t5: bool  # the folder holds T5-XXL
+    t5: str = "none"  # --t5: none, fp32, fp16 or int8
+    text_encoder_3: object | None = None
+    tokenizer_3: object | None = None
 
 
-def load(folder: Path) -> LoadedModel:
-    """The folder's CLIP encoders, transformer and VAE in fp32; the (flow-matching) scheduler config is read first."""
+def load(folder: Path, request=None) -> LoadedModel:
+    """The folder's CLIP encoders, transformer and VAE in fp32, and T5 when ``request.t5`` asks for it; the
+    (flow-matching) scheduler config is read first."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
     scheduler_config = read_scheduler_config(folder, flow_matching=True)
     index = read_model_index(folder)
     has_t5 = (folder / "text_encoder_3").is_dir() and (index.get("text_encoder_3") or [None])[0] is not None
+    t5 = (getattr(request, "t5", None) or "none") if request is not None else "none"
+    if t5 != "none" and not has_t5:
+        raise ConfigError(f"--t5 {t5}: '{folder}' has no T5 encoder (text_encoder_3); export with --t5 none")
+    text_encoder_3 = tokenizer_3 = None
+    if t5 != "none":
+        text_encoder_3 = load_or_refuse(folder, "text_encoder_3", lambda: T5EncoderModel.from_pretrained(folder / "text_encoder_3", torch_dtype=torch.float32))
+        tokenizer_3 = load_or_refuse(folder, "tokenizer_3", lambda: AutoTokenizer.from_pretrained(folder / "tokenizer_3"))
+        text_encoder_3.eval().requires_grad_(False)
 
     def clip(name: str):
         return load_or_refuse(folder, name, lambda: CLIPTextModelWithProjection.from_pretrained(folder / name, torch_dtype=torch.float32))
@@ -58,11 +71,18 @@ def load(folder: Path) -> LoadedModel:
     vae = load_or_refuse(folder, "vae", lambda: AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32))
     for module in (text_encoder, text_encoder_2, transformer, vae):
         module.eval().requires_grad_(False)
-    return LoadedModel(folder, text_encoder, text_encoder_2, transformer, vae, tokenizer, tokenizer_2, scheduler_config, has_t5)
+    return LoadedModel(folder, text_encoder, text_encoder_2, transformer, vae, tokenizer, tokenizer_2, scheduler_config, has_t5,
+                       t5, text_encoder_3, tokenizer_3)
 
 
 def components(recipe, model: LoadedModel) -> list[str]:
-    return recipe.component_names
+    """The recipe's components; T5 (text_encoder_3) only when the export asks for it."""
+    return [name for name in recipe.component_names if name != "text_encoder_3" or model.t5 != "none"]
+
+
+def component_precision(model: LoadedModel, name: str, asked: str) -> str:
+    """T5 in the precision --t5 names (fp32, fp16 or int8), whatever the rest of the export's; the others as asked."""
+    return model.t5 if name == "text_encoder_3" else asked
 
 
 class TextEncoder(_PenultimateTextEncoder):
@@ -81,6 +101,18 @@ class TextEncoderG(TextEncoder):
 
     def __init__(self, model: LoadedModel):
         _PenultimateTextEncoder.__init__(self, model.text_encoder_2)
+
+
+class T5Encoder(torch.nn.Module):
+    """T5-XXL's encoder: input_ids [1, 256] ("</s>" after the prompt, then padding) -> prompt_embeds [1, 256, 4096], the last
+    hidden state (no attention mask: StableDiffusion3Pipeline encodes the padding too)."""
+
+    def __init__(self, model: LoadedModel):
+        super().__init__()
+        self.encoder = model.text_encoder_3
+
+    def forward(self, input_ids):
+        return self.encoder(input_ids, return_dict=False)[0]
 
 
 class Transformer(torch.nn.Module):
@@ -103,11 +135,12 @@ def fp32_attention_scores(model: LoadedModel, name: str) -> str | None:
     return None  # the MMDiT's attention normalizes q and k (qk_norm) in SD3.5; SD3's fp16 is diffusers' own default
 
 
-WRAPPERS = {"text_encoder": TextEncoder, "text_encoder_2": TextEncoderG, "transformer": Transformer, "vae_decoder": VaeDecoder,
-            "vae_encoder": VaeEncoder}
+WRAPPERS = {"text_encoder": TextEncoder, "text_encoder_2": TextEncoderG, "text_encoder_3": T5Encoder, "transformer": Transformer,
+            "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
 
 # The PyTorch modules each component is the last to need: the export frees them once its parity outputs are computed.
-RELEASES = {"text_encoder": ("text_encoder",), "text_encoder_2": ("text_encoder_2",), "transformer": ("transformer",),
+RELEASES = {"text_encoder": ("text_encoder",), "text_encoder_2": ("text_encoder_2",), "text_encoder_3": ("text_encoder_3",),
+            "transformer": ("transformer",),
             "vae_encoder": ("vae",)}
 
 
@@ -176,7 +209,7 @@ def manifest_blocks(recipe, model: LoadedModel, dims: dict[str, int]) -> dict:
             "text_hidden": dims["joint_dim"],
             "text_layers": min(layers) - 1,  # clip skip k takes hidden_states[-(k + 1)]: at most the first layer's output
             "patch_size": int(model.transformer.config.patch_size),
-            "t5": None,  # T5-XXL's tokens are zeros (not exported yet), as diffusers without text_encoder_3
+            "t5": None if model.t5 == "none" else model.t5,  # None: T5's tokens are zeros, as diffusers without text_encoder_3
             "t5_length": dims["t5_length"],
             "folder_has_t5": model.has_t5,
         },
@@ -185,7 +218,10 @@ def manifest_blocks(recipe, model: LoadedModel, dims: dict[str, int]) -> dict:
 
 def tokenizers(model: LoadedModel, folder: Path, staging: Path, dims: dict[str, int]) -> dict[str, dict]:
     """The two CLIP tokenizers, keyed by the text encoder each feeds: CLIP-L's pads with its EOS, OpenCLIP's with "!"."""
-    return {
+    entries = {
         "text_encoder": copy_tokenizer(model.tokenizer, folder / "tokenizer", staging, "tokenizer", dims["text_length"]),
         "text_encoder_2": copy_tokenizer(model.tokenizer_2, folder / "tokenizer_2", staging, "tokenizer_2", dims["text_length"]),
     }
+    if model.t5 != "none":  # T5's SentencePiece vocabulary as tokenizer.json: "</s>" after the prompt, "<pad>" after that
+        entries["text_encoder_3"] = copy_tokenizer(model.tokenizer_3, folder / "tokenizer_3", staging, "tokenizer_3", dims["t5_length"], t5=True)
+    return entries

@@ -35,7 +35,7 @@ class LoadedModel:
     requires_aesthetics_score: bool  # the refiner's time ids end with an aesthetic score instead of the target size
 
 
-def load(folder: Path) -> LoadedModel:
+def load(folder: Path, request=None) -> LoadedModel:
     """The folder's text encoders, U-Net and VAE in fp32; the scheduler config is read (and refused) first."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer

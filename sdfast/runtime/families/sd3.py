@@ -1,25 +1,26 @@
 """Stable Diffusion 3 and 3.5 at run time: the two CLIP encoders' penultimate layers side by side, zero-padded to T5's
-width and followed by T5's tokens (zeros: T5 is not exported yet), and the pooled projections side by side.
+width and followed by T5's tokens (zeros for an engine exported without T5), and the pooled projections side by side.
 
 As diffusers' StableDiffusion3Pipeline.encode_prompt builds them: no A1111 chunking or emphasis (a "(word:1.3)" is
-plain text), each prompt cut at CLIP's 77 tokens with a warning naming how many were dropped, and a silent negative
-prompt encoded as "" (SD3 has no force_zeros_for_empty_prompt).
+plain text), each prompt cut at CLIP's 77 tokens and T5's 256 (max_sequence_length) with a warning naming how many
+were dropped, and a silent negative prompt encoded as "" (SD3 has no force_zeros_for_empty_prompt).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from sdfast.errors import EngineError
+from sdfast.runtime.device_loop import check_finite
 from sdfast.runtime.families.base import Family, guided_rows
 
 
 class StableDiffusion3(Family):
     name = "sd3"
     required = ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")
-    optional = ("vae_encoder",)
+    optional = ("text_encoder_3", "vae_encoder")  # T5 (export --t5), img2img and inpainting
     default_cfg_scale = 7.0  # StableDiffusion3Pipeline's
     fed_inputs = {"text_encoder": ("input_ids", "clip_skip"), "text_encoder_2": ("input_ids", "clip_skip"),
-                  "transformer": ("encoder_hidden_states", "pooled_projections"), "vae_decoder": ("latent",), "vae_encoder": ("image",)}
+                  "text_encoder_3": ("input_ids",), "transformer": ("encoder_hidden_states", "pooled_projections"), "vae_decoder": ("latent",), "vae_encoder": ("image",)}
 
     @staticmethod
     def img2img_start_step(steps: int, strength: float) -> int:
@@ -32,8 +33,14 @@ class StableDiffusion3(Family):
         self.encoders = [self.prompt_encoder(name, f"text encoder {index}") for index, name in enumerate(("text_encoder", "text_encoder_2"), 1)]
         context = engines["transformer"].info.input("encoder_hidden_states").shape  # [unet_batch, 77 + T5 tokens, joint width]
         self.t5_tokens, self.joint_width = int(context[1]) - self.encoders[0].tokenizer.max_length, int(context[2])
-        if self.t5_tokens < 0 or manifest.model.get("t5") is not None:
+        if self.t5_tokens < 0 or bool(manifest.model.get("t5")) != ("text_encoder_3" in engines):
             raise EngineError(f"engine dir {manifest.root}: its transformer's context does not match this sdfast's SD3 conditioning (re-export)")
+        self.t5 = None
+        if "text_encoder_3" in engines:
+            from sdfast.runtime.tokenizer import PromptTokenizer
+
+            tok = manifest.tokenizers["text_encoder_3"]
+            self.t5 = PromptTokenizer(manifest.path(tok["file"]), tok["bos_id"], tok["eos_id"], tok["pad_id"], tok["max_length"])
 
     def _encode(self, text: str, clip_skip: int, label: str, warnings: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(context [77 + T5 tokens, joint width], pooled [P1 + P2]) of one prompt."""
@@ -47,8 +54,15 @@ class StableDiffusion3(Family):
             hidden.append(layer[0])
             pooled.append(projected[0])
         clip = np.concatenate(hidden, axis=-1)  # [77, D1 + D2]
-        context = np.zeros((clip.shape[0] + self.t5_tokens, self.joint_width), dtype=np.float32)  # T5's rows stay zero
+        context = np.zeros((clip.shape[0] + self.t5_tokens, self.joint_width), dtype=np.float32)  # without T5 its rows stay zero
         context[: clip.shape[0], : clip.shape[1]] = clip
+        if self.t5 is not None:
+            tokens = self.t5.encode(text)  # ids [256]: the prompt, "</s>", "<pad>"s
+            if tokens.dropped_tokens:
+                warnings.append(f"{label} is longer than T5's {self.t5.max_length - 1} tokens: its last {tokens.dropped_tokens} "
+                                "were dropped, as diffusers' SD3 pipeline drops them (max_sequence_length)")
+            (t5,) = self.engines["text_encoder_3"].run({"input_ids": tokens.ids[None]})  # [1, 256, 4096]
+            context[clip.shape[0]:] = check_finite("T5 text encoder", t5)[0]
         return context, np.concatenate(pooled)
 
     def conditioning(self, prompt, negative_prompt, clip_skip, use_cfg, warnings):

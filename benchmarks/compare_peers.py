@@ -1,4 +1,4 @@
-"""sdfast against the peers on one workload: a U-Net step, batch 2 with guidance (the CPU set at fp32, --peers gpu at fp16).
+"""sdfast against the peers on one workload: a denoiser step (U-Net; SD3: transformer), batch 2 with guidance (the CPU set at fp32, --peers gpu at fp16).
 
     python benchmarks/compare_peers.py [--height 256 --width 256] [--rounds 5] [--calls 2] [--e2e-steps 0]
 
@@ -230,7 +230,9 @@ def main() -> int:
         "command": "python benchmarks/compare_peers.py " + " ".join(sys.argv[1:]),
         "machine": {"cpu": cpu.name, "cores": cpu.cores, "platform": platform.platform(), "peak": theoretical_peak(cpu).to_json(),
                     "gpu": gpu_name()},
-        "workload": {"model": f"{label}" + (" architecture, random weights" if args.model in BUILTIN_MODELS else ""), "height": args.height, "width": args.width, "unet_batch": 2,
+        "workload": {"model": f"{label}" + (" architecture, random weights" if args.model in BUILTIN_MODELS else ""),
+                     "denoiser": "transformer" if (model / "transformer").is_dir() else "U-Net",  # SD3's MMDiT
+                     "height": args.height, "width": args.width, "unet_batch": 2,
                      "guidance": True, "rounds": args.rounds, "calls_per_round": args.calls, "e2e_steps": args.e2e_steps,
                      "one_at_a_time": args.one_at_a_time},
         "versions": {"sdfast_env": versions_of(Path(sys.executable), ["sdfast", "onnxruntime", "numpy", "torch"]),
@@ -252,7 +254,7 @@ def render_markdown(record: dict, reference: str | None) -> str:
     w, m = record["workload"], record["machine"]
     on_gpu = bool((set(record["results"]) | set(record["not_run"])) & set(GPU_PEERS))
     where = f"GPU ({m.get('gpu') or 'unknown'})" if on_gpu else "CPU"
-    lines = [f"### {w['model']}: U-Net step, {w['width']}x{w['height']}, batch 2 with guidance, {where}",
+    lines = [f"### {w['model']}: {w.get('denoiser', 'U-Net')} step, {w['width']}x{w['height']}, batch 2 with guidance, {where}",
              "", f"{m['cpu']}, {m['cores']} cores; {record['date']}; `{record['command']}`", "",
              "| system | precision | median ms | p90 | min-max | cold start s | sdfast / system |", "|---|---|---:|---:|---:|---:|---:|"]
     for name, r in sorted(record["results"].items(), key=lambda item: item[1]["median_ms"]):

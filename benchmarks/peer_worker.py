@@ -3,7 +3,7 @@
     python benchmarks/peer_worker.py PEER --model FOLDER --height H --width W --cache DIR [--engine DIR]
 
 It prints one JSON line per answer on its standard output and reads one JSON command per line on its
-standard input: {"op": "unet", "n": 3} times n U-Net calls (batch 2, classifier-free guidance), {"op": "e2e",
+standard input: {"op": "unet", "n": 3} times n denoiser calls (the U-Net or SD3's transformer; batch 2, classifier-free guidance), {"op": "e2e",
 "steps": 4} times one whole text-to-image call, {"op": "quit"} ends. Libraries' own chatter goes to stderr.
 The peers run in their own virtualenv (optimum-onnx pins older diffusers and transformers); sdfast runs in
 the caller's environment. Each peer gets the same random latents, timestep and prompt embeddings.
@@ -24,13 +24,24 @@ GUIDANCE = 7.5
 
 
 def unet_config(model: str) -> dict:
-    """The model folder's U-Net config: the input shapes follow it, so SD 1.x, SD 2.x and SDXL folders all work."""
-    return json.loads((Path(model) / "unet" / "config.json").read_text())
+    """The model folder's denoiser config (U-Net, or SD3's transformer): the input shapes follow it."""
+    return json.loads((Path(model) / ("transformer" if is_sd3(model) else "unet") / "config.json").read_text())
+
+
+def is_sd3(model: str) -> bool:
+    """The folder holds an SD3 pipeline (an MMDiT transformer instead of a U-Net)."""
+    return (Path(model) / "transformer").is_dir()
 
 
 def unet_inputs(model: str, height: int, width: int) -> dict[str, np.ndarray]:
     config = unet_config(model)
     rng = np.random.default_rng(0)
+    if is_sd3(model):  # CLIP's 77 tokens then T5's 256 (zeros without T5, the same work), the pooled pair
+        return {
+            "sample": rng.standard_normal((2, config["in_channels"], height // 8, width // 8), dtype=np.float32),  # [2B, 16, H/8, W/8]
+            "encoder_hidden_states": rng.standard_normal((2, 77 + 256, config["joint_attention_dim"]), dtype=np.float32),
+            "pooled_projections": rng.standard_normal((2, config["pooled_projection_dim"]), dtype=np.float32),
+        }
     inputs = {
         "sample": rng.standard_normal((2, config["in_channels"], height // 8, width // 8), dtype=np.float32),  # [2B, C, H/8, W/8]
         "encoder_hidden_states": rng.standard_normal((2, 77, config["cross_attention_dim"]), dtype=np.float32),  # [2B, 77, D]
@@ -51,10 +62,13 @@ def load_diffusers(model: str, dtype):
     """The folder's own pipeline class (model_index.json), without the safety checker where it has one."""
     from diffusers import DiffusionPipeline, EulerDiscreteScheduler
 
-    extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in json.loads(
-        (Path(model) / "model_index.json").read_text()) else {}
+    index = json.loads((Path(model) / "model_index.json").read_text())
+    extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+    # components the folder leaves out (SD3 without T5) must be named to from_pretrained
+    extra |= {name: None for name, entry in index.items() if isinstance(entry, list) and entry[0] is None}
     pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **extra)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    if not is_sd3(model):  # SD3 keeps its FlowMatch Euler
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -77,6 +91,14 @@ class DiffusersPeer:
 
     def unet(self, feeds):
         added = {key: feeds[key] for key in ("text_embeds", "time_ids") if key in feeds}
+        if "pooled_projections" in feeds:  # SD3's transformer
+            with self.torch.no_grad():
+                out = self.pipe.transformer(hidden_states=feeds["sample"], timestep=self.torch.full((2,), 500.0, device=self.device),
+                                            encoder_hidden_states=feeds["encoder_hidden_states"],
+                                            pooled_projections=feeds["pooled_projections"]).sample
+            if self.device == "cuda":
+                self.torch.cuda.synchronize()
+            return out
         with self.torch.no_grad():
             out = self.pipe.unet(feeds["sample"], self.torch.tensor(500.0, device=self.device), encoder_hidden_states=feeds["encoder_hidden_states"],
                                  **({"added_cond_kwargs": added} if added else {})).sample
@@ -122,14 +144,17 @@ class OpenVinoPeer(DiffusersPeer):
     def __init__(self, args):
         import torch
         from diffusers import EulerDiscreteScheduler
-        from optimum.intel import OVStableDiffusionPipeline, OVStableDiffusionXLPipeline
+        from optimum.intel import OVStableDiffusion3Pipeline, OVStableDiffusionPipeline, OVStableDiffusionXLPipeline
 
         self.torch = torch
-        pipeline_class = OVStableDiffusionXLPipeline if is_sdxl(args.model) else OVStableDiffusionPipeline
+        pipeline_class = (OVStableDiffusion3Pipeline if is_sd3(args.model) else OVStableDiffusionXLPipeline if is_sdxl(args.model)
+                          else OVStableDiffusionPipeline)
         exported = Path(args.cache) / "openvino-ir"
         if not (exported / "model_index.json").is_file():
             _say_progress(f"optimum-intel: converting {args.model} to OpenVINO IR (once)")
-            pipe = pipeline_class.from_pretrained(args.model, export=True, compile=False, load_in_8bit=False)
+            index = json.loads((Path(args.model) / "model_index.json").read_text())
+            absent = {name: None for name, entry in index.items() if isinstance(entry, list) and entry[0] is None}  # SD3 without T5
+            pipe = pipeline_class.from_pretrained(args.model, export=True, compile=False, load_in_8bit=False, **absent)
             pipe.save_pretrained(exported)
             del pipe
         config = {"PERFORMANCE_HINT": "LATENCY"}
@@ -140,15 +165,20 @@ class OpenVinoPeer(DiffusersPeer):
         self.pipe.reshape(batch_size=1, height=args.height, width=args.width, num_images_per_prompt=1)
         self.pipe.compile()
         self.load_s = time.perf_counter() - started
-        self.pipe.scheduler = EulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        if not is_sd3(args.model):
+            self.pipe.scheduler = EulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
         self.pipe.set_progress_bar_config(disable=True)
-        hint = self.pipe.unet.request.get_property("INFERENCE_PRECISION_HINT")
+        denoiser = self.pipe.transformer if is_sd3(args.model) else self.pipe.unet
+        hint = denoiser.request.get_property("INFERENCE_PRECISION_HINT")
         self.precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
 
     def feeds(self, inputs):
         return inputs
 
     def unet(self, feeds):
+        if "pooled_projections" in feeds:  # SD3's transformer
+            return self.pipe.transformer(hidden_states=feeds["sample"], timestep=np.full(2, 500.0, dtype=np.float32),
+                                         encoder_hidden_states=feeds["encoder_hidden_states"], pooled_projections=feeds["pooled_projections"])
         added = {key: feeds[key] for key in ("text_embeds", "time_ids") if key in feeds}  # SDXL's
         return self.pipe.unet(sample=feeds["sample"], timestep=np.array([500.0], dtype=np.float32),
                               encoder_hidden_states=feeds["encoder_hidden_states"], **added)
@@ -221,7 +251,7 @@ class SdfastPeer:
         started = time.perf_counter()
         self.pipeline = Pipeline.load(args.engine, backend=backend, verify="size")
         self.load_s = time.perf_counter() - started
-        self.engine = self.pipeline.engines["unet"]
+        self.engine = self.pipeline.engines[self.pipeline.manifest.denoiser]  # the U-Net, or SD3's transformer
         self.precision = self.pipeline.manifest.data["precision"]
 
     def feeds(self, inputs):

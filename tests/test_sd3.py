@@ -243,3 +243,41 @@ def test_bench_measures_the_sd3_transformer_on_sdfast_and_diffusers(sd3_engine, 
         for metric in ("text_encoder", "unet_step_cfg", "vae_decode", "end_to_end", "unet_gflops"):  # an engine dir: guided only
             row = run.value(backend, metric)
             assert row is not None and row.median > 0, (backend, metric)
+
+
+def test_the_exported_transformer_is_the_stock_forward_with_skip_layers_as_data(reference):
+    """The export wrapper re-states SD3Transformer2DModel.forward with a layer mask: equal to the stock forward with
+    every block kept, and to its skip_layers where the mask is zero (a diffusers change to the forward fails here)."""
+    from sdfast.export.families.sd3 import Transformer
+
+    net = reference.transformer
+    wrapper = Transformer(type("Model", (), {"transformer": net})())
+    rng = np.random.default_rng(0)
+    sample = torch.from_numpy(rng.standard_normal((2, 16, 8, 8), dtype=np.float32))
+    context = torch.from_numpy(rng.standard_normal((2, 77 + 256, net.config.joint_attention_dim), dtype=np.float32))
+    pooled = torch.from_numpy(rng.standard_normal((2, net.config.pooled_projection_dim), dtype=np.float32))
+    timestep = torch.tensor([900.0, 900.0])
+    with torch.no_grad():
+        for skipped in ([], [0], [1]):
+            keep = torch.ones(net.config.num_layers)
+            keep[skipped] = 0.0
+            ours = wrapper(sample, timestep, context, pooled, keep)
+            stock = net(hidden_states=sample, timestep=timestep, encoder_hidden_states=context, pooled_projections=pooled,
+                        skip_layers=skipped or None, return_dict=False)[0]
+            torch.testing.assert_close(ours, stock, rtol=0, atol=0)
+
+
+def test_skip_layer_guidance_matches_diffusers(pipeline, reference):
+    """StableDiffusion3Pipeline's skip_guidance_layers: a third call on the prompt's rows with block 0 skipped, in the
+    evaluations between steps x start and steps x stop."""
+    from sdfast.runtime.generation import SkipLayerGuidance
+
+    slg = SkipLayerGuidance(layers=(0,), scale=6.0, start=0.1, stop=0.9)  # a strong one: the tiny model's effect is small
+    expected = _expected(reference, "euler", seed=6, skip_guidance_layers=[0], skip_layer_guidance_scale=6.0,
+                         skip_layer_guidance_start=0.1, skip_layer_guidance_stop=0.9)
+    result = pipeline.generate(GenerationRequest(PROMPT, NEGATIVE, steps=6, cfg_scale=5.0, seed=6, sampler="Euler", skip_layer_guidance=slg))
+    assert psnr(result.images, expected) >= 40.0
+    assert psnr(result.images, _expected(reference, "euler", seed=6)) < 35.0  # the guidance changes the image
+    assert "Skip layer guidance: layers 0 scale 6 from 0.1 to 0.9" in result.parameters[0]
+    with pytest.raises(RequestError, match="skip-layer guidance layers must be block indices from 0 to 1, not \\[2\\]"):
+        pipeline.generate(GenerationRequest(PROMPT, steps=2, skip_layer_guidance=SkipLayerGuidance(layers=(2,))))

@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="sampling steps (default 25; 4 on an engine exported without guidance, "
                                                    "which serves a distilled model: Turbo, Lightning)")
     parser.add_argument("--cfg", type=float, help="classifier-free guidance scale; 1 disables guidance (default: the family's, 7.5 for "
-                                                   "SD 1.x and 2.x, 5 for SDXL; 1 on an engine exported without guidance)")
+                                                   "SD 1.x and 2.x, 5 for SDXL, 7 for SD3; 1 on an engine exported without guidance)")
     parser.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same image as diffusers (default 0)")
     parser.add_argument("--sampler", help="sampler, by A1111 or diffusers name, e.g. 'Euler a', 'DPM++ 2M Karras' (default euler; "
                                            "on an engine without guidance, its scheduler's; see 'sdfast samplers')")
@@ -31,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refiner", type=Path, help="SDXL: an engine dir of the refiner, which runs the schedule's last steps")
     parser.add_argument("--refiner-switch", type=float,
                         help="the fraction of the schedule the base runs before the refiner takes over (default 0.8, as A1111)")
+    parser.add_argument("--slg-layers", help="SD3.5: skip-layer guidance on these transformer blocks, e.g. 7,8,9 (SD3.5 Medium's "
+                                              "recipe); off by default")
+    parser.add_argument("--slg-scale", type=float, default=2.8, help="skip-layer guidance scale (default 2.8, diffusers')")
+    parser.add_argument("--slg-start", type=float, default=0.01, help="skip-layer guidance starts after this fraction of the steps (default 0.01)")
+    parser.add_argument("--slg-stop", type=float, default=0.2, help="and stops before this fraction (default 0.2)")
     parser.add_argument("--backend", default="cpu", help="execution backend: cpu, cuda (onnxruntime-gpu) or tensorrt (default cpu); the GPU ones keep the sampler loop on the device")
     parser.add_argument("--verify", default="full", choices=("full", "size"), help="check engine files by sha256 (full) or size only")
     parser.add_argument("-o", "--output", type=Path, default=Path("sdfast.png"),
@@ -71,6 +76,15 @@ def run(args: argparse.Namespace) -> int:
 
         refiner_switch = check_switch(0.8 if args.refiner_switch is None else args.refiner_switch)
         RequestChecker.for_engine_dir(args.refiner)  # a bad refiner dir is refused before anything loads
+    slg = None
+    if args.slg_layers is not None:
+        from sdfast.runtime.generation import SkipLayerGuidance
+
+        try:
+            layers = tuple(int(layer) for layer in args.slg_layers.split(","))
+        except ValueError:
+            raise RequestError(f"--slg-layers '{args.slg_layers}' is not a comma-separated list of block indices (e.g. 7,8,9)") from None
+        slg = SkipLayerGuidance(layers, args.slg_scale, args.slg_start, args.slg_stop)
     cfg = args.cfg if args.cfg is not None else checker.default_cfg_scale
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative, cfg_scale=cfg, seed=args.seed,
@@ -78,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         sampler=args.sampler if args.sampler is not None else checker.default_sampler or "euler",
         height=args.height, width=args.width, batch_size=args.batch_size, n_iter=args.n_iter,
         clip_skip=args.clip_skip, init_image=init_image, mask=mask, strength=args.strength, eta=args.eta, refiner_switch=refiner_switch,
+        skip_layer_guidance=slg,
     )
     prepared = checker.prepare(request)
     paths = output_paths(args.output, prepared.batch * args.n_iter)

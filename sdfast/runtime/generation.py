@@ -25,6 +25,25 @@ class GenerationRequest:
     eta: float = 0.0  # DDIM's eta: 0 is deterministic DDIM, 1 adds DDPM-like noise from the seed's generator
     refiner_switch: float | None = None  # hand over to the attached refiner at this fraction of the schedule (SDXL), or None
     seeds: list[int] | None = None  # one seed per image (batch_size x n_iter), instead of seed, seed + 1, ... (the server's micro-batches)
+    skip_layer_guidance: SkipLayerGuidance | None = None  # SD3.5's skip-layer guidance, or None
+
+
+@dataclass(frozen=True)
+class SkipLayerGuidance:
+    """Skip-layer guidance as StableDiffusion3Pipeline runs it (SD3.5 Medium's recipe: layers 7, 8, 9 at 2.8, from 1% to 20%).
+
+    At evaluation i with steps x start < i < steps x stop, the guided prediction gains scale x (cond - cond without
+    ``layers``): a third transformer call on the prompt's rows with those blocks skipped.
+    """
+
+    layers: tuple[int, ...] = (7, 8, 9)
+    scale: float = 2.8
+    start: float = 0.01
+    stop: float = 0.2
+
+    def active(self, evaluation: int, steps: int) -> bool:
+        """diffusers' test, on the index of the model evaluation (its enumerate over the scheduler's timesteps)."""
+        return steps * self.start < evaluation < steps * self.stop
 
 
 @dataclass

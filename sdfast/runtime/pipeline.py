@@ -12,7 +12,7 @@ from sdfast.errors import EngineError, RequestError, StopSampling
 from sdfast.runtime.backends import Engine, get_backend
 from sdfast.runtime.device_loop import LoopInputs, check_finite, run_on_host
 from sdfast.runtime.families import Family, family_class
-from sdfast.runtime.generation import GenerationRequest, GenerationResult, StageTimings
+from sdfast.runtime.generation import GenerationRequest, GenerationResult, SkipLayerGuidance, StageTimings
 from sdfast.runtime.image_source import ImageSource
 from sdfast.runtime.images import infotext, to_uint8
 from sdfast.runtime.manifest import Manifest, read_manifest
@@ -126,11 +126,16 @@ class Pipeline:
     # -- stages ---------------------------------------------------------------------------------------
 
     def _unet_function(self, conditioning: dict[str, np.ndarray], cfg_scale: float, use_cfg: bool, timings: StageTimings,
-                       masked: np.ndarray | None):
+                       masked: np.ndarray | None, skip_layers: SkipLayerGuidance | None = None, steps: int = 0):
         engine = self.engines[self.manifest.denoiser]
         unet_batch = self.batch_size * (2 if self.guidance else 1)
+        # skip-layer guidance (SD3.5): a third call on the prompt's rows with some blocks skipped, in part of the schedule
+        skipping = self.family.skip_layer_feeds(conditioning, skip_layers.layers) if skip_layers and use_cfg else None
+        evaluations = 0
 
         def predict(x_in: np.ndarray, timestep: float) -> np.ndarray:
+            nonlocal evaluations
+            evaluation, evaluations = evaluations, evaluations + 1
             # x_in: [B, 4, h, w], already scaled by c_in; masked: [B, 5, h, w] (mask, masked-image latents) or None
             sample = x_in if masked is None else np.concatenate([x_in, masked], axis=1)
             sample = np.concatenate([sample, sample]) if self.guidance else sample  # sample: [unet_batch, C, h, w]
@@ -142,7 +147,14 @@ class Pipeline:
             if not self.guidance:
                 return output
             uncond, cond = np.split(output, 2)
-            return uncond + np.float32(cfg_scale) * (cond - uncond) if use_cfg else cond
+            if not use_cfg:
+                return cond
+            guided = uncond + np.float32(cfg_scale) * (cond - uncond)
+            if skipping is not None and skip_layers.active(evaluation, steps):
+                (skipped,) = engine.run({**skipping, "sample": sample, "timestep": timesteps})
+                skipped = check_finite("U-Net", skipped)[: len(cond)]  # every row is the prompt's: the first half will do
+                guided = guided + (cond - skipped) * np.float32(skip_layers.scale)
+            return guided
 
         return predict
 
@@ -272,14 +284,15 @@ class Pipeline:
         masked = None
         if source is None:
             x = draw() * np.float32(plan.initial_noise_scale)  # x: [B, 4, h, w], VE form
-            table = self._table(request, spec, plan) if stop_after is None else None
+            # the device loop's tables have no third (skip-layer) call: such requests take the numpy loop
+            table = self._table(request, spec, plan) if stop_after is None and request.skip_layer_guidance is None else None
             if table is not None:
                 return self._sample_tabulated(table, x, draw, conditioning, request.cfg_scale, use_cfg, timings, progress)
         else:
             x, masked = source.initial_latents(draw, plan, strength, self.inpainting_unet)
 
         denoiser = _LatestEstimate(Denoiser(
-            self._unet_function(conditioning, request.cfg_scale, use_cfg, timings, masked),
+            self._unet_function(conditioning, request.cfg_scale, use_cfg, timings, masked, request.skip_layer_guidance, request.steps),
             self.manifest.prediction_type,
             lambda sigma: plan.timestep_for(sigma, self.schedule),
         ))
@@ -369,7 +382,15 @@ class Pipeline:
                 "Batch pos": position if batch > 1 else None,
                 "Refiner": f"{self.refiner.manifest.model_name} [{self.refiner.manifest.model_hash}]" if request.refiner_switch else None,
                 "Refiner switch at": request.refiner_switch,
+                "Skip layer guidance": _slg_text(request.skip_layer_guidance),
                 "Interrupted": stopped,  # "after k of n steps": the image is the x0 estimate of step k
                 "Version": f"sdfast {__version__}",
             },
         )
+
+
+def _slg_text(slg: SkipLayerGuidance | None) -> str | None:
+    """The infotext's skip-layer guidance entry: layers, scale and the schedule's window."""
+    if slg is None:
+        return None
+    return f"layers {'/'.join(map(str, slg.layers))} scale {slg.scale:g} from {slg.start:g} to {slg.stop:g}"

@@ -162,7 +162,24 @@ class RequestChecker:
         if not isinstance(request.clip_skip, int) or not 1 <= request.clip_skip <= self.text_layers:
             raise RequestError(f"clip skip must be an integer from 1 to the text encoder's {self.text_layers} layers, not {request.clip_skip}")
         self._check_images(request)
+        self._check_skip_layers(request)
         return batch
+
+    def _check_skip_layers(self, request: "GenerationRequest") -> None:
+        slg = request.skip_layer_guidance
+        if slg is None:
+            return
+        if self.manifest.family != "sd3":
+            raise RequestError(f"skip-layer guidance applies to SD3 engines only, not to this {self.manifest.family} engine")
+        if not self.guidance:
+            raise RequestError("skip-layer guidance needs classifier-free guidance: this engine was exported without it")
+        layers = int(self.manifest.components[self.manifest.denoiser].input("layer_keep").shape[0])
+        if not slg.layers or any(not isinstance(layer, int) or not 0 <= layer < layers for layer in slg.layers):
+            raise RequestError(f"skip-layer guidance layers must be block indices from 0 to {layers - 1}, not {list(slg.layers)}")
+        if not isinstance(slg.scale, (int, float)) or not math.isfinite(slg.scale) or slg.scale < 0:
+            raise RequestError(f"skip-layer guidance scale must be a finite number >= 0, not {slg.scale}")
+        if not 0.0 <= slg.start < slg.stop <= 1.0:
+            raise RequestError(f"skip-layer guidance start and stop must satisfy 0 <= start < stop <= 1, not {slg.start} and {slg.stop}")
 
     def _check_images(self, request: "GenerationRequest") -> None:
         image_shape = (1, 3, self.height, self.width)

@@ -117,15 +117,35 @@ class T5Encoder(torch.nn.Module):
 
 class Transformer(torch.nn.Module):
     """(sample [B, 16, h, w], timestep [B] = t x 1000, encoder_hidden_states [B, 77 + T5 tokens, 4096], pooled_projections
-    [B, 2048]) -> noise_pred [B, 16, h, w], the predicted velocity."""
+    [B, 2048], layer_keep [L]) -> noise_pred [B, 16, h, w], the predicted velocity.
+
+    SD3Transformer2DModel.forward with its ``skip_layers`` as data: block i's output replaces its input only where
+    layer_keep[i] is 1, so one graph serves both the plain calls (all ones) and skip-layer guidance's (zeros at the
+    skipped blocks; Esser et al.'s SD3.5 recipe, diffusers' skip_guidance_layers). tests/test_sd3.py checks it
+    against the stock forward with and without skip_layers.
+    """
 
     def __init__(self, model: LoadedModel):
         super().__init__()
         self.transformer = model.transformer
 
-    def forward(self, sample, timestep, encoder_hidden_states, pooled_projections):
-        return self.transformer(hidden_states=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
-                                pooled_projections=pooled_projections, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, pooled_projections, layer_keep):
+        net = self.transformer
+        height, width = sample.shape[-2:]
+        hidden = net.pos_embed(sample)  # [B, h/p x w/p, D]: patches with their positional embeddings
+        temb = net.time_text_embed(timestep, pooled_projections)  # [B, D]
+        context = net.context_embedder(encoder_hidden_states)  # [B, T, D]
+        for index, block in enumerate(net.transformer_blocks):
+            new_context, new_hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
+            keep = layer_keep[index] > 0.5
+            hidden = torch.where(keep, new_hidden, hidden)
+            if new_context is not None:  # the last block updates only the image tokens (context_pre_only)
+                context = torch.where(keep, new_context, context)
+        hidden = net.proj_out(net.norm_out(hidden, temb))  # [B, h/p x w/p, p x p x C]
+        patch, channels = net.config.patch_size, net.out_channels
+        hidden = hidden.reshape(hidden.shape[0], height // patch, width // patch, patch, patch, channels)
+        hidden = torch.einsum("nhwpqc->nchpwq", hidden)
+        return hidden.reshape(hidden.shape[0], channels, height, width)
 
 
 fp16_safe = sd15.fp16_safe
@@ -158,6 +178,9 @@ def sample_inputs(recipe: ComponentRecipe, model: LoadedModel, purpose: str = "t
             value = np.full(shape, 2 if purpose == "trace" else 1, dtype=np.int64)
         elif tensor.name == "timestep":
             value = np.linspace(1000, 30, shape[0]).astype(np.float32)
+        elif tensor.name == "layer_keep":  # every block kept; traced with one skipped, so the graph cannot drop the mask
+            value = np.ones(shape, dtype=np.float32)
+            value[0] = 0.0 if purpose == "trace" else 1.0
         elif tensor.name == "image":
             value = rng.uniform(-1, 1, size=shape).astype(np.float32)
         elif tensor.name == "latent":
@@ -190,6 +213,7 @@ def dimensions(request, recipe, model: LoadedModel) -> dict[str, int]:
         "text_length": text_length, "text_hidden_1": hidden[0], "text_hidden_2": hidden[1],
         "pooled_1": pooled[0], "pooled_2": pooled[1], "pooled_dim": sum(pooled),
         "joint_dim": int(config.joint_attention_dim), "t5_length": t5_length, "context_tokens": text_length + t5_length,
+        "transformer_layers": int(config.num_layers),
         "max_text_chunks": 1,
     }
 

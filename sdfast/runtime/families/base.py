@@ -89,6 +89,13 @@ class Family:
         block = self.manifest.latent
         return LatentLayout(int(block["channels"]), int(block["factor"]), float(block["scaling_factor"]), float(block["shift_factor"]))
 
+    def skip_layer_feeds(self, conditioning: dict[str, np.ndarray], layers: tuple[int, ...]) -> dict[str, np.ndarray]:
+        """The denoiser's conditioning for skip-layer guidance's call: the prompt's rows in every row, ``layers`` skipped.
+        Only families whose denoiser takes a layer mask (SD3) have it."""
+        from sdfast.errors import RequestError
+
+        raise RequestError(f"skip-layer guidance applies to SD3 engines only, not to this {self.name} engine")
+
     def conditioning(self, prompt: str, negative_prompt: str, clip_skip: int, use_cfg: bool,
                      warnings: list[str]) -> dict[str, np.ndarray]:
         """The denoiser's named conditioning arrays for one request, each [unet_batch, ...], unconditional rows first."""

@@ -20,7 +20,7 @@ class StableDiffusion3(Family):
     optional = ("text_encoder_3", "vae_encoder")  # T5 (export --t5), img2img and inpainting
     default_cfg_scale = 7.0  # StableDiffusion3Pipeline's
     fed_inputs = {"text_encoder": ("input_ids", "clip_skip"), "text_encoder_2": ("input_ids", "clip_skip"),
-                  "text_encoder_3": ("input_ids",), "transformer": ("encoder_hidden_states", "pooled_projections"), "vae_decoder": ("latent",), "vae_encoder": ("image",)}
+                  "text_encoder_3": ("input_ids",), "transformer": ("encoder_hidden_states", "pooled_projections", "layer_keep"), "vae_decoder": ("latent",), "vae_encoder": ("image",)}
 
     @staticmethod
     def img2img_start_step(steps: int, strength: float) -> int:
@@ -35,6 +35,7 @@ class StableDiffusion3(Family):
         self.t5_tokens, self.joint_width = int(context[1]) - self.encoders[0].tokenizer.max_length, int(context[2])
         if self.t5_tokens < 0 or bool(manifest.model.get("t5")) != ("text_encoder_3" in engines):
             raise EngineError(f"engine dir {manifest.root}: its transformer's context does not match this sdfast's SD3 conditioning (re-export)")
+        self.layers = int(engines["transformer"].info.input("layer_keep").shape[0])  # the transformer's blocks
         self.t5 = None
         if "text_encoder_3" in engines:
             from sdfast.runtime.tokenizer import PromptTokenizer
@@ -74,7 +75,20 @@ class StableDiffusion3(Family):
         return {
             "encoder_hidden_states": guided_rows(cond_context, uncond_context, rows, guidance),
             "pooled_projections": guided_rows(cond_pooled, uncond_pooled, rows, guidance).astype(np.float32, copy=False),
+            "layer_keep": np.ones(self.layers, dtype=np.float32),  # every block
         }
+
+    def skip_layer_feeds(self, conditioning, layers):
+        """The prompt's rows (the second half of a guided batch) in every row, and ``layers`` skipped."""
+        outside = [layer for layer in layers if not 0 <= layer < self.layers]
+        if outside:
+            from sdfast.errors import RequestError
+
+            raise RequestError(f"skip-layer guidance layers {outside} are outside this transformer's 0..{self.layers - 1}")
+        keep = np.ones(self.layers, dtype=np.float32)
+        keep[list(layers)] = 0.0
+        prompt_rows = {name: np.concatenate([value[len(value) // 2:]] * 2) for name, value in conditioning.items() if name != "layer_keep"}
+        return {**prompt_rows, "layer_keep": keep}
 
 
 FAMILY = StableDiffusion3

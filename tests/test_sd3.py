@@ -60,7 +60,8 @@ def test_the_manifest_records_what_makes_it_sd3(sd3_engine, reference):
     assert manifest.latent == {"channels": 16, "factor": 8, "scaling_factor": 1.5305, "shift_factor": 0.0609}
     transformer = manifest.components["transformer"]
     assert transformer.role == "denoiser" and manifest.denoiser == "transformer"
-    assert [t.name for t in transformer.inputs] == ["sample", "timestep", "encoder_hidden_states", "pooled_projections"]
+    assert [t.name for t in transformer.inputs] == ["sample", "timestep", "encoder_hidden_states", "pooled_projections", "layer_keep"]
+    assert transformer.input("layer_keep").shape == (reference.transformer.config.num_layers,)
     # 77 CLIP tokens + 256 (zero) T5 tokens, T5's width; the pooled pair 32 + 32
     assert transformer.input("encoder_hidden_states").shape == (2, 77 + 256, reference.transformer.config.joint_attention_dim)
     assert transformer.input("pooled_projections").shape == (2, 64)

@@ -283,7 +283,9 @@ BUILTIN_MODELS |= {
 
 BUILTIN_MODELS |= {
     "tiny-sd3-t5": replace(
-        BUILTIN_MODELS["tiny-sd3"], name="tiny-sd3-t5", description="tiny-sd3 with a small T5 encoder (random weights), for tests",
+        BUILTIN_MODELS["tiny-sd3"], name="tiny-sd3-t5", seed=13,
+        description="SD3 (Medium 3.0) structure at toy width: no dual attention or q/k norm, with a small T5 encoder (random weights), for tests",
+        transformer={**BUILTIN_MODELS["tiny-sd3"].transformer, "dual_attention_layers": (), "qk_norm": None},
         text_encoder_3=dict(vocab_size=1000, d_model=96, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
                             feed_forward_proj="gated-gelu"),
         pipeline_options={},

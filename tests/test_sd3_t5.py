@@ -13,8 +13,8 @@ from sdfast.runtime.pipeline import GenerationRequest, Pipeline
 from tests.conftest import run_cli, visible_lines
 
 PROMPT, NEGATIVE, SIZE = "a lighthouse on a cliff at dawn", "blurry", 64
-# The image PSNR each option keeps against diffusers with T5 in fp32 (measured on tiny-sd3-t5: fp32 84 dB, fp16 73 dB,
-# int8 58 dB); the floors leave room for another CPU's rounding, not for a broken encoder (test_without_t5_the_image_is_another_one).
+# The image PSNR each option keeps against diffusers with T5 in fp32 (benchmarks/t5_options.py on tiny-sd3-t5: fp32
+# 89 dB, fp16 75.6, int8 58.0, none 26.0); the floors leave room for another CPU's rounding, not for a broken encoder.
 IMAGE_PSNR_FLOOR = {"fp32": 40.0, "fp16": 40.0, "int8": 35.0}
 
 

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         ("fingerprint", f"{source['fingerprint']}  (model hash {manifest.model_hash})"),
         ("family", data.get("family", "?")),
         ("size", f"{geometry['width']}x{geometry['height']}, batch {geometry['batch']}, "
-                 f"guidance {'on (U-Net batch ' + str(geometry['unet_batch']) + ')' if geometry['guidance'] else 'off'}"),
+                 f"guidance {'on (denoiser batch ' + str(geometry['unet_batch']) + ')' if geometry['guidance'] else 'off'}"),
         ("precision", data.get("precision", "?")),
         ("prediction", f"{manifest.prediction_type}; latents {manifest.latent['channels']} channels, 1/{manifest.latent['factor']} size, "
                        f"VAE scaling factor {manifest.latent['scaling_factor']}, shift {manifest.latent['shift_factor']}"),
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     print()
-    header = ("component", "file", "size", "inputs -> outputs", "parity max_rel (tol)")
+    header = ("component", "file", "size", "precision", "inputs -> outputs", "parity max_rel (tol)")
     table = [header]
     for name, component in manifest.components.items():
         entry = data["components"][name]
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         io += " -> " + ", ".join(f"{t.name}[{'x'.join(map(str, t.shape))}]" for t in component.outputs)
         parity = entry.get("parity", {})
         verdict = f"{parity.get('max_rel', float('nan')):.1e} ({parity.get('tolerance_rel', float('nan')):.0e})" if parity else "-"
-        table.append((name, component.file, _mib(sum(f["bytes"] for f in component.files.values())), io, verdict))
+        table.append((name, component.file, _mib(sum(f["bytes"] for f in component.files.values())), entry.get("precision", "?"), io, verdict))
     _print_table(table)
     if engines:
         print()

@@ -145,7 +145,7 @@ def _build(request: ExportRequest, recipe, family, folder: Path, builtin: bool, 
     fingerprint = weights_fingerprint(folder)
     dims = family.dimensions(request, recipe, model)
     progress(
-        f"geometry: {dims['width']}x{dims['height']}, batch {request.batch}, U-Net batch {dims['unet_batch']} "
+        f"geometry: {dims['width']}x{dims['height']}, batch {request.batch}, denoiser batch {dims['unet_batch']} "
         f"({'with' if request.guidance else 'without'} classifier-free guidance), {request.precision}"
     )
 

@@ -167,10 +167,10 @@ def test_the_family_comes_from_the_pipeline_class_and_an_unknown_one_is_refused(
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert visible_lines(done.stderr)[-1] == (
         f"sdfast export: error: '{folder}' holds a KandinskyV22Pipeline; sdfast exports StableDiffusionPipeline, "
-        "StableDiffusionInpaintPipeline, StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline "
-        "(or name the family with --family: sd15, sdxl)")
+        "StableDiffusionInpaintPipeline, StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, "
+        "StableDiffusion3Pipeline (or name the family with --family: sd15, sdxl, sd3)")
     done = run_cli("export", "--model", folder, "--out", tmp_path / "engine", "--family", "sd9")
-    assert visible_lines(done.stderr)[-1] == "sdfast export: error: --family 'sd9' is not a model family sdfast exports (sd15, sdxl)"
+    assert visible_lines(done.stderr)[-1] == "sdfast export: error: --family 'sd9' is not a model family sdfast exports (sd15, sdxl, sd3)"
     assert not (tmp_path / "engine").exists()
 
 

@@ -179,3 +179,26 @@ def test_family_override_exports_a_folder_of_another_pipeline_class(tiny_model, 
     out = export_engine(ExportRequest(model=str(folder), out=tmp_path / "engine", family="sd15", cpu_variant=False))
     manifest = read_manifest(out)
     assert manifest.family == "sd15" and manifest.components["unet"].role == "denoiser"
+
+
+def test_a_failed_graph_write_is_one_line_naming_the_component_and_the_disk(tiny_model, tmp_path, monkeypatch):
+    """onnxruntime's writer failing (as on a full disk: 'Failed to write external initializers') is an ExportError
+    naming the component, with the free space when it is low, never a traceback; nothing is left behind."""
+    import shutil
+    from collections import namedtuple
+
+    from sdfast.errors import ExportError
+    from sdfast.export import component_export, onnx_export
+
+    def failing_write(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : graph.cc:5436 AddExternalInitializersToGraphProtoImpl\n"
+                           "Failed to write external initializers to file")
+
+    monkeypatch.setattr(onnx_export, "optimize_offline", failing_write)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100 * 2**30, 99 * 2**30, 2**30))
+    with pytest.raises(ExportError, match=r"^text_encoder: optimizing and writing its graphs failed: Failed to write external "
+                                          r"initializers to file \(1\.0 GiB free in .*: the disk is full\?\)$"):
+        export_engine(ExportRequest(model=str(tiny_model), out=tmp_path / "engine", cpu_variant=False))
+    assert not (tmp_path / "engine").exists() and not list(tmp_path.glob(".engine.partial-*"))
+    assert component_export.disk_hint(tmp_path) != ""

@@ -47,7 +47,13 @@ def export_component(request, recipe, family, model, name: str, dims: dict, dyna
     progress(f"{label}: exported to ONNX in {exported_s:.1f} s ({counted})")
 
     step = time.perf_counter()
-    files, variants, fp16_record = graphs(request, component, raw_path, staging, label, progress, fp32_scores)
+    try:
+        files, variants, fp16_record = graphs(request, component, raw_path, staging, label, progress, fp32_scores)
+    except ExportError:
+        raise
+    except Exception as error:  # noqa: BLE001 - onnxruntime's optimizer and writers raise many types; one line, with the disk's state
+        text = str(error).strip().splitlines()
+        raise ExportError(f"{name}: optimizing and writing its graphs failed: {text[-1] if text else type(error).__name__}{disk_hint(staging)}") from None
     optimized_s = time.perf_counter() - step
     for leftover in raw_dir.glob(f"{name}.*"):
         leftover.unlink()
@@ -101,6 +107,14 @@ def export_component(request, recipe, family, model, name: str, dims: dict, dyna
         entry["variants"] = variants
     entry["export_seconds"] = round(time.perf_counter() - step + exported_s + optimized_s, 2)
     return entry
+
+
+def disk_hint(folder: Path) -> str:
+    """A note on the free space where the engine dir is written, when it is low enough to explain a failed write."""
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    return f" ({free / 2**30:.1f} GiB free in {folder.parent}: the disk is full?)" if free < 4 * 2**30 else ""
 
 
 def release(model, attributes: tuple[str, ...]) -> None:

@@ -255,7 +255,10 @@ class SdfastPeer:
         self.precision = self.pipeline.manifest.data["precision"]
 
     def feeds(self, inputs):
-        return {**inputs, "timestep": np.full(2, 500.0, dtype=np.float32)}
+        extra = {}
+        if "layer_keep" in [t.name for t in self.engine.info.inputs]:  # SD3: every transformer block kept
+            extra["layer_keep"] = np.ones(self.engine.info.input("layer_keep").shape, dtype=np.float32)
+        return {**inputs, **extra, "timestep": np.full(2, 500.0, dtype=np.float32)}
 
     def unet(self, feeds):
         return self.engine.run(feeds)

@@ -280,5 +280,41 @@ def test_skip_layer_guidance_matches_diffusers(pipeline, reference):
     assert psnr(result.images, expected) >= 40.0
     assert psnr(result.images, _expected(reference, "euler", seed=6)) < 35.0  # the guidance changes the image
     assert "Skip layer guidance: layers 0 scale 6 from 0.1 to 0.9" in result.parameters[0]
-    with pytest.raises(RequestError, match="skip-layer guidance layers must be block indices from 0 to 1, not \\[2\\]"):
-        pipeline.generate(GenerationRequest(PROMPT, steps=2, skip_layer_guidance=SkipLayerGuidance(layers=(2,))))
+    with pytest.raises(RequestError, match="skip-layer guidance layers must be block indices from 0 to 2, not \\[3\\]"):
+        pipeline.generate(GenerationRequest(PROMPT, steps=2, skip_layer_guidance=SkipLayerGuidance(layers=(3,))))
+    image = np.zeros((1, 3, SIZE, SIZE), np.float32)
+    with pytest.raises(RequestError, match="skip-layer guidance applies to txt2img only"):
+        pipeline.generate(GenerationRequest(PROMPT, steps=2, init_image=image, skip_layer_guidance=slg))
+
+
+def test_generate_refuses_skip_layer_options_without_layers(sd3_engine, tmp_path):
+    done = run_cli("generate", sd3_engine, PROMPT, "--slg-scale", "3", "-o", tmp_path / "x.png")
+    assert done.returncode != 0 and visible_lines(done.stderr)[-1] == (
+        "sdfast generate: error: --slg-scale needs --slg-layers (the transformer blocks skip-layer guidance skips, e.g. 7,8,9)")
+    done = run_cli("generate", sd3_engine, PROMPT, "--steps", "3", "--slg-layers", "1", "--slg-stop", "0.9", "-o", tmp_path / "y.png")
+    assert done.returncode == 0, done.stderr
+    from PIL import Image
+
+    assert "Skip layer guidance: layers 1 scale 2.8 from 0.01 to 0.9" in Image.open(tmp_path / "y.png").info["parameters"]
+
+
+def test_a_dynamically_shifted_flow_model_runs_as_diffusers_runs_it(sdfast_cache, tmp_path):
+    """use_dynamic_shifting (FLUX-style configs): the shift comes from the image's token count, (H/16) x (W/16), as
+    StableDiffusion3Pipeline's calculate_shift; the engine's RequestChecker computes it from the manifest."""
+    import shutil
+
+    from sdfast.export.build import ExportRequest, export_engine
+    from sdfast.export.builtin import ensure_builtin
+    from tests.test_flow_samplers import DYNAMIC_SCHEDULER
+
+    folder = tmp_path / "dynamic-sd3"
+    shutil.copytree(ensure_builtin("tiny-sd3"), folder)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(DYNAMIC_SCHEDULER))
+    engine = export_engine(ExportRequest(model=str(folder), out=tmp_path / "engine", cpu_variant=False))
+    reference = diffusers.StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None, image_encoder=None,
+                                                                   feature_extractor=None)
+    reference.set_progress_bar_config(disable=True)
+    expected = reference(PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=6, guidance_scale=5.0,
+                         generator=torch.Generator("cpu").manual_seed(8), output_type="np").images
+    result = Pipeline.load(engine).generate(GenerationRequest(PROMPT, NEGATIVE, steps=6, cfg_scale=5.0, seed=8, sampler="Euler"))
+    assert psnr(result.images, (expected * 255).round().astype(np.uint8)) >= 40.0

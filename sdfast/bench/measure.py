@@ -100,7 +100,8 @@ def measure_engine(backend: str, engine: Path, unguided: Path | None, repeat: in
     conditioning = pipeline.family.conditioning(PROMPT, "", 1, bool(geometry["guidance"]), [])  # each [unet_batch, ...]
 
     def unet_feeds(unet_batch: int, in_channels: int) -> dict[str, np.ndarray]:
-        named = {name: np.resize(value, (unet_batch, *value.shape[1:])) for name, value in conditioning.items()}  # rows repeated
+        # rows repeated to the engine's batch; a per-call array (SD3's layer_keep, one entry per block) as it is
+        named = {name: np.resize(value, (unet_batch, *value.shape[1:])) if value.ndim > 1 else value for name, value in conditioning.items()}
         return {**named, "sample": rng.standard_normal((unet_batch, in_channels, *latent[1:]), dtype=np.float32),  # [2B, 4, H/8, W/8]
                 "timestep": np.full(unet_batch, 500.0, np.float32)}
 

@@ -33,9 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the fraction of the schedule the base runs before the refiner takes over (default 0.8, as A1111)")
     parser.add_argument("--slg-layers", help="SD3.5: skip-layer guidance on these transformer blocks, e.g. 7,8,9 (SD3.5 Medium's "
                                               "recipe); off by default")
-    parser.add_argument("--slg-scale", type=float, default=2.8, help="skip-layer guidance scale (default 2.8, diffusers')")
-    parser.add_argument("--slg-start", type=float, default=0.01, help="skip-layer guidance starts after this fraction of the steps (default 0.01)")
-    parser.add_argument("--slg-stop", type=float, default=0.2, help="and stops before this fraction (default 0.2)")
+    parser.add_argument("--slg-scale", type=float, help="skip-layer guidance scale (default 2.8, diffusers')")
+    parser.add_argument("--slg-start", type=float, help="skip-layer guidance starts after this fraction of the steps (default 0.01)")
+    parser.add_argument("--slg-stop", type=float, help="and stops before this fraction (default 0.2)")
     parser.add_argument("--backend", default="cpu", help="execution backend: cpu, cuda (onnxruntime-gpu) or tensorrt (default cpu); the GPU ones keep the sampler loop on the device")
     parser.add_argument("--verify", default="full", choices=("full", "size"), help="check engine files by sha256 (full) or size only")
     parser.add_argument("-o", "--output", type=Path, default=Path("sdfast.png"),
@@ -77,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
         refiner_switch = check_switch(0.8 if args.refiner_switch is None else args.refiner_switch)
         RequestChecker.for_engine_dir(args.refiner)  # a bad refiner dir is refused before anything loads
     slg = None
+    given = [flag for flag, value in (("--slg-scale", args.slg_scale), ("--slg-start", args.slg_start), ("--slg-stop", args.slg_stop))
+             if value is not None]
+    if given and args.slg_layers is None:
+        raise RequestError(f"{given[0]} needs --slg-layers (the transformer blocks skip-layer guidance skips, e.g. 7,8,9)")
     if args.slg_layers is not None:
         from sdfast.runtime.generation import SkipLayerGuidance
 
@@ -84,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
             layers = tuple(int(layer) for layer in args.slg_layers.split(","))
         except ValueError:
             raise RequestError(f"--slg-layers '{args.slg_layers}' is not a comma-separated list of block indices (e.g. 7,8,9)") from None
-        slg = SkipLayerGuidance(layers, args.slg_scale, args.slg_start, args.slg_stop)
+        defaults = SkipLayerGuidance()
+        slg = SkipLayerGuidance(layers, *(default if value is None else value for value, default in (
+            (args.slg_scale, defaults.scale), (args.slg_start, defaults.start), (args.slg_stop, defaults.stop))))
     cfg = args.cfg if args.cfg is not None else checker.default_cfg_scale
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative, cfg_scale=cfg, seed=args.seed,

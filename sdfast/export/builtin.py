@@ -260,7 +260,7 @@ BUILTIN_MODELS |= {
     "tiny-sd3": replace(
         BUILTIN_MODELS["tiny"], name="tiny-sd3", seed=11, unet={}, text_encoder_class="CLIPTextModelWithProjection",
         description="SD3.5 Medium structure at toy width (random weights, no T5), for tests",
-        transformer=dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        transformer=dict(sample_size=8, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=8, num_attention_heads=4,
                          joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
                          pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm"),
         vae={**_SD3_VAE, **{k: BUILTIN_MODELS["tiny"].vae[k] for k in ("layers_per_block", "block_out_channels", "norm_num_groups")},
@@ -280,17 +280,14 @@ BUILTIN_MODELS |= {
         pipeline_class="StableDiffusion3Pipeline", scheduler=dict(SD3_SCHEDULER_CONFIG), pipeline_options=dict(SD3_PIPELINE_OPTIONS),
     ),
 }
-
-BUILTIN_MODELS |= {
-    "tiny-sd3-t5": replace(
+BUILTIN_MODELS["tiny-sd3-t5"] = replace(
         BUILTIN_MODELS["tiny-sd3"], name="tiny-sd3-t5", seed=13,
         description="SD3 (Medium 3.0) structure at toy width: no dual attention or q/k norm, with a small T5 encoder (random weights), for tests",
         transformer={**BUILTIN_MODELS["tiny-sd3"].transformer, "dual_attention_layers": (), "qk_norm": None},
         text_encoder_3=dict(vocab_size=1000, d_model=96, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
                             feed_forward_proj="gated-gelu"),
         pipeline_options={},
-    ),
-}
+)
 
 
 def cache_root() -> Path:

@@ -49,9 +49,7 @@ def export_component(request, recipe, family, model, name: str, dims: dict, dyna
     step = time.perf_counter()
     try:
         files, variants, fp16_record = graphs(request, component, raw_path, staging, label, progress, fp32_scores)
-    except ExportError:
-        raise
-    except Exception as error:  # noqa: BLE001 - onnxruntime's optimizer and writers raise many types; one line, with the disk's state
+    except graph_write_errors() as error:  # onnxruntime's optimizer and writers, the OS: one line, with the disk's state
         text = str(error).strip().splitlines()
         raise ExportError(f"{name}: optimizing and writing its graphs failed: {text[-1] if text else type(error).__name__}{disk_hint(staging)}") from None
     optimized_s = time.perf_counter() - step
@@ -68,7 +66,10 @@ def export_component(request, recipe, family, model, name: str, dims: dict, dyna
         "precision": component.precision,
         **({"fp16": fp16_record} if fp16_record else {}),
         "opset": recipe.opset,
-        "optimization": {"tool": "onnxruntime", "level": "ORT_ENABLE_BASIC", "for": "any execution provider; standard ONNX ops only (TensorRT parses it)"},
+        "optimization": ({"tool": "onnxruntime.quantization.quantize_dynamic", "ops": ["MatMul"], "weights": "int8 per channel",
+                          "for": "onnxruntime (MatMulInteger, DynamicQuantizeLinear): not a TensorRT graph"}
+                         if component.precision == "int8" else
+                         {"tool": "onnxruntime", "level": "ORT_ENABLE_BASIC", "for": "any execution provider; standard ONNX ops only (TensorRT parses it)"}),
         "flops": flops,
     }
     size_mib = sum(f["bytes"] for v in [{"files": file_info}, *variants.values()] for f in v["files"].values()) / 2**20
@@ -107,6 +108,15 @@ def export_component(request, recipe, family, model, name: str, dims: dict, dyna
         entry["variants"] = variants
     entry["export_seconds"] = round(time.perf_counter() - step + exported_s + optimized_s, 2)
     return entry
+
+
+def graph_write_errors() -> tuple[type[BaseException], ...]:
+    """What optimizing and writing a graph raises when the machine, not sdfast, is at fault: onnxruntime's own
+    exception types (they derive from Exception only), the OS's, and numpy/onnx's on a graph they cannot take."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort
+
+    return (OSError, RuntimeError, ValueError, MemoryError, ort.Fail, ort.RuntimeException, ort.InvalidArgument, ort.NoSuchFile,
+            ort.InvalidGraph, ort.InvalidProtobuf, ort.NotImplemented)
 
 
 def disk_hint(folder: Path) -> str:

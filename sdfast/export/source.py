@@ -68,7 +68,7 @@ def read_scheduler_config(folder: Path, flow_matching: bool = False) -> dict:
         kind = "flow matching" if is_flow(config) else "a VP (DDPM) schedule"
         wanted = "flow-matching" if flow_matching else "VP (DDPM)"
         raise ConfigError(f"the model's scheduler is {config.get('_class_name')} ({kind}), but this model family samples with "
-                          f"{wanted} schedulers; sdfast cannot export flow-matching (SD3) models yet")
+                          f"{wanted} schedulers")
     return config
 
 

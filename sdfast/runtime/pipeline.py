@@ -128,6 +128,7 @@ class Pipeline:
     def _unet_function(self, conditioning: dict[str, np.ndarray], cfg_scale: float, use_cfg: bool, timings: StageTimings,
                        masked: np.ndarray | None, skip_layers: SkipLayerGuidance | None = None, steps: int = 0):
         engine = self.engines[self.manifest.denoiser]
+        label = "U-Net" if self.manifest.denoiser == "unet" else self.manifest.denoiser  # for errors: SD3's "transformer"
         unet_batch = self.batch_size * (2 if self.guidance else 1)
         # skip-layer guidance (SD3.5): a third call on the prompt's rows with some blocks skipped, in part of the schedule
         skipping = self.family.skip_layer_feeds(conditioning, skip_layers.layers) if skip_layers and use_cfg else None
@@ -143,7 +144,7 @@ class Pipeline:
             started = time.perf_counter()
             (output,) = engine.run({**conditioning, "sample": sample, "timestep": timesteps})
             timings.unet_steps.append(time.perf_counter() - started)
-            check_finite("U-Net", output)
+            check_finite(label, output)
             if not self.guidance:
                 return output
             uncond, cond = np.split(output, 2)
@@ -152,7 +153,7 @@ class Pipeline:
             guided = uncond + np.float32(cfg_scale) * (cond - uncond)
             if skipping is not None and skip_layers.active(evaluation, steps):
                 (skipped,) = engine.run({**skipping, "sample": sample, "timestep": timesteps})
-                skipped = check_finite("U-Net", skipped)[: len(cond)]  # every row is the prompt's: the first half will do
+                skipped = check_finite(label, skipped)[: len(cond)]  # every row is the prompt's: the first half will do
                 guided = guided + (cond - skipped) * np.float32(skip_layers.scale)
             return guided
 

@@ -69,8 +69,9 @@ class RequestChecker:
         self.manifest = manifest
         self.scheduler_config = scheduler_config
         self.flow_model = is_flow(scheduler_config)  # a flow-matching model: its own samplers (sampling/flow.py)
-        self.schedule = schedule_for(scheduler_config)
         geometry = manifest.geometry
+        patch = int(manifest.model.get("patch_size", 1))  # SD3's transformer sees 2x2 patches: dynamic shifting counts those
+        self.schedule = schedule_for(scheduler_config, (int(geometry["latent_height"]) // patch) * (int(geometry["latent_width"]) // patch))
         self.height, self.width = int(geometry["height"]), int(geometry["width"])
         self.batch_size = int(geometry["batch"])
         self.guidance = bool(geometry["guidance"])
@@ -173,6 +174,8 @@ class RequestChecker:
             raise RequestError(f"skip-layer guidance applies to SD3 engines only, not to this {self.manifest.family} engine")
         if not self.guidance:
             raise RequestError("skip-layer guidance needs classifier-free guidance: this engine was exported without it")
+        if request.init_image is not None:  # diffusers' SD3 img2img and inpaint pipelines have none either
+            raise RequestError("skip-layer guidance applies to txt2img only, not with an init image")
         layers = int(self.manifest.components[self.manifest.denoiser].input("layer_keep").shape[0])
         if not slg.layers or any(not isinstance(layer, int) or not 0 <= layer < layers for layer in slg.layers):
             raise RequestError(f"skip-layer guidance layers must be block indices from 0 to {layers - 1}, not {list(slg.layers)}")

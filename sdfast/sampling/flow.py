@@ -57,7 +57,7 @@ class FlowSchedule:
 
     num_train_timesteps: int
     shift: float
-    mu: float | None = None  # exp(mu) replaces shift where the config uses dynamic shifting (FLUX, SD3.5 at some sizes)
+    mu: float | None = None  # exp(mu) replaces shift where the config uses dynamic shifting (FLUX's; SD3.5's configs do not)
 
     @classmethod
     def from_config(cls, config: dict, image_seq_len: int | None = None) -> "FlowSchedule":
@@ -69,10 +69,6 @@ class FlowSchedule:
                 raise ConfigError("the model's scheduler uses dynamic shifting, which needs the image's token count")
             mu = dynamic_shift_mu(image_seq_len, config)
         return cls(int(config.get("num_train_timesteps", 1000)), float(config.get("shift", 1.0)), mu)
-
-    @property
-    def is_flow(self) -> bool:
-        return True
 
     def sigma_to_timestep(self, sigma: float) -> float:
         """The transformer's timestep input at t: t times the training timestep count."""

@@ -79,12 +79,8 @@ class StableDiffusion3(Family):
         }
 
     def skip_layer_feeds(self, conditioning, layers):
-        """The prompt's rows (the second half of a guided batch) in every row, and ``layers`` skipped."""
-        outside = [layer for layer in layers if not 0 <= layer < self.layers]
-        if outside:
-            from sdfast.errors import RequestError
-
-            raise RequestError(f"skip-layer guidance layers {outside} are outside this transformer's 0..{self.layers - 1}")
+        """The prompt's rows (the second half of a guided batch) in every row, and ``layers`` skipped (checked in range by
+        RequestChecker)."""
         keep = np.ones(self.layers, dtype=np.float32)
         keep[list(layers)] = 0.0
         prompt_rows = {name: np.concatenate([value[len(value) // 2:]] * 2) for name, value in conditioning.items() if name != "layer_keep"}

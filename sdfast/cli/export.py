@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the copy of each graph pre-optimized for onnxruntime's CPU provider (half the disk; CPU cold start then re-optimizes)")
     parser.add_argument("--t5", choices=("none", "fp32", "fp16", "int8"),
                         help="SD3's T5-XXL text encoder (19 GB in fp32): none (default: zeros in its place, as diffusers without "
-                             "it), fp32, fp16 (stored fp16) or int8 (onnxruntime's dynamic quantization of its MatMuls)")
+                             "it), fp32, fp16 (checked on a small T5 only: T5-XXL's feed-forward outputs overflow fp16, which the "
+                             "export's parity check would refuse) or int8 (onnxruntime's dynamic quantization of its MatMuls)")
     parser.add_argument("--family", help=f"the model family, overriding what model_index.json's pipeline class implies ({', '.join(FAMILIES)})")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 

@@ -115,14 +115,31 @@ class T5Encoder(torch.nn.Module):
         return self.encoder(input_ids, return_dict=False)[0]
 
 
+# Queries per attention slice. SD3.5 Medium at 1024x1024 attends over 4096 + 333 tokens: whole, each score matrix
+# is 2 x 24 x 4429^2 floats (3.5 GiB), and an unfused graph holds two (scores, probabilities). In slices of 512
+# queries (softmax is per query row, so the result is the same) each is 0.4 GiB.
+QUERY_SLICE = 512
+
+
+def _sliced(attention, size: int):
+    """scaled_dot_product_attention over ``size`` queries at a time: the same rows, a ninth of the score memory."""
+
+    def sliced(query, key, value, attn_mask=None, *args, **kwargs):
+        if query.shape[-2] <= size or attn_mask is not None:  # (a mask would need slicing too; SD3's attention has none)
+            return attention(query, key, value, attn_mask, *args, **kwargs)
+        return torch.cat([attention(rows, key, value, None, *args, **kwargs) for rows in query.split(size, dim=-2)], dim=-2)
+
+    return sliced
+
+
 class Transformer(torch.nn.Module):
     """(sample [B, 16, h, w], timestep [B] = t x 1000, encoder_hidden_states [B, 77 + T5 tokens, 4096], pooled_projections
     [B, 2048], layer_keep [L]) -> noise_pred [B, 16, h, w], the predicted velocity.
 
     SD3Transformer2DModel.forward with its ``skip_layers`` as data: block i's output replaces its input only where
     layer_keep[i] is 1, so one graph serves both the plain calls (all ones) and skip-layer guidance's (zeros at the
-    skipped blocks; Esser et al.'s SD3.5 recipe, diffusers' skip_guidance_layers). tests/test_sd3.py checks it
-    against the stock forward with and without skip_layers.
+    skipped blocks; Esser et al.'s SD3.5 recipe, diffusers' skip_guidance_layers). Attention runs in query slices
+    (QUERY_SLICE). tests/test_sd3.py checks it against the stock forward with and without skip_layers.
     """
 
     def __init__(self, model: LoadedModel):
@@ -130,6 +147,14 @@ class Transformer(torch.nn.Module):
         self.transformer = model.transformer
 
     def forward(self, sample, timestep, encoder_hidden_states, pooled_projections, layer_keep):
+        stock = torch.nn.functional.scaled_dot_product_attention  # diffusers' SD3 processors look it up at each call
+        torch.nn.functional.scaled_dot_product_attention = _sliced(stock, QUERY_SLICE)
+        try:
+            return self._forward(sample, timestep, encoder_hidden_states, pooled_projections, layer_keep)
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = stock
+
+    def _forward(self, sample, timestep, encoder_hidden_states, pooled_projections, layer_keep):
         net = self.transformer
         height, width = sample.shape[-2:]
         hidden = net.pos_embed(sample)  # [B, h/p x w/p, D]: patches with their positional embeddings

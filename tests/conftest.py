@@ -83,3 +83,22 @@ def diffusers_reference(folder: Path):
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    """init.png, a smooth 64x64 picture with a disc, and mask.png, repainting a block of its right half: the img2img and
+    inpainting inputs of the SDXL and SD3 parity tests."""
+    import numpy as np
+    from PIL import Image
+
+    size = 64
+    y, x = np.mgrid[0:size, 0:size] / (size - 1)
+    pixels = np.stack([x, y, 1 - (x - 0.5) ** 2 - (y - 0.5) ** 2], axis=-1)
+    pixels[(x - 0.4) ** 2 + (y - 0.6) ** 2 < 0.05] = [0.9, 0.1, 0.2]
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[16:48, 24:56] = 255
+    folder = tmp_path_factory.mktemp("images")
+    Image.fromarray((pixels * 255).astype(np.uint8)).save(folder / "init.png")
+    Image.fromarray(mask, mode="L").save(folder / "mask.png")
+    return folder / "init.png", folder / "mask.png"

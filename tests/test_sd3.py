@@ -101,22 +101,6 @@ def test_a_prompt_past_77_tokens_is_cut_as_diffusers_cuts_it_with_a_warning(pipe
     assert any("longer than CLIP's 75 tokens" in warning and "were dropped" in warning for warning in result.warnings)
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    """A smooth 64x64 picture with a disc, and a mask repainting a block of its right half."""
-    from PIL import Image
-
-    y, x = np.mgrid[0:SIZE, 0:SIZE] / (SIZE - 1)
-    pixels = np.stack([x, y, 1 - (x - 0.5) ** 2 - (y - 0.5) ** 2], axis=-1)
-    pixels[(x - 0.4) ** 2 + (y - 0.6) ** 2 < 0.05] = [0.9, 0.1, 0.2]
-    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
-    mask[16:48, 24:56] = 255
-    folder = tmp_path_factory.mktemp("sd3-images")
-    Image.fromarray((pixels * 255).astype(np.uint8)).save(folder / "init.png")
-    Image.fromarray(mask, mode="L").save(folder / "mask.png")
-    return folder / "init.png", folder / "mask.png"
-
-
 def _pipeline_of(reference, class_name: str):
     """The reference's components in another SD3 pipeline class (img2img, inpainting), with FlowMatch Euler."""
     from sdfast.export.builtin import SD3_SCHEDULER_CONFIG

@@ -66,20 +66,6 @@ def reference(sdxl_engine):
     return _reference("tiny-sdxl")
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    """A smooth 64x64 picture with a disc, and a mask repainting a block of its right half."""
-    y, x = np.mgrid[0:SIZE, 0:SIZE] / (SIZE - 1)
-    pixels = np.stack([x, y, 1 - (x - 0.5) ** 2 - (y - 0.5) ** 2], axis=-1)
-    pixels[(x - 0.4) ** 2 + (y - 0.6) ** 2 < 0.05] = [0.9, 0.1, 0.2]
-    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
-    mask[16:48, 24:56] = 255
-    folder = tmp_path_factory.mktemp("sdxl-images")
-    Image.fromarray((pixels * 255).astype(np.uint8)).save(folder / "init.png")
-    Image.fromarray(mask, mode="L").save(folder / "mask.png")
-    return folder / "init.png", folder / "mask.png"
-
-
 def test_the_manifest_records_what_makes_it_sdxl(sdxl_engine, reference):
     manifest = read_manifest(sdxl_engine)
     assert manifest.family == "sdxl" and manifest.latent["scaling_factor"] == reference.vae.config.scaling_factor == 0.13025

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sdfast.errors import ConfigError, RequestError
-from sdfast.sampling import multistep, samplers
+from sdfast.sampling import multistep, samplers, solver_plans
 from sdfast.sampling.schedules import SamplingPlan
 
 f32 = np.float32
@@ -182,13 +182,8 @@ def run_flow_heun(model, x, plan: SamplingPlan, callback=None, *, scheduler_conf
 
 
 def run_flow_dpmpp_2m(model, x, plan: SamplingPlan, callback=None, *, scheduler_config: dict, noise=None):
-    solver_type = "heun" if scheduler_config.get("solver_type") == "heun" else "midpoint"
-    return in_ve_form(multistep.sample_dpmpp_2m, model, x, plan.sigmas, callback, solver_type=solver_type)
+    return in_ve_form(multistep.sample_dpmpp_2m, model, x, plan.sigmas, callback, **solver_plans.dpm_solver_options(scheduler_config))
 
 
 def run_flow_unipc(model, x, plan: SamplingPlan, callback=None, *, scheduler_config: dict, noise=None):
-    variant = "bh1" if scheduler_config.get("solver_type") == "bh1" else "bh2"
-    return in_ve_form(
-        multistep.sample_unipc, model, x, plan.sigmas, callback, order=int(scheduler_config.get("solver_order", 2)),
-        variant=variant, disable_corrector=tuple(scheduler_config.get("disable_corrector") or ()),
-    )
+    return in_ve_form(multistep.sample_unipc, model, x, plan.sigmas, callback, **solver_plans.unipc_options(scheduler_config))

@@ -148,10 +148,19 @@ def _needs_noise(noise):
     return noise
 
 
+def dpm_solver_options(scheduler_config: dict) -> dict:
+    """sample_dpmpp_2m's options: diffusers' DPMSolverMultistep takes UniPC's bh1/bh2 (and logrho) as midpoint."""
+    return {"solver_type": "heun" if scheduler_config.get("solver_type") == "heun" else "midpoint"}
+
+
+def unipc_options(scheduler_config: dict) -> dict:
+    """sample_unipc's options: diffusers' UniPC takes midpoint/heun/logrho as bh2."""
+    return {"order": int(scheduler_config.get("solver_order", 2)), "variant": "bh1" if scheduler_config.get("solver_type") == "bh1" else "bh2",
+            "disable_corrector": tuple(scheduler_config.get("disable_corrector") or ())}
+
+
 def run_dpmpp_2m(model, x, plan: SamplingPlan, callback=None, *, scheduler_config: dict, noise=None):
-    # diffusers' DPMSolverMultistep takes UniPC's bh1/bh2 (and logrho) as midpoint
-    solver_type = "heun" if scheduler_config.get("solver_type") == "heun" else "midpoint"
-    return multistep.sample_dpmpp_2m(model, x, plan.sigmas, callback, solver_type=solver_type)
+    return multistep.sample_dpmpp_2m(model, x, plan.sigmas, callback, **dpm_solver_options(scheduler_config))
 
 
 def run_dpmpp_2m_sde(model, x, plan: SamplingPlan, callback=None, *, scheduler_config: dict, noise=None):
@@ -178,11 +187,7 @@ def run_dpmpp_sde(model, x, plan: SamplingPlan, callback=None, *, scheduler_conf
 
 
 def run_unipc(model, x, plan: SamplingPlan, callback=None, *, scheduler_config: dict, noise=None):
-    variant = "bh1" if scheduler_config.get("solver_type") == "bh1" else "bh2"  # diffusers' UniPC takes midpoint/heun/logrho as bh2
-    return multistep.sample_unipc(
-        model, x, plan.sigmas, callback, order=int(scheduler_config.get("solver_order", 2)), variant=variant,
-        disable_corrector=tuple(scheduler_config.get("disable_corrector") or ()),
-    )
+    return multistep.sample_unipc(model, x, plan.sigmas, callback, **unipc_options(scheduler_config))
 
 
 def run_lcm(model, x, plan: SamplingPlan, callback=None, *, scheduler_config: dict, noise=None):

@@ -18,7 +18,7 @@ import torch
 from sdfast.errors import ConfigError
 from sdfast.export.families import sd15
 from sdfast.export.families.sd15 import VaeDecoder, VaeEncoder
-from sdfast.export.families.sdxl import _PenultimateTextEncoder
+from sdfast.export.families.sdxl import ProjectedTextEncoder
 from sdfast.export.recipe import ComponentRecipe
 from sdfast.export.source import load_or_refuse, read_model_index, read_scheduler_config
 from sdfast.export.staging import copy_tokenizer
@@ -85,22 +85,18 @@ def component_precision(model: LoadedModel, name: str, asked: str) -> str:
     return model.t5 if name == "text_encoder_3" else asked
 
 
-class TextEncoder(_PenultimateTextEncoder):
+class TextEncoder(ProjectedTextEncoder):
     """CLIP-L with projection: (input_ids, clip_skip) -> (prompt_embeds [B, 77, 768], text_embeds [B, 768])."""
 
     def __init__(self, model: LoadedModel):
         super().__init__(model.text_encoder)
 
-    def forward(self, input_ids, clip_skip):
-        outputs = self.encoder(input_ids, output_hidden_states=True, return_dict=True)
-        return self.layer(outputs, clip_skip), outputs.text_embeds
 
-
-class TextEncoderG(TextEncoder):
+class TextEncoderG(ProjectedTextEncoder):
     """OpenCLIP-bigG with projection: (input_ids, clip_skip) -> (prompt_embeds [B, 77, 1280], text_embeds [B, 1280])."""
 
     def __init__(self, model: LoadedModel):
-        _PenultimateTextEncoder.__init__(self, model.text_encoder_2)
+        super().__init__(model.text_encoder_2)
 
 
 class T5Encoder(torch.nn.Module):

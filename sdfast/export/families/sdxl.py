@@ -90,15 +90,19 @@ class TextEncoder(_PenultimateTextEncoder):
         return self.layer(self.encoder(input_ids, output_hidden_states=True, return_dict=True), clip_skip)
 
 
-class TextEncoder2(_PenultimateTextEncoder):
-    """OpenCLIP ViT-bigG: (input_ids, clip_skip) -> (prompt_embeds [B, 77, 1280], text_embeds [B, 1280] projected pooled)."""
-
-    def __init__(self, model: LoadedModel):
-        super().__init__(model.text_encoder_2)
+class ProjectedTextEncoder(_PenultimateTextEncoder):
+    """A CLIP with projection: (input_ids, clip_skip) -> (prompt_embeds [B, 77, D], text_embeds [B, P] projected pooled)."""
 
     def forward(self, input_ids, clip_skip):
         outputs = self.encoder(input_ids, output_hidden_states=True, return_dict=True)
         return self.layer(outputs, clip_skip), outputs.text_embeds
+
+
+class TextEncoder2(ProjectedTextEncoder):
+    """OpenCLIP ViT-bigG: (input_ids, clip_skip) -> (prompt_embeds [B, 77, 1280], text_embeds [B, 1280])."""
+
+    def __init__(self, model: LoadedModel):
+        super().__init__(model.text_encoder_2)
 
 
 class UNet(torch.nn.Module):

@@ -95,7 +95,7 @@ def rewrite_convolutions(model: onnx.ModelProto, weights, min_tiles: int = 64, m
             new_initializers.append(numpy_helper.from_array(np.array(value, dtype=np.int64), f"{prefix}_{key}"))
         x = node.input[0]
         out = node.output[0]
-        new_nodes += [
+        block = [
             helper.make_node("Reshape", [x, f"{prefix}_s_tiles_in"], [f"{prefix}_planes"]),  # [N*C, 1, H, W]
             helper.make_node("Conv", [f"{prefix}_planes", "wino_bt"], [f"{prefix}_v0"], strides=[2, 2], pads=[1, 1, 1, 1]),  # [N*C, 16, H/2, W/2]
             helper.make_node("Reshape", [f"{prefix}_v0", f"{prefix}_s_v"], [f"{prefix}_v1"]),  # [N, C, 16, T]
@@ -106,12 +106,15 @@ def rewrite_convolutions(model: onnx.ModelProto, weights, min_tiles: int = 64, m
             helper.make_node("Reshape", [f"{prefix}_y0", f"{prefix}_s_y"], [f"{prefix}_y1"]),  # [N, 4K, H/2, W/2], channel = (r*2+s)*K + k
         ]
         if len(node.input) > 2 and node.input[2]:
-            new_nodes.append(helper.make_node("DepthToSpace", [f"{prefix}_y1"], [f"{prefix}_y2"], blocksize=2, mode="DCR"))  # [N, K, H, W]
+            block.append(helper.make_node("DepthToSpace", [f"{prefix}_y1"], [f"{prefix}_y2"], blocksize=2, mode="DCR"))  # [N, K, H, W]
             bias_name = f"{prefix}_bias"
             new_initializers.append(numpy_helper.from_array(weights[node.input[2]].reshape(1, k, 1, 1).astype(np.float32), bias_name))
-            new_nodes.append(helper.make_node("Add", [f"{prefix}_y2", bias_name], [out]))
+            block.append(helper.make_node("Add", [f"{prefix}_y2", bias_name], [out]))
         else:
-            new_nodes.append(helper.make_node("DepthToSpace", [f"{prefix}_y1"], [out], blocksize=2, mode="DCR"))
+            block.append(helper.make_node("DepthToSpace", [f"{prefix}_y1"], [out], blocksize=2, mode="DCR"))
+        for step, new_node in enumerate(block):  # named after the convolution they replace, so profiles and errors point at it
+            new_node.name = f"{node.name or prefix}/winograd_{step}_{new_node.op_type}"
+        new_nodes += block
         count += 1
     if count:
         new_initializers += [numpy_helper.from_array(value, name) for name, value in shared.items()]

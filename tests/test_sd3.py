@@ -284,6 +284,7 @@ def test_generate_refuses_skip_layer_options_without_layers(sd3_engine, tmp_path
     from PIL import Image
 
     assert "Skip layer guidance: layers 1 scale 2.8 from 0.01 to 0.9" in Image.open(tmp_path / "y.png").info["parameters"]
+    assert "transformer step median" in done.stderr and "U-Net" not in done.stderr  # the timing line names SD3's denoiser
 
 
 def test_a_dynamically_shifted_flow_model_runs_as_diffusers_runs_it(sdfast_cache, tmp_path):

@@ -144,10 +144,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         steps = sorted(unet_steps)
         load = pipeline.load_timings
+        denoiser = pipeline.manifest.denoiser_label
         print(
-            f"timing ({pipeline.backend}, {pipeline.width}x{pipeline.height}, U-Net batch {pipeline.manifest.geometry['unet_batch']}): "
+            f"timing ({pipeline.backend}, {pipeline.width}x{pipeline.height}, {denoiser} batch {pipeline.manifest.geometry['unet_batch']}): "
             f"load {load['total_s']:.2f} s (verify {load['verify_s']:.2f} s, engines {load['engines_s']:.2f} s) | "
-            f"text encoder {text_encoder_ms:.0f} ms | U-Net step median {steps[len(steps) // 2] * 1e3:.0f} ms "
+            f"text encoder {text_encoder_ms:.0f} ms | {denoiser} step median {steps[len(steps) // 2] * 1e3:.0f} ms "
             f"(min {steps[0] * 1e3:.0f}, max {steps[-1] * 1e3:.0f}) x {len(steps)} | "
             f"VAE decode {sorted(vae_decode_ms)[len(vae_decode_ms) // 2]:.0f} ms per batch | generate {time.perf_counter() - started:.2f} s",
             file=sys.stderr,

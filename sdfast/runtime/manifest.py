@@ -123,6 +123,11 @@ class Manifest:
         return next(name for name, info in self.components.items() if info.role == "denoiser")
 
     @property
+    def denoiser_label(self) -> str:
+        """The denoiser as people name it, for messages and timing lines: "U-Net", or SD3's "transformer"."""
+        return "U-Net" if self.denoiser == "unet" else self.denoiser
+
+    @property
     def model(self) -> dict:
         return self.data["model"]
 

@@ -128,7 +128,7 @@ class Pipeline:
     def _unet_function(self, conditioning: dict[str, np.ndarray], cfg_scale: float, use_cfg: bool, timings: StageTimings,
                        masked: np.ndarray | None, skip_layers: SkipLayerGuidance | None = None, steps: int = 0):
         engine = self.engines[self.manifest.denoiser]
-        label = "U-Net" if self.manifest.denoiser == "unet" else self.manifest.denoiser  # for errors: SD3's "transformer"
+        label = self.manifest.denoiser_label  # for errors
         unet_batch = self.batch_size * (2 if self.guidance else 1)
         # skip-layer guidance (SD3.5): a third call on the prompt's rows with some blocks skipped, in part of the schedule
         skipping = self.family.skip_layer_feeds(conditioning, skip_layers.layers) if skip_layers and use_cfg else None

@@ -52,6 +52,9 @@ def test_each_t5_option_records_its_embedding_error_and_keeps_the_image(engines,
     assert parity["passed"] and parity["max_rel"] <= {"fp32": 1e-4, "fp16": 2e-2, "int8": 1e-1}[t5]
     if t5 != "fp32":
         assert parity["max_rel"] > 1e-5, "a reduced-precision encoder that matches fp32 exactly was not converted"
+        # T5's feed-forward outputs (wo) stay fp32 and unquantized, one per layer, as transformers keeps them
+        kept = manifest.data["components"]["text_encoder_3"][t5]["fp32_matmuls"]
+        assert kept["nodes"] == 2 and kept["weight_shapes"] == [[64, 96]] and "_keep_in_fp32_modules" in kept["why"]
     result = Pipeline.load(engines[t5]).generate(GenerationRequest(PROMPT, NEGATIVE, steps=6, cfg_scale=5.0, seed=3, sampler="Euler"))
     assert result.images.std() > 10
     assert psnr(result.images, _expected(reference)) >= IMAGE_PSNR_FLOOR[t5]
@@ -81,3 +84,52 @@ def test_t5_options_that_cannot_apply_are_refused_before_any_work(sdfast_cache, 
     with pytest.raises(ConfigError, match="--t5 fp32: '.*' has no T5 encoder \\(text_encoder_3\\)"):
         sd3.load(ensure_builtin("tiny-sd3"), ExportRequest(model="tiny-sd3", out=tmp_path / "e", t5="fp32"))
     assert not (tmp_path / "e").exists()
+
+
+def test_t5_fp16_keeps_what_overflows_fp16_in_fp32(sdfast_cache, tmp_path, monkeypatch):
+    """T5-XXL's feed-forward outputs pass fp16's 65504, which is why transformers keeps wo in fp32. A tiny T5 with wo
+    scaled past that limit, as an fp16 engine whose wo, residual stream, RMSNorm and softmax stay fp32, still matches
+    PyTorch fp32 when every op computes in its graph's dtype (ONNX's reference evaluator: onnxruntime's CPU provider
+    computes fp16 MatMuls in fp32 and drops the Casts between them, so it cannot show the overflow a GPU has); the
+    same T5 converted whole to fp16 gives NaN/inf there."""
+    import shutil
+
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+    from safetensors.torch import load_file, save_file
+    from transformers import T5EncoderModel
+
+    from sdfast.export import component_export
+    from sdfast.export.build import ExportRequest, export_engine
+    from sdfast.export.builtin import ensure_builtin
+
+    folder = tmp_path / "loud-t5"
+    shutil.copytree(ensure_builtin("tiny-sd3-t5"), folder)
+    weights_file = next((folder / "text_encoder_3").glob("*.safetensors"))
+    weights = load_file(weights_file)
+    save_file({name: value * 1e5 if name.endswith("DenseReluDense.wo.weight") else value for name, value in weights.items()}, weights_file)
+    encoder = T5EncoderModel.from_pretrained(folder / "text_encoder_3").eval()
+    peaks = []
+    for name, layer in encoder.named_modules():
+        if name.endswith("DenseReluDense.wo"):
+            layer.register_forward_hook(lambda _layer, _inputs, output: peaks.append(float(output.abs().max())))
+    ids = np.zeros((1, 256), np.int64)
+    ids[0, :38] = np.arange(2, 40)
+    with torch.no_grad():
+        expected = encoder(torch.from_numpy(ids))[0].numpy()
+    assert max(peaks) > 65504, "the test's T5 does not reach fp16's overflow"
+
+    def in_graph_dtypes(engine) -> np.ndarray:
+        graph = onnx.load(str(engine / "text_encoder_3.onnx"))
+        return ReferenceEvaluator(graph).run(None, {"input_ids": ids})[0]
+
+    kept = export_engine(ExportRequest(model=str(folder), out=tmp_path / "kept", t5="fp16", cpu_variant=False))
+    entry = read_manifest(kept).data["components"]["text_encoder_3"]
+    assert entry["parity"]["passed"] and entry["fp16"]["fp32_matmuls"]["nodes"] == 2
+    assert entry["fp16"]["fp16_round_trips_removed"] > 0  # the residual stream passes between kept nodes in fp32
+    got = in_graph_dtypes(kept)
+    assert np.isfinite(got).all() and np.abs(got - expected).max() / np.abs(expected).max() < 2e-2
+
+    monkeypatch.setattr(component_export, "modules_kept_fp32", lambda _module: None)  # wo converted with the rest
+    whole = export_engine(ExportRequest(model=str(folder), out=tmp_path / "whole", t5="fp16", cpu_variant=False))
+    assert not np.isfinite(in_graph_dtypes(whole)).all()

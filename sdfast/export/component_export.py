@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 from sdfast.errors import EngineError, ExportError
+from sdfast.export.fp16 import KeptMatMuls, modules_kept_fp32
 from sdfast.export.staging import hashed
 
 Progress = Callable[[str], None]
@@ -26,6 +27,7 @@ def export_component(request, recipe, family, model, name: str, dims: dict, dyna
     component = recipe.component(name, dims, precision, fp16_safe=family.fp16_safe(model, name))
     fp32_scores = family.fp32_attention_scores(model, name)
     module = family.WRAPPERS[name](model).eval()
+    kept_matmuls = modules_kept_fp32(module) if precision in ("fp16", "int8") else None  # T5's wo, as transformers keeps it
     step = time.perf_counter()
     raw_path = raw_dir / f"{name}.onnx"
     try:
@@ -48,7 +50,7 @@ def export_component(request, recipe, family, model, name: str, dims: dict, dyna
 
     step = time.perf_counter()
     try:
-        files, variants, fp16_record = graphs(request, component, raw_path, staging, label, progress, fp32_scores)
+        files, variants, fp16_record = graphs(request, component, raw_path, staging, label, progress, fp32_scores, kept_matmuls)
     except graph_write_errors() as error:  # onnxruntime's optimizer and writers, the OS: one line, with the disk's state
         text = str(error).strip().splitlines()
         raise ExportError(f"{name}: optimizing and writing its graphs failed: {text[-1] if text else type(error).__name__}{disk_hint(staging)}") from None
@@ -64,7 +66,8 @@ def export_component(request, recipe, family, model, name: str, dims: dict, dyna
         "inputs": [t.to_json() for t in component.inputs],
         "outputs": [t.to_json() for t in component.outputs],
         "precision": component.precision,
-        **({"fp16": fp16_record} if fp16_record else {}),
+        # the reduced-precision policy: what stayed fp32 in an fp16 graph ("fp16") or unquantized in an int8 one ("int8")
+        **({"int8" if component.precision == "int8" else "fp16": fp16_record} if fp16_record else {}),
         "opset": recipe.opset,
         "optimization": ({"tool": "onnxruntime.quantization.quantize_dynamic", "ops": ["MatMul"], "weights": "int8 per channel",
                           "for": "onnxruntime (MatMulInteger, DynamicQuantizeLinear): not a TensorRT graph"}
@@ -136,13 +139,16 @@ def release(model, attributes: tuple[str, ...]) -> None:
     gc.collect()
 
 
-def graphs(request, component, raw_path: Path, staging: Path, label: str, progress: Progress, fp32_scores: str | None = None):
+def graphs(request, component, raw_path: Path, staging: Path, label: str, progress: Progress, fp32_scores: str | None = None,
+           kept_matmuls: KeptMatMuls | None = None):
     """The component's files: the portable graph (fp32 or fp16) and its per-backend variants.
 
     fp32: the portable graph, plus the CPU variant (Winograd, MHA, onnxruntime's NCHWc layouts for this CPU).
     fp16: the portable graph converted to fp16, plus the CUDA variant (MHA and the GPU fusions, then fp16).
+    int8: onnxruntime's dynamic quantization of the MatMul weights.
     ``fp32_scores``: why this component's attention scores stay fp32 in fp16 graphs (the family's policy), or None.
-    Returns (files, variants, the manifest's fp16 record or None).
+    ``kept_matmuls``: MatMuls that stay fp32 (fp16) or unquantized (int8), as transformers keeps T5's wo.
+    Returns (files, variants, the manifest's fp16 or int8 record, or None).
     """
     import onnxruntime
 
@@ -153,21 +159,23 @@ def graphs(request, component, raw_path: Path, staging: Path, label: str, progre
     name, raw_dir = component.name, raw_path.parent
     variants: dict[str, dict] = {}
     if component.precision == "int8":  # onnxruntime's dynamic quantization of the MatMul weights (per channel)
+        import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         optimized = optimize_offline(raw_path, raw_dir / f"{name}.fp32.onnx")[0]
+        excluded = kept_matmuls.nodes(onnx.load(str(optimized), load_external_data=False).graph) if kept_matmuls else []
         quantize_dynamic(optimized, staging / f"{name}.onnx", op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
-                         per_channel=True, use_external_data_format=True)
+                         per_channel=True, use_external_data_format=True, nodes_to_exclude=excluded)
         files = sorted(p for p in staging.glob(f"{name}.onnx*") if p.is_file())
-        return files, variants, None
+        return files, variants, {"fp32_matmuls": kept_matmuls.to_json(len(excluded))} if kept_matmuls else None
     if component.precision == "fp16":
         optimized = optimize_offline(raw_path, raw_dir / f"{name}.fp32.onnx")[0]
-        files, fp16_record = convert_to_fp16(optimized, staging / f"{name}.onnx", list(component.keep_fp32_ops), fp32_scores)
+        files, fp16_record = convert_to_fp16(optimized, staging / f"{name}.onnx", list(component.keep_fp32_ops), fp32_scores, kept_matmuls)
         if component.ort_model_type:
             fused_path = raw_dir / f"{name}.cuda32.onnx"
             fusions = rewrite_for_cuda(raw_path, fused_path, component.ort_model_type)
             # fused attention (MultiHeadAttention) keeps its scores in fp32 accumulators; any left unfused is blocked here
-            cuda_files, _ = convert_to_fp16(fused_path, staging / f"{name}.cuda.onnx", list(component.keep_fp32_ops), fp32_scores)
+            cuda_files, _ = convert_to_fp16(fused_path, staging / f"{name}.cuda.onnx", list(component.keep_fp32_ops), fp32_scores, kept_matmuls)
             variants["cuda"] = {"file": cuda_files[0].name, "files": hashed(staging, cuda_files), "optimization": {
                 "tool": "onnxruntime.transformers.optimizer", "model_type": component.ort_model_type, "for": "CUDAExecutionProvider",
                 "onnxruntime": onnxruntime.__version__, "fusions": fusions}}

@@ -8,6 +8,7 @@ refuses ("two nodes with same node name"); ``_drop_duplicate_casts`` removes the
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -18,11 +19,51 @@ from sdfast.export.onnx_export import EXTERNAL_DATA_THRESHOLD
 CONVERTER = "onnxruntime.transformers.float16.convert_float_to_float16"
 
 
-def convert_to_fp16(src: Path, out: Path, keep_fp32_ops: list[str], fp32_attention_scores: str | None = None) -> tuple[list[Path], dict]:
+@dataclass(frozen=True)
+class KeptMatMuls:
+    """MatMuls that stay fp32 in an fp16 graph and unquantized in an int8 one, known by their weight's [in, out] shape."""
+
+    shapes: tuple[tuple[int, int], ...]
+    why: str
+
+    def nodes(self, graph: onnx.GraphProto) -> list[str]:
+        """Names of the MatMuls whose second input is an initializer of one of ``shapes`` (read without its data)."""
+        weights = {init.name: tuple(init.dims) for init in graph.initializer}
+        return [node.name for node in graph.node
+                if node.op_type == "MatMul" and len(node.input) > 1 and weights.get(node.input[1]) in self.shapes]
+
+    def to_json(self, found: int) -> dict:
+        return {"nodes": found, "weight_shapes": [list(shape) for shape in self.shapes], "why": self.why}
+
+
+def modules_kept_fp32(module) -> KeptMatMuls | None:
+    """The Linear layers a transformers model inside ``module`` keeps in fp32 (its ``_keep_in_fp32_modules``: T5's
+    feed-forward output ``wo``, whose activations overflow fp16 in T5 v1.1 and T5-XXL), or None when it keeps none."""
+    import torch
+
+    shapes, owners = set(), set()
+    for sub in module.modules():
+        keep = getattr(sub, "_keep_in_fp32_modules", None)
+        if not keep:
+            continue
+        for name, layer in sub.named_modules():
+            if isinstance(layer, torch.nn.Linear) and any(part in keep for part in name.split(".")):
+                shapes.add((layer.in_features, layer.out_features))
+                owners.add(f"{type(sub).__name__}._keep_in_fp32_modules = {list(keep)}")
+    if not shapes:
+        return None
+    return KeptMatMuls(tuple(sorted(shapes)), f"{', '.join(sorted(owners))}: transformers keeps these layers fp32 (their "
+                       "outputs overflow fp16) and unquantized")
+
+
+def convert_to_fp16(src: Path, out: Path, keep_fp32_ops: list[str], fp32_attention_scores: str | None = None,
+                    kept_matmuls: KeptMatMuls | None = None) -> tuple[list[Path], dict]:
     """Write ``src`` as fp16 to ``out`` (+ ``.data`` when large); returns the files and the manifest's ``fp16`` record.
 
     ``fp32_attention_scores`` (the reason, or None): keep every attention's Q·Kᵀ, its scaling and its Softmax in fp32, as
     diffusers' upcast_attention does (SD 2.1's scores overflow fp16's 65504); the ·V product stays fp16, as there.
+    ``kept_matmuls``: MatMuls that stay fp32, weights included (T5's ``wo``). Between two nodes kept fp32 by this call's
+    policy (the recipe's op types, the scores, the kept MatMuls) tensors pass in fp32, never through an fp16 Cast.
     """
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
@@ -38,13 +79,19 @@ def convert_to_fp16(src: Path, out: Path, keep_fp32_ops: list[str], fp32_attenti
     if fp32_attention_scores and not score_nodes:
         raise ExportError(f"{src.name}: the fp16 policy keeps attention scores fp32 ({fp32_attention_scores}), but no "
                           "MatMul -> Softmax attention was found in the graph")
-    converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=block_list, node_block_list=score_nodes,
-                                         disable_shape_infer=True)
+    matmul_nodes = kept_matmuls.nodes(model.graph) if kept_matmuls else []
+    if kept_matmuls and not matmul_nodes:
+        raise ExportError(f"{src.name}: the fp16 policy keeps MatMuls with weights {list(kept_matmuls.shapes)} fp32, but "
+                          "the graph has none")
+    policy = set(score_nodes) | set(matmul_nodes) | {node.name for node in model.graph.node if node.op_type in keep_fp32_ops}
+    converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=block_list,
+                                         node_block_list=score_nodes + matmul_nodes, disable_shape_infer=True)
     del model
     removed = _drop_duplicate_casts(converted.graph)
-    round_trips = _keep_fp32_between(converted.graph, set(score_nodes)) if score_nodes else 0
+    round_trips = _keep_fp32_between(converted.graph, policy) if policy else 0
     _unique_node_names(converted.graph)
-    kept_names = set(score_nodes)
+    _sort_topologically(converted.graph)
+    kept_names = set(score_nodes) | set(matmul_nodes)
     kept = collections.Counter(node.op_type for node in converted.graph.node if node.op_type in block_list or node.name in kept_names)
     fp16_nodes = sum(1 for node in converted.graph.node
                      if node.op_type not in block_list and node.name not in kept_names and node.op_type != "Cast")
@@ -61,8 +108,9 @@ def convert_to_fp16(src: Path, out: Path, keep_fp32_ops: list[str], fp32_attenti
         "requested_fp32_ops": sorted(keep_fp32_ops),
         "kept_fp32_ops": dict(sorted(kept.items())),  # op type -> nodes that still compute in fp32 (recipe's list and the converter's own)
         "fp16_nodes": fp16_nodes,
-        **({"fp32_attention_scores": {"nodes": len(score_nodes), "fp16_round_trips_removed": round_trips, "why": fp32_attention_scores}}
-           if fp32_attention_scores else {}),
+        **({"fp32_attention_scores": {"nodes": len(score_nodes), "why": fp32_attention_scores}} if fp32_attention_scores else {}),
+        **({"fp32_matmuls": kept_matmuls.to_json(len(matmul_nodes))} if kept_matmuls else {}),
+        "fp16_round_trips_removed": round_trips,  # fp32 -> fp16 -> fp32 Casts dropped between two kept nodes
         "duplicate_casts_removed": removed,
     }
     return files, record
@@ -82,15 +130,18 @@ def attention_score_nodes(graph: onnx.GraphProto) -> list[str]:
 
 
 def _keep_fp32_between(graph: onnx.GraphProto, kept: set[str]) -> int:
-    """Drop the fp32 -> fp16 -> fp32 Cast round trips the converter puts between two kept nodes (a score through fp16
-    is what overflows); returns how many tensors now pass in fp32."""
+    """Drop the fp32 -> fp16 -> fp32 Cast round trips the converter puts between two kept nodes (a score, or T5's
+    residual stream, through fp16 is what overflows); returns how many tensors now pass in fp32."""
     producer = {out: node for node in graph.node for out in node.output}
     consumers: dict[str, list[onnx.NodeProto]] = collections.defaultdict(list)
     for node in graph.node:
         for name in node.input:
             consumers[name].append(node)
     dead, rewired, fp32_tensors = set(), 0, set()
+    graph_outputs = {output.name for output in graph.output}  # a Cast that writes one stays (keep_io_types' last Cast)
     for down in [n for n in graph.node if n.op_type == "Cast" and _cast_to(n) == onnx.TensorProto.FLOAT]:
+        if down.output[0] in graph_outputs:
+            continue
         up = producer.get(down.input[0])
         if up is None or up.op_type != "Cast" or _cast_to(up) != onnx.TensorProto.FLOAT16:
             continue
@@ -112,6 +163,32 @@ def _keep_fp32_between(graph: onnx.GraphProto, kept: set[str]) -> int:
         del graph.node[:]
         graph.node.extend(nodes)
     return rewired
+
+
+def _sort_topologically(graph: onnx.GraphProto) -> None:
+    """Order the nodes so each comes after its inputs' producers, as ONNX requires (the converter appends some of its
+    Casts after their consumers; onnxruntime sorts by itself, ONNX's reference evaluator and TensorRT's parser do not)."""
+    producer = {out: index for index, node in enumerate(graph.node) for out in node.output if out}  # "": an omitted optional output
+    waiting = [sum(1 for name in set(node.input) if name in producer) for node in graph.node]
+    consumers: dict[int, list[int]] = collections.defaultdict(list)
+    for index, node in enumerate(graph.node):
+        for name in set(node.input):
+            if name in producer:
+                consumers[producer[name]].append(index)
+    ready = collections.deque(index for index, count in enumerate(waiting) if count == 0)
+    order = []
+    while ready:
+        index = ready.popleft()
+        order.append(index)
+        for consumer in consumers[index]:
+            waiting[consumer] -= 1
+            if waiting[consumer] == 0:
+                ready.append(consumer)
+    if len(order) != len(graph.node):
+        raise ValueError("fp16 conversion left a cycle in the graph")
+    nodes = [graph.node[index] for index in order]
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _cast_to(node: onnx.NodeProto) -> int | None:

@@ -133,3 +133,15 @@ def test_t5_fp16_keeps_what_overflows_fp16_in_fp32(sdfast_cache, tmp_path, monke
     monkeypatch.setattr(component_export, "modules_kept_fp32", lambda _module: None)  # wo converted with the rest
     whole = export_engine(ExportRequest(model=str(folder), out=tmp_path / "whole", t5="fp16", cpu_variant=False))
     assert not np.isfinite(in_graph_dtypes(whole)).all()
+
+
+def test_tensorrt_refuses_an_int8_t5_by_name_before_building(engines):
+    """onnxruntime's dynamic quantization (MatMulInteger) is no TensorRT graph: the backend says so before any build,
+    whether or not TensorRT is installed here."""
+    from sdfast.errors import EngineError
+    from sdfast.runtime.backends import get_backend
+
+    info = read_manifest(engines["int8"]).components["text_encoder_3"]
+    with pytest.raises(EngineError, match=r"^text_encoder_3 is int8 \(onnxruntime's dynamic quantization: MatMulInteger\), "
+                                          r"which TensorRT does not parse; export it in fp16 for TensorRT \(for SD3's T5: --t5 fp16\)$"):
+        get_backend("tensorrt").load(info, engines["int8"] / info.file)

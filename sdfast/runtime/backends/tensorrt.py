@@ -178,6 +178,9 @@ class TensorRTBackend(Backend):
     def load(self, info: ComponentInfo, path: Path) -> Engine:
         from sdfast.runtime import trt_cache
 
+        if info.precision == "int8":  # refused before anything is built: the graph is onnxruntime's, not TensorRT's
+            raise EngineError(f"{info.name} is int8 (onnxruntime's dynamic quantization: MatMulInteger), which TensorRT does "
+                              "not parse; export it in fp16 for TensorRT (for SD3's T5: --t5 fp16)")
         ok, why = self.available()
         if not ok:
             raise EngineError(f"backend 'tensorrt' is not available: {why}")

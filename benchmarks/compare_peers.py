@@ -101,6 +101,41 @@ class Worker:
         self.log.close()
 
 
+def lend_small_t5(model: Path, folder: Path) -> Path:
+    """``model`` (an SD3 folder without T5) with a small random T5 lent as text_encoder_3/tokenizer_3: optimum-intel's
+    SD3 conversion needs one. It has the transformer's context width (4096), so the timed transformer call is the same
+    as everyone's: 77 CLIP + 256 T5 context tokens (an --e2e-steps run also runs this small T5 once per prompt, a few
+    milliseconds the other systems do not spend). The other components are links to ``model``'s."""
+    source = folder / "lent_to.txt"  # which model the links are to: a cache shared by two folders must not mix them
+    if (folder / "model_index.json").is_file() and source.is_file() and source.read_text() == str(model.resolve()):
+        return folder
+    import shutil
+
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    from sdfast.export.builtin_tokenizer import t5_tokenizer
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for entry in model.iterdir():
+        if entry.name not in ("model_index.json", "text_encoder_3", "tokenizer_3"):
+            (folder / entry.name).symlink_to(entry.resolve())
+    width = json.loads((model / "transformer" / "config.json").read_text())["joint_attention_dim"]
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=1000, d_model=width, d_kv=64, d_ff=256, num_layers=1, num_heads=2, feed_forward_proj="gated-gelu",
+                      pad_token_id=0, eos_token_id=1)
+    T5EncoderModel(config).eval().save_pretrained(folder / "text_encoder_3")
+    tokenizer = t5_tokenizer(1000)
+    tokenizer.model_max_length = 256
+    tokenizer.save_pretrained(folder / "tokenizer_3")
+    index = json.loads((model / "model_index.json").read_text())
+    index.update(text_encoder_3=["transformers", "T5EncoderModel"], tokenizer_3=["transformers", "T5TokenizerFast"])
+    source.write_text(str(model.resolve()))
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))  # written last: the folder's "done" mark
+    return folder
+
+
 def summary(samples: list[float]) -> dict:
     from sdfast.bench.stats import Summary
 
@@ -166,14 +201,20 @@ def main() -> int:
         peer_python, error = ensure_peer_venv(args.venv)
         if peer_python is None:
             failures.update({p: error for p in peers if not p.startswith("sdfast")})
-    common = ["--model", str(model), "--height", str(args.height), "--width", str(args.width), "--cache", str(cache)]
+    common = ["--height", str(args.height), "--width", str(args.width), "--cache", str(cache)]
+    models = {name: model for name in peers}
+    index = json.loads((model / "model_index.json").read_text())
+    if (model / "transformer").is_dir() and (index.get("text_encoder_3") or [None])[0] is None:  # SD3 without T5
+        for name in [p for p in peers if p.startswith("openvino") and p not in failures]:
+            say(f"{name}: lending a small random T5 for optimum-intel's SD3 conversion (the transformer's inputs stay the same)")
+            models[name] = lend_small_t5(model, cache / "with-small-t5")
     logs = (args.out or HERE / "results" / "x").parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
     def start(name: str) -> Worker | None:
         say(f"loading {name} ...")
         own_engine = ["--engine", str(gpu_engine if name in GPU_PEERS else engine)] if name.startswith("sdfast") else []
-        worker = Worker(name, Path(sys.executable) if name.startswith("sdfast") else peer_python, common + own_engine,
+        worker = Worker(name, Path(sys.executable) if name.startswith("sdfast") else peer_python, ["--model", str(models[name]), *common, *own_engine],
                         logs / f"{name}_{args.width}x{args.height}.log")
         if not worker.ready.get("ok"):
             failures[name] = worker.ready.get("error", "unknown error")

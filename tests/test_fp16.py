@@ -94,6 +94,37 @@ def test_converter_duplicate_casts_are_repaired(tmp_path):
     np.testing.assert_allclose(got, expected, atol=1e-2)
 
 
+def test_kept_ops_pass_fp32_between_them_and_fp16_only_where_a_converted_op_reads(tmp_path):
+    """Nodes kept fp32 by the policy read each other's outputs, and fp32 graph inputs, in fp32 (no Cast round trip through
+    fp16, where 1e5 is inf); a converted op beside them still gets its fp16 copy; every node follows its producers.
+    Run by ONNX's reference evaluator, which computes in each tensor's own dtype (onnxruntime's CPU provider does not)."""
+    from onnx.reference import ReferenceEvaluator
+
+    shift, two = numpy_helper.from_array(np.array(-99000.0, np.float32), "shift"), numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    nodes = [helper.make_node("Add", ["x", "shift"], ["a"], name="add"), helper.make_node("Mul", ["a", "two"], ["m"], name="mul"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, [4]) for name in ("m", "r")], [shift, two])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "kept.onnx"))
+    _, record = convert_to_fp16(tmp_path / "kept.onnx", tmp_path / "kept16.onnx", ["Add", "Mul"])
+    converted = onnx.load(str(tmp_path / "kept16.onnx"))
+    by_name = {node.name: node for node in converted.graph.node}
+    producer = {out: node for node in converted.graph.node for out in node.output}
+    assert record["fp16_round_trips_removed"] == 2 and by_name["add"].input[0] == "x"  # the graph input, in fp32
+    assert producer[by_name["mul"].input[0]] is by_name["add"]  # Add's fp32 output, straight
+    relu_input = producer[by_name["relu"].input[0]]
+    assert relu_input.op_type == "Cast" and producer[relu_input.input[0]] is by_name["add"]  # the converted Relu's fp16 copy
+    produced = set()
+    for node in converted.graph.node:  # ONNX's order: each node after its inputs' producers
+        assert all(name in produced or name in ("x", "shift", "two") or not name for name in node.input), node.name
+        produced.update(node.output)
+    m, r = ReferenceEvaluator(converted).run(None, {"x": np.full(4, 1e5, np.float32)})
+    np.testing.assert_array_equal(m, np.full(4, 2000.0, np.float32))
+    np.testing.assert_array_equal(r, np.full(4, 1000.0, np.float32))
+
+
 def test_fp16_image_is_close_to_fp32(tiny_engine, tiny_fp16_engine):
     request = GenerationRequest(prompt="a lighthouse at dusk", steps=6, seed=11, sampler="euler")
     ours = Pipeline.load(tiny_fp16_engine).generate(request)
@@ -164,7 +195,7 @@ def test_fp32_attention_scores_keep_the_score_path_fp32(tmp_path):
     _, plain = convert_to_fp16(tmp_path / "attn.onnx", tmp_path / "plain.onnx", [])
     _, record = convert_to_fp16(tmp_path / "attn.onnx", tmp_path / "upcast.onnx", [], "upcast_attention")
     assert record["fp32_attention_scores"] == {"nodes": 4, "why": "upcast_attention"}  # Softmax, Q·Kᵀ, 2 scalings
-    assert record["fp16_round_trips_removed"] == 3
+    assert record["fp16_round_trips_removed"] == 4  # 3 between the kept nodes, and q from the graph input to its scaling
     assert "fp32_attention_scores" not in plain
     assert _score_dtypes(tmp_path / "plain.onnx") == {"MatMul_scores": TensorProto.FLOAT16, "Softmax": TensorProto.FLOAT16}
     assert _score_dtypes(tmp_path / "upcast.onnx") == {"MatMul_scores": TensorProto.FLOAT, "Softmax": TensorProto.FLOAT}

@@ -91,7 +91,7 @@ def test_t5_fp16_keeps_what_overflows_fp16_in_fp32(sdfast_cache, tmp_path, monke
     scaled past that limit, as an fp16 engine whose wo, residual stream, RMSNorm and softmax stay fp32, still matches
     PyTorch fp32 when every op computes in its graph's dtype (ONNX's reference evaluator: onnxruntime's CPU provider
     computes fp16 MatMuls in fp32 and drops the Casts between them, so it cannot show the overflow a GPU has); the
-    same T5 converted whole to fp16 gives NaN/inf there."""
+    same T5 with wo converted to fp16 like the other MatMuls gives NaN/inf there."""
     import shutil
 
     import onnx
@@ -130,18 +130,18 @@ def test_t5_fp16_keeps_what_overflows_fp16_in_fp32(sdfast_cache, tmp_path, monke
     got = in_graph_dtypes(kept)
     assert np.isfinite(got).all() and np.abs(got - expected).max() / np.abs(expected).max() < 2e-2
 
-    monkeypatch.setattr(component_export, "modules_kept_fp32", lambda _module: None)  # wo converted with the rest
+    monkeypatch.setattr(component_export, "modules_kept_fp32", lambda _module: None)  # wo converted with the other MatMuls
     whole = export_engine(ExportRequest(model=str(folder), out=tmp_path / "whole", t5="fp16", cpu_variant=False))
     assert not np.isfinite(in_graph_dtypes(whole)).all()
 
 
 def test_tensorrt_refuses_an_int8_t5_by_name_before_building(engines):
-    """onnxruntime's dynamic quantization (MatMulInteger) is no TensorRT graph: the backend says so before any build,
-    whether or not TensorRT is installed here."""
+    """onnxruntime's dynamic quantization (MatMulInteger) is no TensorRT graph: loading the engine dir on TensorRT says
+    so before any file is hashed or any engine built, whether or not TensorRT is installed here."""
     from sdfast.errors import EngineError
-    from sdfast.runtime.backends import get_backend
 
-    info = read_manifest(engines["int8"]).components["text_encoder_3"]
-    with pytest.raises(EngineError, match=r"^text_encoder_3 is int8 \(onnxruntime's dynamic quantization: MatMulInteger\), "
-                                          r"which TensorRT does not parse; export it in fp16 for TensorRT \(for SD3's T5: --t5 fp16\)$"):
-        get_backend("tensorrt").load(info, engines["int8"] / info.file)
+    refusal = (r"^text_encoder_3 is int8 \(onnxruntime's dynamic quantization: MatMulInteger\), which TensorRT does not "
+               r"parse; export it in fp16 for TensorRT \(for SD3's T5: --t5 fp16\)$")
+    with pytest.raises(EngineError, match=refusal):
+        Pipeline.load(engines["int8"], backend="tensorrt")
+    Pipeline.load(engines["fp16"], backend="cpu")  # the same check passes a graph the backend runs

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 from sdfast.errors import EngineError, ExportError
-from sdfast.export.fp16 import KeptMatMuls, modules_kept_fp32
+from sdfast.export.fp16 import KeptMatMuls, convert_to_fp16, modules_kept_fp32
 from sdfast.export.staging import hashed
 
 Progress = Callable[[str], None]
@@ -152,7 +152,6 @@ def graphs(request, component, raw_path: Path, staging: Path, label: str, progre
     """
     import onnxruntime
 
-    from sdfast.export.fp16 import convert_to_fp16
     from sdfast.export.onnx_export import optimize_offline, rewrite_for_cpu, rewrite_for_cuda
     from sdfast.runtime.backends import cpu_isa
 
@@ -163,7 +162,7 @@ def graphs(request, component, raw_path: Path, staging: Path, label: str, progre
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         optimized = optimize_offline(raw_path, raw_dir / f"{name}.fp32.onnx")[0]
-        excluded = kept_matmuls.nodes(onnx.load(str(optimized), load_external_data=False).graph) if kept_matmuls else []
+        excluded = kept_matmuls.nodes(onnx.load(str(optimized), load_external_data=False).graph, name) if kept_matmuls else []
         quantize_dynamic(optimized, staging / f"{name}.onnx", op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
                          per_channel=True, use_external_data_format=True, nodes_to_exclude=excluded)
         files = sorted(p for p in staging.glob(f"{name}.onnx*") if p.is_file())

@@ -26,34 +26,44 @@ class KeptMatMuls:
     shapes: tuple[tuple[int, int], ...]
     why: str
 
-    def nodes(self, graph: onnx.GraphProto) -> list[str]:
-        """Names of the MatMuls whose second input is an initializer of one of ``shapes`` (read without its data)."""
+    def nodes(self, graph: onnx.GraphProto, component: str) -> list[str]:
+        """Names of the MatMuls whose second input is an initializer of one of ``shapes`` (read without its data); an
+        ExportError when there is none, or one has no name (the fp16 and int8 tools exclude nodes by name)."""
         weights = {init.name: tuple(init.dims) for init in graph.initializer}
-        return [node.name for node in graph.node
-                if node.op_type == "MatMul" and len(node.input) > 1 and weights.get(node.input[1]) in self.shapes]
+        found = [node.name for node in graph.node
+                 if node.op_type == "MatMul" and len(node.input) > 1 and weights.get(node.input[1]) in self.shapes]
+        if not found or not all(found):
+            what = "none is in the graph" if not found else "one of them has no name"
+            raise ExportError(f"{component}: the export keeps the MatMuls with weights "
+                              f"{', '.join('x'.join(map(str, shape)) for shape in self.shapes)} in fp32, but {what}")
+        return found
 
     def to_json(self, found: int) -> dict:
         return {"nodes": found, "weight_shapes": [list(shape) for shape in self.shapes], "why": self.why}
 
 
 def modules_kept_fp32(module) -> KeptMatMuls | None:
-    """The Linear layers a transformers model inside ``module`` keeps in fp32 (its ``_keep_in_fp32_modules``: T5's
-    feed-forward output ``wo``, whose activations overflow fp16 in T5 v1.1 and T5-XXL), or None when it keeps none."""
+    """The Linear layers a transformers model inside ``module`` keeps in fp32 (its ``_keep_in_fp32_modules``), or None.
+
+    T5's feed-forward output ``wo``: its outputs pass fp16's 65504 in T5 v1.1 and T5-XXL, and transformers keeps it out
+    of 8-bit too ("to make 8bit quantization work for google/flan-t5-xxl"): the activations entering it have outliers.
+    """
     import torch
 
-    shapes, owners = set(), set()
-    for sub in module.modules():
+    shapes, owners, owner_paths = set(), set(), []
+    for path, sub in module.named_modules():
         keep = getattr(sub, "_keep_in_fp32_modules", None)
-        if not keep:
+        if not keep or any(path.startswith(owner + ".") for owner in owner_paths):  # T5Stack inherits its parent's list
             continue
+        owner_paths.append(path)
         for name, layer in sub.named_modules():
             if isinstance(layer, torch.nn.Linear) and any(part in keep for part in name.split(".")):
                 shapes.add((layer.in_features, layer.out_features))
-                owners.add(f"{type(sub).__name__}._keep_in_fp32_modules = {list(keep)}")
+                owners.add(f"{type(sub).__name__}._keep_in_fp32_modules {sorted(keep)}")
     if not shapes:
         return None
-    return KeptMatMuls(tuple(sorted(shapes)), f"{', '.join(sorted(owners))}: transformers keeps these layers fp32 (their "
-                       "outputs overflow fp16) and unquantized")
+    return KeptMatMuls(tuple(sorted(shapes)), f"{', '.join(sorted(owners))}: transformers keeps these layers out of fp16 "
+                       "(their outputs overflow it) and of 8-bit quantization (outliers in their inputs)")
 
 
 def convert_to_fp16(src: Path, out: Path, keep_fp32_ops: list[str], fp32_attention_scores: str | None = None,
@@ -79,10 +89,7 @@ def convert_to_fp16(src: Path, out: Path, keep_fp32_ops: list[str], fp32_attenti
     if fp32_attention_scores and not score_nodes:
         raise ExportError(f"{src.name}: the fp16 policy keeps attention scores fp32 ({fp32_attention_scores}), but no "
                           "MatMul -> Softmax attention was found in the graph")
-    matmul_nodes = kept_matmuls.nodes(model.graph) if kept_matmuls else []
-    if kept_matmuls and not matmul_nodes:
-        raise ExportError(f"{src.name}: the fp16 policy keeps MatMuls with weights {list(kept_matmuls.shapes)} fp32, but "
-                          "the graph has none")
+    matmul_nodes = kept_matmuls.nodes(model.graph, src.name.split(".")[0]) if kept_matmuls else []
     policy = set(score_nodes) | set(matmul_nodes) | {node.name for node in model.graph.node if node.op_type in keep_fp32_ops}
     converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=block_list,
                                          node_block_list=score_nodes + matmul_nodes, disable_shape_infer=True)
@@ -130,29 +137,32 @@ def attention_score_nodes(graph: onnx.GraphProto) -> list[str]:
 
 
 def _keep_fp32_between(graph: onnx.GraphProto, kept: set[str]) -> int:
-    """Drop the fp32 -> fp16 -> fp32 Cast round trips the converter puts between two kept nodes (a score, or T5's
-    residual stream, through fp16 is what overflows); returns how many tensors now pass in fp32."""
+    """Drop the fp32 -> fp16 -> fp32 Cast round trips the converter puts between two kept nodes, or between an fp32 graph
+    input and kept nodes (a score, or T5's residual stream, through fp16 is what overflows); returns how many tensors
+    now pass in fp32."""
     producer = {out: node for node in graph.node for out in node.output}
     consumers: dict[str, list[onnx.NodeProto]] = collections.defaultdict(list)
     for node in graph.node:
         for name in node.input:
             consumers[name].append(node)
     dead, rewired, fp32_tensors = set(), 0, set()
-    graph_outputs = {output.name for output in graph.output}  # a Cast that writes one stays (keep_io_types' last Cast)
+    graph_outputs = {output.name for output in graph.output}
+    fp32_inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}  # keep_io_types'
     for down in [n for n in graph.node if n.op_type == "Cast" and _cast_to(n) == onnx.TensorProto.FLOAT]:
-        if down.output[0] in graph_outputs:
+        if not consumers[down.output[0]] or down.output[0] in graph_outputs:  # keep_io_types' last Cast writes the output
             continue
         up = producer.get(down.input[0])
         if up is None or up.op_type != "Cast" or _cast_to(up) != onnx.TensorProto.FLOAT16:
             continue
         source = producer.get(up.input[0])
-        if source is None or source.name not in kept or not all(c.name in kept for c in consumers[down.output[0]]):
+        from_fp32 = up.input[0] in fp32_inputs if source is None else source.name in kept
+        if not from_fp32 or not all(c.name in kept for c in consumers[down.output[0]]):
             continue
         for consumer in consumers[down.output[0]]:
             consumer.input[:] = [up.input[0] if name == down.output[0] else name for name in consumer.input]
         fp32_tensors.add(up.input[0])
         dead.add(id(down))
-        if all(id(c) in dead for c in consumers[up.output[0]]):  # the fp16 copy feeds nothing else now
+        if up.output[0] not in graph_outputs and all(id(c) in dead for c in consumers[up.output[0]]):  # the fp16 copy feeds nothing else now
             dead.add(id(up))
         rewired += 1
     stale = [v for v in graph.value_info if v.name in fp32_tensors]  # the converter declared them fp16
@@ -166,26 +176,30 @@ def _keep_fp32_between(graph: onnx.GraphProto, kept: set[str]) -> int:
 
 
 def _sort_topologically(graph: onnx.GraphProto) -> None:
-    """Order the nodes so each comes after its inputs' producers, as ONNX requires (the converter appends some of its
-    Casts after their consumers; onnxruntime sorts by itself, ONNX's reference evaluator and TensorRT's parser do not)."""
+    """Put each node after its inputs' producers, as ONNX requires (the converter appends some of its Casts after their
+    consumers; onnxruntime sorts by itself, ONNX's checker and reference evaluator do not). Order-preserving: nodes
+    keep their places but for a producer that came late, which moves up to just before its first consumer."""
     producer = {out: index for index, node in enumerate(graph.node) for out in node.output if out}  # "": an omitted optional output
-    waiting = [sum(1 for name in set(node.input) if name in producer) for node in graph.node]
-    consumers: dict[int, list[int]] = collections.defaultdict(list)
-    for index, node in enumerate(graph.node):
-        for name in set(node.input):
-            if name in producer:
-                consumers[producer[name]].append(index)
-    ready = collections.deque(index for index, count in enumerate(waiting) if count == 0)
-    order = []
-    while ready:
-        index = ready.popleft()
-        order.append(index)
-        for consumer in consumers[index]:
-            waiting[consumer] -= 1
-            if waiting[consumer] == 0:
-                ready.append(consumer)
-    if len(order) != len(graph.node):
-        raise ValueError("fp16 conversion left a cycle in the graph")
+    state = [0] * len(graph.node)  # 0 not placed, 1 being placed (its producers first), 2 placed
+    order: list[int] = []
+    for start in range(len(graph.node)):
+        stack = [(start, False)]
+        while stack:
+            index, producers_placed = stack.pop()
+            if producers_placed:
+                state[index] = 2
+                order.append(index)
+                continue
+            if state[index] == 2:
+                continue
+            if state[index] == 1:
+                raise ExportError(f"fp16 conversion left a cycle in the graph at node '{graph.node[index].name}'")
+            state[index] = 1
+            stack.append((index, True))
+            for name in reversed(graph.node[index].input):
+                before = producer.get(name)
+                if before is not None and state[before] != 2:
+                    stack.append((before, False))
     nodes = [graph.node[index] for index in order]
     del graph.node[:]
     graph.node.extend(nodes)

@@ -90,11 +90,15 @@ class Pipeline:
         started = time.perf_counter()
         manifest = read_manifest(engine_dir)
         runtime_backend = get_backend(backend)
+        family = family_class(manifest.family)
+        components = [manifest.components[name] for name in family.check_components(manifest)]
+        for info in components:  # before gigabytes are hashed, or engines built, for a graph the backend cannot run
+            refused = runtime_backend.cannot_run(info)
+            if refused:
+                raise EngineError(refused)
         usable, why = runtime_backend.available()  # before gigabytes are hashed for a backend that cannot run here
         if not usable:
             raise EngineError(f"backend '{backend}' is not available: {why}")
-        family = family_class(manifest.family)
-        components = [manifest.components[name] for name in family.check_components(manifest)]
         files = {name: entry for tokenizer in manifest.tokenizers.values() for name, entry in tokenizer["files"].items()}
         files.update(manifest.data["scheduler"]["files"])
         for info in components:

@@ -57,6 +57,11 @@ class Backend(ABC):
     @abstractmethod
     def load(self, info: ComponentInfo, path: Path) -> Engine: ...
 
+    def cannot_run(self, info: ComponentInfo) -> str | None:
+        """Why this backend cannot run ``info`` as exported (its precision, its ops), or None: asked of every component
+        before anything is hashed, built or loaded."""
+        return None
+
     def graph_for(self, info: ComponentInfo) -> tuple[str, dict[str, dict]]:
         """(the graph file this backend loads for ``info``, every file that graph reads with its manifest entry)."""
         return info.file, info.files

@@ -168,6 +168,12 @@ class TensorRTBackend(Backend):
             return False, f"TensorRT {trt.__version__} is installed but no CUDA device is visible"
         return True, ""
 
+    def cannot_run(self, info: ComponentInfo) -> str | None:
+        if info.precision == "int8":  # the graph is onnxruntime's (MatMulInteger, DynamicQuantizeLinear), not TensorRT's
+            return (f"{info.name} is int8 (onnxruntime's dynamic quantization: MatMulInteger), which TensorRT does not "
+                    "parse; export it in fp16 for TensorRT (for SD3's T5: --t5 fp16)")
+        return None
+
     def key(self, info: ComponentInfo):
         from sdfast.runtime.cuda_device import device_info
         from sdfast.runtime.trt_cache import key_for
@@ -178,9 +184,9 @@ class TensorRTBackend(Backend):
     def load(self, info: ComponentInfo, path: Path) -> Engine:
         from sdfast.runtime import trt_cache
 
-        if info.precision == "int8":  # refused before anything is built: the graph is onnxruntime's, not TensorRT's
-            raise EngineError(f"{info.name} is int8 (onnxruntime's dynamic quantization: MatMulInteger), which TensorRT does "
-                              "not parse; export it in fp16 for TensorRT (for SD3's T5: --t5 fp16)")
+        refused = self.cannot_run(info)
+        if refused:
+            raise EngineError(refused)
         ok, why = self.available()
         if not ok:
             raise EngineError(f"backend 'tensorrt' is not available: {why}")

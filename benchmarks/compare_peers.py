@@ -129,6 +129,10 @@ def lend_small_t5(model: Path, folder: Path) -> Path:
     tokenizer = t5_tokenizer(1000)
     tokenizer.model_max_length = 256
     tokenizer.save_pretrained(folder / "tokenizer_3")
+    settings = json.loads((folder / "tokenizer_3" / "tokenizer_config.json").read_text())
+    if isinstance(settings.get("extra_special_tokens"), list):  # transformers 5 writes a list; the peers' 4.x reads a dict
+        del settings["extra_special_tokens"]
+        (folder / "tokenizer_3" / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
     index = json.loads((model / "model_index.json").read_text())
     index.update(text_encoder_3=["transformers", "T5EncoderModel"], tokenizer_3=["transformers", "T5TokenizerFast"])
     source.write_text(str(model.resolve()))

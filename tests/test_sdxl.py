@@ -73,7 +73,10 @@ def test_the_manifest_records_what_makes_it_sdxl(sdxl_engine, reference):
     assert manifest.tokenizers["text_encoder_2"]["pad_id"] == reference.tokenizer_2.pad_token_id == 0  # OpenCLIP with "!"
     assert manifest.model["time_ids"] == "size" and manifest.model["force_zeros_for_empty_prompt"] is True
     unet = manifest.components["unet"]
-    assert [t.name for t in unet.inputs] == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    names = [t.name for t in unet.inputs]
+    assert names[:5] == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    # ControlNet residuals: conv_in's, one per resnet and downsampler of the 2 down blocks (1 resnet each), the mid block's
+    assert names[5:] == [f"down_block_residual_{i}" for i in range(4)] + ["mid_block_residual"]
     assert unet.input("encoder_hidden_states").shape[-1] == reference.unet.config.cross_attention_dim == 64  # 32 + 32
     assert unet.input("time_ids").shape == (2, 6) and "cpu" in unet.variants
 

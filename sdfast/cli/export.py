@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SD3's T5-XXL text encoder (19 GB in fp32): none (default: zeros in its place, as diffusers without "
                              "it), fp32, fp16 (checked on a small T5 only: T5-XXL's feed-forward outputs overflow fp16, which the "
                              "export's parity check would refuse) or int8 (onnxruntime's dynamic quantization of its MatMuls)")
+    parser.add_argument("--no-controlnet-inputs", dest="controlnet_inputs", action="store_false",
+                        help="export the U-Net without its ControlNet residual inputs (fed zeros when no ControlNet runs); "
+                             "such an engine dir cannot take ControlNets (sdfast export-controlnet)")
     parser.add_argument("--family", help=f"the model family, overriding what model_index.json's pipeline class implies ({', '.join(FAMILIES)})")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
@@ -37,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     request = ExportRequest(
         model=args.model, out=args.out, height=args.height, width=args.width, batch=args.batch,
         precision=args.precision, guidance=args.guidance, force=args.force, family=args.family, max_prompt_chunks=args.max_prompt_chunks, cpu_variant=args.cpu_variant,
-        t5=args.t5,
+        t5=args.t5, controlnet_inputs=args.controlnet_inputs,
     )
     check_request(request)  # refuse bad shapes and paths before importing torch
     export_engine(request, ElapsedLog("export"))

@@ -37,6 +37,7 @@ class ExportRequest:
     max_prompt_chunks: int | None = None  # None: the recipe's default; prompts up to this many 75-token chunks
     cpu_variant: bool = True  # also save each graph fully optimized for onnxruntime's CPU provider (fast cold start)
     t5: str | None = None  # SD3's T5-XXL: none (zeros, the default), fp32, fp16 or int8 (dynamic MatMul quantization)
+    controlnet_inputs: bool = True  # the U-Net takes ControlNet residuals (zeros without one); False: the plain graph
 
 
 def check_request(request: ExportRequest) -> None:

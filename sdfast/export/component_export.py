@@ -184,7 +184,7 @@ def graphs(request, component, raw_path: Path, staging: Path, label: str, progre
     if request.cpu_variant:
         rewritten = raw_dir / f"{name}.cpu.onnx"
         try:
-            rewrites = rewrite_for_cpu(raw_path, rewritten, winograd=component.role == "denoiser")
+            rewrites = rewrite_for_cpu(raw_path, rewritten, winograd=component.role in ("denoiser", "controlnet"))
         except Exception as error:  # noqa: BLE001 - a rewrite that fails leaves the plain graph, said in one line
             progress(f"{label}: CPU rewrites skipped ({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''})")
             rewritten, rewrites = raw_path, {"skipped": True}

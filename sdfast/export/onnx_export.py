@@ -45,8 +45,12 @@ def export_to_onnx(module: torch.nn.Module, recipe: ComponentRecipe, inputs: dic
         )
     weights_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
+        model = module.eval()
+        if _has_varargs(module):  # torch.onnx turns a *args group's shapes into a list, which torch.export refuses
+            model = torch.export.export(model, args, dynamic_shapes=_group_varargs(module, dynamic_shapes or (None,) * len(args)))
+            dynamic_shapes = None
         program = torch.onnx.export(
-            module.eval(),
+            model,
             args,
             input_names=[t.name for t in recipe.inputs],
             output_names=[t.name for t in recipe.outputs],
@@ -57,6 +61,22 @@ def export_to_onnx(module: torch.nn.Module, recipe: ComponentRecipe, inputs: dic
         )
         program.save(str(path), external_data=weights_bytes > EXTERNAL_DATA_THRESHOLD)
     _check_static(path, recipe)
+
+
+def _has_varargs(module: torch.nn.Module) -> bool:
+    """Whether ``forward`` ends in ``*args`` (the U-Net's ControlNet residuals)."""
+    import inspect
+
+    parameters = list(inspect.signature(module.forward).parameters.values())
+    return bool(parameters) and parameters[-1].kind is inspect.Parameter.VAR_POSITIONAL
+
+
+def _group_varargs(module: torch.nn.Module, dynamic_shapes: tuple) -> tuple:
+    """torch.export reads a forward's ``*args`` as one tuple: group their shape specs alike."""
+    import inspect
+
+    named = len(inspect.signature(module.forward).parameters) - 1
+    return (*dynamic_shapes[:named], tuple(dynamic_shapes[named:]))
 
 
 def _check_static(path: Path, recipe: ComponentRecipe) -> None:

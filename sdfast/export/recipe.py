@@ -89,7 +89,8 @@ class Recipe:
 
     @property
     def component_names(self) -> list[str]:
-        return list(self.data["components"])
+        """The components ``sdfast export`` writes: every one but the adapters (ControlNets), added to an engine dir later."""
+        return [name for name, spec in self.data["components"].items() if not spec.get("adapter", False)]
 
     def dynamic_dims(self, dims: dict[str, int]) -> dict[str, DynamicDim]:
         """The recipe's dynamic axes with their bounds resolved from ``dims``."""
@@ -131,8 +132,18 @@ class Recipe:
             return tuple(resolved)
 
         inputs, outputs = resolve(spec["inputs"]), resolve(spec["outputs"])
+        # ControlNet residuals: a list the family module derives from the U-Net's blocks, [(name, (C, h, w)), ...]
+        inputs += residual_tensors(dims, spec.get("residual_inputs"))
+        outputs += residual_tensors(dims, spec.get("residual_outputs"))
         return ComponentRecipe(
             name, inputs, outputs, float(tolerance), used, precision,
             tuple(spec.get("fp16_keep_fp32_ops", ())), whole_fp32_reason, spec.get("ort_model_type"), spec["role"],
             bool(spec.get("optional", False)),
         )
+
+
+def residual_tensors(dims: dict, key: str | None) -> tuple[ResolvedTensor, ...]:
+    """The ControlNet residuals ``dims[key]`` lists, each [unet_batch, C, h, w] float32; none when the key is unset."""
+    if key is None:
+        return ()
+    return tuple(ResolvedTensor(name, (int(dims["unet_batch"]), *map(int, shape)), "float32") for name, shape in dims.get(key, ()))

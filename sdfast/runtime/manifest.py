@@ -13,7 +13,7 @@ from sdfast.errors import EngineError
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "sdfast-engine"
 FORMAT_VERSION = 3  # 3: tokenizers by the component they feed, component roles, the latent block, the parametrization
-ROLES = ("text_encoder", "denoiser", "vae_decoder", "vae_encoder")  # what a component does; a family may have several text encoders
+ROLES = ("text_encoder", "denoiser", "vae_decoder", "vae_encoder", "controlnet")  # what a component does; a family may have several text encoders
 _HASH_CHUNK = 8 << 20
 
 

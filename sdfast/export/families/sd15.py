@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdfast.export.controlnet_residuals import residual_shapes
 from sdfast.export.recipe import ComponentRecipe
 from sdfast.export.staging import copy_tokenizer
 from sdfast.export.source import load_or_refuse, read_scheduler_config
@@ -60,14 +61,26 @@ class TextEncoder(torch.nn.Module):
 
 
 class UNet(torch.nn.Module):
-    """(sample [B, C, h, w], timestep [B], encoder_hidden_states [B, 77, D]) -> noise_pred [B, 4, h, w]."""
+    """(sample [B, C, h, w], timestep [B], encoder_hidden_states [B, 77, D], *ControlNet residuals) -> noise_pred [B, 4, h, w].
+
+    The residuals (down blocks', then the mid block's; see controlnet_residuals) are added to the skip connections as
+    diffusers' down_block_additional_residuals and mid_block_additional_residual; an export without them has none.
+    """
 
     def __init__(self, model: LoadedModel):
         super().__init__()
         self.unet = model.unet
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, *residuals):
+        control = residual_arguments(residuals)
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False, **control)[0]
+
+
+def residual_arguments(residuals: tuple) -> dict:
+    """The U-Net's ControlNet keyword arguments from the residual inputs (down blocks', then the mid block's)."""
+    if not residuals:
+        return {}
+    return {"down_block_additional_residuals": tuple(residuals[:-1]), "mid_block_additional_residual": residuals[-1]}
 
 
 class VaeDecoder(torch.nn.Module):
@@ -141,6 +154,8 @@ def dimensions(request, recipe, model: LoadedModel) -> dict[str, int]:
         "latent_channels": int(model.vae.config.latent_channels), "unet_in_channels": int(model.unet.config.in_channels),
         "text_length": text_length, "text_hidden": int(model.text_encoder.config.hidden_size),
         "max_text_chunks": request.max_prompt_chunks or int(recipe.defaults.get("max_text_chunks", 1)),
+        "control_residuals": residual_shapes(model.unet, height // factor, width // factor)
+        if getattr(request, "controlnet_inputs", True) else [],
     }
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from sdfast.export.families import sd15
-from sdfast.export.families.sd15 import VaeDecoder, VaeEncoder
+from sdfast.export.controlnet_residuals import residual_shapes
+from sdfast.export.families.sd15 import VaeDecoder, VaeEncoder, residual_arguments
 from sdfast.export.recipe import ComponentRecipe
 from sdfast.export.source import load_or_refuse, read_model_index, read_scheduler_config
 from sdfast.export.staging import copy_tokenizer
@@ -106,15 +107,17 @@ class TextEncoder2(ProjectedTextEncoder):
 
 
 class UNet(torch.nn.Module):
-    """(sample, timestep, encoder_hidden_states, text_embeds [B, 1280], time_ids [B, 6 or 5]) -> noise_pred [B, 4, h, w]."""
+    """(sample, timestep, encoder_hidden_states, text_embeds [B, 1280], time_ids [B, 6 or 5], *ControlNet residuals)
+    -> noise_pred [B, 4, h, w] (the residuals as in sd15.UNet)."""
 
     def __init__(self, model: LoadedModel):
         super().__init__()
         self.unet = model.unet
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, *residuals):
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added, return_dict=False,
+                         **residual_arguments(residuals))[0]
 
 
 # The fp16 rules are SD 1.x's: the fp16-fix VAE runs fp16, upcast_attention keeps attention scores fp32.
@@ -170,6 +173,8 @@ def dimensions(request, recipe, model: LoadedModel) -> dict[str, int]:
         "text_hidden_2": hidden[-1], "context_dim": int(model.unet.config.cross_attention_dim),
         "pooled_dim": int(model.text_encoder_2.config.projection_dim), "time_ids_dim": 5 if model.requires_aesthetics_score else 6,
         "max_text_chunks": request.max_prompt_chunks or int(recipe.defaults.get("max_text_chunks", 1)),
+        "control_residuals": residual_shapes(model.unet, height // factor, width // factor)
+        if getattr(request, "controlnet_inputs", True) else [],
     }
 
 

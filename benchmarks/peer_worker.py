@@ -258,6 +258,7 @@ class SdfastPeer:
         extra = {}
         if "layer_keep" in [t.name for t in self.engine.info.inputs]:  # SD3: every transformer block kept
             extra["layer_keep"] = np.ones(self.engine.info.input("layer_keep").shape, dtype=np.float32)
+        extra.update(self.pipeline.zero_residuals)  # the ControlNet residuals, zeros as generate feeds them without one
         return {**inputs, **extra, "timestep": np.full(2, 500.0, dtype=np.float32)}
 
     def unet(self, feeds):

@@ -97,7 +97,8 @@ def measure_engine(backend: str, engine: Path, unguided: Path | None, repeat: in
     rng = np.random.default_rng(0)
     batch, latent = geometry["batch"], (geometry["latent_channels"], geometry["latent_height"], geometry["latent_width"])
     # The family's own conditioning (every text encoder, as a request runs them): the U-Net's named inputs, whatever the family.
-    conditioning = pipeline.family.conditioning(PROMPT, "", 1, bool(geometry["guidance"]), [])  # each [unet_batch, ...]
+    # each [unet_batch, ...]; the ControlNet residuals' zeros, as generate feeds them without a ControlNet
+    conditioning = {**pipeline.family.conditioning(PROMPT, "", 1, bool(geometry["guidance"]), []), **pipeline.zero_residuals}
 
     def unet_feeds(unet_batch: int, in_channels: int) -> dict[str, np.ndarray]:
         # rows repeated to the engine's batch; a per-call array (SD3's layer_keep, one entry per block) as it is

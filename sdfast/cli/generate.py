@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slg-scale", type=float, help="skip-layer guidance scale (default 2.8, diffusers')")
     parser.add_argument("--slg-start", type=float, help="skip-layer guidance starts after this fraction of the steps (default 0.01)")
     parser.add_argument("--slg-stop", type=float, help="and stops before this fraction (default 0.2)")
+    from sdfast.cli import control_args
+
+    control_args.add_arguments(parser)
     parser.add_argument("--backend", default="cpu", help="execution backend: cpu, cuda (onnxruntime-gpu) or tensorrt (default cpu); the GPU ones keep the sampler loop on the device")
     parser.add_argument("--verify", default="full", choices=("full", "size"), help="check engine files by sha256 (full) or size only")
     parser.add_argument("-o", "--output", type=Path, default=Path("sdfast.png"),
@@ -91,6 +94,11 @@ def run(args: argparse.Namespace) -> int:
         defaults = SkipLayerGuidance()
         slg = SkipLayerGuidance(layers, *(default if value is None else value for value, default in (
             (args.slg_scale, defaults.scale), (args.slg_start, defaults.start), (args.slg_stop, defaults.stop))))
+    control = ()
+    if args.control or args.control_module:
+        from sdfast.cli.control_args import control_units
+
+        control = control_units(args, checker.width, checker.height)
     cfg = args.cfg if args.cfg is not None else checker.default_cfg_scale
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative, cfg_scale=cfg, seed=args.seed,
@@ -98,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         sampler=args.sampler if args.sampler is not None else checker.default_sampler or "euler",
         height=args.height, width=args.width, batch_size=args.batch_size, n_iter=args.n_iter,
         clip_skip=args.clip_skip, init_image=init_image, mask=mask, strength=args.strength, eta=args.eta, refiner_switch=refiner_switch,
-        skip_layer_guidance=slg,
+        skip_layer_guidance=slg, control=control,
     )
     prepared = checker.prepare(request)
     paths = output_paths(args.output, prepared.batch * args.n_iter)

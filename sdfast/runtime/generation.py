@@ -26,6 +26,7 @@ class GenerationRequest:
     refiner_switch: float | None = None  # hand over to the attached refiner at this fraction of the schedule (SDXL), or None
     seeds: list[int] | None = None  # one seed per image (batch_size x n_iter), instead of seed, seed + 1, ... (the server's micro-batches)
     skip_layer_guidance: SkipLayerGuidance | None = None  # SD3.5's skip-layer guidance, or None
+    control: tuple = ()  # ControlNet units (runtime.control.ControlUnit), their residuals summed
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class StageTimings:
     unet_steps: list[float] = field(default_factory=list)
     vae_decode: float = 0.0
     total: float = 0.0
+    controlnet_s: float = 0.0  # of the U-Net steps, the seconds the ControlNets took (each step's time includes them)
     host_queue_s: float | None = None  # device loops: host seconds spent queuing the steps (the GPU waits only if this exceeds them)
 
     def summary(self) -> dict[str, float]:

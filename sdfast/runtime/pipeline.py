@@ -10,6 +10,8 @@ import numpy as np
 from sdfast import __version__
 from sdfast.errors import EngineError, RequestError, StopSampling
 from sdfast.runtime.backends import Engine, get_backend
+from sdfast.runtime.control import is_residual, step_of
+from sdfast.runtime.controlnets import ControlNets
 from sdfast.runtime.device_loop import LoopInputs, check_finite, run_on_host
 from sdfast.runtime.families import Family, family_class
 from sdfast.runtime.generation import GenerationRequest, GenerationResult, SkipLayerGuidance, StageTimings
@@ -58,6 +60,11 @@ class Pipeline:
         self.latent_shape, self.text_layers, self.inpainting_unet = checker.latent_shape, checker.text_layers, checker.inpainting_unet
         self.max_text_chunks = int(manifest.geometry["max_text_chunks"])  # longest prompt, in 75-token chunks
         self.refiner: Pipeline | None = None  # SDXL's second stage: the schedule's low-noise steps (attach_refiner)
+        self.controlnets = ControlNets(manifest)  # Pipeline.load gives it the backend that loads them on first use
+        # the U-Net's ControlNet residual inputs, zeros when no ControlNet runs: np.zeros maps the zero page, so
+        # they cost no memory until written, and the GPU loops bind them once with the rest of the conditioning
+        self.zero_residuals = {spec.name: np.zeros(spec.shape, dtype=np.float32)
+                               for spec in engines[manifest.denoiser].info.inputs if is_residual(spec.name)}
 
     def attach_refiner(self, refiner: "Pipeline") -> None:
         """Let requests with ``refiner_switch`` hand their latents to ``refiner`` there, as diffusers' denoising_end/start."""
@@ -117,6 +124,7 @@ class Pipeline:
         for input_name in ("sample", "timestep"):  # the denoiser's own inputs; the family checks what it feeds
             engines[manifest.denoiser].info.input(input_name)
         pipeline = cls(manifest, engines, family(manifest, engines), scheduler_config, backend)
+        pipeline.controlnets = ControlNets(manifest, runtime_backend, verify)
         finished = time.perf_counter()
         pipeline.load_timings = {"verify_s": verified - started, "engines_s": finished - verified, "total_s": finished - started}
         return pipeline
@@ -130,7 +138,9 @@ class Pipeline:
     # -- stages ---------------------------------------------------------------------------------------
 
     def _unet_function(self, conditioning: dict[str, np.ndarray], cfg_scale: float, use_cfg: bool, timings: StageTimings,
-                       masked: np.ndarray | None, skip_layers: SkipLayerGuidance | None = None, steps: int = 0):
+                       masked: np.ndarray | None, skip_layers: SkipLayerGuidance | None = None, steps: int = 0, control=None):
+        """The guided denoiser call ``predict(x_in, timestep)``; ``control(x_rows, timesteps, timestep)`` gives the
+        ControlNets' residuals for that call (None: the zeros in ``conditioning`` stay)."""
         engine = self.engines[self.manifest.denoiser]
         label = self.manifest.denoiser_label  # for errors
         unet_batch = self.batch_size * (2 if self.guidance else 1)
@@ -146,7 +156,11 @@ class Pipeline:
             sample = np.concatenate([sample, sample]) if self.guidance else sample  # sample: [unet_batch, C, h, w]
             timesteps = np.full((unet_batch,), timestep, dtype=np.float32)
             started = time.perf_counter()
-            (output,) = engine.run({**conditioning, "sample": sample, "timestep": timesteps})
+            feeds = conditioning
+            if control is not None:  # the ControlNets see the latents without an inpainting U-Net's mask channels
+                residuals = control(np.concatenate([x_in, x_in]) if self.guidance else x_in, timesteps, timestep)
+                feeds = {**conditioning, **residuals} if residuals else conditioning
+            (output,) = engine.run({**feeds, "sample": sample, "timestep": timesteps})
             timings.unet_steps.append(time.perf_counter() - started)
             check_finite(label, output)
             if not self.guidance:
@@ -183,7 +197,7 @@ class Pipeline:
         timings = StageTimings(
             text_encoder=batches[0].timings.text_encoder, vae_encode=batches[0].timings.vae_encode,
             unet_steps=[t for b in batches for t in b.timings.unet_steps], vae_decode=sum(b.timings.vae_decode for b in batches),
-            total=sum(b.timings.total for b in batches),
+            total=sum(b.timings.total for b in batches), controlnet_s=sum(b.timings.controlnet_s for b in batches),
             host_queue_s=None if batches[0].timings.host_queue_s is None else sum(b.timings.host_queue_s or 0.0 for b in batches),
         )
         return GenerationResult(
@@ -208,10 +222,11 @@ class Pipeline:
         use_cfg = self.guidance and request.cfg_scale > 1  # as diffusers: guidance only above 1
 
         stage = time.perf_counter()
-        conditioning = self.family.conditioning(request.prompt, request.negative_prompt, request.clip_skip, use_cfg, warnings)
+        conditioning = {**self.family.conditioning(request.prompt, request.negative_prompt, request.clip_skip, use_cfg, warnings),
+                        **self.zero_residuals}
         if second:
-            second["conditioning"] = self.refiner.family.conditioning(
-                request.prompt, request.negative_prompt, request.clip_skip, use_cfg, [])
+            second["conditioning"] = {**self.refiner.family.conditioning(
+                request.prompt, request.negative_prompt, request.clip_skip, use_cfg, []), **self.refiner.zero_residuals}
         timings.text_encoder = time.perf_counter() - stage
 
         source = None
@@ -289,15 +304,28 @@ class Pipeline:
         masked = None
         if source is None:
             x = draw() * np.float32(plan.initial_noise_scale)  # x: [B, 4, h, w], VE form
-            # the device loop's tables have no third (skip-layer) call: such requests take the numpy loop
-            table = self._table(request, spec, plan) if stop_after is None and request.skip_layer_guidance is None else None
+            # the device loop's tables have no third (skip-layer) call and no ControlNet: such requests take the numpy loop
+            tabulated = stop_after is None and request.skip_layer_guidance is None and not request.control
+            table = self._table(request, spec, plan) if tabulated else None
             if table is not None:
                 return self._sample_tabulated(table, x, draw, conditioning, request.cfg_scale, use_cfg, timings, progress)
         else:
             x, masked = source.initial_latents(draw, plan, strength, self.inpainting_unet)
 
+        control = None
+        if request.control:
+            units = tuple(request.control)
+
+            def control(x_rows: np.ndarray, timesteps: np.ndarray, timestep: float):  # the step's residuals, or None
+                started = time.perf_counter()
+                residuals = self.controlnets.residuals(units, conditioning, x_rows, timesteps, step_of(timestep, plan.timesteps),
+                                                       plan.steps, use_cfg)
+                timings.controlnet_s += time.perf_counter() - started
+                return residuals
+
         denoiser = _LatestEstimate(Denoiser(
-            self._unet_function(conditioning, request.cfg_scale, use_cfg, timings, masked, request.skip_layer_guidance, request.steps),
+            self._unet_function(conditioning, request.cfg_scale, use_cfg, timings, masked, request.skip_layer_guidance, request.steps,
+                                control),
             self.manifest.prediction_type,
             lambda sigma: plan.timestep_for(sigma, self.schedule),
         ))
@@ -388,6 +416,7 @@ class Pipeline:
                 "Refiner": f"{self.refiner.manifest.model_name} [{self.refiner.manifest.model_hash}]" if request.refiner_switch else None,
                 "Refiner switch at": request.refiner_switch,
                 "Skip layer guidance": _slg_text(request.skip_layer_guidance),
+                **dict(unit.infotext(index, self.controlnets.model_hash(unit.model)) for index, unit in enumerate(request.control)),
                 "Interrupted": stopped,  # "after k of n steps": the image is the x0 estimate of step k
                 "Version": f"sdfast {__version__}",
             },

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 MAX_STEPS = 1000  # the one step limit (CLI, Python API, HTTP): the training schedule's 1000 timesteps, past which diffusers refuses
 MAX_ITERATIONS = 10000
 DEFAULT_STRENGTH = 0.75  # A1111's img2img denoising strength
+MAX_CONTROL_UNITS = 8  # ControlNet units per request (A1111's default UI shows 3)
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,29 @@ class RequestChecker:
             raise RequestError(f"clip skip must be an integer from 1 to the text encoder's {self.text_layers} layers, not {request.clip_skip}")
         self._check_images(request)
         self._check_skip_layers(request)
+        self._check_control(request)
         return batch
+
+    def _check_control(self, request: "GenerationRequest") -> None:
+        from sdfast.runtime.control import is_residual
+        from sdfast.runtime.controlnets import ControlNets
+
+        units = request.control
+        if not units:
+            return
+        if not isinstance(units, (tuple, list)):
+            raise RequestError("control must be a list of ControlNet units")
+        if len(units) > MAX_CONTROL_UNITS:
+            raise RequestError(f"at most {MAX_CONTROL_UNITS} ControlNet units per request, not {len(units)}")
+        denoiser = self.manifest.components[self.manifest.denoiser]
+        if not any(is_residual(spec.name) for spec in denoiser.inputs):
+            raise RequestError(f"this engine dir's {self.manifest.denoiser_label} takes no ControlNet residuals (exported with "
+                               "--no-controlnet-inputs, before sdfast had ControlNet, or of a family without it): re-export it")
+        if request.refiner_switch is not None:
+            raise RequestError("ControlNet with a refiner is not supported: the refiner's U-Net has other residuals")
+        for unit in units:
+            unit.check(self.height, self.width)
+        ControlNets(self.manifest).check(tuple(units))
 
     def _check_skip_layers(self, request: "GenerationRequest") -> None:
         slg = request.skip_layer_guidance

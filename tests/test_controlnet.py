@@ -1,0 +1,214 @@
+"""ControlNet: small random ControlNets added to exported engine dirs run as diffusers' ControlNet pipelines do
+(txt2img, img2img, inpainting, SDXL, several at once, guess mode, guidance start and end), and bad input is refused."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from PIL import Image
+
+from sdfast.errors import RequestError
+from sdfast.runtime.control import ControlUnit
+from sdfast.runtime.control_images import control_array, rgb_pixels
+from sdfast.runtime.images import load_init_image, load_mask, psnr
+from sdfast.runtime.manifest import read_manifest
+from sdfast.runtime.pipeline import GenerationRequest, Pipeline
+from tests.conftest import run_cli
+
+PROMPT, NEGATIVE, SIZE = "a lighthouse on a cliff at dawn", "blurry", 64
+
+
+def _export(model: str, out, *controlnets, **options):
+    from sdfast.export.build import ExportRequest, export_engine
+    from sdfast.export.controlnet_export import ControlNetExportRequest, export_controlnet
+
+    engine = export_engine(ExportRequest(model=model, out=out / model, **options))
+    for source, name in controlnets:
+        export_controlnet(ControlNetExportRequest(source, engine, name))
+    return engine
+
+
+def _controlnet(name: str):
+    from sdfast.export.builtin_controlnet import ensure_builtin_controlnet
+
+    return diffusers.ControlNetModel.from_pretrained(ensure_builtin_controlnet(name))
+
+
+def _reference(pipeline_class: str, base: str, controlnet, scheduler_config: dict):
+    from sdfast.export.builtin import ensure_builtin
+
+    options = {"add_watermarker": False} if "XL" in pipeline_class else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = getattr(diffusers, pipeline_class).from_pretrained(ensure_builtin(base), controlnet=controlnet, **options)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(scheduler_config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _uint8(images) -> np.ndarray:
+    return (images * 255).round().astype(np.uint8)
+
+
+def _run(reference, *args, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """diffusers' image (uint8) and final latents for the same call, each from its own seeded generator."""
+    seed = kwargs.pop("seed")
+    image = _uint8(reference(*args, generator=_seeded(seed), output_type="np", **kwargs).images)
+    return image, reference(*args, generator=_seeded(seed), output_type="latent", **kwargs).images.numpy()
+
+
+def _assert_parity(result, expected: tuple[np.ndarray, np.ndarray], without) -> None:
+    """PSNR >= 40 dB against diffusers' image; the latents' gap to diffusers' is tiny, and dwarfed by their gap to the
+    run ``without`` the ControlNet (or with other settings), or the comparison would prove nothing."""
+    image, latents = expected
+    gap = np.abs(result.latents - latents).max()
+    assert result.images.std() > 10 and psnr(result.images, image) >= 40.0
+    assert gap < 1e-3 * np.abs(latents).max(), gap
+    assert np.abs(without.latents - latents).max() > 30 * gap
+
+
+def _seeded(seed: int):
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def engine(sdfast_cache, tmp_path_factory):
+    return _export("tiny", tmp_path_factory.mktemp("control-engines"), ("tiny-controlnet", "canny"), ("tiny-controlnet-2", "depth"))
+
+
+@pytest.fixture(scope="module")
+def pipeline(engine):
+    return Pipeline.load(engine)
+
+
+@pytest.fixture(scope="module")
+def control(images):
+    """The control map: the smooth test picture, at the engine's size (as a depth map would come, made elsewhere)."""
+    return Image.open(images[0]).convert("RGB")
+
+
+def _unit(name: str, image, **options) -> ControlUnit:
+    return ControlUnit(name, control_array(rgb_pixels(image)), **options)
+
+
+def test_the_controlnet_is_a_component_of_the_engine_dir_with_its_parity(engine):
+    manifest = read_manifest(engine)
+    canny = manifest.components["controlnet_canny"]
+    assert canny.role == "controlnet" and "cpu" in canny.variants
+    entry = manifest.data["components"]["controlnet_canny"]
+    assert entry["parity"]["passed"] and entry["parity"]["max_rel"] < 1e-4 and entry["variants"]["cpu"]["parity"]["passed"]
+    assert entry["controlnet"]["name"] == "canny" and entry["controlnet"]["source"]["fingerprint"].startswith("sha256:")
+    residuals = [spec for spec in manifest.components["unet"].inputs if spec.name.endswith("residual") or "_residual_" in spec.name]
+    assert [(spec.name, spec.shape) for spec in canny.outputs] == [(spec.name, spec.shape) for spec in residuals]
+    manifest.verify_files()  # every file the manifest lists, the ControlNets' too, is there with its hash
+
+
+@pytest.mark.parametrize("weight, start, end", [(1.0, 0.0, 1.0), (0.8, 0.0, 0.5), (1.0, 0.25, 1.0)])
+def test_one_controlnet_matches_diffusers_with_guidance_start_and_end(pipeline, control, weight, start, end):
+    reference = _reference("StableDiffusionControlNetPipeline", "tiny", _controlnet("tiny-controlnet"), pipeline.scheduler_config)
+    expected = _uint8(reference(PROMPT, image=control, negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=7.5,
+                                controlnet_conditioning_scale=weight, control_guidance_start=start, control_guidance_end=end,
+                                generator=_seeded(3), output_type="np").images)
+    latents = reference(PROMPT, image=control, negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=7.5,
+                        controlnet_conditioning_scale=weight, control_guidance_start=start, control_guidance_end=end,
+                        generator=_seeded(3), output_type="latent").images.numpy()
+    unit = _unit("canny", control, weight=weight, guidance_start=start, guidance_end=end)
+    result = pipeline.generate(GenerationRequest(PROMPT, NEGATIVE, steps=8, seed=3, control=(unit,)))
+    assert result.images.std() > 10 and psnr(result.images, expected) >= 40.0
+    # the ControlNet, and its window, must matter: the latents' gap to those without it (or with the whole window)
+    # dwarfs their gap to diffusers', or the comparison proves nothing
+    gap = np.abs(result.latents - latents).max()
+    assert gap < 1e-3 * np.abs(latents).max()
+    plain = pipeline.generate(GenerationRequest(PROMPT, NEGATIVE, steps=8, seed=3))
+    assert np.abs(plain.latents - latents).max() > 30 * gap
+    if (start, end) != (0.0, 1.0):
+        whole = pipeline.generate(GenerationRequest(PROMPT, NEGATIVE, steps=8, seed=3, control=(_unit("canny", control, weight=weight),)))
+        assert np.abs(whole.latents - latents).max() > 30 * gap
+    assert f'ControlNet 0: "Module: none, Model: canny [' in result.parameters[0] and f"Guidance Start: {start}" in result.parameters[0]
+
+
+def test_two_controlnets_sum_as_diffusers_multicontrolnet(pipeline, control, images):
+    second = Image.open(images[1]).convert("RGB")  # the mask picture as a second control map
+    reference = _reference("StableDiffusionControlNetPipeline", "tiny", [_controlnet("tiny-controlnet"), _controlnet("tiny-controlnet-2")],
+                           pipeline.scheduler_config)
+    expected = _run(reference, PROMPT, image=[control, second], negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=7.5,
+                    controlnet_conditioning_scale=[0.8, 0.5], control_guidance_start=[0.0, 0.25], control_guidance_end=[1.0, 0.75],
+                    seed=5)
+    first = _unit("canny", control, weight=0.8)
+    units = (first, _unit("depth", second, weight=0.5, guidance_start=0.25, guidance_end=0.75))
+    result = pipeline.generate(GenerationRequest(PROMPT, NEGATIVE, steps=8, seed=5, control=units))
+    _assert_parity(result, expected, without=pipeline.generate(GenerationRequest(PROMPT, NEGATIVE, steps=8, seed=5, control=(first,))))
+    assert "ControlNet 1: " in result.parameters[0] and "Model: depth [" in result.parameters[0]
+
+
+def test_guess_mode_matches_diffusers(pipeline, control):
+    reference = _reference("StableDiffusionControlNetPipeline", "tiny", _controlnet("tiny-controlnet"), pipeline.scheduler_config)
+    expected = _run(reference, PROMPT, image=control, negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=7.5,
+                    guess_mode=True, seed=8)
+    result = pipeline.generate(GenerationRequest(PROMPT, NEGATIVE, steps=8, seed=8, control=(_unit("canny", control, guess_mode=True),)))
+    balanced = pipeline.generate(GenerationRequest(PROMPT, NEGATIVE, steps=8, seed=8, control=(_unit("canny", control),)))
+    _assert_parity(result, expected, without=balanced)
+
+
+def test_img2img_with_a_controlnet_matches_diffusers(pipeline, control, images):
+    reference = _reference("StableDiffusionControlNetImg2ImgPipeline", "tiny", _controlnet("tiny-controlnet"), pipeline.scheduler_config)
+    flipped = control.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    expected = _run(reference, PROMPT, image=Image.open(images[0]), control_image=flipped, strength=0.6, negative_prompt=NEGATIVE,
+                    num_inference_steps=10, guidance_scale=7.5, controlnet_conditioning_scale=0.9, control_guidance_end=0.7, seed=21)
+    request = GenerationRequest(PROMPT, NEGATIVE, steps=10, seed=21, init_image=load_init_image(images[0], SIZE, SIZE, []), strength=0.6)
+    result = pipeline.generate(replace(request, control=(_unit("canny", flipped, weight=0.9, guidance_end=0.7),)))
+    _assert_parity(result, expected, without=pipeline.generate(request))
+
+
+def test_inpainting_with_a_controlnet_matches_diffusers(pipeline, control, images):
+    reference = _reference("StableDiffusionControlNetInpaintPipeline", "tiny", _controlnet("tiny-controlnet"), pipeline.scheduler_config)
+    expected = _run(reference, PROMPT, image=Image.open(images[0]), mask_image=Image.open(images[1]), control_image=control,
+                    strength=0.75, negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=7.5, height=SIZE, width=SIZE,
+                    controlnet_conditioning_scale=1.0, seed=4)  # the inpaint pipeline's default scale is 0.5
+    init, mask = load_init_image(images[0], SIZE, SIZE, []), load_mask(images[1], SIZE, SIZE, [])
+    request = GenerationRequest(PROMPT, NEGATIVE, steps=10, seed=4, init_image=init, mask=mask, strength=0.75)
+    result = pipeline.generate(replace(request, control=(_unit("canny", control),)))
+    _assert_parity(result, expected, without=pipeline.generate(request))
+
+
+def test_sdxl_controlnet_takes_the_added_conditioning_as_diffusers(sdfast_cache, tmp_path_factory, control):
+    engine = _export("tiny-sdxl", tmp_path_factory.mktemp("sdxl-control"), ("tiny-sdxl-controlnet", "canny"), cpu_variant=False)
+    pipeline = Pipeline.load(engine)
+    reference = _reference("StableDiffusionXLControlNetPipeline", "tiny-sdxl", _controlnet("tiny-sdxl-controlnet"), pipeline.scheduler_config)
+    expected = _uint8(reference(PROMPT, image=control, negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=5.0,
+                                controlnet_conditioning_scale=0.9, control_guidance_start=0.1, generator=_seeded(6),
+                                output_type="np").images)
+    unit = _unit("canny", control, weight=0.9, guidance_start=0.1)
+    result = pipeline.generate(GenerationRequest(PROMPT, NEGATIVE, steps=8, cfg_scale=5.0, seed=6, control=(unit,)))
+    plain = pipeline.generate(GenerationRequest(PROMPT, NEGATIVE, steps=8, cfg_scale=5.0, seed=6))
+    assert result.images.std() > 10 and psnr(result.images, expected) >= 40.0 and np.abs(result.latents - plain.latents).max() > 0.05
+    refused = run_cli("export-controlnet", "tiny-controlnet", "--engine", engine, "--name", "sd15net")
+    last = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 2 and last.startswith("sdfast export-controlnet: error: ") and "another base model" in last
+    assert "controlnet_sd15net" not in read_manifest(engine).components and not list(engine.glob("*sd15net*"))
+
+
+def test_a1111_control_modes_scale_the_residuals_as_sd_webui_controlnet(pipeline, control):
+    soft = ControlUnit("canny", np.zeros((1, 3, 2, 2), np.float32), weight=0.5, control_mode="prompt").scales(13)
+    np.testing.assert_allclose(soft, [0.5 * 0.825 ** (12 - i) for i in range(13)], rtol=1e-6)
+    assert ControlUnit("canny", np.zeros(1), control_mode="control").scales(10)[-1] == pytest.approx(0.825 ** 3)  # SDXL's 10
+    np.testing.assert_allclose(ControlUnit("c", np.zeros(1), weight=2.0, guess_mode=True).scales(13), 2 * np.logspace(-1, 0, 13), rtol=1e-6)
+    runs = {mode: pipeline.generate(GenerationRequest(PROMPT, NEGATIVE, steps=6, seed=2, control=(_unit("canny", control, control_mode=mode),)))
+            for mode in ("balanced", "prompt", "control")}
+    assert np.abs(runs["balanced"].latents - runs["prompt"].latents).max() > 0.05
+    assert np.abs(runs["prompt"].latents - runs["control"].latents).max() > 0.05
+    assert 'Control Mode: ControlNet is more important"' in runs["control"].parameters[0]
+
+
+def test_bad_units_are_refused_before_anything_runs(pipeline, control):
+    for unit, message in [
+        (_unit("lineart", control), "unknown ControlNet 'lineart': it has canny, depth"),
+        (_unit("canny", control, weight=2.5), "weight must be from 0 to 2"),
+        (_unit("canny", control, weight=float("nan")), "weight must be from 0 to 2"),
+        (_unit("canny", control, guidance_start=0.8, guidance_end=0.2), "is after its end"),
+        (_unit("canny", control, guess_mode=True, control_mode="prompt"), "choose one"),
+        (ControlUnit("canny", np.zeros((1, 3, 32, 32), np.float32)), "must be a [1, 3, 64, 64] float32 array"),
+    ]:
+        with pytest.raises(RequestError, match=message.replace("[", r"\[").replace("(", r"\(")):
+            pipeline.validate(GenerationRequest(PROMPT, control=(unit,)))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import secrets
 import time
@@ -15,6 +16,7 @@ from sdfast.runtime.images import init_image_array, mask_array, png_bytes
 from sdfast.runtime.pipeline import GenerationRequest, GenerationResult
 from sdfast.sampling.registry import FLOW_SAMPLERS, SAMPLERS, resolve_sampler
 from sdfast.serve.context import ServeContext
+from sdfast.serve.controlnet_api import control_units
 from sdfast.serve.schemas import (
     A1111_STEPS,
     DEFAULT_CFG_SCALE,
@@ -57,7 +59,8 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
 
     @router.get("/sdapi/v1/scripts")
     async def scripts():
-        return {"txt2img": [], "img2img": []}
+        scripts = ["controlnet"] if pipeline.controlnets.names else []  # the alwayson scripts this server runs
+        return {"txt2img": scripts, "img2img": list(scripts)}
 
     @router.get("/sdapi/v1/options")
     async def get_options():
@@ -115,7 +118,8 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
 
     @router.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2ImgRequest, request: Request):
-        generation = _generation(body)
+        control = await asyncio.to_thread(control_units, body, pipeline)  # decoding and canny stay off the event loop
+        generation = dataclasses.replace(_generation(body), control=control)
         results = await ctx.run(generation, request)
         return await asyncio.to_thread(_a1111_response, body, generation, results)
 
@@ -124,7 +128,8 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         if not body.init_images:
             raise FieldError("init_images", "img2img needs one init image (base64)")
         init, mask = await asyncio.to_thread(_images, body)  # decoding and resizing stay off the event loop
-        generation = _generation(body, init, mask, body.denoising_strength)
+        control = await asyncio.to_thread(lambda: control_units(body, pipeline, decode_image("init_images", body.init_images[0])))
+        generation = dataclasses.replace(_generation(body, init, mask, body.denoising_strength), control=control)
         results = await ctx.run(generation, request)
         return await asyncio.to_thread(_a1111_response, body, generation, results)
 

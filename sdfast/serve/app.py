@@ -14,6 +14,7 @@ from sdfast import __version__
 from sdfast.errors import EngineError, SdfastError
 from sdfast.runtime.pipeline import Pipeline
 from sdfast.serve.a1111 import a1111_router
+from sdfast.serve.controlnet_api import controlnet_router
 from sdfast.serve.context import ServeContext, ServeSettings
 from sdfast.serve.edge import BodyLimit, Edge, error_response
 from sdfast.serve.metrics import Metrics
@@ -108,6 +109,7 @@ def create_app(pipeline: Pipeline, settings: ServeSettings) -> FastAPI:
         return PlainTextResponse(metrics.exposition(), media_type="text/plain; version=0.0.4")
 
     app.include_router(a1111_router(ctx))
+    app.include_router(controlnet_router(ctx))
     app.include_router(openai_router(ctx))
     return app
 

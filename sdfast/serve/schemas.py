@@ -88,7 +88,7 @@ class _Request(BaseModel):
     seed_resize_from_w: int = -1  # checked against the engine's size by the route
     seed_resize_from_h: int = -1
     styles: list[str] = Field(default_factory=list)
-    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)  # A1111 extensions (ControlNet, ADetailer, ...): none run here
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)  # A1111 extensions: ControlNet's units run (controlnet_api.py)
 
     @field_validator("width", "height")
     @classmethod
@@ -102,9 +102,10 @@ class _Request(BaseModel):
             if name in type(self).model_fields and getattr(self, name) not in off:
                 return FieldError(name, f"{name} {getattr(self, name)!r} is not supported by sdfast (the image would come out without it); "
                                         f"leave it at {off[0]!r}")
-        if self.alwayson_scripts:
-            return FieldError("alwayson_scripts", f"sdfast runs no A1111 extensions ({', '.join(map(str, self.alwayson_scripts))}); "
-                                                  "send {} (the image would come out without them)")
+        others = [name for name in self.alwayson_scripts if str(name).lower() != "controlnet"]
+        if others:
+            return FieldError("alwayson_scripts", f"sdfast runs no A1111 extension but ControlNet ({', '.join(map(str, others))}); "
+                                                  "leave the others out (the image would come out without them)")
         if self.styles:
             return FieldError("styles", "styles are not supported by sdfast; put the text in the prompt")
         if self.batch_size * self.n_iter > MAX_IMAGES:

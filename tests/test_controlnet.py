@@ -125,7 +125,7 @@ def test_one_controlnet_matches_diffusers_with_guidance_start_and_end(pipeline, 
     if (start, end) != (0.0, 1.0):
         whole = pipeline.generate(GenerationRequest(PROMPT, NEGATIVE, steps=8, seed=3, control=(_unit("canny", control, weight=weight),)))
         assert np.abs(whole.latents - latents).max() > 30 * gap
-    assert f'ControlNet 0: "Module: none, Model: canny [' in result.parameters[0] and f"Guidance Start: {start}" in result.parameters[0]
+    assert 'ControlNet 0: "Module: none, Model: canny [' in result.parameters[0] and f"Guidance Start: {start}" in result.parameters[0]
 
 
 def test_two_controlnets_sum_as_diffusers_multicontrolnet(pipeline, control, images):
@@ -212,3 +212,74 @@ def test_bad_units_are_refused_before_anything_runs(pipeline, control):
     ]:
         with pytest.raises(RequestError, match=message.replace("[", r"\[").replace("(", r"\(")):
             pipeline.validate(GenerationRequest(PROMPT, control=(unit,)))
+
+
+def test_cli_controlnet_runs_and_bad_input_is_one_line_and_exit_2(engine, control, tmp_path, sdfast_cache):
+    from tests.conftest import visible_lines
+
+    control_path = tmp_path / "control.png"
+    control.save(control_path)
+    out = tmp_path / "out.png"
+    done = run_cli("generate", engine, PROMPT, "--steps", "3", "--control", f"canny:{control_path}:0.8:0:1", "--control", f"depth:{control_path}",
+                   "--control-module", "canny:50:150", "-o", out, "--quiet")
+    assert done.returncode == 0, done.stderr
+    text = Image.open(out).text["parameters"]
+    assert 'ControlNet 0: "Module: canny, Model: canny [' in text and "Threshold A: 50.0" in text and "ControlNet 1: " in text
+    (tmp_path / "notes.txt").write_text("not an image")
+    Image.new("1", (9000, 8000)).save(tmp_path / "huge.png")  # 72 megapixels, cheap as a 1-bit image
+    cases = [
+        ([f"canny:{tmp_path / 'missing.png'}"], [], "control image '" + str(tmp_path / "missing.png") + "' does not exist"),
+        ([f"canny:{tmp_path / 'notes.txt'}"], [], "is not a readable image"),
+        ([f"canny:{tmp_path / 'huge.png'}"], [], "more than 64 megapixels"),
+        ([f"lineart:{control_path}"], [], "unknown ControlNet 'lineart': it has canny, depth"),
+        ([f"canny:{control_path}:3"], [], "weight must be from 0 to 2"),
+        ([f"canny:{control_path}"], ["--control-module", "openpose"], "needs model weights"),
+        ([f"canny:{control_path}"], ["--control-module", "edges"], "unknown preprocessor 'edges'"),
+        (["canny"], [], "is not NAME:IMAGE"),
+    ]
+    for controls, extra, message in cases:
+        bad = tmp_path / "bad.png"
+        args = [item for spec in controls for item in ("--control", spec)]
+        done = run_cli("generate", engine, PROMPT, "--steps", "2", *args, *extra, "-o", bad, "--quiet")
+        lines = visible_lines(done.stderr)
+        assert done.returncode == 2 and len(lines) == 1 and message in lines[0], (message, done.stderr)
+        assert not bad.exists()
+
+
+def test_export_controlnet_refuses_what_does_not_fit(engine, tmp_path, sdfast_cache, control):
+    plain = _export("tiny", tmp_path, cpu_variant=False, controlnet_inputs=False)
+    for args, message in [
+        (["tiny-controlnet", "--engine", plain], "takes no ControlNet residuals"),
+        ([str(tmp_path / "nowhere"), "--engine", engine], "does not exist"),
+        ([str(plain), "--engine", engine, "--name", "x"], "not a diffusers ControlNetModel folder"),
+        (["tiny-controlnet", "--engine", engine, "--name", "canny"], "already has a ControlNet 'canny'; pass --force"),
+        (["tiny-controlnet", "--engine", engine, "--name", "../up"], "must be 1 to 64 letters"),
+        (["tiny-controlnet", "--engine", tmp_path / "none"], "does not exist"),
+    ]:
+        done = run_cli("export-controlnet", *args)
+        assert done.returncode == 2 and message in done.stderr.strip().splitlines()[-1], (message, done.stderr)
+    refused = run_cli("generate", plain, PROMPT, "--control", f"canny:{tmp_path / 'x.png'}", "-o", tmp_path / "o.png")
+    control.save(tmp_path / "x.png")
+    refused = run_cli("generate", plain, PROMPT, "--control", f"canny:{tmp_path / 'x.png'}", "-o", tmp_path / "o.png", "--quiet")
+    assert refused.returncode == 2 and "takes no ControlNet residuals" in refused.stderr
+
+
+def test_resize_modes_and_preprocessors_follow_a1111():
+    cv2 = pytest.importorskip("cv2")
+    from sdfast.runtime.control_images import fit, module_key, preprocess, resize_mode_label
+
+    wide = np.zeros((32, 64, 3), np.uint8)
+    wide[:, :16] = 255  # a white band on the left, the rest black
+    wide[0, :] = wide[-1, :] = 40  # the border's median colour becomes 40
+    assert fit(wide, 32, 32, "Just Resize").shape == (32, 32, 3)
+    cropped = fit(wide, 32, 32, "Crop and Resize")  # the middle 32 columns: the band is cut off
+    assert cropped.shape == (32, 32, 3) and cropped[8:24, :].max() == 0
+    filled = fit(wide, 32, 32, "Resize and Fill")  # 64x32 -> 32x16 in the middle, 8 rows of border colour above and below
+    assert filled.shape == (32, 32, 3) and (filled[:7] == 40).all() and (filled[-7:] == 40).all() and filled[16, 2].min() > 200
+    assert resize_mode_label(0) == "Just Resize" and resize_mode_label("Crop and Resize") == "Crop and Resize" and resize_mode_label(2) == "Resize and Fill"
+    picture = np.asarray(Image.fromarray(np.tile(np.arange(64, dtype=np.uint8)[None] * 4, (64, 1))).convert("RGB"))
+    edges = preprocess(picture, "canny", processor_res=64, threshold_a=10, threshold_b=30)
+    assert np.array_equal(edges[:, :, 1], cv2.Canny(picture, 10, 30)) and np.array_equal(preprocess(picture, "invert"), 255 - picture)
+    assert preprocess(picture, "canny", processor_res=128).shape == (128, 128, 3)  # detected at the processor's resolution
+    with pytest.raises(RequestError, match="needs model weights"):
+        module_key("depth_midas")

@@ -43,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
         ("scheduler", f"{data['scheduler'].get('class')} config ({data['scheduler']['file']})"),
         ("libraries", ", ".join(f"{k} {v}" for k, v in data.get("libraries", {}).items())),
     ]
+    controlnets = [entry["controlnet"] for entry in data["components"].values() if entry.get("role") == "controlnet"]
+    if controlnets:
+        rows.append(("controlnets", ", ".join(f"{c['name']} (from {c['source']['name']})" for c in controlnets)))
     if args.verify:
         rows.append(("files", "all sha256 match the manifest"))
     width = max(len(key) for key, _ in rows)
@@ -53,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
     table = [header]
     for name, component in manifest.components.items():
         entry = data["components"][name]
-        io = ", ".join(f"{t.name}[{'x'.join(map(str, t.shape))}]" for t in component.inputs)
-        io += " -> " + ", ".join(f"{t.name}[{'x'.join(map(str, t.shape))}]" for t in component.outputs)
+        io = _tensors(component.inputs) + " -> " + _tensors(component.outputs)
         parity = entry.get("parity", {})
         verdict = f"{parity.get('max_rel', float('nan')):.1e} ({parity.get('tolerance_rel', float('nan')):.0e})" if parity else "-"
         table.append((name, component.file, _mib(sum(f["bytes"] for f in component.files.values())), entry.get("precision", "?"), io, verdict))
@@ -65,6 +67,15 @@ def run(args: argparse.Namespace) -> int:
             (e["key"]["component"], e["file"], _mib(e["bytes"]), f"{e['key']['gpu_name']} ({e['key']['compute_capability']})",
              e["key"]["tensorrt_version"], f"{e.get('built', '?')} in {e.get('build_seconds', '?')} s") for e in engines])
     return 0
+
+
+def _tensors(tensors) -> str:
+    """'name[shape], ...', the ControlNet residuals counted rather than listed."""
+    from sdfast.runtime.control import is_residual
+
+    shown = [f"{t.name}[{'x'.join(map(str, t.shape))}]" for t in tensors if not is_residual(t.name)]
+    residuals = sum(1 for t in tensors if is_residual(t.name))
+    return ", ".join(shown + ([f"{residuals} ControlNet residuals"] if residuals else []))
 
 
 def _print_table(table: list[tuple[str, ...]]) -> None:

@@ -76,7 +76,8 @@ def _group_varargs(module: torch.nn.Module, dynamic_shapes: tuple) -> tuple:
     import inspect
 
     named = len(inspect.signature(module.forward).parameters) - 1
-    return (*dynamic_shapes[:named], tuple(dynamic_shapes[named:]))
+    extra = tuple(dynamic_shapes[named:])  # none: torch.export sees no *args at all (a U-Net without residual inputs)
+    return (*dynamic_shapes[:named], extra) if extra else tuple(dynamic_shapes[:named])
 
 
 def _check_static(path: Path, recipe: ComponentRecipe) -> None:

@@ -7,7 +7,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from sdfast import __version__
 from sdfast.errors import EngineError, RequestError, StopSampling
 from sdfast.runtime.backends import Engine, get_backend
 from sdfast.runtime.control import is_residual, step_of
@@ -16,7 +15,8 @@ from sdfast.runtime.device_loop import LoopInputs, check_finite, run_on_host
 from sdfast.runtime.families import Family, family_class
 from sdfast.runtime.generation import GenerationRequest, GenerationResult, SkipLayerGuidance, StageTimings
 from sdfast.runtime.image_source import ImageSource
-from sdfast.runtime.images import infotext, to_uint8
+from sdfast.runtime.images import to_uint8
+from sdfast.runtime.infotexts import generation_infotext
 from sdfast.runtime.manifest import Manifest, read_manifest
 from sdfast.runtime.refiner import HandOff, LatentSource, base_steps, check_pair, check_switch, refiner_start
 from sdfast.runtime.request_check import RequestChecker, read_scheduler_config
@@ -263,7 +263,7 @@ class Pipeline:
             timings.vae_decode = time.perf_counter() - stage
             timings.total = time.perf_counter() - started
             stopped = None if steps_run is None else f"after {steps_run} of {plan.steps} steps"
-            parameters = [self._infotext(request, spec.a1111_name, seed, batch, index, strength, stopped)
+            parameters = [generation_infotext(self, request, spec.a1111_name, seed, batch, index, strength, stopped)
                           for index, seed in enumerate(seeds)]
             yield GenerationResult(images, seeds, parameters, x[:batch], timings, warnings if iteration == 0 else [], steps_run)
             if steps_run is not None:
@@ -316,12 +316,14 @@ class Pipeline:
         if request.control:
             units = tuple(request.control)
 
-            def control(x_rows: np.ndarray, timesteps: np.ndarray, timestep: float):  # the step's residuals, or None
+            def control_residuals(x_rows: np.ndarray, timesteps: np.ndarray, timestep: float):  # the step's residuals, or None
                 started = time.perf_counter()
                 residuals = self.controlnets.residuals(units, conditioning, x_rows, timesteps, step_of(timestep, plan.timesteps),
                                                        plan.steps, use_cfg)
                 timings.controlnet_s += time.perf_counter() - started
                 return residuals
+
+            control = control_residuals
 
         denoiser = _LatestEstimate(Denoiser(
             self._unet_function(conditioning, request.cfg_scale, use_cfg, timings, masked, request.skip_layer_guidance, request.steps,
@@ -394,37 +396,3 @@ class Pipeline:
             timings.unet_steps[-table.evaluations:] = [measured["wall_s"] / measured["evaluations"]] * measured["evaluations"]
             timings.host_queue_s = measured["host_s"]
         return final * np.float32(table.final_scale)  # [B, 4, h, w], VP form
-
-    def _infotext(self, request: GenerationRequest, sampler_name: str, seed: int, batch: int, position: int, strength: float | None,
-                  stopped: str | None = None) -> str:
-        return infotext(
-            request.prompt,
-            request.negative_prompt,
-            {
-                "Steps": request.steps,
-                "Sampler": sampler_name,
-                "CFG scale": request.cfg_scale,
-                "Seed": seed,
-                "Size": f"{self.width}x{self.height}",
-                "Model hash": self.manifest.model_hash,
-                "Model": self.manifest.model_name,
-                "Denoising strength": strength,
-                "Eta DDIM": request.eta if request.eta else None,
-                "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
-                "Batch size": batch if batch > 1 else None,
-                "Batch pos": position if batch > 1 else None,
-                "Refiner": f"{self.refiner.manifest.model_name} [{self.refiner.manifest.model_hash}]" if request.refiner_switch else None,
-                "Refiner switch at": request.refiner_switch,
-                "Skip layer guidance": _slg_text(request.skip_layer_guidance),
-                **dict(unit.infotext(index, self.controlnets.model_hash(unit.model)) for index, unit in enumerate(request.control)),
-                "Interrupted": stopped,  # "after k of n steps": the image is the x0 estimate of step k
-                "Version": f"sdfast {__version__}",
-            },
-        )
-
-
-def _slg_text(slg: SkipLayerGuidance | None) -> str | None:
-    """The infotext's skip-layer guidance entry: layers, scale and the schedule's window."""
-    if slg is None:
-        return None
-    return f"layers {'/'.join(map(str, slg.layers))} scale {slg.scale:g} from {slg.start:g} to {slg.stop:g}"

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 
-def sdfast_steps(engine_dir: Path, plain_dir: Path | None, rng) -> tuple[dict, dict]:
+def sdfast_steps(engine_dir: Path, plain_dir: Path | None, rng, max_controlnets: int = 2) -> tuple[dict, dict]:
     from sdfast.runtime.backends import get_backend
     from sdfast.runtime.control import ControlUnit
     from sdfast.runtime.controlnets import ControlNets
@@ -52,7 +52,9 @@ def sdfast_steps(engine_dir: Path, plain_dir: Path | None, rng) -> tuple[dict, d
             return unet.run({**conditioning, **zeros, **(residuals or {}), "sample": sample, "timestep": timesteps})
         return run
 
-    steps = {"sdfast U-Net (zero residuals)": step(0), "sdfast + 1 ControlNet": step(1), "sdfast + 2 ControlNets": step(2)}
+    steps = {"sdfast U-Net (zero residuals)": step(0)}
+    for count in range(1, min(max_controlnets, len(names)) + 1):
+        steps[f"sdfast + {count} ControlNet{'s' if count > 1 else ''}"] = step(count)
     if plain_dir is not None:
         plain = read_manifest(plain_dir)
         plain_info = plain.components[plain.denoiser]
@@ -93,12 +95,13 @@ def main() -> int:
     parser.add_argument("--engine", type=Path, required=True)
     parser.add_argument("--plain-engine", type=Path, help="the same model exported with --no-controlnet-inputs")
     parser.add_argument("--diffusers", action="store_true", help="also time diffusers' ControlNet step on the same weights")
+    parser.add_argument("--controlnets", type=int, default=2, help="time steps with 1 .. this many ControlNets (0: the U-Nets only)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=2, help="calls per system per round")
     parser.add_argument("--out", type=Path, help="JSON of every sample")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    steps, shared = sdfast_steps(args.engine, args.plain_engine, rng)
+    steps, shared = sdfast_steps(args.engine, args.plain_engine, rng, args.controlnets)
     if args.diffusers:
         steps.update(diffusers_steps(shared))
     for name, run in steps.items():  # warm-up: first calls allocate and prepack

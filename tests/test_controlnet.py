@@ -176,13 +176,11 @@ def test_sdxl_controlnet_takes_the_added_conditioning_as_diffusers(sdfast_cache,
     engine = _export("tiny-sdxl", tmp_path_factory.mktemp("sdxl-control"), ("tiny-sdxl-controlnet", "canny"), cpu_variant=False)
     pipeline = Pipeline.load(engine)
     reference = _reference("StableDiffusionXLControlNetPipeline", "tiny-sdxl", _controlnet("tiny-sdxl-controlnet"), pipeline.scheduler_config)
-    expected = _uint8(reference(PROMPT, image=control, negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=5.0,
-                                controlnet_conditioning_scale=0.9, control_guidance_start=0.1, generator=_seeded(6),
-                                output_type="np").images)
-    unit = _unit("canny", control, weight=0.9, guidance_start=0.1)
-    result = pipeline.generate(GenerationRequest(PROMPT, NEGATIVE, steps=8, cfg_scale=5.0, seed=6, control=(unit,)))
-    plain = pipeline.generate(GenerationRequest(PROMPT, NEGATIVE, steps=8, cfg_scale=5.0, seed=6))
-    assert result.images.std() > 10 and psnr(result.images, expected) >= 40.0 and np.abs(result.latents - plain.latents).max() > 0.05
+    expected = _run(reference, PROMPT, image=control, negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=5.0,
+                    controlnet_conditioning_scale=0.9, control_guidance_start=0.1, seed=6)
+    request = GenerationRequest(PROMPT, NEGATIVE, steps=8, cfg_scale=5.0, seed=6)
+    result = pipeline.generate(replace(request, control=(_unit("canny", control, weight=0.9, guidance_start=0.1),)))
+    _assert_parity(result, expected, without=pipeline.generate(request))
     refused = run_cli("export-controlnet", "tiny-controlnet", "--engine", engine, "--name", "sd15net")
     last = refused.stderr.strip().splitlines()[-1]
     assert refused.returncode == 2 and last.startswith("sdfast export-controlnet: error: ") and "another base model" in last
@@ -258,7 +256,6 @@ def test_export_controlnet_refuses_what_does_not_fit(engine, tmp_path, sdfast_ca
     ]:
         done = run_cli("export-controlnet", *args)
         assert done.returncode == 2 and message in done.stderr.strip().splitlines()[-1], (message, done.stderr)
-    refused = run_cli("generate", plain, PROMPT, "--control", f"canny:{tmp_path / 'x.png'}", "-o", tmp_path / "o.png")
     control.save(tmp_path / "x.png")
     refused = run_cli("generate", plain, PROMPT, "--control", f"canny:{tmp_path / 'x.png'}", "-o", tmp_path / "o.png", "--quiet")
     assert refused.returncode == 2 and "takes no ControlNet residuals" in refused.stderr
@@ -283,3 +280,27 @@ def test_resize_modes_and_preprocessors_follow_a1111():
     assert preprocess(picture, "canny", processor_res=128).shape == (128, 128, 3)  # detected at the processor's resolution
     with pytest.raises(RequestError, match="needs model weights"):
         module_key("depth_midas")
+
+
+def test_replacing_a_controlnet_keeps_the_engine_dir_consistent(engine, sdfast_cache):
+    from sdfast.export.controlnet_export import ControlNetExportRequest, export_controlnet
+
+    before = read_manifest(engine).data["components"]["controlnet_depth"]
+    export_controlnet(ControlNetExportRequest("tiny-controlnet", engine, "depth", force=True))  # depth now holds the first net
+    manifest = read_manifest(engine)
+    after = manifest.data["components"]["controlnet_depth"]
+    assert after["file"] != before["file"] and not (engine / before["file"]).exists()  # new names; the old files are gone
+    assert after["controlnet"]["source"]["fingerprint"] == manifest.data["components"]["controlnet_canny"]["controlnet"]["source"]["fingerprint"]
+    manifest.verify_files()
+    assert not list(engine.glob(".controlnet_*")) and not list(engine.glob(".manifest.*.tmp"))
+    export_controlnet(ControlNetExportRequest("tiny-controlnet-2", engine, "depth", force=True))  # as the other tests expect
+
+
+def test_extreme_aspect_ratios_never_make_huge_images():
+    from sdfast.runtime.control_images import fit, preprocess
+
+    strip = np.full((1, 4096, 3), 200, np.uint8)  # 4096x1: "cover 64x64" would be 262144x64
+    assert fit(strip, 64, 64, "Crop and Resize").shape == (64, 64, 3)
+    assert fit(strip, 64, 64, "Resize and Fill").shape == (64, 64, 3)
+    with pytest.raises(RequestError, match="more than 64 megapixels"):
+        preprocess(strip, "canny", processor_res=512)

@@ -71,7 +71,7 @@ def test_txt2img_with_a_unit_is_the_pipelines_image(api, pipeline, control):
     result = api.txt2img(prompt=PROMPT, width=64, height=64, negative_prompt="blurry", seed=11, steps=6, cfg_scale=7.5, sampler_name="Euler",
                          controlnet_units=[unit])
     expected = pipeline.generate(GenerationRequest(PROMPT, "blurry", steps=6, cfg_scale=7.5, seed=11, sampler="Euler", control=(
-        ControlUnit("canny", control_array(rgb_pixels(control)), 0.8, 0.1, 0.9, "balanced"),)))
+        ControlUnit("canny", control_array(rgb_pixels(control)), 0.8, 0.1, 0.9, "balanced", a1111_window=True),)))
     assert np.array_equal(_decoded(result.image), expected.images[0])
     infotext = result.info["infotexts"][0]
     assert f'ControlNet 0: "Module: none, Model: {title}, Weight: 0.8, Resize Mode: Just Resize' in infotext
@@ -80,6 +80,9 @@ def test_txt2img_with_a_unit_is_the_pipelines_image(api, pipeline, control):
     plain = api.txt2img(prompt=PROMPT, width=64, height=64, negative_prompt="blurry", seed=11, steps=6, cfg_scale=7.5, sampler_name="Euler",
                         alwayson_scripts={})
     assert not np.array_equal(_decoded(plain.image), _decoded(result.image))
+    diffusers_window = pipeline.generate(GenerationRequest(PROMPT, "blurry", steps=6, cfg_scale=7.5, seed=11, sampler="Euler", control=(
+        ControlUnit("canny", control_array(rgb_pixels(control)), 0.8, 0.1, 0.9, "balanced"),)))
+    assert not np.array_equal(diffusers_window.images[0], expected.images[0])  # A1111's window keeps step 5 of 6 (5/6 <= 0.9)
 
 
 def test_canny_units_and_detect_run_opencv(api, server, pipeline, control):
@@ -127,6 +130,9 @@ def _unit_payload(control, **fields) -> dict:
     ({"control_mode": "Louder"}, "args[0].control_mode", "not one of"),
     ({"resize_mode": "Stretch"}, "args[0].resize_mode", "not one of"),
     ({"image": "bm90IGFuIGltYWdl"}, "args[0].image", "not a readable image"),
+    ({"advanced_weighting": [1.0] * 13}, "args[0].advanced_weighting", "not supported by sdfast"),
+    ({"pixel_perfect": "false"}, "args[0].pixel_perfect", "true or false"),
+    ({"sharpness": 3}, "args[0].sharpness", "not a ControlNet unit field"),
 ])
 def test_bad_units_get_422_naming_the_field(server, control, fields, field, words):
     response = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=_unit_payload(control, **fields), timeout=60)

@@ -95,7 +95,13 @@ def run(args: argparse.Namespace) -> int:
         slg = SkipLayerGuidance(layers, *(default if value is None else value for value, default in (
             (args.slg_scale, defaults.scale), (args.slg_start, defaults.start), (args.slg_stop, defaults.stop))))
     control = ()
-    if args.control or args.control_module:
+    given = [flag for flag, value in (("--control-module", args.control_module), ("--guess-mode", args.guess_mode),
+                                      ("--processor-res", args.processor_res is not None), ("--pixel-perfect", args.pixel_perfect),
+                                      ("--control-mode", args.control_mode != "balanced"), ("--control-resize", args.control_resize != "crop"))
+             if value]
+    if given and not args.control:
+        raise RequestError(f"{given[0]} needs --control (the ControlNet and its image)")
+    if args.control:
         from sdfast.cli.control_args import control_units
 
         control = control_units(args, checker.width, checker.height)
@@ -155,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
         denoiser = pipeline.manifest.denoiser_label
         print(
             f"timing ({pipeline.backend}, {pipeline.width}x{pipeline.height}, {denoiser} batch {pipeline.manifest.geometry['unet_batch']}): "
-            f"load {load['total_s']:.2f} s (verify {load['verify_s']:.2f} s, engines {load['engines_s']:.2f} s) | "
+            f"load {load['total_s']:.2f} s (verify {load['verify_s']:.2f} s, engines {load['engines_s']:.2f} s"
+            f"{f', ControlNets {pipeline.controlnets.load_s:.2f} s' if pipeline.controlnets.load_s else ''}) | "
             f"text encoder {text_encoder_ms:.0f} ms | {denoiser} step median {steps[len(steps) // 2] * 1e3:.0f} ms "
             f"(min {steps[0] * 1e3:.0f}, max {steps[-1] * 1e3:.0f}) x {len(steps)} | "
             f"VAE decode {sorted(vae_decode_ms)[len(vae_decode_ms) // 2]:.0f} ms per batch | generate {time.perf_counter() - started:.2f} s",

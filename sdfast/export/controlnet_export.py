@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -69,6 +70,8 @@ def check_request(request: ControlNetExportRequest):
         config = _read_config(folder)
         if config.get("_class_name") != "ControlNetModel":
             raise ConfigError(f"'{folder}' holds a {config.get('_class_name')}, not a diffusers ControlNetModel")
+        if config.get("global_pool_conditions"):
+            raise ConfigError(f"'{folder}' pools its residuals globally (global_pool_conditions, e.g. shuffle): not supported by sdfast yet")
     return manifest, name, key
 
 
@@ -147,14 +150,16 @@ def export_controlnet(request: ControlNetExportRequest, progress: Progress = lam
     export_as = SimpleNamespace(precision=manifest.data["precision"], cpu_variant="cpu" in unet.variants)
     model = SimpleNamespace(controlnet=controlnet)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.partial-", dir=manifest.root))
+    # files named afresh each time: a replaced ControlNet's files stay valid, as the manifest lists them, until it is rewritten
+    stem = f"{key}.{secrets.token_hex(4)}"
     try:
         raw_dir = staging / ".raw"
         raw_dir.mkdir()
-        entry = export_component(export_as, _AdapterRecipe(recipe), _ControlNetSide, model, key, dims, dynamic_json, staging, raw_dir,
+        entry = export_component(export_as, _AdapterRecipe(recipe), _ControlNetSide, model, stem, dims, dynamic_json, staging, raw_dir,
                                  f"ControlNet {name}", progress)
         raw_dir.rmdir()
         entry["controlnet"] = {
-            "name": name, "global_pool_conditions": bool(controlnet.config.global_pool_conditions),
+            "name": name,
             "source": {"name": request.source if builtin else folder.name, "path": str(folder.resolve()), "builtin": builtin,
                        "random_weights": builtin, "fingerprint": fingerprint},
         }
@@ -185,28 +190,39 @@ def _add_to_engine(manifest, key: str, entry: dict, staging: Path) -> None:
     from sdfast.runtime.files import shared_mode
     from sdfast.runtime.manifest import MANIFEST_NAME
 
+    import fcntl
+
     files = dict(entry["files"])
     for variant in entry.get("variants", {}).values():
         files.update(variant["files"])
-    data = json.loads((manifest.root / MANIFEST_NAME).read_text(encoding="utf-8"))
-    old = data["components"].get(key)
-    for relative in files:
-        os.chmod(staging / relative, shared_mode())
-        os.replace(staging / relative, manifest.root / relative)
-    data["components"][key] = entry
-    handle, temporary = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=manifest.root)
-    with os.fdopen(handle, "w") as file:
-        file.write(json.dumps(data, indent=2) + "\n")
-    os.chmod(temporary, shared_mode())
-    os.replace(temporary, manifest.root / MANIFEST_NAME)
-    if old:  # a replaced ControlNet's files that the new one does not reuse
+    with open(manifest.root / ".manifest.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two exports into one engine dir: each reads the manifest the other wrote
+        data = json.loads((manifest.root / MANIFEST_NAME).read_text(encoding="utf-8"))
+        old = data["components"].get(key)
+        for relative in files:
+            os.chmod(staging / relative, shared_mode())
+            os.replace(staging / relative, manifest.root / relative)
+        data["components"][key] = entry
+        handle, temporary = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=manifest.root)
+        try:
+            with os.fdopen(handle, "w") as file:
+                file.write(json.dumps(data, indent=2) + "\n")
+            os.chmod(temporary, shared_mode())
+            os.replace(temporary, manifest.root / MANIFEST_NAME)
+        except BaseException:
+            for relative in files:  # the manifest still lists the old files: the new ones go
+                (manifest.root / relative).unlink(missing_ok=True)
+            raise
+        finally:
+            Path(temporary).unlink(missing_ok=True)
+    if old:  # the replaced ControlNet's files, now listed nowhere
         stale = set(old["files"]) | {f for variant in old.get("variants", {}).values() for f in variant["files"]}
         for relative in stale - set(files):
-            (manifest.root / relative).unlink(missing_ok=True)
+            manifest.path(relative).unlink(missing_ok=True)
 
 
 class _AdapterRecipe:
-    """The family's recipe, its 'controlnet' component exported under the ControlNet's own component name."""
+    """The family's recipe, its 'controlnet' component exported under the ControlNet's own file stem."""
 
     def __init__(self, recipe):
         self.recipe, self.opset, self.family = recipe, recipe.opset, recipe.family

@@ -2,7 +2,8 @@
 
 A ControlNet (Zhang et al. 2023, "Adding Conditional Control to Text-to-Image Diffusion Models") returns one residual
 per U-Net skip connection and one for the mid block. Each unit's residuals are scaled and summed in numpy:
-- its weight, while the step lies in [guidance_start, guidance_end] of the steps (diffusers' controlnet_keep);
+- its weight, while the step lies in [guidance_start, guidance_end] of the steps (diffusers' controlnet_keep; a
+  step's every model evaluation counts as that step, Heun's and DPM2's second ones too);
 - guess mode (diffusers): scales logspace(-1, 0) from the first residual to the mid block, unconditional rows get none;
 - A1111's control modes (sd-webui-controlnet's hook.py): "My prompt is more important" scales residual i by
   0.825 ** (12 - i) ("soft injection"); "ControlNet is more important" does that too and leaves the unconditional rows
@@ -58,6 +59,7 @@ class ControlUnit:
     threshold_a: float | None = None
     threshold_b: float | None = None
     pixel_perfect: bool = False
+    a1111_window: bool = False  # the window as sd-webui-controlnet tests it (the A1111 API's units), not diffusers'
 
     def check(self, height: int, width: int) -> None:
         """RequestError for a unit no ControlNet can run: bad weight, window, mode or image."""
@@ -78,8 +80,10 @@ class ControlUnit:
                                "(see control_images.control_image)")
 
     def active(self, step: int, steps: int) -> bool:
-        """diffusers' controlnet_keep: off while step / steps < start or (step + 1) / steps > end."""
-        return not (step / steps < self.guidance_start or (step + 1) / steps > self.guidance_end)
+        """diffusers' controlnet_keep: off while step / steps < start or (step + 1) / steps > end; sd-webui-controlnet's
+        (``a1111_window``): off while step / steps < start or step / steps > end, one step longer at the end."""
+        finished = step / steps if self.a1111_window else (step + 1) / steps
+        return not (step / steps < self.guidance_start or finished > self.guidance_end)
 
     def scales(self, count: int) -> np.ndarray:
         """[count] float32: the scale of each residual (the down blocks' in order, the mid block's last)."""
@@ -90,10 +94,9 @@ class ControlUnit:
             return np.asarray((soft + [self.weight] * count)[:count], dtype=np.float32)
         return np.full(count, self.weight, dtype=np.float32)
 
-    def conditional_only(self, global_pool: bool) -> bool:
-        """Whether the unconditional rows go without this unit: guess mode, A1111's "ControlNet is more important", and
-        ControlNets with global_pool_conditions (diffusers forces guess mode for them)."""
-        return self.guess_mode or self.control_mode == "control" or global_pool
+    def conditional_only(self) -> bool:
+        """Whether the unconditional rows go without this unit: guess mode, and A1111's "ControlNet is more important"."""
+        return self.guess_mode or self.control_mode == "control"
 
     def infotext(self, index: int, model_hash: str | None) -> tuple[str, str]:
         """A1111's infotext entry for unit ``index``: ("ControlNet i", "Module: ..., Model: ..., Weight: ..., ...")."""
@@ -107,9 +110,3 @@ class ControlUnit:
         }
         text = ", ".join(f"{key}: {value}" for key, value in fields.items() if value is not None)
         return f"ControlNet {index}", f'"{text}"'
-
-
-def step_of(timestep: float, timesteps: np.ndarray) -> int:
-    """The step a model evaluation at ``timestep`` belongs to: the last step whose timestep is >= it (a second-order
-    sampler's later evaluations count with the step they finish)."""
-    return max(int(np.count_nonzero(timesteps >= np.float32(timestep))) - 1, 0)

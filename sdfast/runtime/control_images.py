@@ -126,10 +126,10 @@ def fit(pixels: np.ndarray, width: int, height: int, resize_mode: str) -> np.nda
         top, left = max(0, (height - inner.shape[0]) // 2), max(0, (width - inner.shape[1]) // 2)
         canvas[top:top + inner.shape[0], left:left + inner.shape[1]] = inner[:height, :width]
         return canvas
-    scale = max(ratios)  # Crop and Resize
-    outer = _resize(pixels, max(width, int(np.round(raw_width * scale))), max(height, int(np.round(raw_height * scale))))
-    top, left = (outer.shape[0] - height) // 2, (outer.shape[1] - width) // 2
-    return outer[top:top + height, left:left + width]
+    scale = max(ratios)  # Crop and Resize: the middle region that, scaled, covers the target, cut first (never a huge canvas)
+    crop_height, crop_width = min(raw_height, max(1, int(np.round(height / scale)))), min(raw_width, max(1, int(np.round(width / scale))))
+    top, left = (raw_height - crop_height) // 2, (raw_width - crop_width) // 2
+    return _resize(pixels[top:top + crop_height, left:left + crop_width], width, height)
 
 
 def control_image(image, module: str, width: int, height: int, resize_mode: object = "Crop and Resize",
@@ -150,9 +150,14 @@ def control_array(pixels: np.ndarray) -> np.ndarray:
 
 
 def _scale_short_side(pixels: np.ndarray, resolution: int) -> np.ndarray:
+    """The image scaled to a short side of ``resolution``; RequestError when that would exceed MAX_PIXELS."""
     height, width = pixels.shape[:2]
     scale = resolution / min(height, width)
-    return _resize(pixels, max(1, int(np.round(width * scale))), max(1, int(np.round(height * scale))))
+    scaled_width, scaled_height = max(1, int(np.round(width * scale))), max(1, int(np.round(height * scale)))
+    if scaled_width * scaled_height > MAX_PIXELS:
+        raise RequestError(f"processor resolution {resolution} on a {width}x{height} image makes {scaled_width}x{scaled_height}: "
+                           f"more than {MAX_PIXELS // 2**20} megapixels")
+    return _resize(pixels, scaled_width, scaled_height)
 
 
 def _resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:

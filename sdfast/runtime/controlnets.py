@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
@@ -16,12 +17,13 @@ class ControlNets:
     def __init__(self, manifest: Manifest, backend=None, verify: str = "full"):
         self.manifest, self.backend, self.verify = manifest, backend, verify
         self.infos: dict[str, ComponentInfo] = {}
-        self.records: dict[str, dict] = {}  # name -> the manifest's "controlnet" block: source, global_pool_conditions
+        self.records: dict[str, dict] = {}  # name -> the manifest's "controlnet" block: name, source
         for key, info in manifest.components.items():
             if info.role == "controlnet":
                 record = manifest.data["components"][key]["controlnet"]
                 self.infos[record["name"]], self.records[record["name"]] = info, record
         self.engines: dict = {}
+        self.load_s = 0.0  # seconds spent verifying and loading ControlNets, on their first use
         self._lock = threading.Lock()
 
     @property
@@ -38,6 +40,13 @@ class ControlNets:
             if unit.model not in self.infos:
                 have = f"it has {', '.join(self.names)}" if self.infos else "it has none (add one with sdfast export-controlnet)"
                 raise RequestError(f"unknown ControlNet '{unit.model}': {have}")
+
+    def load(self, names) -> None:
+        """Load the named ControlNets now (verify and create their engines), adding the seconds to ``load_s``."""
+        started = time.perf_counter()
+        for name in names:
+            self.engine(name)
+        self.load_s += time.perf_counter() - started
 
     def engine(self, name: str):
         """The ControlNet's engine, its files verified and loaded the first time it is asked for."""
@@ -70,7 +79,7 @@ class ControlNets:
             image = np.repeat(unit.image, rows, axis=0)  # image: [unet_batch, 3, H, W] in [0, 1]
             outputs = engine.run({**feeds, "sample": x_rows, "timestep": timesteps, "controlnet_cond": image})
             scales = unit.scales(len(outputs))
-            conditional_only = use_cfg and unit.conditional_only(bool(self.records[unit.model].get("global_pool_conditions")))
+            conditional_only = use_cfg and unit.conditional_only()
             total = total or {}
             for spec, output, scale in zip(engine.info.outputs, outputs, scales):
                 scaled = output * scale  # [unet_batch, C, h_i, w_i]

@@ -12,7 +12,9 @@ from sdfast.errors import EngineError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "sdfast-engine"
-FORMAT_VERSION = 3  # 3: tokenizers by the component they feed, component roles, the latent block, the parametrization
+FORMAT_VERSION = 4  # 3: tokenizers by the component they feed, component roles, the latent block, the parametrization;
+# 4: the U-Net's ControlNet residual inputs and "controlnet" components (a version-3 dir, without them, still loads)
+READABLE_VERSIONS = (3, 4)
 ROLES = ("text_encoder", "denoiser", "vae_decoder", "vae_encoder", "controlnet")  # what a component does; a family may have several text encoders
 _HASH_CHUNK = 8 << 20
 
@@ -221,9 +223,10 @@ def read_manifest(engine_dir: str | Path) -> Manifest:
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise EngineError(f"{path}: not an sdfast engine manifest")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise EngineError(
-            f"{path}: engine format version {version}, this sdfast reads version {FORMAT_VERSION}; re-export the model"
+            f"{path}: engine format version {version}, this sdfast reads versions {READABLE_VERSIONS[0]} to {READABLE_VERSIONS[-1]}; "
+            + ("re-export the model" if isinstance(version, int) and version < READABLE_VERSIONS[0] else "update sdfast or re-export the model")
         )
     from sdfast.runtime.families import FAMILY_NAMES
 

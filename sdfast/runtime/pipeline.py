@@ -9,7 +9,7 @@ import numpy as np
 
 from sdfast.errors import EngineError, RequestError, StopSampling
 from sdfast.runtime.backends import Engine, get_backend
-from sdfast.runtime.control import is_residual, step_of
+from sdfast.runtime.control import is_residual
 from sdfast.runtime.controlnets import ControlNets
 from sdfast.runtime.device_loop import LoopInputs, check_finite, run_on_host
 from sdfast.runtime.families import Family, family_class
@@ -217,6 +217,7 @@ class Pipeline:
         prepared = self.checker.prepare(request)
         batch, spec, plan, strength = prepared.batch, prepared.spec, prepared.plan, prepared.strength
         second = self._refiner_stage(request, spec, plan) if request.refiner_switch is not None else None
+        self.controlnets.load(unit.model for unit in request.control)  # the first use of a ControlNet loads it: not a step's time
         started = time.perf_counter()
         timings, warnings = StageTimings(), []
         use_cfg = self.guidance and request.cfg_scale > 1  # as diffusers: guidance only above 1
@@ -312,14 +313,14 @@ class Pipeline:
         else:
             x, masked = source.initial_latents(draw, plan, strength, self.inpainting_unet)
 
+        steps_done = 0  # the sampler's steps finished so far: the step a model evaluation belongs to
         control = None
         if request.control:
             units = tuple(request.control)
 
             def control_residuals(x_rows: np.ndarray, timesteps: np.ndarray, timestep: float):  # the step's residuals, or None
                 started = time.perf_counter()
-                residuals = self.controlnets.residuals(units, conditioning, x_rows, timesteps, step_of(timestep, plan.timesteps),
-                                                       plan.steps, use_cfg)
+                residuals = self.controlnets.residuals(units, conditioning, x_rows, timesteps, steps_done, plan.steps, use_cfg)
                 timings.controlnet_s += time.perf_counter() - started
                 return residuals
 
@@ -331,7 +332,6 @@ class Pipeline:
             self.manifest.prediction_type,
             lambda sigma: plan.timestep_for(sigma, self.schedule),
         ))
-        steps_done = 0
 
         def counted(i: int, x: np.ndarray) -> None:
             nonlocal steps_done

@@ -128,7 +128,7 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         if not body.init_images:
             raise FieldError("init_images", "img2img needs one init image (base64)")
         init, mask = await asyncio.to_thread(_images, body)  # decoding and resizing stay off the event loop
-        control = await asyncio.to_thread(lambda: control_units(body, pipeline, decode_image("init_images", body.init_images[0])))
+        control = await asyncio.to_thread(control_units, body, pipeline, lambda: decode_image("init_images", body.init_images[0]))
         generation = dataclasses.replace(_generation(body, init, mask, body.denoising_strength), control=control)
         results = await ctx.run(generation, request)
         return await asyncio.to_thread(_a1111_response, body, generation, results)

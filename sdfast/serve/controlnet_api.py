@@ -31,10 +31,17 @@ from sdfast.serve.schemas import FieldError, decode_image
 
 API_VERSION = 2  # what sd-webui-controlnet's /controlnet/version answers
 MAX_UNITS = 8
-# unit fields that change nothing here (memory placement, the hires pass sdfast does not run), accepted as they come
-_IGNORED = {"low_vram", "hr_option", "enabled", "is_ui", "input_mode", "batch_images", "output_dir", "loopback", "save_detected_map",
-            "union_control_type", "batch_image_dir", "batch_mask_dir", "batch_input_gallery", "batch_mask_gallery", "generated_image",
-            "mask_image", "use_preview_as_input", "effective_region_mask", "inpaint_crop_input_image", "ipadapter_input"}
+# the unit fields sdfast reads
+_READ = {"image", "input_image", "mask", "module", "model", "weight", "resize_mode", "processor_res", "threshold_a", "threshold_b",
+         "guidance_start", "guidance_end", "control_mode", "guessmode", "pixel_perfect", "enabled"}
+# fields that change nothing here (memory placement, the UI, saving, the hires pass sdfast does not run): accepted as they come
+_IGNORED = {"low_vram", "hr_option", "is_ui", "save_detected_map", "output_dir", "loopback", "use_preview_as_input", "generated_image",
+            "batch_images", "batch_image_dir", "batch_mask_dir", "batch_input_gallery", "batch_mask_gallery", "batch_image_files",
+            "batch_keyframe_idx", "animatediff_batch", "batch_modifiers"}
+# fields that change A1111's image, accepted only at these off values (anything else is refused, never ignored)
+_OFF = {"advanced_weighting": (None, []), "effective_region_mask": (None, ""), "union_control_type": ("Unknown", None, ""),
+        "ipadapter_input": (None, []), "inpaint_crop_input_image": (False, None), "mask_image": (None, ""), "input_mode": ("simple", None),
+        "pulid_mode": ("Fidelity", None)}
 
 
 def controlnet_router(ctx: ServeContext) -> APIRouter:
@@ -100,7 +107,7 @@ def _detect(body: dict) -> dict:
         try:
             detected = preprocess(pixels, module, resolution, low, high)
         except RequestError as error:
-            raise FieldError("controlnet_threshold_a", str(error)) from None
+            raise FieldError("controlnet_processor_res" if "resolution" in str(error) else "controlnet_threshold_a", str(error)) from None
         encoded.append(base64.b64encode(png_bytes(detected, "")).decode())
     return {"images": encoded, "info": "Success"}
 
@@ -146,6 +153,12 @@ def control_units(body, pipeline, init_image=None) -> tuple[ControlUnit, ...]:
 
 
 def _unit(unit: dict[str, Any], field: str, pipeline, init_image) -> ControlUnit:
+    for key, value in unit.items():
+        if key in _OFF and value not in _OFF[key]:
+            raise FieldError(f"{field}.{key}", f"{value!r} is not supported by sdfast (the image would come out without it); "
+                                               f"leave it at {_OFF[key][0]!r}")
+        if key not in _READ | _IGNORED | set(_OFF):
+            raise FieldError(f"{field}.{key}", "is not a ControlNet unit field sdfast knows; leave it out rather than have it ignored")
     model = _model(unit.get("model"), f"{field}.model", pipeline)
     try:
         module = module_key(unit.get("module") or "none")
@@ -155,7 +168,8 @@ def _unit(unit: dict[str, Any], field: str, pipeline, init_image) -> ControlUnit
         resize = resize_mode_label(unit.get("resize_mode", "Crop and Resize"))
     except RequestError as error:
         raise FieldError(f"{field}.resize_mode", str(error)) from None
-    mode_value = unit.get("control_mode", unit.get("guessmode") or 0)
+    guess = unit.get("guessmode")  # sd-webui-controlnet's old name: True was "ControlNet is more important"
+    mode_value = unit.get("control_mode", 2 if guess is True else (guess or 0))
     try:
         control_mode = control_mode_key(mode_value if mode_value is not None else 0)
     except RequestError as error:
@@ -174,7 +188,9 @@ def _unit(unit: dict[str, Any], field: str, pipeline, init_image) -> ControlUnit
     if unit.get("mask") not in (None, "") or (isinstance(unit.get("image"), dict) and unit["image"].get("mask")):
         raise FieldError(f"{field}.mask", "ControlNet masks (effective regions, inpaint units) are not supported by sdfast; send none")
     pixels = _image(unit, field, init_image)
-    pixel_perfect = bool(unit.get("pixel_perfect", False))
+    pixel_perfect = unit.get("pixel_perfect", False)
+    if not isinstance(pixel_perfect, bool):
+        raise FieldError(f"{field}.pixel_perfect", f"must be true or false, not {pixel_perfect!r}")
     if pixel_perfect and module != "none":
         resolution = pixel_perfect_resolution(pixels, pipeline.width, pipeline.height, resize)
     try:
@@ -185,7 +201,7 @@ def _unit(unit: dict[str, Any], field: str, pipeline, init_image) -> ControlUnit
     return ControlUnit(model, control_array(fit(detected, pipeline.width, pipeline.height, resize)), weight, start, end, control_mode,
                        False, module, resize, (resolution if resolution > 0 else DEFAULT_PROCESSOR_RES) if canny else None,
                        (low if low >= 0 else CANNY_DEFAULTS[0]) if canny else None,
-                       (high if high >= 0 else CANNY_DEFAULTS[1]) if canny else None, pixel_perfect)
+                       (high if high >= 0 else CANNY_DEFAULTS[1]) if canny else None, pixel_perfect, a1111_window=True)
 
 
 def _model(value, field: str, pipeline) -> str:
@@ -212,8 +228,8 @@ def _image(unit: dict, field: str, init_image) -> np.ndarray:
             value = value.get("image")
         if value not in (None, ""):
             return rgb_pixels_or_field(decode_image(f"{field}.{key}", value), f"{field}.{key}")
-    if init_image is not None:
-        return rgb_pixels_or_field(init_image, f"{field}.image")
+    if init_image is not None:  # a callable: the init image is decoded again only when a unit needs it
+        return rgb_pixels_or_field(init_image(), f"{field}.image")
     raise FieldError(f"{field}.image", "a ControlNet unit needs a control image (base64), or an img2img init image to use")
 
 

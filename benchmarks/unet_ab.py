@@ -30,6 +30,9 @@ def main() -> None:
     feeds = {"sample": rng.standard_normal((2, 4, latent, latent), dtype=np.float32),  # [2, 4, H/8, W/8]
              "timestep": np.full(2, 500.0, np.float32),
              "encoder_hidden_states": rng.standard_normal((2, 77, 768), dtype=np.float32)}  # [2, 77, 768]
+    for session in sessions:  # any other input (the ControlNet residuals) gets zeros, as generate feeds them without one
+        for spec in session.get_inputs():
+            feeds.setdefault(spec.name, np.zeros(spec.shape, np.float32))
     outputs = [s.run(None, feeds)[0] for s in sessions]  # warm-up
     times = [[] for _ in sessions]
     for _ in range(args.rounds):

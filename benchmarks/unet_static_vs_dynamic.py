@@ -40,7 +40,9 @@ def main() -> int:
 
     def feeds(tokens: int) -> dict[str, np.ndarray]:
         hidden = rng.standard_normal((2, tokens, args.hidden)).astype(np.float32)
-        return {"sample": sample, "timestep": timestep, "encoder_hidden_states": hidden}
+        named = {"sample": sample, "timestep": timestep, "encoder_hidden_states": hidden}
+        # the ControlNet residuals (U-Nets exported since they exist): zeros, as generate feeds them without a ControlNet
+        return {**{spec.name: np.zeros(spec.shape, np.float32) for spec in static.get_inputs() if spec.name not in named}, **named}
 
     cases = {"static, 77 tokens": (static, 77), "dynamic, 77 tokens": (dynamic, 77), "dynamic, 154 tokens": (dynamic, 154)}
     for engine, tokens in cases.values():

@@ -33,7 +33,7 @@ def engine(sdfast_cache, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    running = Server(engine)
+    running = Server(engine, "--preload-controlnets")
     yield running
     assert running.stop()
 
@@ -69,14 +69,15 @@ def test_txt2img_with_a_unit_is_the_pipelines_image(api, pipeline, control):
     unit = webuiapi.ControlNetUnit(image=control, module="none", model=title, weight=0.8, guidance_start=0.1, guidance_end=0.9,
                                    control_mode=0, resize_mode="Just Resize")
     result = api.txt2img(prompt=PROMPT, width=64, height=64, negative_prompt="blurry", seed=11, steps=6, cfg_scale=7.5, sampler_name="Euler",
-                         controlnet_units=[unit])
+                         controlnet_units=[unit], alwayson_scripts={})
     expected = pipeline.generate(GenerationRequest(PROMPT, "blurry", steps=6, cfg_scale=7.5, seed=11, sampler="Euler", control=(
         ControlUnit("canny", control_array(rgb_pixels(control)), 0.8, 0.1, 0.9, "balanced", a1111_window=True),)))
     assert np.array_equal(_decoded(result.image), expected.images[0])
     infotext = result.info["infotexts"][0]
     assert f'ControlNet 0: "Module: none, Model: {title}, Weight: 0.8, Resize Mode: Just Resize' in infotext
     assert "Control Mode: Balanced" in infotext
-    # webuiapi writes the units into its default alwayson_scripts dict, so later calls resend them: pass a fresh one
+    # webuiapi writes the units into its *default* alwayson_scripts dict, so every later call in this process (other test
+    # modules' too) would resend them: each call here passes a fresh one
     plain = api.txt2img(prompt=PROMPT, width=64, height=64, negative_prompt="blurry", seed=11, steps=6, cfg_scale=7.5, sampler_name="Euler",
                         alwayson_scripts={})
     assert not np.array_equal(_decoded(plain.image), _decoded(result.image))
@@ -93,7 +94,7 @@ def test_canny_units_and_detect_run_opencv(api, server, pipeline, control):
     assert edges.shape == (64, 64, 3) and np.array_equal(edges[:, :, 0], expected) and 0 < (expected > 0).mean() < 0.5
     unit = webuiapi.ControlNetUnit(image=control, module="canny", model=title, processor_res=64, threshold_a=50, threshold_b=120,
                                    control_mode=2)
-    result = api.txt2img(prompt=PROMPT, width=64, height=64, seed=3, steps=4, sampler_name="Euler", controlnet_units=[unit])
+    result = api.txt2img(prompt=PROMPT, width=64, height=64, seed=3, steps=4, sampler_name="Euler", controlnet_units=[unit], alwayson_scripts={})
     local = pipeline.generate(GenerationRequest(PROMPT, steps=4, cfg_scale=7.0, seed=3, sampler="Euler", control=(
         ControlUnit("canny", control_array(np.repeat(expected[:, :, None], 3, axis=2)), control_mode="control"),)))
     assert np.array_equal(_decoded(result.image), local.images[0])
@@ -106,7 +107,7 @@ def test_img2img_unit_without_an_image_takes_the_init_image(api, pipeline, contr
     init = Image.open(images[0])
     unit = webuiapi.ControlNetUnit(module="invert", model="canny", resize_mode="Crop and Resize")
     result = api.img2img(images=[init], prompt=PROMPT, width=64, height=64, seed=5, steps=6, denoising_strength=0.6, sampler_name="Euler", cfg_scale=7.0,
-                         controlnet_units=[unit])
+                         controlnet_units=[unit], alwayson_scripts={})
     expected = pipeline.generate(GenerationRequest(PROMPT, steps=6, cfg_scale=7.0, seed=5, sampler="Euler", strength=0.6,
                                                    init_image=init_image_array(init, 64, 64, []), control=(
         ControlUnit("canny", control_array(255 - rgb_pixels(init))),)))
@@ -148,3 +149,26 @@ def test_other_extensions_are_still_refused_and_no_image_is_refused(server, cont
     response = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=payload)
     assert response.status_code == 422 and "alwayson_scripts.controlnet.args[0].image" in response.text
     assert httpx.post(f"{server.url}/controlnet/detect", json={"controlnet_module": "openpose", "controlnet_input_images": []}).status_code == 422
+
+
+def test_a_corrupt_controlnet_fails_a_preloading_start_in_one_line(engine, tmp_path):
+    import shutil
+
+    from sdfast.runtime.manifest import read_manifest
+
+    copy = tmp_path / "engine"
+    shutil.copytree(engine, copy)
+    graph = copy / read_manifest(copy).components["controlnet_canny"].file
+    graph.write_bytes(graph.read_bytes()[:100])
+    with pytest.raises(RuntimeError, match="server exited") as failed:
+        Server(copy, "--preload-controlnets")
+    assert "sdfast serve: error: " in str(failed.value) and "controlnet_canny" in str(failed.value) and "Traceback" not in str(failed.value)
+
+
+def test_webuiapi_defaults_stay_clean():
+    """The calls above pass alwayson_scripts={}: webuiapi's shared default dict must not carry their units into later
+    tests (or a user's later calls)."""
+    import inspect
+
+    for method in (webuiapi.WebUIApi.txt2img, webuiapi.WebUIApi.img2img):
+        assert inspect.signature(method).parameters["alwayson_scripts"].default == {}

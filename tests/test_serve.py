@@ -192,7 +192,8 @@ BAD_A1111 = [
     ({"override_settings": {"CLIP_stop_at_last_layers": 40}}, "override_settings.CLIP_stop_at_last_layers"),
     ({"eta": 0.3, "sampler_name": "Euler"}, "eta"), ({"scheduler": "polyexponential"}, "scheduler"),
     # A1111 fields and extensions that would change the image: refused, never run without effect
-    ({"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True, "module": "canny"}]}}}, "alwayson_scripts"),
+    ({"alwayson_scripts": {"ADetailer": {"args": [True, {"ad_model": "face_yolov8n.pt"}]}}}, "alwayson_scripts"),
+    ({"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True, "module": "canny"}]}}}, "alwayson_scripts.controlnet.args[0].model"),
     ({"refiner_checkpoint": "sd_xl_refiner_1.0", "refiner_switch_at": 0.8}, "refiner_checkpoint"),
     ({"s_churn": 0.5}, "s_churn"), ({"s_noise": 1.003}, "s_noise"), ({"s_tmin": 0.1}, "s_tmin"), ({"s_tmax": 10}, "s_tmax"),
     ({"seed_resize_from_w": 128, "seed_resize_from_h": 128}, "seed_resize_from_w"),

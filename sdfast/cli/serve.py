@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a request may wait and run before 504 (default 300)")
     parser.add_argument("--verify", choices=("full", "size"), default="full", help="check the engine files' sha256 (full) or sizes")
     parser.add_argument("--refiner", type=Path, help="an SDXL refiner engine dir, used by requests that name it (A1111's refiner_checkpoint)")
+    parser.add_argument("--preload-controlnets", action="store_true",
+                        help="load every ControlNet of the engine dir at start (a bad one fails the start); by default each "
+                             "loads on the first request that uses it")
     parser.add_argument("--quiet", action="store_true", help="no access log on stderr")
 
 
@@ -53,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         pipeline = Pipeline.load(args.engine_dir, backend=args.backend, verify=args.verify, progress=load_bars)
         if args.refiner is not None:
             pipeline.attach_refiner(Pipeline.load(args.refiner, backend=args.backend, verify=args.verify, progress=load_bars))
+        if args.preload_controlnets:
+            pipeline.controlnets.load(pipeline.controlnets.names)
     finally:
         if load_bars is not None:
             load_bars.close()

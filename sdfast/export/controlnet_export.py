@@ -7,6 +7,7 @@ to the engine's latent size is refused before anything is exported.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -189,8 +190,6 @@ def _add_to_engine(manifest, key: str, entry: dict, staging: Path) -> None:
     """Move the ControlNet's files beside the base's, then rewrite manifest.json atomically (a temporary file, a rename)."""
     from sdfast.runtime.files import shared_mode
     from sdfast.runtime.manifest import MANIFEST_NAME
-
-    import fcntl
 
     files = dict(entry["files"])
     for variant in entry.get("variants", {}).values():

@@ -246,17 +246,23 @@ class Worker:
             except StopSampling:
                 pass  # stopped with no estimate to decode: the images so far are the answer
             self._observe(results)
+            self._idle()  # before the answers go out: a client that polls /progress right after sees no job
             self._split(batch, results)
         except (Cancelled, SdfastError) as error:
+            self._idle()
             for job in batch:
                 self._resolve(job, exception=Cancelled(job.cancelled) if job.cancelled and isinstance(error, Cancelled) else error)
         except Exception as error:  # noqa: BLE001 - an engine fault fails the jobs, never the server
+            self._idle()
             for job in batch:
                 self._resolve(job, exception=RuntimeError(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"))
         finally:
             self.stats.batches += 1
-            self.stats.current, self.stats.in_flight = None, 0
+            self._idle()
             self._recent_seconds = (self._recent_seconds + [time.perf_counter() - started])[-20:]
+
+    def _idle(self) -> None:
+        self.stats.current, self.stats.in_flight = None, 0
 
     def _observe(self, results: list[GenerationResult]) -> None:
         for result in results:

@@ -187,6 +187,31 @@ def test_sdxl_controlnet_takes_the_added_conditioning_as_diffusers(sdfast_cache,
     assert "controlnet_sd15net" not in read_manifest(engine).components and not list(engine.glob("*sd15net*"))
 
 
+def test_sd2_v_prediction_with_a_controlnet_matches_diffusers(sdfast_cache, tmp_path_factory, control):
+    engine = _export("tiny-sd2", tmp_path_factory.mktemp("sd2-control"), ("tiny-sd2-controlnet", "canny"), cpu_variant=False)
+    pipeline = Pipeline.load(engine)
+    reference = _reference("StableDiffusionControlNetPipeline", "tiny-sd2", _controlnet("tiny-sd2-controlnet"), pipeline.scheduler_config)
+    expected = _run(reference, PROMPT, image=control, negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=7.5,
+                    control_guidance_end=0.75, seed=12)
+    request = GenerationRequest(PROMPT, NEGATIVE, steps=8, seed=12)
+    result = pipeline.generate(replace(request, control=(_unit("canny", control, guidance_end=0.75),)))
+    _assert_parity(result, expected, without=pipeline.generate(request))
+
+
+def test_nine_channel_inpainting_unet_with_a_controlnet_matches_diffusers(sdfast_cache, tmp_path_factory, control, images):
+    engine = _export("tiny-inpaint", tmp_path_factory.mktemp("inpaint-control"), ("tiny-controlnet", "canny"), cpu_variant=False)
+    pipeline = Pipeline.load(engine)
+    reference = _reference("StableDiffusionControlNetInpaintPipeline", "tiny-inpaint", _controlnet("tiny-controlnet"),
+                           pipeline.scheduler_config)
+    expected = _run(reference, PROMPT, image=Image.open(images[0]), mask_image=Image.open(images[1]), control_image=control,
+                    strength=1.0, negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=7.5, height=SIZE, width=SIZE,
+                    controlnet_conditioning_scale=1.0, seed=9)
+    init, mask = load_init_image(images[0], SIZE, SIZE, []), load_mask(images[1], SIZE, SIZE, [])
+    request = GenerationRequest(PROMPT, NEGATIVE, steps=10, seed=9, init_image=init, mask=mask)
+    result = pipeline.generate(replace(request, control=(_unit("canny", control),)))
+    _assert_parity(result, expected, without=pipeline.generate(request))
+
+
 def test_a1111_control_modes_scale_the_residuals_as_sd_webui_controlnet(pipeline, control):
     soft = ControlUnit("canny", np.zeros((1, 3, 2, 2), np.float32), weight=0.5, control_mode="prompt").scales(13)
     np.testing.assert_allclose(soft, [0.5 * 0.825 ** (12 - i) for i in range(13)], rtol=1e-6)

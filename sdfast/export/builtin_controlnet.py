@@ -28,6 +28,7 @@ BUILTIN_CONTROLNETS = {
     "tiny-controlnet": BuiltinControlNet("tiny-controlnet", "tiny", 21, (8, 16, 16, 32)),
     "tiny-controlnet-2": BuiltinControlNet("tiny-controlnet-2", "tiny", 22, (8, 16, 16, 32)),
     "tiny-sdxl-controlnet": BuiltinControlNet("tiny-sdxl-controlnet", "tiny-sdxl", 23, (8, 16, 16, 32)),
+    "tiny-sd2-controlnet": BuiltinControlNet("tiny-sd2-controlnet", "tiny-sd2", 27, (8, 16, 16, 32)),
     "sd15-controlnet": BuiltinControlNet("sd15-controlnet", "sd15", 24),
     "sd15-controlnet-2": BuiltinControlNet("sd15-controlnet-2", "sd15", 25),
     "sdxl-controlnet": BuiltinControlNet("sdxl-controlnet", "sdxl", 26),

@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-controlnet-inputs", dest="controlnet_inputs", action="store_false",
                         help="export the U-Net without its ControlNet residual inputs (fed zeros when no ControlNet runs); "
                              "such an engine dir cannot take ControlNets (sdfast export-controlnet)")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="fuse this LoRA .safetensors (kohya/A1111 or diffusers/PEFT) into the weights at SCALE (default 1); "
+                             "repeatable; recorded in the manifest and the model hash. LoRAs can also be applied at run time "
+                             "without re-export (generate --lora, <lora:name:weight>)")
     parser.add_argument("--family", help=f"the model family, overriding what model_index.json's pipeline class implies ({', '.join(FAMILIES)})")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
@@ -36,11 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from sdfast.cli.progress import ElapsedLog
     from sdfast.export.build import ExportRequest, check_request, export_engine
+    from sdfast.export.lora_fuse import parse_lora_argument
 
     request = ExportRequest(
         model=args.model, out=args.out, height=args.height, width=args.width, batch=args.batch,
         precision=args.precision, guidance=args.guidance, force=args.force, family=args.family, max_prompt_chunks=args.max_prompt_chunks, cpu_variant=args.cpu_variant,
-        t5=args.t5, controlnet_inputs=args.controlnet_inputs,
+        t5=args.t5, controlnet_inputs=args.controlnet_inputs, loras=tuple(parse_lora_argument(text) for text in args.lora),
     )
     check_request(request)  # refuse bad shapes and paths before importing torch
     export_engine(request, ElapsedLog("export"))

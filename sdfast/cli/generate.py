@@ -39,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from sdfast.cli import control_args
 
     control_args.add_arguments(parser)
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT[:UNET_WEIGHT]]",
+                        help="apply a LoRA from --lora-dir, by file stem, at WEIGHT (default 1; a second weight is the U-Net's, "
+                             "the first then the text encoders'), as <lora:NAME:WEIGHT> in the prompt does; repeatable, weights -10..10")
+    parser.add_argument("--lora-dir", type=Path, help="the folder of LoRA .safetensors files (kohya/A1111 or diffusers/PEFT) "
+                                                      "that --lora and <lora:...> tags name")
     parser.add_argument("--backend", default="cpu", help="execution backend: cpu, cuda (onnxruntime-gpu) or tensorrt (default cpu); the GPU ones keep the sampler loop on the device")
     parser.add_argument("--verify", default="full", choices=("full", "size"), help="check engine files by sha256 (full) or size only")
     parser.add_argument("-o", "--output", type=Path, default=Path("sdfast.png"),
@@ -105,6 +110,13 @@ def run(args: argparse.Namespace) -> int:
         from sdfast.cli.control_args import control_units
 
         control = control_units(args, checker.width, checker.height)
+    from sdfast.runtime.lora.library import LoraLibrary
+    from sdfast.runtime.lora.prompt_tags import extract_loras, parse_use
+
+    library = LoraLibrary(args.lora_dir)
+    loras = tuple(parse_use(text, "--lora") for text in args.lora)
+    for use in [*extract_loras(args.prompt)[1], *loras]:  # names are checked before the engines load
+        library.path(use.name)
     cfg = args.cfg if args.cfg is not None else checker.default_cfg_scale
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative, cfg_scale=cfg, seed=args.seed,
@@ -112,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         sampler=args.sampler if args.sampler is not None else checker.default_sampler or "euler",
         height=args.height, width=args.width, batch_size=args.batch_size, n_iter=args.n_iter,
         clip_skip=args.clip_skip, init_image=init_image, mask=mask, strength=args.strength, eta=args.eta, refiner_switch=refiner_switch,
-        skip_layer_guidance=slg, control=control,
+        skip_layer_guidance=slg, control=control, loras=loras,
     )
     prepared = checker.prepare(request)
     paths = output_paths(args.output, prepared.batch * args.n_iter)
@@ -131,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if load_bars is not None:
             load_bars.close()
+    pipeline.loras.library = library
 
     bar = None if args.quiet else tqdm(desc="sampling", unit="step", file=sys.stderr, leave=False)
 
@@ -162,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"timing ({pipeline.backend}, {pipeline.width}x{pipeline.height}, {denoiser} batch {pipeline.manifest.geometry['unet_batch']}): "
             f"load {load['total_s']:.2f} s (verify {load['verify_s']:.2f} s, engines {load['engines_s']:.2f} s"
-            f"{f', ControlNets {pipeline.controlnets.load_s:.2f} s' if pipeline.controlnets.load_s else ''}) | "
+            f"{f', ControlNets {pipeline.controlnets.load_s:.2f} s' if pipeline.controlnets.load_s else ''}"
+            f"{f', LoRA merge {pipeline.loras.switch_s:.2f} s' if pipeline.loras.switch_s else ''}) | "
             f"text encoder {text_encoder_ms:.0f} ms | {denoiser} step median {steps[len(steps) // 2] * 1e3:.0f} ms "
             f"(min {steps[0] * 1e3:.0f}, max {steps[-1] * 1e3:.0f}) x {len(steps)} | "
             f"VAE decode {sorted(vae_decode_ms)[len(vae_decode_ms) // 2]:.0f} ms per batch | generate {time.perf_counter() - started:.2f} s",

@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preload-controlnets", action="store_true",
                         help="load every ControlNet of the engine dir at start (a bad one fails the start); by default each "
                              "loads on the first request that uses it")
+    parser.add_argument("--lora-dir", type=Path, help="the folder of LoRA .safetensors files that requests name in their prompts "
+                                                      "(<lora:name:weight>) and /sdapi/v1/loras lists")
     parser.add_argument("--quiet", action="store_true", help="no access log on stderr")
 
 
@@ -50,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
     from sdfast.runtime.pipeline import Pipeline
     from sdfast.serve.app import ServeSettings, create_app, wrap
 
+    from sdfast.runtime.lora.library import LoraLibrary
+
+    library = LoraLibrary(args.lora_dir)  # a wrong --lora-dir fails before the engine loads
     _check_port_free(args.host, args.port)
     load_bars = None if args.quiet else LoadBars()
     try:  # a bad engine dir fails before binding
@@ -58,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
             pipeline.attach_refiner(Pipeline.load(args.refiner, backend=args.backend, verify=args.verify, progress=load_bars))
         if args.preload_controlnets:
             pipeline.controlnets.load(pipeline.controlnets.names)
+        pipeline.loras.library = library
     finally:
         if load_bars is not None:
             load_bars.close()

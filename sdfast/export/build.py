@@ -38,6 +38,7 @@ class ExportRequest:
     cpu_variant: bool = True  # also save each graph fully optimized for onnxruntime's CPU provider (fast cold start)
     t5: str | None = None  # SD3's T5-XXL: none (zeros, the default), fp32, fp16 or int8 (dynamic MatMul quantization)
     controlnet_inputs: bool = True  # the U-Net takes ControlNet residuals (zeros without one); False: the plain graph
+    loras: tuple = ()  # (path, scale) pairs: LoRAs fused into the weights before export (recorded in the fingerprint)
 
 
 def check_request(request: ExportRequest) -> None:
@@ -55,6 +56,10 @@ def check_request(request: ExportRequest) -> None:
         raise ConfigError(f"--family '{request.family}' is not a model family sdfast exports ({', '.join(FAMILIES)})")
     if request.t5 is not None and request.t5 not in T5_OPTIONS:
         raise ConfigError(f"--t5 '{request.t5}' is not one of {', '.join(T5_OPTIONS)}")
+    if request.loras:
+        from sdfast.export.lora_fuse import check_lora_files
+
+        check_lora_files(request.loras)
     if request.precision not in PRECISIONS:
         raise ConfigError(f"precision '{request.precision}' is not supported yet; choose one of {', '.join(PRECISIONS)}")
     out = request.out
@@ -143,7 +148,10 @@ def _build(request: ExportRequest, recipe, family, folder: Path, builtin: bool, 
     started = time.perf_counter()
     progress(f"loading {folder} ({recipe.family})")
     model = family.load(folder, request)
-    fingerprint = weights_fingerprint(folder)
+    from sdfast.export.lora_fuse import fuse_loras, fused_fingerprint
+
+    fused = fuse_loras(model, request.loras, progress) if request.loras else []
+    fingerprint = fused_fingerprint(weights_fingerprint(folder), fused)
     dims = family.dimensions(request, recipe, model)
     progress(
         f"geometry: {dims['width']}x{dims['height']}, batch {request.batch}, denoiser batch {dims['unet_batch']} "
@@ -167,8 +175,11 @@ def _build(request: ExportRequest, recipe, family, folder: Path, builtin: bool, 
                   for index, name in enumerate(names, 1)}
     raw_dir.rmdir()
     progress(f"export finished in {time.perf_counter() - started:.1f} s")
-    return _manifest(request, recipe, folder, builtin, fingerprint, dims, dynamic_json, family_blocks, tokenizers, scheduler_info,
-                     components, time.perf_counter() - started)
+    manifest = _manifest(request, recipe, folder, builtin, fingerprint, dims, dynamic_json, family_blocks, tokenizers, scheduler_info,
+                         components, time.perf_counter() - started)
+    if fused:
+        manifest["source"]["fused_loras"] = fused
+    return manifest
 
 
 def _manifest(request: ExportRequest, recipe, folder: Path, builtin: bool, fingerprint: str, dims: dict, dynamic_json: dict,

@@ -38,6 +38,7 @@ def export_component(request, recipe, family, model, name: str, dims: dict, dyna
     # is 10 GB in fp32: holding both would not fit a 24 GB machine)
     inputs = family.sample_inputs(component, model, "parity")
     expected = torch_outputs(module, component, inputs)
+    lora = lora_fingerprints(request, component, precision, module, model)
     del module
     release(model, family.RELEASES.get(name, ()))
     exported_s = time.perf_counter() - step
@@ -109,8 +110,33 @@ def export_component(request, recipe, family, model, name: str, dims: dict, dyna
             )
     if variants:
         entry["variants"] = variants
+    if lora is not None:
+        entry["parameter_map"] = parameter_map_entry(name, lora, [staging / entry["file"], *(staging / v["file"] for v in variants.values())],
+                                                     staging, label, progress)
     entry["export_seconds"] = round(time.perf_counter() - step + exported_s + optimized_s, 2)
     return entry
+
+
+def lora_fingerprints(request, component, precision: str, module, model):
+    """(target shapes, fingerprints) of the weights a LoRA can patch in this component, or None where LoRAs do not apply."""
+    from sdfast.export.parameter_map import LORA_ROLES, fingerprints, lora_targets, owners_of
+    from sdfast.runtime.backends import cpu_isa
+
+    if component.role not in LORA_ROLES or precision not in ("fp32", "fp16"):
+        return None
+    targets = lora_targets(module, owners_of(model))
+    block = {"avx512f": 16, "avx2": 8}.get(cpu_isa()) if request.cpu_variant and precision == "fp32" else None
+    return {name: weight.shape for name, weight in targets.items()}, fingerprints(targets, precision == "fp16", block)
+
+
+def parameter_map_entry(name: str, lora, graph_files: list[Path], staging: Path, label: str, progress: Progress) -> dict:
+    """The manifest's record of ``{name}.parameters.json``: where each LoRA-patchable weight is in each graph."""
+    from sdfast.export.parameter_map import write_parameter_map
+
+    shapes, prints = lora
+    path, summary = write_parameter_map(name, shapes, prints, graph_files, staging)
+    progress(f"{label}: LoRA parameter map: " + ", ".join(f"{graph} {s['mapped']}/{s['of']}" for graph, s in summary.items()))
+    return {"file": path.name, "files": hashed(staging, [path]), "graphs": summary}
 
 
 def graph_write_errors() -> tuple[type[BaseException], ...]:

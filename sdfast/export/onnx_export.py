@@ -105,14 +105,12 @@ def optimize_offline(raw: Path, out: Path, level: str = "ORT_ENABLE_BASIC") -> l
     options.optimized_model_filepath = str(out)
     options.log_severity_level = 3
     options.add_session_config_entry("session.disable_prepacking", "1")  # nothing runs here: no packed copy of the weights
-    files = [out]
-    if raw.with_name(raw.name + ".data").exists():  # large models keep their weights in a side file
-        data_name = out.name + ".data"
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
-        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        files.append(out.with_name(data_name))
+    # the weights go to a side file (page-aligned by onnxruntime): the runtime reads a LoRA's base weights from there
+    data_name = out.name + ".data"
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"])
-    return files
+    return [path for path in (out, out.with_name(data_name)) if path.exists()]  # no side file when every weight is small
 
 
 WINOGRAD_MIN_TILES = 64  # 3x3 convolutions on maps of at least 16x16: below that the larger weights cost more than they save

@@ -14,16 +14,14 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from sdfast.export.flops import known_shapes
+from sdfast.runtime.lora.weight_layouts import winograd_f2x2_3x3
 
 B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64)  # input transform
-G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64)  # weight transform
 A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)  # output transform
 
 
-def transform_weights(weight: np.ndarray) -> np.ndarray:
-    """U = G g G^T for every (out, in) filter: [K, C, 3, 3] -> [16, K, C], the 16 tile positions first."""
-    u = np.einsum("ai,kcij,bj->abkc", G, weight.astype(np.float64), G)  # [4, 4, K, C]
-    return u.reshape(16, *weight.shape[:2]).astype(np.float32)
+# the weight transform U = G g Gᵀ lives with the runtime's weight layouts: a LoRA's delta goes through the same function
+transform_weights = winograd_f2x2_3x3
 
 
 def input_filters() -> np.ndarray:

@@ -109,4 +109,4 @@ class ControlUnit:
             "Guess Mode": True if self.guess_mode else None,
         }
         text = ", ".join(f"{key}: {value}" for key, value in fields.items() if value is not None)
-        return f"ControlNet {index}", f'"{text}"'
+        return f"ControlNet {index}", text  # quoted by the infotext, as A1111 quotes it

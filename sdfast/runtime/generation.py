@@ -27,6 +27,7 @@ class GenerationRequest:
     seeds: list[int] | None = None  # one seed per image (batch_size x n_iter), instead of seed, seed + 1, ... (the server's micro-batches)
     skip_layer_guidance: SkipLayerGuidance | None = None  # SD3.5's skip-layer guidance, or None
     control: tuple = ()  # ControlNet units (runtime.control.ControlUnit), their residuals summed
+    loras: tuple = ()  # LoRAs beside the prompt's <lora:name:weight> tags (runtime.lora.prompt_tags.LoraUse), by name
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Decoded images to uint8 pixels and PNG files carrying AUTOMATIC1111-style generation parameters."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -22,8 +23,14 @@ def infotext(prompt: str, negative_prompt: str, settings: dict[str, object]) -> 
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{key}: {value}" for key, value in settings.items() if value is not None))
+    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in settings.items() if value is not None))
     return "\n".join(lines)
+
+
+def _quote(value: object) -> object:
+    """A1111's infotext quoting (generation_parameters_copypaste.quote): a value with a comma, colon or newline as JSON."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(mark in text for mark in ",:\n") else value
 
 
 def check_output_paths(paths: list[Path]) -> None:

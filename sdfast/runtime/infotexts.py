@@ -10,7 +10,7 @@ def generation_infotext(pipeline, request: GenerationRequest, sampler_name: str,
                         strength: float | None, stopped: str | None = None) -> str:
     """A1111's infotext of one image: the prompts, then its settings in A1111's order and wording."""
     return infotext(
-        request.prompt,
+        request.prompt + "".join(use.tag() for use in request.loras),  # A1111 reads LoRAs back from the prompt's tags
         request.negative_prompt,
         {
             "Steps": request.steps,
@@ -29,6 +29,7 @@ def generation_infotext(pipeline, request: GenerationRequest, sampler_name: str,
             "Refiner switch at": request.refiner_switch,
             "Skip layer guidance": _slg_text(request.skip_layer_guidance),
             **dict(unit.infotext(index, pipeline.controlnets.model_hash(unit.model)) for index, unit in enumerate(request.control)),
+            "Lora hashes": pipeline.loras.infotext_hashes(),
             "Interrupted": stopped,  # "after k of n steps": the image is the x0 estimate of step k
             "Version": f"sdfast {__version__}",
         },

@@ -83,6 +83,7 @@ class ComponentInfo:
     variants: dict[str, dict] = field(default_factory=dict)  # backend -> {"file", "files", "optimization"}: pre-optimized for it
     role: str | None = None  # one of ROLES (read from the manifest): the backends treat the denoiser (loop, IO binding, CUDA graphs) apart
     optional: bool = False  # the engine dir may lack it (the VAE encoder: img2img and inpainting only)
+    parameter_map: dict | None = None  # {"file", "files", "graphs"}: where LoRA-patchable weights are in each graph (None: not recorded)
 
     def input(self, name: str) -> TensorSpec:
         """The input called ``name``; an engine without it was not made by this sdfast's export."""
@@ -104,6 +105,7 @@ class ComponentInfo:
             variants=dict(data.get("variants", {})),
             role=data["role"],
             optional=bool(data.get("optional", False)),
+            parameter_map=data.get("parameter_map"),
         )
 
 
@@ -172,6 +174,8 @@ class Manifest:
             files.update(component.files)
             for variant in component.variants.values():
                 files.update(variant["files"])
+            if component.parameter_map:
+                files.update(component.parameter_map["files"])
         for tokenizer in self.tokenizers.values():
             files.update(tokenizer["files"])
         files.update(self.data["scheduler"]["files"])

@@ -17,6 +17,7 @@ from sdfast.runtime.generation import GenerationRequest, GenerationResult, SkipL
 from sdfast.runtime.image_source import ImageSource
 from sdfast.runtime.images import to_uint8
 from sdfast.runtime.infotexts import generation_infotext
+from sdfast.runtime.lora.active import PipelineLoras
 from sdfast.runtime.manifest import Manifest, read_manifest
 from sdfast.runtime.refiner import HandOff, LatentSource, base_steps, check_pair, check_switch, refiner_start
 from sdfast.runtime.request_check import RequestChecker, read_scheduler_config
@@ -61,6 +62,7 @@ class Pipeline:
         self.max_text_chunks = int(manifest.geometry["max_text_chunks"])  # longest prompt, in 75-token chunks
         self.refiner: Pipeline | None = None  # SDXL's second stage: the schedule's low-noise steps (attach_refiner)
         self.controlnets = ControlNets(manifest)  # Pipeline.load gives it the backend that loads them on first use
+        self.loras = PipelineLoras(self)  # the LoRAs the engines hold; Pipeline.load gives it the backend, the caller a LoraLibrary
         # the U-Net's ControlNet residual inputs, zeros when no ControlNet runs: np.zeros maps the zero page, so
         # they cost no memory until written, and the GPU loops bind them once with the rest of the conditioning
         self.zero_residuals = {spec.name: np.zeros(spec.shape, dtype=np.float32)
@@ -125,6 +127,7 @@ class Pipeline:
             engines[manifest.denoiser].info.input(input_name)
         pipeline = cls(manifest, engines, family(manifest, engines), scheduler_config, backend)
         pipeline.controlnets = ControlNets(manifest, runtime_backend, verify)
+        pipeline.loras.backend = runtime_backend
         finished = time.perf_counter()
         pipeline.load_timings = {"verify_s": verified - started, "engines_s": finished - verified, "total_s": finished - started}
         return pipeline
@@ -134,6 +137,15 @@ class Pipeline:
     def validate(self, request: GenerationRequest) -> None:
         """Raise RequestError for anything this engine cannot serve, without running it (the server checks before queuing)."""
         self.checker.prepare(request)
+        self._lora_prompt(request)
+
+    def _lora_prompt(self, request: GenerationRequest) -> tuple[str, list]:
+        """(the prompt without its <lora:...> tags, the request's LoRAs), their files read and checked against the engine."""
+        prompt, loras = self.loras.uses(request.prompt, request.loras)
+        self.loras.check(loras)
+        if loras and request.refiner_switch is not None:
+            raise RequestError("LoRAs with a refiner are not supported yet: run the base alone, or export the LoRA into both (--lora)")
+        return prompt, loras
 
     # -- stages ---------------------------------------------------------------------------------------
 
@@ -218,16 +230,18 @@ class Pipeline:
         batch, spec, plan, strength = prepared.batch, prepared.spec, prepared.plan, prepared.strength
         second = self._refiner_stage(request, spec, plan) if request.refiner_switch is not None else None
         self.controlnets.load(unit.model for unit in request.control)  # the first use of a ControlNet loads it: not a step's time
+        prompt, loras = self._lora_prompt(request)
+        self.loras.apply(loras)  # a session rebuild when the engines hold other LoRAs; not a step's time either
         started = time.perf_counter()
         timings, warnings = StageTimings(), []
         use_cfg = self.guidance and request.cfg_scale > 1  # as diffusers: guidance only above 1
 
         stage = time.perf_counter()
-        conditioning = {**self.family.conditioning(request.prompt, request.negative_prompt, request.clip_skip, use_cfg, warnings),
+        conditioning = {**self.family.conditioning(prompt, request.negative_prompt, request.clip_skip, use_cfg, warnings),
                         **self.zero_residuals}
         if second:
             second["conditioning"] = {**self.refiner.family.conditioning(
-                request.prompt, request.negative_prompt, request.clip_skip, use_cfg, []), **self.refiner.zero_residuals}
+                prompt, request.negative_prompt, request.clip_skip, use_cfg, []), **self.refiner.zero_residuals}
         timings.text_encoder = time.perf_counter() - stage
 
         source = None

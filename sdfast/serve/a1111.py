@@ -57,6 +57,15 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
                  "filename": p.manifest.root.name, "config": None, "family": p.manifest.family, "sizes": [f"{p.width}x{p.height}"]}
                 for p in served]
 
+    @router.get("/sdapi/v1/loras")
+    async def loras():
+        """A1111's Lora extension listing: name, alias, path and the file's safetensors metadata, per LoRA of --lora-dir."""
+        return await asyncio.to_thread(pipeline.loras.library.listing)
+
+    @router.post("/sdapi/v1/refresh-loras")
+    async def refresh_loras():
+        return None  # the LoRA directory is read on every request: nothing to refresh
+
     @router.get("/sdapi/v1/scripts")
     async def scripts():
         scripts = ["controlnet"] if pipeline.controlnets.names else []  # the alwayson scripts this server runs

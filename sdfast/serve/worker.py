@@ -54,7 +54,9 @@ class Job:
         r = self.request
         if r.init_image is not None or r.mask is not None or r.control:  # images (init, mask, control) are not compared
             return None
-        return (r.prompt, r.negative_prompt, r.steps, float(r.cfg_scale), r.sampler, r.clip_skip, float(r.eta), r.n_iter, r.refiner_switch)
+        # the prompt carries its <lora:...> tags: jobs with other LoRAs (other weights) are never merged
+        return (r.prompt, r.negative_prompt, r.steps, float(r.cfg_scale), r.sampler, r.clip_skip, float(r.eta), r.n_iter, r.refiner_switch,
+                tuple(r.loras))
 
 
 @dataclass

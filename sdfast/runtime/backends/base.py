@@ -49,13 +49,15 @@ class Engine(ABC):
 
 class Backend(ABC):
     name: str
+    can_override_initializers: bool = False  # whether ``load`` takes merged weights (LoRAs at run time)
 
     @abstractmethod
     def available(self) -> tuple[bool, str]:
         """(usable here, why not)."""
 
     @abstractmethod
-    def load(self, info: ComponentInfo, path: Path) -> Engine: ...
+    def load(self, info: ComponentInfo, path: Path, overrides: dict[str, np.ndarray] | None = None) -> Engine:
+        """The component's engine; ``overrides``: initializer name -> array that replaces the stored one (a LoRA merged in)."""
 
     def cannot_run(self, info: ComponentInfo) -> str | None:
         """Why this backend cannot run ``info`` as exported (its precision, its ops), or None: asked of every component

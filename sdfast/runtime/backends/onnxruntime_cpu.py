@@ -45,6 +45,8 @@ class OrtBackend(Backend):
     NCHWc layouts), it loads with optimizations off: a cold start of seconds instead of a re-optimization.
     """
 
+    can_override_initializers = True
+
     def __init__(self, name: str, provider: str, threads: int = 0):
         self.name = name
         self.provider = provider
@@ -83,7 +85,7 @@ class OrtBackend(Backend):
         variant = self._preoptimized(info)
         return (variant["file"], variant["files"]) if variant else (info.file, info.files)
 
-    def load(self, info: ComponentInfo, path: Path) -> Engine:
+    def load(self, info: ComponentInfo, path: Path, overrides: dict[str, np.ndarray] | None = None) -> Engine:
         import onnxruntime as ort
 
         ok, why = self.available()
@@ -97,12 +99,15 @@ class OrtBackend(Backend):
             # the VAE's activations are the largest of a generation (4.5 GiB at 1024x1024) and come once per image:
             # without an arena they are freed as they die (SDXL 1024: 4.1 GiB peak instead of 4.9 GiB for the decoder)
             options.enable_cpu_mem_arena = False
+        kept = add_overrides(options, overrides)
         try:
             session = ort.InferenceSession(str(path), options, providers=[self.provider])
         except Exception as error:  # noqa: BLE001
             raise EngineError(f"cannot load {info.name} from '{path}': {str(error).splitlines()[0]}") from None
         _check_session_matches(session, info)
-        return OrtEngine(info, session, self.run_options(arena=options.enable_cpu_mem_arena))
+        engine = OrtEngine(info, session, self.run_options(arena=options.enable_cpu_mem_arena))
+        engine.kept_weights = kept
+        return engine
 
     def run_options(self, arena: bool = True):
         """Each call hands its activations' memory back when it ends: every session has its own arena, so without
@@ -113,6 +118,20 @@ class OrtBackend(Backend):
         if self.provider == "CPUExecutionProvider" and arena:  # (onnxruntime refuses to shrink an arena that is not there)
             options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         return options
+
+
+def add_overrides(options, overrides: dict[str, np.ndarray] | None) -> list:
+    """Give the session ``overrides`` in place of the graph's stored initializers; returns what must outlive the session
+    (onnxruntime uses the arrays' memory without copying it)."""
+    import onnxruntime as ort
+
+    kept = []
+    for name, array in (overrides or {}).items():
+        array = np.ascontiguousarray(array)
+        value = ort.OrtValue.ortvalue_from_numpy(array)
+        options.add_initializer(name, value)
+        kept += [array, value]
+    return kept
 
 
 def _check_session_matches(session, info: ComponentInfo) -> None:

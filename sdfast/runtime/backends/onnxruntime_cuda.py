@@ -15,7 +15,7 @@ from pathlib import Path
 from sdfast.errors import EngineError
 from sdfast.runtime.backends.base import Engine
 from sdfast.runtime.backends.gpu_common import _SharedStream, _gpu_count, _probe, log
-from sdfast.runtime.backends.onnxruntime_cpu import OrtBackend, OrtEngine, _check_session_matches
+from sdfast.runtime.backends.onnxruntime_cpu import OrtBackend, OrtEngine, _check_session_matches, add_overrides
 from sdfast.runtime.cuda_unet import OrtCudaUnetEngine
 from sdfast.runtime.manifest import ComponentInfo, confined
 
@@ -57,7 +57,7 @@ class OrtCudaBackend(OrtBackend):
             options["enable_cuda_graph"] = "1"
         return options
 
-    def load(self, info: ComponentInfo, path: Path) -> Engine:
+    def load(self, info: ComponentInfo, path: Path, overrides=None) -> Engine:
         import onnxruntime as ort
 
         ok, why = self.available()
@@ -73,7 +73,9 @@ class OrtCudaBackend(OrtBackend):
         for graphs in ([True, False] if cuda_graphs else [False]):
             providers = [("CUDAExecutionProvider", self.provider_options(info, graphs)), "CPUExecutionProvider"]
             try:
-                session = ort.InferenceSession(str(path), self.session_options(optimize=True), providers=providers)
+                options = self.session_options(optimize=True)
+                kept = add_overrides(options, overrides)
+                session = ort.InferenceSession(str(path), options, providers=providers)
                 cuda_graphs = graphs
                 break
             except Exception as error:  # noqa: BLE001 - CUDA graphs need every node on the GPU; without them, retry once
@@ -84,6 +86,6 @@ class OrtCudaBackend(OrtBackend):
         if "CUDAExecutionProvider" not in session.get_providers():
             raise EngineError(f"{info.name}: onnxruntime fell back to the CPU (is onnxruntime-gpu installed, and CUDA 12/13 found?)")
         _check_session_matches(session, info)
-        if info.role == "denoiser":
-            return OrtCudaUnetEngine(info, session, self._stream.get(), cuda_graphs)
-        return OrtCudaEngine(info, session)
+        engine = OrtCudaUnetEngine(info, session, self._stream.get(), cuda_graphs) if info.role == "denoiser" else OrtCudaEngine(info, session)
+        engine.kept_weights = kept  # LoRA-merged initializers: onnxruntime copies them to the GPU, but keep them with the session
+        return engine

@@ -181,9 +181,11 @@ class TensorRTBackend(Backend):
         gpu = device_info()
         return key_for(info, gpu.name, gpu.compute_capability, _trt().__version__)
 
-    def load(self, info: ComponentInfo, path: Path) -> Engine:
+    def load(self, info: ComponentInfo, path: Path, overrides=None) -> Engine:
         from sdfast.runtime import trt_cache
 
+        if overrides:
+            raise EngineError("tensorrt: LoRAs at run time need an engine refit, which sdfast does not do yet (export with --lora)")
         refused = self.cannot_run(info)
         if refused:
             raise EngineError(refused)

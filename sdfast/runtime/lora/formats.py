@@ -99,6 +99,8 @@ def _kohya_parts(name: str, tensors: dict[str, np.ndarray], targets: dict[str, t
     for target in targets:
         component, path = target.split(".", 1)
         lookup[(component, path.removesuffix(".weight").replace(".", "_"))] = target
+    resnets = {int(m.group(1)) for t in targets if (m := re.match(r"unet\.down_blocks\.0\.resnets\.(\d+)\.", t))}
+    layers_per_block = max(resnets) + 1 if resnets else 2  # the SGM blocks' numbering depends on it
     parts: dict[str, dict] = {}
     for key, value in tensors.items():
         stem, _, suffix = key.partition(".")
@@ -109,7 +111,7 @@ def _kohya_parts(name: str, tensors: dict[str, np.ndarray], targets: dict[str, t
         path = stem[len(prefix):]
         target = lookup.get((component, path)) or lookup.get((component, path.removeprefix("text_model_")))
         if target is None and component == "unet":  # SDXL LoRAs from sd-scripts name the original (SGM) U-Net's blocks
-            target = next((lookup[(component, c)] for c in sgm_to_diffusers(path) if (component, c) in lookup), None)
+            target = next((lookup[(component, c)] for c in sgm_to_diffusers(path, layers_per_block) if (component, c) in lookup), None)
         if target is None:
             raise RequestError(f"LoRA '{name}' is for another base model: '{stem}' has no {component} weight in this engine")
         parts.setdefault(target, {})[kind] = value

@@ -61,7 +61,7 @@ def fuse_loras(model, loras: tuple[tuple[Path, float], ...], progress: Callable[
         updates = parse_lora(Path(path).stem, tensors, shapes, metadata)
         with torch.no_grad():
             for target, update in updates.items():
-                weights[target].add_(torch.from_numpy(update.delta(shapes[target]) * np.float32(scale)))
+                weights[target].add_(torch.from_numpy(update.delta(shapes[target], scale)))
         records.append({"name": Path(path).stem, "file": Path(path).name, "sha256": sha256_file(Path(path)),
                         "a1111_hash": a1111_short_hash(Path(path)), "scale": scale, "weights": len(updates)})
         progress(f"LoRA {Path(path).name} fused at {scale:g} into {len(updates)} weights")

@@ -4,9 +4,9 @@ from __future__ import annotations
 import gc
 import time
 
-from sdfast.errors import EngineError, RequestError
+from sdfast.errors import RequestError
 from sdfast.runtime.lora.library import LoraFile, LoraLibrary
-from sdfast.runtime.lora.patcher import initializer_overrides, merged_deltas, read_parameter_map
+from sdfast.runtime.lora.patcher import initializer_overrides, read_parameter_map, updates_for
 from sdfast.runtime.lora.prompt_tags import LoraUse, extract_loras
 
 PATCHED_ROLES = ("denoiser", "text_encoder")
@@ -73,39 +73,45 @@ class PipelineLoras:
         started = time.perf_counter()
         manifest, backend = self.pipeline.manifest, self.backend
         names = ", ".join(f"'{u.name}'" for u in uses)
-        overrides = {}
-        for component in self._components():  # every merge first: a refused LoRA leaves the engines untouched
-            deltas = merged_deltas(component, [(f, u.weight_for(component)) for f, u in zip(files, uses)], shapes)
-            if deltas:
-                info = manifest.components[component]
-                graph = backend.graph_for(info)[0]
+        plans = {}  # component -> (graph, its map, the updates): every check before any session is touched
+        for component in self._components():
+            updates = updates_for(component, [(f, u.weight_for(component)) for f, u in zip(files, uses)])
+            if updates:
+                graph = backend.graph_for(manifest.components[component])[0]
                 graph_map = self._maps[component]["graphs"].get(graph)
                 if graph_map is None:
                     raise RequestError(f"LoRA {names}: this engine's {graph} has no parameter map (backend '{backend.name}')")
-                overrides[component] = initializer_overrides(manifest.root, graph, graph_map, deltas, names)
-        changed = sorted(set(overrides) | self.patched)
-        try:
+                unplaced = next((target for target in updates if target not in graph_map), None)
+                if unplaced is not None:
+                    raise RequestError(f"LoRA {names} changes {unplaced}, which this engine's {graph} holds in a form sdfast "
+                                       "cannot patch (a fused or re-laid weight the export could not place)")
+                plans[component] = (graph, graph_map, updates)
+        changed = sorted(set(plans) | self.patched)
+        try:  # one component at a time: its old session (and merged weights) go before the new ones are made
             for component in changed:
-                self._rebuild(component, overrides.get(component), progress)
-        except EngineError:  # back to the stored weights everywhere: never a half-patched engine
+                self._drop(component, progress)
+                overrides = initializer_overrides(manifest.root, *plans[component], shapes, names) if component in plans else None
+                self.pipeline.engines[component] = backend.load(manifest.components[component], manifest.path(manifest.components[component].file),
+                                                                overrides=overrides)
+                del overrides
+        except Exception:  # noqa: BLE001 - whatever failed (a file, memory), back to the stored weights everywhere: never half-patched
             for component in changed:
-                self._rebuild(component, None, None)
+                self._drop(component, None)
+                self.pipeline.engines[component] = backend.load(manifest.components[component], manifest.path(manifest.components[component].file))
             self.patched, self.applied, self.files = set(), (), []
             self.pipeline.family = type(self.pipeline.family)(manifest, self.pipeline.engines)
             raise
-        self.patched = set(overrides)
+        self.patched = set(plans)
         self.applied, self.files = key, files
         self.pipeline.family = type(self.pipeline.family)(manifest, self.pipeline.engines)  # encoders cached by the family
         self.switch_s = time.perf_counter() - started
 
-    def _rebuild(self, component: str, overrides: dict | None, progress) -> None:
-        """Drop ``component``'s session, then load it with ``overrides`` (None: the stored weights)."""
-        engines, info = self.pipeline.engines, self.pipeline.manifest.components[component]
+    def _drop(self, component: str, progress) -> None:
+        """Let ``component``'s session and its merged weights go (its memory back before the next is made)."""
         if progress:
             progress(f"LoRA: rebuilding the {component} session")
-        engines.pop(component, None)
+        self.pipeline.engines.pop(component, None)
         gc.collect()
-        engines[component] = self.backend.load(info, self.pipeline.manifest.path(info.file), overrides=overrides)
 
     def infotext_hashes(self) -> str | None:
         """A1111's "Lora hashes" value: name: short hash, for each LoRA the engines hold."""

@@ -42,12 +42,19 @@ class LowRankUpdate:
     def rank(self) -> int:
         return int(self.down.shape[0])
 
-    def delta(self, shape: tuple[int, ...]) -> np.ndarray:
-        """The update in the weight's own [O, I(, kh, kw)] shape, float32, at multiplier 1."""
-        up = self.up.reshape(self.up.shape[0], -1)  # [O, r]
-        down = self.down.reshape(self.rank, -1)  # [r, I * kh * kw]
-        scale = 1.0 if self.alpha is None else self.alpha / self.rank
-        return (up @ down * np.float32(scale)).reshape(shape)
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.alpha is None else self.alpha / self.rank
+
+    def factors(self, multiplier: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """(up [O, r] x multiplier x alpha / r, down [r, I * kh * kw]): the update is their product."""
+        up = self.up.reshape(self.up.shape[0], -1) * np.float32(multiplier * self.scale)
+        return up, self.down.reshape(self.rank, -1)
+
+    def delta(self, shape: tuple[int, ...], multiplier: float = 1.0) -> np.ndarray:
+        """The update in the weight's own [O, I(, kh, kw)] shape, float32."""
+        up, down = self.factors(multiplier)
+        return (up @ down).reshape(shape)
 
     def fits(self, shape: tuple[int, ...]) -> bool:
         """Whether the update has the weight's shape: [O, r] @ [r, I...] with the up matrix 1x1 (a Linear LoRA on a

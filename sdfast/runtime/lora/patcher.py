@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from sdfast.errors import EngineError, RequestError
-from sdfast.runtime.lora.weight_layouts import apply_layout
+from sdfast.runtime.lora.weight_layouts import apply_layout, winograd_f2x2_3x3
 
 
 def read_parameter_map(manifest, component: str) -> dict:
@@ -30,27 +30,43 @@ def read_parameter_map(manifest, component: str) -> dict:
         raise EngineError(f"engine dir {manifest.root}: {component}'s parameter map is unreadable ({error})") from None
 
 
-def merged_deltas(component: str, uses, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """target weight -> sum of multiplier x delta over the LoRAs (``uses``: (LoraFile, multiplier) pairs), for ``component``;
-    ``shapes``: each weight's shape in the model."""
-    deltas: dict[str, np.ndarray] = {}
+def updates_for(component: str, uses) -> dict[str, list[tuple[object, float]]]:
+    """target weight -> [(update, multiplier), ...] of ``component`` (``uses``: (LoraFile, multiplier) pairs)."""
+    found: dict[str, list[tuple[object, float]]] = {}
     for lora, multiplier in uses:
         if multiplier == 0:
             continue
         for target, update in lora.updates.items():
-            if target.split(".", 1)[0] != component:
-                continue
-            # the delta in the weight's own shape: [O, I] for a Linear, [O, I, kh, kw] for a convolution
-            delta = update.delta(shapes[target]) * np.float32(multiplier)
-            deltas[target] = delta if target not in deltas else deltas[target] + delta
-    return deltas
+            if target.split(".", 1)[0] == component:
+                found.setdefault(target, []).append((update, multiplier))
+    return found
 
 
-def initializer_overrides(root: Path, graph: str, graph_map: dict[str, dict], deltas: dict[str, np.ndarray],
-                          lora_names: str) -> dict[str, np.ndarray]:
+def add_update(laid: np.ndarray, layout: str, update, multiplier: float, shape: tuple[int, ...]) -> None:
+    """laid += the update in the graph's ``layout``; Linear weights (most of a LoRA) without a full-size temporary
+    beyond the product: identity adds up @ down, transpose adds downᵀ @ upᵀ (the [in, out] MatMul operand)."""
+    up, down = update.factors(multiplier)  # up: [O, r], down: [r, I * kh * kw]
+    if layout == "identity":
+        flat = laid.reshape(up.shape[0], -1)  # a view: ``laid`` is contiguous
+        flat += up @ down
+    elif layout == "transpose":
+        laid += down.T @ up.T  # [I, O]
+    elif layout == "winograd_f2x2_3x3":  # G (up @ down) Gᵀ = up @ (G down Gᵀ): the r small filters transformed, not K x C
+        channels = shape[1]
+        laid += up[None] @ winograd_f2x2_3x3(down.reshape(-1, channels, 3, 3))  # [16, K, r] @ [16, r, C] -> [16, K, C]
+    elif layout.startswith("nchwc_"):  # a permutation: added through a strided view, no permuted copy
+        permuted = apply_layout(layout, (up @ down).reshape(shape), view=True)  # [O/B, I/B, kh, kw, Bi, Bo] (or OIBo)
+        blocked = laid.reshape(permuted.shape)  # the stored bytes are in that order
+        blocked += permuted
+    else:
+        laid += apply_layout(layout, update.delta(shape, multiplier))
+
+
+def initializer_overrides(root: Path, graph: str, graph_map: dict[str, dict], updates: dict[str, list],
+                          shapes: dict[str, tuple[int, ...]], lora_names: str) -> dict[str, np.ndarray]:
     """initializer name -> merged array, for the graph file ``graph`` of an engine dir at ``root``."""
     overrides = {}
-    for target, delta in deltas.items():
+    for target, pairs in updates.items():
         place = graph_map.get(target)
         if place is None:
             raise RequestError(f"LoRA {lora_names} changes {target}, which this engine's {graph} holds in a form sdfast "
@@ -60,9 +76,9 @@ def initializer_overrides(root: Path, graph: str, graph_map: dict[str, dict], de
                                shape=tuple(place["shape"]))
         except (OSError, ValueError) as error:
             raise EngineError(f"engine dir {root}: cannot read {target} from '{place['file']}' ({error})") from None
-        laid = apply_layout(place["layout"], delta)  # the delta as the graph holds the weight
-        if laid.shape != stored.shape:
-            raise EngineError(f"engine dir {root}: the parameter map's {target} is {list(stored.shape)}, its delta {list(laid.shape)}")
-        overrides[place["initializer"]] = (stored.astype(np.float32) + laid).astype(stored.dtype)
+        laid = np.array(stored, dtype=np.float32)  # the stored weight as the graph holds it, owned: the merge goes in place
+        for update, multiplier in pairs:
+            add_update(laid, place["layout"], update, multiplier, shapes[target])
+        overrides[place["initializer"]] = laid if stored.dtype == np.float32 else laid.astype(stored.dtype)
         del stored
     return overrides

@@ -23,18 +23,19 @@ def transpose(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(weight.T)
 
 
-def nchwc_blocked(weight: np.ndarray, block: int) -> np.ndarray:
-    """onnxruntime's NCHWc convolution filter (MLAS OIBiBo): [O/B, I/B, kh, kw, Bi, Bo], kept in the [O, I, kh, kw] shape."""
+def nchwc_blocked(weight: np.ndarray, block: int, view: bool = False) -> np.ndarray:
+    """onnxruntime's NCHWc convolution filter (MLAS OIBiBo): [O/B, I/B, kh, kw, Bi, Bo], kept in the [O, I, kh, kw] shape.
+    ``view``: the permuted [O/B, I/B, kh, kw, Bi, Bo] view, to add into a stored filter reshaped alike."""
     o, i, kh, kw = weight.shape
     blocked = weight.reshape(o // block, block, i // block, block, kh, kw).transpose(0, 2, 4, 5, 3, 1)
-    return np.ascontiguousarray(blocked).reshape(o, i, kh, kw)
+    return blocked if view else np.ascontiguousarray(blocked).reshape(o, i, kh, kw)
 
 
-def nchwc_output_blocked(weight: np.ndarray, block: int) -> np.ndarray:
+def nchwc_output_blocked(weight: np.ndarray, block: int, view: bool = False) -> np.ndarray:
     """onnxruntime's NCHWc filter for unblocked input channels (MLAS OIBo: the first convolution): [O/B, I, kh, kw, Bo]."""
     o, i, kh, kw = weight.shape
     blocked = weight.reshape(o // block, block, i, kh, kw).transpose(0, 2, 3, 4, 1)
-    return np.ascontiguousarray(blocked).reshape(o, i, kh, kw)
+    return blocked if view else np.ascontiguousarray(blocked).reshape(o, i, kh, kw)
 
 
 def _identity(weight: np.ndarray) -> np.ndarray:
@@ -57,9 +58,15 @@ def layouts_for(shape: tuple[int, ...]) -> dict[str, object]:
     return found
 
 
-def apply_layout(name: str, weight: np.ndarray) -> np.ndarray:
-    """``weight`` in the named layout; a ValueError for a layout this runtime does not know (a newer export)."""
+def apply_layout(name: str, weight: np.ndarray, view: bool = False):
+    """``weight`` in the named layout; a ValueError for a layout this runtime does not know (a newer export).
+
+    ``view`` (NCHWc layouts): the permuted strided view in its blocked shape, uncopied (to add into the stored filter
+    reshaped to that shape)."""
     layout = layouts_for(weight.shape).get(name)
     if layout is None:
         raise ValueError(f"weight layout '{name}' does not apply to a {list(weight.shape)} weight, or is unknown to this sdfast")
+    if view and name.startswith("nchwc_"):
+        block = int(name.rsplit("_", 1)[1])
+        return (nchwc_blocked if "oibibo" in name else nchwc_output_blocked)(weight, block, view=True)
     return layout(weight)

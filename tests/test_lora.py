@@ -214,3 +214,26 @@ def test_export_fuses_a_lora_as_the_runtime_applies_it(pipeline, lora_dir, tmp_p
         refused = run_cli("export", "--model", "tiny", "--out", tmp_path / "never", *args)
         lines = refused.stderr.strip().splitlines()
         assert refused.returncode == 2 and message in lines[-1] and not (tmp_path / "never").exists(), refused.stderr
+
+
+def test_portable_graphs_take_loras_as_diffusers_fuses_them(tiny_model, lora_dir, tmp_path_factory):
+    """Without the CPU variant, onnxruntime optimizes the portable graph at load (NCHWc, fusions): the merged weights
+    must reach it through those rewrites too."""
+    from sdfast.export.build import ExportRequest, export_engine
+
+    engine = export_engine(ExportRequest(model="tiny", out=tmp_path_factory.mktemp("portable") / "tiny", cpu_variant=False))
+    pipe = Pipeline.load(engine)
+    pipe.loras.library = LoraLibrary(lora_dir)
+    result = ours(pipe, f"{PROMPT} <lora:kohya_locon:0.8>").images
+    assert psnr(result, theirs(tiny_model, pipe, lora_dir, {"kohya_locon": 0.8})) >= 40.0
+    assert psnr(result, ours(pipe).images) < 35.0
+
+
+def test_fp16_engines_take_loras_as_fp32_ones_within_fp16_rounding(tiny_fp16_engine, pipeline, lora_dir):
+    """The merged fp16 weights reach the graph through onnxruntime's fp16 casts (they stand in for the data file)."""
+    pipe = Pipeline.load(tiny_fp16_engine)
+    pipe.loras.library = LoraLibrary(lora_dir)
+    plain16 = ours(pipe).images
+    lora16 = ours(pipe, f"{PROMPT} <lora:kohya_locon:0.8>").images
+    lora32 = ours(pipeline, f"{PROMPT} <lora:kohya_locon:0.8>").images
+    assert psnr(lora16, lora32) >= 35.0 and psnr(lora16, plain16) < 30.0

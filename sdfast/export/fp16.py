@@ -102,13 +102,9 @@ def convert_to_fp16(src: Path, out: Path, keep_fp32_ops: list[str], fp32_attenti
     kept = collections.Counter(node.op_type for node in converted.graph.node if node.op_type in block_list or node.name in kept_names)
     fp16_nodes = sum(1 for node in converted.graph.node
                      if node.op_type not in block_list and node.name not in kept_names and node.op_type != "Cast")
-    files = [out]
-    large = sum(init.ByteSize() for init in converted.graph.initializer) > EXTERNAL_DATA_THRESHOLD
-    if large:
-        onnx.save(converted, str(out), save_as_external_data=True, location=out.name + ".data", size_threshold=1024)
-        files.append(out.with_name(out.name + ".data"))
-    else:
-        onnx.save(converted, str(out))
+    # the weights go to a side file, as every graph's do: the runtime reads a LoRA's base weights from there
+    onnx.save(converted, str(out), save_as_external_data=True, location=out.name + ".data", size_threshold=1024)
+    files = [path for path in (out, out.with_name(out.name + ".data")) if path.exists()]
     record = {
         "converter": CONVERTER,
         "io_dtype": "float32",

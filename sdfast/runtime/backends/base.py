@@ -59,6 +59,10 @@ class Backend(ABC):
     def load(self, info: ComponentInfo, path: Path, overrides: dict[str, np.ndarray] | None = None) -> Engine:
         """The component's engine; ``overrides``: initializer name -> array that replaces the stored one (a LoRA merged in)."""
 
+    def cannot_override(self, info: ComponentInfo) -> str | None:
+        """Why ``load`` cannot take merged weights (LoRAs at run time) for ``info``, or None."""
+        return None if self.can_override_initializers else f"backend '{self.name}' cannot replace an engine's weights at load"
+
     def cannot_run(self, info: ComponentInfo) -> str | None:
         """Why this backend cannot run ``info`` as exported (its precision, its ops), or None: asked of every component
         before anything is hashed, built or loaded."""

@@ -41,9 +41,10 @@ class PipelineLoras:
     def check(self, uses: list[LoraUse]) -> None:
         """Read and check each LoRA against this engine (read once per file version), so a bad one is refused up front."""
         if uses:
-            if self.backend is not None and not self.backend.can_override_initializers:
-                raise RequestError(f"LoRAs at run time need a backend that can override weights; '{self.backend.name}' cannot "
-                                   "(export with --lora instead)")
+            for name in self._components() if self.backend is not None else ():
+                refused = self.backend.cannot_override(self.pipeline.manifest.components[name])
+                if refused:
+                    raise RequestError(f"LoRAs at run time: {refused} (use an fp32 engine, or fuse the LoRA at export: --lora)")
             for use in uses:
                 self.library.read(use.name, self.shapes())
 
@@ -77,6 +78,9 @@ class PipelineLoras:
         for component in self._components():
             updates = updates_for(component, [(f, u.weight_for(component)) for f, u in zip(files, uses)])
             if updates:
+                refused = backend.cannot_override(manifest.components[component])
+                if refused:
+                    raise RequestError(f"LoRA {names}: {refused} (use an fp32 engine, or fuse the LoRA at export: --lora)")
                 graph = backend.graph_for(manifest.components[component])[0]
                 graph_map = self._maps[component]["graphs"].get(graph)
                 if graph_map is None:

@@ -237,3 +237,29 @@ def test_fp16_engines_take_loras_as_fp32_ones_within_fp16_rounding(tiny_fp16_eng
     lora16 = ours(pipe, f"{PROMPT} <lora:kohya_locon:0.8>").images
     lora32 = ours(pipeline, f"{PROMPT} <lora:kohya_locon:0.8>").images
     assert psnr(lora16, lora32) >= 35.0 and psnr(lora16, plain16) < 30.0
+
+
+def test_onnxruntime_copies_the_merged_weights_so_they_can_go(tiny_engine):
+    """The backend drops its merged arrays once the session is made (SDXL's would otherwise stay twice in memory):
+    that is safe only while onnxruntime copies them, which this checks on each layout the CPU variant holds."""
+    from sdfast.runtime.backends import get_backend
+    from sdfast.runtime.manifest import read_manifest
+
+    manifest = read_manifest(tiny_engine)
+    info = manifest.components["unet"]
+    backend = get_backend("cpu")
+    graph = backend.graph_for(info)[0]
+    places = json.loads((tiny_engine / "unet.parameters.json").read_text())["graphs"][graph]
+    chosen = {}
+    for place in places.values():
+        chosen.setdefault(place["layout"], place)
+    assert {"transpose", "identity"} <= set(chosen), chosen.keys()
+    overrides = {place["initializer"]: np.full(place["shape"], 0.01, np.float32) for place in chosen.values()}
+    engine = backend.load(info, manifest.path(info.file), overrides=overrides)
+    rng = np.random.default_rng(0)
+    feeds = {spec.name: rng.standard_normal([d if isinstance(d, int) else 77 for d in spec.shape]).astype(np.float32)
+             for spec in info.inputs}
+    before = engine.run(feeds)[0]
+    for array in overrides.values():
+        array[...] = 123.0
+    assert np.array_equal(engine.run(feeds)[0], before)

@@ -104,10 +104,9 @@ class OrtBackend(Backend):
             session = ort.InferenceSession(str(path), options, providers=[self.provider])
         except Exception as error:  # noqa: BLE001
             raise EngineError(f"cannot load {info.name} from '{path}': {str(error).splitlines()[0]}") from None
+        del kept  # onnxruntime copied them into the session's own tensors (tests/test_lora.py checks): their memory goes back now
         _check_session_matches(session, info)
-        engine = OrtEngine(info, session, self.run_options(arena=options.enable_cpu_mem_arena))
-        engine.kept_weights = kept
-        return engine
+        return OrtEngine(info, session, self.run_options(arena=options.enable_cpu_mem_arena))
 
     def run_options(self, arena: bool = True):
         """Each call hands its activations' memory back when it ends: every session has its own arena, so without
@@ -122,7 +121,7 @@ class OrtBackend(Backend):
 
 def add_overrides(options, overrides: dict[str, np.ndarray] | None) -> list:
     """Give the session ``overrides`` in place of the graph's stored (external-data) initializers; returns what must
-    outlive the session (onnxruntime uses the arrays' memory without copying it).
+    live until the session is made. onnxruntime copies them as it loads the graph, as it would copy from the file.
 
     add_external_initializers, not add_initializer: the arrays stand in for the data file as the graph loads, so every
     optimization at load (constant folding, NCHWc reorders, fp16 casts) starts from them. Measured with onnxruntime

@@ -87,5 +87,5 @@ class OrtCudaBackend(OrtBackend):
             raise EngineError(f"{info.name}: onnxruntime fell back to the CPU (is onnxruntime-gpu installed, and CUDA 12/13 found?)")
         _check_session_matches(session, info)
         engine = OrtCudaUnetEngine(info, session, self._stream.get(), cuda_graphs) if info.role == "denoiser" else OrtCudaEngine(info, session)
-        engine.kept_weights = kept  # LoRA-merged initializers: onnxruntime copies them to the GPU, but keep them with the session
+        del kept  # onnxruntime copied the LoRA-merged initializers as it loaded the graph
         return engine

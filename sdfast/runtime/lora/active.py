@@ -1,8 +1,10 @@
 """The LoRAs a pipeline's engines carry, and the switch to another set: merged weights, then new sessions."""
 from __future__ import annotations
 
+import ctypes
 import gc
 import time
+import weakref
 
 from sdfast.errors import RequestError
 from sdfast.runtime.lora.library import LoraFile, LoraLibrary
@@ -12,16 +14,25 @@ from sdfast.runtime.lora.prompt_tags import LoraUse, extract_loras
 PATCHED_ROLES = ("denoiser", "text_encoder")
 
 
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim): a dropped session's GBs otherwise stay in the
+    process, and the next session would be built beside them."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 class PipelineLoras:
     """Which LoRAs (with multipliers) the pipeline's U-Net and text encoders hold, and ``apply`` to change them.
 
-    A switch re-creates only the sessions whose weights change, each with its merged initializers as overrides
-    (onnxruntime's SessionOptions.add_initializer); the engine dir on disk is never written. The previous set's
-    sessions are dropped before the new ones are built, so memory holds one copy of each component.
+    A switch re-creates only the sessions whose weights change, each with its merged initializers standing in for
+    the stored ones (onnxruntime's add_external_initializers); the engine dir on disk is never written. Each old
+    session is dropped before its successor's weights are merged, so memory holds one copy of each component.
     """
 
     def __init__(self, pipeline, backend=None, library: LoraLibrary | None = None):
-        self.pipeline, self.backend = pipeline, backend
+        self._pipeline, self.backend = weakref.ref(pipeline), backend  # weak: the pipeline owns this, not the reverse
         self.library = library or LoraLibrary(None)
         self.applied: tuple = ()  # ((name, short hash, te weight, unet weight), ...) of the LoRAs the engines hold
         self.files: list[LoraFile] = []  # their files, in that order (the infotext's hashes)
@@ -29,6 +40,10 @@ class PipelineLoras:
         self.switch_s: float | None = None  # the last switch's seconds (merging and sessions)
         self._maps: dict[str, dict] | None = None
         self._shapes: dict[str, tuple[int, ...]] | None = None
+
+    @property
+    def pipeline(self):
+        return self._pipeline()
 
     def uses(self, prompt: str, extra: tuple = ()) -> tuple[str, list[LoraUse]]:
         """(the prompt without its <lora:...> tags, the LoRAs of its tags then ``extra``), each name checked to exist."""
@@ -116,6 +131,7 @@ class PipelineLoras:
             progress(f"LoRA: rebuilding the {component} session")
         self.pipeline.engines.pop(component, None)
         gc.collect()
+        release_freed_memory()
 
     def infotext_hashes(self) -> str | None:
         """A1111's "Lora hashes" value: name: short hash, for each LoRA the engines hold."""

@@ -62,23 +62,71 @@ def add_update(laid: np.ndarray, layout: str, update, multiplier: float, shape: 
         laid += apply_layout(layout, update.delta(shape, multiplier))
 
 
+def available_memory() -> int:
+    """Bytes the kernel says can be allocated without swapping (MemAvailable), or 0 where it does not say."""
+    try:
+        with open("/proc/meminfo") as handle:
+            return next((int(line.split()[1]) * 1024 for line in handle if line.startswith("MemAvailable:")), 0)
+    except OSError:
+        return 0
+
+
+class ScratchFile:
+    """Where merged weights are made: memory when twice their size is free, else a deleted temporary file, mapped.
+
+    While onnxruntime builds a session it copies the overrides, so for a moment both exist. SDXL's U-Net with a LoRA
+    on its attention and feed-forward layers is 8.2 GiB of them, which twice over, beside the rest of the pipeline,
+    did not fit 24 GiB: in a file they are page cache the kernel can write back and evict (slower: disk traffic).
+    """
+
+    def __init__(self, nbytes: int):
+        import tempfile
+
+        nbytes = max(nbytes, 1)
+        self.in_memory = 2 * nbytes < available_memory()
+        if self.in_memory:
+            self.buffer = np.empty(nbytes, dtype=np.uint8)
+        else:
+            self.handle = tempfile.TemporaryFile(prefix="sdfast-lora-")  # unlinked at once: nothing stays on disk
+            self.handle.truncate(nbytes)
+            self.buffer = np.memmap(self.handle, dtype=np.uint8, mode="r+", shape=(nbytes,))
+        self.used = 0
+
+    def array(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        start = -(-self.used // 64) * 64  # aligned for onnxruntime's copies
+        self.used = start + count
+        return self.buffer[start:start + count].view(dtype).reshape(shape)
+
+
 def initializer_overrides(root: Path, graph: str, graph_map: dict[str, dict], updates: dict[str, list],
                           shapes: dict[str, tuple[int, ...]], lora_names: str) -> dict[str, np.ndarray]:
-    """initializer name -> merged array, for the graph file ``graph`` of an engine dir at ``root``."""
-    overrides = {}
-    for target, pairs in updates.items():
+    """initializer name -> merged array (in a ScratchFile), for the graph file ``graph`` of an engine dir at ``root``."""
+    places = {}
+    for target in updates:
         place = graph_map.get(target)
         if place is None:
             raise RequestError(f"LoRA {lora_names} changes {target}, which this engine's {graph} holds in a form sdfast "
                                "cannot patch (a fused or re-laid weight the export could not place)")
+        places[target] = place
+    scratch = ScratchFile(sum(int(p["length"]) + 64 for p in places.values()))
+    overrides = {}
+    for target, pairs in updates.items():
+        place = places[target]
         try:
             stored = np.memmap(root / place["file"], dtype=np.dtype(place["dtype"]), mode="r", offset=int(place["offset"]),
                                shape=tuple(place["shape"]))
         except (OSError, ValueError) as error:
             raise EngineError(f"engine dir {root}: cannot read {target} from '{place['file']}' ({error})") from None
-        laid = np.array(stored, dtype=np.float32)  # the stored weight as the graph holds it, owned: the merge goes in place
+        merged = scratch.array(stored.shape, stored.dtype)
+        # the stored weight as the graph holds it; the merge goes in place (in float32 for an fp16 weight)
+        laid = merged if stored.dtype == np.float32 else np.empty(stored.shape, np.float32)
+        laid[...] = stored
         for update, multiplier in pairs:
             add_update(laid, place["layout"], update, multiplier, shapes[target])
-        overrides[place["initializer"]] = laid if stored.dtype == np.float32 else laid.astype(stored.dtype)
+        if laid is not merged:
+            merged[...] = laid
+        overrides[place["initializer"]] = merged
         del stored
     return overrides

@@ -1,7 +1,6 @@
 """The LoRAs a pipeline's engines carry, and the switch to another set: merged weights, then new sessions."""
 from __future__ import annotations
 
-import ctypes
 import gc
 import time
 import weakref
@@ -12,15 +11,6 @@ from sdfast.runtime.lora.patcher import initializer_overrides, read_parameter_ma
 from sdfast.runtime.lora.prompt_tags import LoraUse, extract_loras
 
 PATCHED_ROLES = ("denoiser", "text_encoder")
-
-
-def release_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS (glibc's malloc_trim): a dropped session's GBs otherwise stay in the
-    process, and the next session would be built beside them."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 class PipelineLoras:
@@ -130,8 +120,7 @@ class PipelineLoras:
         if progress:
             progress(f"LoRA: rebuilding the {component} session")
         self.pipeline.engines.pop(component, None)
-        gc.collect()
-        release_freed_memory()
+        gc.collect()  # its memory stays with the process's allocator, which the merge and the new session reuse
 
     def infotext_hashes(self) -> str | None:
         """A1111's "Lora hashes" value: name: short hash, for each LoRA the engines hold."""

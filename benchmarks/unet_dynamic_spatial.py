@@ -53,6 +53,14 @@ def optimized(raw: Path, level: str) -> Path:
     return optimize_offline(raw, raw.with_name(f"{raw.stem}.{level.lower()}.onnx"), level)[0]
 
 
+def keep_only(folder: Path, kept: list[Path]) -> None:
+    """Delete the intermediate graphs (a U-Net is 3.4 GB a copy): only the graphs timed stay, with their data."""
+    names = {path.name for path in kept} | {path.name + ".data" for path in kept}
+    for path in folder.iterdir():
+        if path.name not in names:
+            path.unlink()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sd15")
@@ -84,6 +92,7 @@ def main() -> None:
         graphs[f"static {height}x{width}, onnxruntime ALL"] = (optimized(basic, "ORT_ENABLE_ALL"), [(height, width)])
         rewrite_for_cpu(raw, raw.with_name("unet.rewritten.onnx"))
         graphs[f"static {height}x{width}, sdfast CPU variant"] = (optimized(raw.with_name("unet.rewritten.onnx"), "ORT_ENABLE_ALL"), [(height, width)])
+        keep_only(raw.parent, [graph for graph, _ in list(graphs.values())[-2:]])
         print(f"exported static {height}x{width} in {time.perf_counter() - started:.0f} s", flush=True)
     raw = work / "dynamic" / "unet.onnx"
     raw.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +104,7 @@ def main() -> None:
         graphs["dynamic H, W, fused attention"] = (optimized(raw.with_name("unet.rewritten.onnx"), "ORT_ENABLE_ALL"), sizes)
     except Exception as error:  # noqa: BLE001 - the attention fusion may not match a dynamic graph; said, not fatal
         print(f"dynamic graph: attention fusion skipped ({type(error).__name__}: {error})")
+    keep_only(raw.parent, [graph for label, (graph, _) in graphs.items() if label.startswith("dynamic")])
     print(f"exported dynamic in {time.perf_counter() - started:.0f} s", flush=True)
     hidden_width = unet.config.cross_attention_dim
     del unet

@@ -146,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
     pipeline.loras.library = library
 
     bar = None if args.quiet else tqdm(desc="sampling", unit="step", file=sys.stderr, leave=False)
+    if bar is not None:  # a LoRA switch (merge and sessions) comes before the first step: seconds, on SDXL a minute
+        pipeline.loras.progress = lambda message: bar.write(f"sdfast generate: {message}", file=sys.stderr)
 
     def on_step(done: int, total: int) -> None:
         bar.total = total

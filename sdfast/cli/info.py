@@ -46,6 +46,15 @@ def run(args: argparse.Namespace) -> int:
     controlnets = [entry["controlnet"] for entry in data["components"].values() if entry.get("role") == "controlnet"]
     if controlnets:
         rows.append(("controlnets", ", ".join(f"{c['name']} (from {c['source']['name']})" for c in controlnets)))
+    maps = {name: entry["parameter_map"]["graphs"] for name, entry in data["components"].items() if entry.get("parameter_map")}
+    if maps:  # where LoRAs can land: the weights each graph's parameter map places
+        rows.append(("loras", "at run time (generate --lora, <lora:name:w>): " + "; ".join(
+            f"{name} " + ", ".join(f"{graph} {g['mapped']}/{g['of']}" for graph, g in graphs.items()) for name, graphs in maps.items())))
+    else:
+        rows.append(("loras", "fused at export only (no parameter map: exported before run-time LoRAs)"))
+    fused = data.get("source", {}).get("fused_loras")
+    if fused:
+        rows.append(("fused loras", ", ".join(f"{f['name']} x{f['scale']:g}" for f in fused)))
     if args.verify:
         rows.append(("files", "all sha256 match the manifest"))
     width = max(len(key) for key, _ in rows)

@@ -28,6 +28,7 @@ class PipelineLoras:
         self.files: list[LoraFile] = []  # their files, in that order (the infotext's hashes)
         self.patched: set[str] = set()  # components whose sessions carry overrides
         self.switch_s: float | None = None  # the last switch's seconds (merging and sessions)
+        self.progress = None  # progress(message) as a switch merges and rebuilds each component (SDXL's takes a while)
         self._maps: dict[str, dict] | None = None
         self._shapes: dict[str, tuple[int, ...]] | None = None
 
@@ -77,6 +78,7 @@ class PipelineLoras:
         if key == self.applied:
             return
         started = time.perf_counter()
+        progress = progress or self.progress
         manifest, backend = self.pipeline.manifest, self.backend
         names = ", ".join(f"'{u.name}'" for u in uses)
         plans = {}  # component -> (graph, its map, the updates): every check before any session is touched
@@ -118,7 +120,7 @@ class PipelineLoras:
     def _drop(self, component: str, progress) -> None:
         """Let ``component``'s session and its merged weights go (its memory back before the next is made)."""
         if progress:
-            progress(f"LoRA: rebuilding the {component} session")
+            progress(f"LoRA: merging and rebuilding {component}")
         self.pipeline.engines.pop(component, None)
         gc.collect()  # its memory stays with the process's allocator, which the merge and the new session reuse
 

@@ -68,7 +68,8 @@ def main() -> None:
     from sdfast.runtime.lora.prompt_tags import LoraUse
     from sdfast.runtime.pipeline import Pipeline
 
-    folder = Path(tempfile.mkdtemp(prefix="sdfast-loras-"))
+    scratch = tempfile.TemporaryDirectory(prefix="sdfast-loras-")  # the LoRA files go when the run ends
+    folder = Path(scratch.name)
     pipeline = Pipeline.load(args.engine, verify="size")
     shapes = pipeline.loras.shapes()
     sdxl = "text_encoder_2" in pipeline.engines

@@ -81,7 +81,8 @@ def main() -> None:
     folder = ensure_builtin(args.model) if args.model in BUILTIN_MODELS else Path(args.model)
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).eval()
     sizes = [tuple(int(n) for n in size.split("x")) for size in args.sizes]
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="sdfast-dynamic-"))
+    scratch = None if args.workdir else tempfile.TemporaryDirectory(prefix="sdfast-dynamic-")  # 20 GB of graphs: removed at the end
+    work = args.workdir or Path(scratch.name)
     graphs: dict[str, tuple[Path, list]] = {}  # label -> (graph, the sizes it serves)
     for height, width in sizes:
         raw = work / f"static_{height}x{width}" / "unet.onnx"

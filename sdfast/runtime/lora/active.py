@@ -102,13 +102,12 @@ class PipelineLoras:
             for component in changed:
                 self._drop(component, progress)
                 overrides = initializer_overrides(manifest.root, *plans[component], shapes, names) if component in plans else None
-                self.pipeline.engines[component] = backend.load(manifest.components[component], manifest.path(manifest.components[component].file),
-                                                                overrides=overrides)
+                self._load(component, overrides)
                 del overrides
         except Exception:  # noqa: BLE001 - whatever failed (a file, memory), back to the stored weights everywhere: never half-patched
             for component in changed:
                 self._drop(component, None)
-                self.pipeline.engines[component] = backend.load(manifest.components[component], manifest.path(manifest.components[component].file))
+                self._load(component, None)
             self.patched, self.applied, self.files = set(), (), []
             self.pipeline.family = type(self.pipeline.family)(manifest, self.pipeline.engines)
             raise
@@ -116,6 +115,10 @@ class PipelineLoras:
         self.applied, self.files = key, files
         self.pipeline.family = type(self.pipeline.family)(manifest, self.pipeline.engines)  # encoders cached by the family
         self.switch_s = time.perf_counter() - started
+
+    def _load(self, component: str, overrides: dict | None) -> None:
+        info = self.pipeline.manifest.components[component]
+        self.pipeline.engines[component] = self.backend.load(info, self.pipeline.manifest.path(info.file), overrides=overrides)
 
     def _drop(self, component: str, progress) -> None:
         """Let ``component``'s session and its merged weights go (its memory back before the next is made)."""

@@ -63,3 +63,24 @@ def test_kohya_second_encoder_keys_are_the_same_update_as_diffusers_format(pipel
     kohya = _generate(pipeline, f"{PROMPT} <lora:kohya_te2:0.5>")
     peft = _generate(pipeline, f"{PROMPT} <lora:peft_te2:0.5>")
     assert psnr(kohya, peft) >= 40.0 and psnr(kohya, plain) < 35.0
+
+
+def test_sgm_block_names_map_back_on_the_full_sdxl_unet():
+    """kohya's original-U-Net names on SDXL's real layout (2 layers per block, 10-deep transformers), which the tiny
+    model (1 layer per block) does not have: every Linear and Conv2d maps back to its diffusers path."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from sdfast.export.builtin import BUILTIN_MODELS
+    from sdfast.runtime.lora.sgm_names import sgm_to_diffusers
+    from tests.lora_files import sgm_name
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**BUILTIN_MODELS["sdxl"].unet)
+    attention_up = {i for i, kind in enumerate(unet.config.up_block_types) if "CrossAttn" in kind}
+    paths = [path for path, layer in unet.named_modules() if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d))
+             and path.split(".")[0] in ("down_blocks", "mid_block", "up_blocks")]
+    assert len(paths) > 700
+    for path in paths:
+        kohya = sgm_name(path, 2, attention_up).replace(".", "_")
+        assert path.replace(".", "_") in sgm_to_diffusers(kohya, 2), (path, kohya)

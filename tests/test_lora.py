@@ -239,15 +239,26 @@ def test_fp16_engines_take_loras_as_fp32_ones_within_fp16_rounding(tiny_fp16_eng
     assert psnr(lora16, lora32) >= 35.0 and psnr(lora16, plain16) < 30.0
 
 
-def test_onnxruntime_copies_the_merged_weights_so_they_can_go(tiny_engine):
+@pytest.mark.parametrize("prepacking", [True, False])
+def test_onnxruntime_copies_the_merged_weights_so_they_can_go(tiny_engine, monkeypatch, prepacking):
     """The backend drops its merged arrays once the session is made (SDXL's would otherwise stay twice in memory):
-    that is safe only while onnxruntime copies them, which this checks on each layout the CPU variant holds."""
+    that is safe only while onnxruntime copies them, which this checks on each layout the CPU variant holds, also
+    with prepacking off (where a kernel reading the array in place would show)."""
     from sdfast.runtime.backends import get_backend
     from sdfast.runtime.manifest import read_manifest
 
     manifest = read_manifest(tiny_engine)
     info = manifest.components["unet"]
     backend = get_backend("cpu")
+    if not prepacking:
+        plain = backend.session_options
+
+        def unpacked(optimize=True):
+            options = plain(optimize)
+            options.add_session_config_entry("session.disable_prepacking", "1")
+            return options
+
+        monkeypatch.setattr(backend, "session_options", unpacked)
     graph = backend.graph_for(info)[0]
     places = json.loads((tiny_engine / "unet.parameters.json").read_text())["graphs"][graph]
     chosen = {}
@@ -263,3 +274,56 @@ def test_onnxruntime_copies_the_merged_weights_so_they_can_go(tiny_engine):
     for array in overrides.values():
         array[...] = 123.0
     assert np.array_equal(engine.run(feeds)[0], before)
+
+
+def test_a_switch_rebuilds_only_the_components_whose_loras_change(pipeline):
+    ours(pipeline, f"{PROMPT} <lora:kohya_locon:0.8>")
+    unet, text_encoder = pipeline.engines["unet"], pipeline.engines["text_encoder"]
+    ours(pipeline, f"{PROMPT} <lora:kohya_locon:0.5:0.8>")  # the text encoders' multiplier only
+    assert pipeline.engines["unet"] is unet and pipeline.engines["text_encoder"] is not text_encoder
+    ours(pipeline, f"{PROMPT} <lora:kohya_locon:0:0.8>")  # the text encoders back to their stored weights
+    assert pipeline.engines["unet"] is unet and pipeline.loras.patched == {"unet"}
+
+
+def test_a_session_that_fails_to_build_mid_switch_leaves_the_stored_weights(tiny_engine, lora_dir, base_image, monkeypatch):
+    from sdfast.errors import EngineError
+
+    pipe = Pipeline.load(tiny_engine)
+    pipe.loras.library = LoraLibrary(lora_dir)
+    real_load = pipe.loras.backend.load
+
+    def failing(info, path, overrides=None):
+        if overrides and info.name == "unet":  # the text encoder was already rebuilt with the LoRA by then
+            raise EngineError("unet: out of memory (simulated)")
+        return real_load(info, path, overrides=overrides)
+
+    monkeypatch.setattr(pipe.loras.backend, "load", failing)
+    with pytest.raises(EngineError, match="simulated"):
+        ours(pipe, f"{PROMPT} <lora:kohya_locon:0.8>")
+    assert pipe.loras.patched == set() and pipe.loras.files == []
+    assert np.array_equal(ours(pipe).images, base_image)
+    monkeypatch.setattr(pipe.loras.backend, "load", real_load)
+    assert psnr(ours(pipe, f"{PROMPT} <lora:kohya_locon:0.8>").images, base_image) < 35
+
+
+def test_formats_parse_the_attention_processor_keys_and_refuse_malformed_tensors(tmp_path):
+    from sdfast.runtime.lora.formats import parse_lora
+    from sdfast.runtime.lora.safetensors_file import read_tensors
+
+    targets = {"unet.down.attn1.to_q.weight": (8, 6), "unet.down.attn1.to_out.0.weight": (8, 8)}
+    rng = np.random.default_rng(0)
+    tensors = {"unet.down.attn1.processor.to_q_lora.down.weight": rng.standard_normal((2, 6)),
+               "unet.down.attn1.processor.to_q_lora.up.weight": rng.standard_normal((8, 2)),
+               "unet.down.attn1.processor.to_out_lora.down.weight": rng.standard_normal((2, 8)),
+               "unet.down.attn1.processor.to_out_lora.up.weight": rng.standard_normal((8, 2))}
+    updates = parse_lora("old", tensors, targets)
+    assert set(updates) == set(targets)
+    np.testing.assert_allclose(updates["unet.down.attn1.to_q.weight"].delta((8, 6)),
+                               tensors["unet.down.attn1.processor.to_q_lora.up.weight"] @ tensors["unet.down.attn1.processor.to_q_lora.down.weight"])
+    with pytest.raises(RequestError, match="alpha of .* is not one number"):
+        parse_lora("x", {"lora_unet_down_attn1_to_q.lora_down.weight": np.ones((2, 6)), "lora_unet_down_attn1_to_q.lora_up.weight": np.ones((8, 2)),
+                         "lora_unet_down_attn1_to_q.alpha": np.ones(3)}, targets)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [-2, 3], "data_offsets": [0, 0]}}).encode()
+    (tmp_path / "negative.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(RequestError, match="no valid dtype, shape or data_offsets"):
+        read_tensors(tmp_path / "negative.safetensors", 2**30)

@@ -48,6 +48,7 @@ class Pipeline:
     def __init__(self, manifest: Manifest, engines: dict[str, Engine], family: Family, scheduler_config: dict, backend: str):
         self.manifest = manifest
         self.engines = engines
+        self.loaded_components = tuple(engines)  # what Pipeline.load made sessions of (a LoRA switch re-creates some)
         self.family = family  # the model family's runtime side: conditioning and latent layout
         self.checker = RequestChecker(manifest, scheduler_config)
         self.scheduler_config = scheduler_config
@@ -137,15 +138,7 @@ class Pipeline:
     def validate(self, request: GenerationRequest) -> None:
         """Raise RequestError for anything this engine cannot serve, without running it (the server checks before queuing)."""
         self.checker.prepare(request)
-        self._lora_prompt(request)
-
-    def _lora_prompt(self, request: GenerationRequest) -> tuple[str, list]:
-        """(the prompt without its <lora:...> tags, the request's LoRAs), their files read and checked against the engine."""
-        prompt, loras = self.loras.uses(request.prompt, request.loras)
-        self.loras.check(loras)
-        if loras and request.refiner_switch is not None:
-            raise RequestError("LoRAs with a refiner are not supported yet: run the base alone, or export the LoRA into both (--lora)")
-        return prompt, loras
+        self.loras.for_request(request)
 
     # -- stages ---------------------------------------------------------------------------------------
 
@@ -230,7 +223,7 @@ class Pipeline:
         batch, spec, plan, strength = prepared.batch, prepared.spec, prepared.plan, prepared.strength
         second = self._refiner_stage(request, spec, plan) if request.refiner_switch is not None else None
         self.controlnets.load(unit.model for unit in request.control)  # the first use of a ControlNet loads it: not a step's time
-        prompt, loras = self._lora_prompt(request)
+        prompt, loras = self.loras.for_request(request)
         self.loras.apply(loras)  # a session rebuild when the engines hold other LoRAs; not a step's time either
         started = time.perf_counter()
         timings, warnings = StageTimings(), []

@@ -1,6 +1,7 @@
 """What the routes of both APIs share: the settings, the loaded pipeline, the worker, and the one way to run a generation."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -33,7 +34,8 @@ class ServeContext:
     async def run(self, generation: GenerationRequest, request: Request) -> list[GenerationResult]:
         """Check ``generation`` against the engine (a FieldError before queuing), queue it, wait for its images."""
         try:
-            self.pipeline.validate(generation)  # every field the engine checks, refused before queuing
+            # every field the engine checks, refused before queuing; off the event loop (a first LoRA is read and parsed)
+            await asyncio.to_thread(self.pipeline.validate, generation)
         except RequestError as error:
             raise FieldError(_field_of(str(error)), str(error)) from None
         results = await self.worker.submit(generation, len(generation.seeds), self.settings.request_timeout_s, request.is_disconnected)

@@ -21,13 +21,15 @@ KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_
 KOHYA_PARTS = {"lora_up.weight": "up", "lora_down.weight": "down", "alpha": "alpha"}
 # diffusers' and PEFT's suffixes, newest first
 DIFFUSERS_PARTS = ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora.down.weight", "down"), (".lora.up.weight", "up"),
-                   (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"), (".alpha", "alpha"))
+                   (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
+                   ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),  # attention processors: ...processor.to_q_lora.down
+                   (".alpha", "alpha"))
 DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # LyCORIS and other adapter types, recognised so they are refused by name rather than as an unknown format
 OTHER_ADAPTERS = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lora_mid.weight": "LoCon with Tucker decomposition (lora_mid)",
                   "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "diff": "a full weight difference (LyCORIS 'full')",
                   "oft_blocks": "OFT", "ia3": "IA3"}
-_PROCESSOR_NAMES = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
+_PROCESSOR_NAMES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class LowRankUpdate:
     def fits(self, shape: tuple[int, ...]) -> bool:
         """Whether the update has the weight's shape: [O, r] @ [r, I...] with the up matrix 1x1 (a Linear LoRA on a
         1x1 convolution, or the reverse, fits too: the elements line up)."""
+        if self.up.ndim < 2 or self.down.ndim < 2:
+            return False
         up_spatial = int(np.prod(self.up.shape[2:], dtype=np.int64)) if self.up.ndim > 2 else 1
         return (up_spatial == 1 and self.up.shape[1] == self.rank and self.up.shape[0] == shape[0]
                 and int(np.prod(self.down.shape[1:], dtype=np.int64)) == int(np.prod(shape[1:], dtype=np.int64)))
@@ -89,6 +93,8 @@ def parse_lora(name: str, tensors: dict[str, np.ndarray], targets: dict[str, tup
         if "up" not in part or "down" not in part:
             raise RequestError(f"LoRA '{name}' is corrupt: {target} has no {'up' if 'up' not in part else 'down'} matrix")
         alpha = part.get("alpha")
+        if alpha is not None and np.asarray(alpha).size != 1:
+            raise RequestError(f"LoRA '{name}' is corrupt: the alpha of {target} is not one number")
         update = LowRankUpdate(part["up"], part["down"], None if alpha is None else float(np.asarray(alpha).reshape(-1)[0]))
         shape = targets[target]
         if not update.fits(shape):
@@ -132,7 +138,7 @@ def _diffusers_parts(name: str, tensors: dict[str, np.ndarray], targets: dict[st
         if suffix is None:
             raise RequestError(f"LoRA '{name}': key '{key}' is not a diffusers/PEFT LoRA key (lora_A, lora_B, lora.up, lora.down, alpha)")
         module = key[: -len(suffix)]
-        module = re.sub(r"\.processor\.(to_[qkv]_lora|to_out_lora)$", lambda m: "." + _PROCESSOR_NAMES[m.group(1)], module)
+        module = re.sub(r"\.processor\.(to_[qkv]|to_out)$", lambda m: "." + _PROCESSOR_NAMES[m.group(1)], module)
         target = module + ".weight"
         if target not in targets:  # transformers 5's CLIPTextModel has no text_model level; older files name it
             target = target.replace(".text_model.", ".", 1)

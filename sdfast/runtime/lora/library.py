@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from sdfast.runtime.lora.formats import LowRankUpdate, parse_lora
 from sdfast.runtime.lora.safetensors_file import read_tensors
 
 MAX_LORA_BYTES = 2 * 2**30  # LoRA and LoCon files are MBs to hundreds of MBs; a multi-GB file is a checkpoint, not a LoRA
+KEPT_PARSED = 8  # parsed LoRAs kept for reuse (float32 arrays: twice an fp16 file); older ones are read again when named
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,7 @@ class LoraFile:
     short_hash: str  # A1111's "Lora hashes" entry: sha256 of the tensor bytes after the header, first 12 hex digits
     updates: dict[str, LowRankUpdate]
     metadata: dict[str, str]
+    version: tuple = ()  # (path, mtime_ns, size): another version of the file is another LoRA
 
 
 def a1111_short_hash(path: Path) -> str:
@@ -54,7 +58,8 @@ class LoraLibrary:
         if folder is not None and not Path(folder).is_dir():
             raise RequestError(f"--lora-dir '{folder}' is not a directory")
         self.folder = None if folder is None else Path(folder)
-        self._read: dict[tuple, LoraFile] = {}
+        self._read: OrderedDict[tuple, LoraFile] = OrderedDict()  # the most recently used last
+        self._lock = threading.Lock()  # the server checks requests on its event loop while the worker applies LoRAs
 
     def files(self) -> dict[str, Path]:
         """name -> path, the first in path order when two share a name."""
@@ -82,13 +87,20 @@ class LoraLibrary:
         return entries
 
     def read(self, name: str, targets: dict[str, tuple[int, ...]]) -> LoraFile:
-        """The LoRA's updates for an engine with ``targets``; read once per file version."""
+        """The LoRA's updates for an engine with ``targets``; read once per file version while recently used."""
         path = self.path(name)
         stat = path.stat()
-        key = (name, str(path), stat.st_mtime_ns, stat.st_size, id(targets))
-        if key not in self._read:
-            tensors, metadata = read_tensors(path, MAX_LORA_BYTES)
-            updates = parse_lora(name, tensors, targets, metadata)
-            self._read = {k: v for k, v in self._read.items() if k[0] != name}  # only the latest version of each file stays
-            self._read[key] = LoraFile(name, path, a1111_short_hash(path), updates, metadata)
-        return self._read[key]
+        version = (str(path), stat.st_mtime_ns, stat.st_size)
+        key = (name, version, hash(frozenset(targets.items())))
+        with self._lock:
+            found = self._read.get(key)
+            if found is not None:
+                self._read.move_to_end(key)
+                return found
+        tensors, metadata = read_tensors(path, MAX_LORA_BYTES)
+        found = LoraFile(name, path, a1111_short_hash(path), parse_lora(name, tensors, targets, metadata), metadata, version)
+        with self._lock:
+            self._read[key] = found
+            while len(self._read) > KEPT_PARSED:
+                self._read.popitem(last=False)
+        return found

@@ -41,9 +41,11 @@ def read_tensors(path: Path, max_bytes: int) -> tuple[dict[str, np.ndarray], dic
     tensors = {}
     for name, info in header.items():
         try:
-            dtype, shape, (begin, end) = info["dtype"], [int(n) for n in info["shape"]], info["data_offsets"]
+            dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+            if not all(type(n) is int and n >= 0 for n in [*shape, begin, end]):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
-            raise RequestError(f"LoRA file '{path.name}' is corrupt: tensor '{name}' has no dtype, shape or data_offsets") from None
+            raise RequestError(f"LoRA file '{path.name}' is corrupt: tensor '{name}' has no valid dtype, shape or data_offsets") from None
         if dtype not in _DTYPES:
             raise RequestError(f"LoRA file '{path.name}': tensor '{name}' is {dtype}; LoRA weights must be F32, F16 or BF16")
         count = int(np.prod(shape, dtype=np.int64))

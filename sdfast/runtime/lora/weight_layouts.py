@@ -70,3 +70,9 @@ def apply_layout(name: str, weight: np.ndarray, view: bool = False):
         block = int(name.rsplit("_", 1)[1])
         return (nchwc_blocked if "oibibo" in name else nchwc_output_blocked)(weight, block, view=True)
     return layout(weight)
+
+
+def known_layout(name: object) -> bool:
+    """Whether this runtime can lay a delta out as ``name`` (a parameter map written by a newer sdfast may not)."""
+    return name in ("identity", "transpose", "winograd_f2x2_3x3") or (
+        isinstance(name, str) and name.rsplit("_", 1)[0] in ("nchwc_oibibo", "nchwc_oibo") and name.rsplit("_", 1)[1] in ("8", "16"))

@@ -29,9 +29,9 @@ KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder
 
 
 def rss_gib() -> float:
-    with open("/proc/self/status") as handle:
-        kib = next(int(line.split()[1]) for line in handle if line.startswith("VmRSS"))
-    return kib / 2**20
+    from sdfast.bench.measure import rss_mib
+
+    return rss_mib() / 1024
 
 
 def write_lora(path: Path, shapes: dict[str, tuple], rank: int, locon: bool, seed: int, sdxl: bool) -> int:

@@ -22,10 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as handle:
-        return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS")) / 1024
+from sdfast.bench.measure import rss_mib
 
 
 def probe(engine_dir: Path, component: str, config: str, calls: int) -> dict:

@@ -17,8 +17,9 @@ import numpy as np
 
 
 def rss_gib() -> float:
-    with open("/proc/self/status") as handle:
-        return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS")) / 2**20
+    from sdfast.bench.measure import rss_mib
+
+    return rss_mib() / 1024
 
 
 def shared_initializers(graph: Path) -> list[tuple[str, object]]:

@@ -31,6 +31,15 @@ def _row(metric: str, summary: Summary | None = None, value: float | None = None
     return {"metric": metric, "median": value, "p90": None, "min": None, "max": None, "n": 1, "note": note}
 
 
+def rss_mib() -> float:
+    """This process's resident set now (/proc's VmRSS), MiB; 0 where /proc does not say."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next((int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:")), 0.0)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def peak_rss_mib() -> float:
     """This process's own peak RSS: /proc's VmHWM, of this address space only.
 

@@ -43,17 +43,13 @@ def fuse_loras(model, loras: tuple[tuple[Path, float], ...], progress: Callable[
     """Add each LoRA's delta x scale to the family's loaded PyTorch weights; returns the manifest's record of each."""
     import torch
 
-    from sdfast.export.parameter_map import owners_of
+    from sdfast.export.parameter_map import lora_weights, owners_of
     from sdfast.runtime.lora.formats import parse_lora
     from sdfast.runtime.lora.library import MAX_LORA_BYTES, a1111_short_hash
     from sdfast.runtime.lora.safetensors_file import read_tensors
     from sdfast.runtime.manifest import sha256_file
 
-    weights = {}
-    for owner_name, owner in owners_of(model).items():
-        for path, layer in owner.named_modules():
-            if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
-                weights[f"{owner_name}.{path}.weight"] = layer.weight
+    weights = lora_weights(owners_of(model))
     shapes = {name: tuple(weight.shape) for name, weight in weights.items()}
     records = []
     for path, scale in loras:

@@ -32,20 +32,19 @@ def _to_fp16(array: np.ndarray) -> np.ndarray:
     return convert_np_to_float16(array)
 
 
-def lora_targets(module, owners: dict[str, object]) -> dict[str, "np.ndarray"]:
-    """The weights of ``module``'s Linear and Conv2d layers as float32 arrays, named as a LoRA names them: the pipeline
-    component that owns them (``owners``: unet, text_encoder, ...) then the path inside it."""
+def lora_weights(owners: dict[str, object]) -> dict[str, object]:
+    """Every Linear and Conv2d weight parameter of ``owners`` (the pipeline's components: unet, text_encoder, ...), named
+    as a LoRA names it: the component, then the path inside it."""
     import torch
 
-    names = {}
-    for owner_name, owner in owners.items():
-        for path, parameter in owner.named_parameters():
-            names.setdefault(id(parameter), f"{owner_name}.{path}")
-    found = {}
-    for layer in module.modules():
-        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) and id(layer.weight) in names:
-            found[names[id(layer.weight)]] = layer.weight.detach().float().numpy()
-    return found
+    return {f"{owner_name}.{path}.weight": layer.weight for owner_name, owner in owners.items()
+            for path, layer in owner.named_modules() if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d))}
+
+
+def lora_targets(module, owners: dict[str, object]) -> dict[str, "np.ndarray"]:
+    """The LoRA-patchable weights (``lora_weights``) that ``module`` (an export wrapper) uses, as float32 arrays."""
+    used = {id(parameter) for parameter in module.parameters()}
+    return {name: weight.detach().float().numpy() for name, weight in lora_weights(owners).items() if id(weight) in used}
 
 
 def owners_of(model) -> dict[str, object]:

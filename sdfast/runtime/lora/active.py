@@ -114,7 +114,7 @@ class PipelineLoras:
         try:  # one component at a time: its old session goes before its successor's weights are merged
             for component in changed:
                 self._drop(component, progress)
-                overrides = initializer_overrides(manifest.root, *plans[component], shapes, names) if component in plans else None
+                overrides = initializer_overrides(manifest.root, *plans[component], shapes) if component in plans else None
                 self._load(component, overrides)
                 del overrides
         except Exception:  # noqa: BLE001 - whatever failed (a file, memory), back to the stored weights everywhere

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 import threading
 from collections import OrderedDict
@@ -11,7 +10,7 @@ from pathlib import Path
 
 from sdfast.errors import RequestError
 from sdfast.runtime.lora.formats import LowRankUpdate, parse_lora
-from sdfast.runtime.lora.safetensors_file import read_tensors
+from sdfast.runtime.lora.safetensors_file import read_header, read_tensors
 
 MAX_LORA_BYTES = 2 * 2**30  # LoRA and LoCon files are MBs to hundreds of MBs; a multi-GB file is a checkpoint, not a LoRA
 KEPT_PARSED = 8  # parsed LoRAs kept for reuse (float32 arrays: twice an fp16 file); older ones are read again when named
@@ -29,9 +28,9 @@ class LoraFile:
 
 def a1111_short_hash(path: Path) -> str:
     """A1111's hash of a .safetensors LoRA (kohya's addnet hash): sha256 of everything after the JSON header, 12 hex."""
+    header_length, _ = read_header(path)
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        (header_length,) = struct.unpack("<Q", handle.read(8))
         handle.seek(8 + header_length)
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
@@ -41,14 +40,10 @@ def a1111_short_hash(path: Path) -> str:
 def header_metadata(path: Path) -> dict[str, str]:
     """A safetensors file's __metadata__, read from its header alone ({} when it has none or is unreadable)."""
     try:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > 100 * 2**20:
-                return {}
-            metadata = json.loads(handle.read(length)).get("__metadata__") or {}
-        return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
-    except (OSError, struct.error, ValueError, AttributeError):
+        metadata = read_header(path)[1].get("__metadata__") or {}
+    except (OSError, RequestError, struct.error):
         return {}
+    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
 
 
 class LoraLibrary:
@@ -62,17 +57,21 @@ class LoraLibrary:
         self._lock = threading.Lock()  # the server checks requests on its event loop while the worker applies LoRAs
 
     def files(self) -> dict[str, Path]:
-        """name -> path, the first in path order when two share a name."""
+        """name -> path: a file at the top level first, else the first in path order, when two share a name."""
         found: dict[str, Path] = {}
         if self.folder is not None:
             for path in sorted(self.folder.rglob("*.safetensors")):
                 if path.is_file():
                     found.setdefault(path.stem, path)
+            found.update((path.stem, path) for path in self.folder.glob("*.safetensors") if path.is_file())
         return found
 
     def path(self, name: str) -> Path:
         if self.folder is None:
             raise RequestError(f"LoRA '{name}' asked for, but no LoRA directory was given (--lora-dir)")
+        top_level = self.folder / f"{name}.safetensors"
+        if "/" not in name and "\\" not in name and top_level.is_file():  # checked per request: no walk of the tree
+            return top_level
         files = self.files()
         if name not in files:
             known = ", ".join(sorted(files)[:20]) or "none"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdfast.errors import EngineError, RequestError
+from sdfast.errors import EngineError
 from sdfast.runtime.lora.weight_layouts import apply_layout, winograd_f2x2_3x3
 
 
@@ -101,15 +101,9 @@ class ScratchFile:
 
 
 def initializer_overrides(root: Path, graph: str, graph_map: dict[str, dict], updates: dict[str, list],
-                          shapes: dict[str, tuple[int, ...]], lora_names: str) -> dict[str, np.ndarray]:
+                          shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """initializer name -> merged array (in a ScratchFile), for the graph file ``graph`` of an engine dir at ``root``."""
-    places = {}
-    for target in updates:
-        place = graph_map.get(target)
-        if place is None:
-            raise RequestError(f"LoRA {lora_names} changes {target}, which this engine's {graph} holds in a form sdfast "
-                               "cannot patch (a fused or re-laid weight the export could not place)")
-        places[target] = place
+    places = {target: graph_map[target] for target in updates}  # every target placed: PipelineLoras checked it
     scratch = ScratchFile(sum(int(p["length"]) + 64 for p in places.values()))
     overrides = {}
     for target, pairs in updates.items():

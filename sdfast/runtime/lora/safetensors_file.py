@@ -18,13 +18,14 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.u
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 
 
-def read_tensors(path: Path, max_bytes: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(name -> float32 array, the header's __metadata__); a RequestError naming the file when it is not a readable
-    safetensors file of float tensors, or is larger than ``max_bytes``."""
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise RequestError(f"LoRA file '{path.name}' is {size / 2**20:.3g} MiB, over the {max_bytes / 2**20:.3g} MiB limit")
-    data = path.read_bytes()
+def read_header(path: Path, data: bytes | None = None) -> tuple[int, dict]:
+    """(the JSON header's length, the header) of a safetensors file, from ``data`` or from the file's first bytes; a
+    RequestError naming the file when it has no readable header."""
+    if data is None:
+        with open(path, "rb") as handle:
+            data = handle.read(8)
+            if len(data) == 8:
+                data += handle.read(min(struct.unpack("<Q", data)[0], MAX_HEADER_BYTES))
     if len(data) < 8:
         raise RequestError(f"LoRA file '{path.name}' is not a safetensors file (too short)")
     (header_length,) = struct.unpack("<Q", data[:8])
@@ -36,6 +37,17 @@ def read_tensors(path: Path, max_bytes: int) -> tuple[dict[str, np.ndarray], dic
         raise RequestError(f"LoRA file '{path.name}' is not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise RequestError(f"LoRA file '{path.name}' is not a safetensors file (its header is not a JSON object)")
+    return header_length, header
+
+
+def read_tensors(path: Path, max_bytes: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(name -> float32 array, the header's __metadata__); a RequestError naming the file when it is not a readable
+    safetensors file of float tensors, or is larger than ``max_bytes``."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise RequestError(f"LoRA file '{path.name}' is {size / 2**20:.3g} MiB, over the {max_bytes / 2**20:.3g} MiB limit")
+    data = path.read_bytes()
+    header_length, header = read_header(path, data)
     metadata = header.pop("__metadata__", None) or {}
     body = memoryview(data)[8 + header_length:]
     tensors = {}

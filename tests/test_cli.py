@@ -173,7 +173,7 @@ def test_generate_refuses_unknown_sampler(tiny_engine, tmp_path):
 
 
 def test_generate_refuses_size_the_engine_was_not_built_for(tiny_engine, tmp_path):
-    assert_clean_error(run_cli("generate", tiny_engine, "x", "--width", "128", "-o", tmp_path / "x.png"), "built for 64x64", "128x64")
+    assert_clean_error(run_cli("generate", tiny_engine, "x", "--width", "128", "-o", tmp_path / "x.png"), "serves 64x64 (width x height), not 128x64")
     assert_clean_error(run_cli("generate", tiny_engine, "x", "--batch-size", "3", "-o", tmp_path / "x.png"), "batch 1", "not 3")
 
 
@@ -215,7 +215,7 @@ def test_generated_png_mode_follows_the_umask(tiny_engine, tmp_path, umask, mode
 @pytest.mark.parametrize("args, fragment", [
     (["--steps", "0"], "steps must be"),
     (["--init-image", "{init}", "--strength", "1.5"], "strength must be"),
-    (["--width", "128"], "built for 64x64"),
+    (["--width", "128"], "serves 64x64 (width x height), not 128x64"),
     (["--init-image", "{init}", "--sampler", "PLMS", "--strength", "0.5"], "cannot start part-way"),
     (["--sampler", "euler z"], "unknown sampler"),
     (["--clip-skip", "99"], "clip skip"),

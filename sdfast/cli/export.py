@@ -14,6 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="the engine dir to write")
     parser.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: the model's native size)")
     parser.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's native size)")
+    parser.add_argument("--size", action="append", default=[], metavar="WxH",
+                        help="an image size the engine dir serves, width x height (repeatable: 1024x1024, 1152x896, 896x1152, ...). "
+                             "Each is a static graph of the U-Net and VAE over one copy of the weights, on disk and in memory. "
+                             "The first is the default size, unless --height/--width give it")
     parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
     parser.add_argument("--precision", default="fp32", help="weights precision: fp32 (default) or fp16 (U-Net and text encoders; the VAE stays fp32 unless the family's recipe says otherwise, see export/<family>.toml)")
     parser.add_argument("--no-guidance", dest="guidance", action="store_false",
@@ -42,8 +46,12 @@ def run(args: argparse.Namespace) -> int:
     from sdfast.export.build import ExportRequest, check_request, export_engine
     from sdfast.export.lora_fuse import parse_lora_argument
 
+    sizes = [parse_size(text) for text in args.size]
+    height, width = args.height, args.width
+    if sizes and height is None and width is None:
+        (width, height), sizes = sizes[0], sizes[1:]
     request = ExportRequest(
-        model=args.model, out=args.out, height=args.height, width=args.width, batch=args.batch,
+        model=args.model, out=args.out, height=height, width=width, batch=args.batch, sizes=tuple(sizes),
         precision=args.precision, guidance=args.guidance, force=args.force, family=args.family, max_prompt_chunks=args.max_prompt_chunks, cpu_variant=args.cpu_variant,
         t5=args.t5, controlnet_inputs=args.controlnet_inputs, loras=tuple(parse_lora_argument(text) for text in args.lora),
     )
@@ -51,3 +59,16 @@ def run(args: argparse.Namespace) -> int:
     export_engine(request, ElapsedLog("export"))
     print(args.out)
     return 0
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'1152x896' -> (1152, 896): width x height, as A1111 writes sizes."""
+    from sdfast.errors import ConfigError
+
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.strip().isdigit() or not height.strip().isdigit():
+        raise ConfigError(f"--size '{text}' is not WIDTHxHEIGHT (for example 768x512)")
+    for label, value in (("width", int(width)), ("height", int(height))):
+        if value <= 0 or value % 8:
+            raise ConfigError(f"--size {text}: {label} {value} is not a positive multiple of 8; Stable Diffusion works on 8x8 latent cells")
+    return int(width), int(height)

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         raise RequestError("--refiner-switch needs --refiner (the refiner's engine dir)")
     # Everything that can be refused is refused before the engines are hashed and loaded: the manifest and the
     # scheduler config are enough to check the request, and the output location is probed by writing to it.
-    checker = RequestChecker.for_engine_dir(args.engine_dir)
+    checker = RequestChecker.for_engine_dir(args.engine_dir, args.width, args.height)  # at the size asked for
     warnings: list[str] = []
     init_image = load_init_image(args.init_image, checker.width, checker.height, warnings) if args.init_image else None
     mask = load_mask(args.mask, checker.width, checker.height, warnings) if args.mask else None
@@ -144,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         if load_bars is not None:
             load_bars.close()
     pipeline.loras.library = library
+    pipeline = pipeline.at_size(checker.width, checker.height)  # the graphs of the request's size (the engine dir may have several)
 
     bar = None if args.quiet else tqdm(desc="sampling", unit="step", file=sys.stderr, leave=False)
     if bar is not None:  # a LoRA switch (merge and sessions) comes before the first step: seconds, on SDXL a minute

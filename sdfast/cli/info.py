@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         ("model", f"{source['name']} ({source.get('path', '?')})" + ("  [RANDOM WEIGHTS]" if source.get("random_weights") else "")),
         ("fingerprint", f"{source['fingerprint']}  (model hash {manifest.model_hash})"),
         ("family", data.get("family", "?")),
-        ("size", f"{geometry['width']}x{geometry['height']}, batch {geometry['batch']}, "
+        ("sizes" if len(manifest.sizes) > 1 else "size", f"{manifest.sizes_text}{' (the first is the default)' if len(manifest.sizes) > 1 else ''}, batch {geometry['batch']}, "
                  f"guidance {'on (denoiser batch ' + str(geometry['unet_batch']) + ')' if geometry['guidance'] else 'off'}"),
         ("precision", data.get("precision", "?")),
         ("prediction", f"{manifest.prediction_type}; latents {manifest.latent['channels']} channels, 1/{manifest.latent['factor']} size, "
@@ -52,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
             f"{name} " + ", ".join(f"{graph} {g['mapped']}/{g['of']}" for graph, g in graphs.items()) for name, graphs in maps.items())))
     else:
         rows.append(("loras", "fused at export only (no parameter map: exported before run-time LoRAs)"))
+    shared = {name: entry["shared_weights"] for name, entry in data["components"].items() if entry.get("shared_weights")}
+    if shared:  # several sizes: each component's graphs over one data file
+        rows.append(("weights", "; ".join(f"{name}: {s['stored']} tensors in {s['file']} "
+                                          f"({_mib(s['files'][s['file']]['bytes'])}) for every size" for name, s in shared.items())))
     fused = data.get("source", {}).get("fused_loras")
     if fused:
         rows.append(("fused loras", ", ".join(f"{f['name']} x{f['scale']:g}" for f in fused)))
@@ -69,6 +73,12 @@ def run(args: argparse.Namespace) -> int:
         parity = entry.get("parity", {})
         verdict = f"{parity.get('max_rel', float('nan')):.1e} ({parity.get('tolerance_rel', float('nan')):.0e})" if parity else "-"
         table.append((name, component.file, _mib(sum(f["bytes"] for f in component.files.values())), entry.get("precision", "?"), io, verdict))
+        for key in component.sizes:  # the other sizes' graphs, over the same weights
+            sized = manifest.at_size(*(int(v) for v in key.split("x"))).components[name]
+            parity = entry["sizes"][key].get("parity") or {}
+            verdict = f"{parity.get('max_rel', float('nan')):.1e} ({parity.get('tolerance_rel', float('nan')):.0e})" if parity else "-"
+            table.append((f"  at {key}", sized.file, "(shared)", entry.get("precision", "?"),
+                          _tensors(sized.inputs) + " -> " + _tensors(sized.outputs), verdict))
     _print_table(table)
     if engines:
         print()

@@ -19,6 +19,7 @@ from sdfast.export.staging import hashed
 from sdfast.runtime.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
 
 PRECISIONS = ("fp32", "fp16")
+MAX_SIZES = 16
 T5_OPTIONS = ("none", "fp32", "fp16", "int8")  # SD3's T5-XXL encoder: left out (zeros), or exported in this precision
 Progress = Callable[[str], None]
 
@@ -39,13 +40,18 @@ class ExportRequest:
     t5: str | None = None  # SD3's T5-XXL: none (zeros, the default), fp32, fp16 or int8 (dynamic MatMul quantization)
     controlnet_inputs: bool = True  # the U-Net takes ControlNet residuals (zeros without one); False: the plain graph
     loras: tuple = ()  # (path, scale) pairs: LoRAs fused into the weights before export (recorded in the fingerprint)
+    sizes: tuple = ()  # more (width, height) image sizes: static graphs of the size-dependent components over one copy of the weights
 
 
 def check_request(request: ExportRequest) -> None:
     """Everything that can be refused before any work is done."""
-    for label, value in (("height", request.height), ("width", request.width)):
+    sizes = [("height", request.height), ("width", request.width)]
+    sizes += [(f"--size {w}x{h}: {label}", value) for w, h in request.sizes for label, value in (("height", h), ("width", w))]
+    for label, value in sizes:
         if value is not None and (value <= 0 or value % 8):
             raise ConfigError(f"{label} {value} is not a positive multiple of 8; Stable Diffusion works on 8x8 latent cells")
+    if len(request.sizes) > MAX_SIZES:
+        raise ConfigError(f"{len(request.sizes)} sizes: an engine dir holds at most {MAX_SIZES} (each is a static graph per component)")
     if request.batch < 1:
         raise ConfigError(f"batch {request.batch} must be at least 1")
     if request.max_prompt_chunks is not None and not 1 <= request.max_prompt_chunks <= 64:
@@ -108,7 +114,8 @@ def export_engine(request: ExportRequest, progress: Progress = lambda _: None) -
     if request.t5 not in (None, "none") and "t5_options" not in recipe.data:
         raise ConfigError(f"--t5 applies to the sd3 family (SD3, SD3.5) only, not to {recipe.family}")
     multiple = int(recipe.data.get("size_multiple", recipe.latent_factor))  # SD3: 8x8 latent cells in 2x2 patches
-    for label, value in (("height", request.height), ("width", request.width)):
+    sized = [(f"--size {w}x{h}: {label}", value) for w, h in request.sizes for label, value in (("height", h), ("width", w))]
+    for label, value in [("height", request.height), ("width", request.width), *sized]:
         if value is not None and value % multiple:
             raise ConfigError(f"{label} {value} is not a multiple of {multiple}, which the {recipe.family} family needs")
     check_model_folder(folder, recipe, pipeline_class if request.family is None else None)
@@ -165,18 +172,33 @@ def _build(request: ExportRequest, recipe, family, folder: Path, builtin: bool, 
     scheduler_info = {"file": "scheduler/scheduler_config.json", "files": hashed(staging, [scheduler_dir / "scheduler_config.json"]),
                       "class": model.scheduler_config.get("_class_name")}
 
+    from sdfast.export.sized_export import export_sizes, extra_size_dims, size_dependent
+    from sdfast.runtime.manifest import size_key
+
+    extra = [size for size in dict.fromkeys(request.sizes) if size != (dims["width"], dims["height"])]
+    sized_dims = extra_size_dims(family, recipe, model, request, extra)
+    if extra:
+        progress(f"sizes: {', '.join([size_key(dims['width'], dims['height']), *sized_dims])} (the first is the default)")
     family_blocks = family.manifest_blocks(recipe, model, dims)  # before the components' export frees the modules it reads
     dynamic_json = {dim.name: dim.to_json() for dim in recipe.dynamic_dims(dims).values()}
     raw_dir = staging / ".raw"
     raw_dir.mkdir()
     names = family.components(recipe, model)
-    components = {name: export_component(request, recipe, family, model, name, dims, dynamic_json, staging, raw_dir,
-                                         f"[{index}/{len(names)}] {name}", progress)
-                  for index, name in enumerate(names, 1)}
+    components = {}
+    for index, name in enumerate(names, 1):
+        label = f"[{index}/{len(names)}] {name}"
+        if sized_dims and size_dependent(recipe, family, model, name, request.precision, dims, list(sized_dims.values())):
+            components[name] = export_sizes(request, recipe, family, model, name, dims, sized_dims, dynamic_json, staging, raw_dir,
+                                            label, progress)
+        else:
+            components[name] = export_component(request, recipe, family, model, name, dims, dynamic_json, staging, raw_dir, label,
+                                                progress)
     raw_dir.rmdir()
     progress(f"export finished in {time.perf_counter() - started:.1f} s")
     manifest = _manifest(request, recipe, folder, builtin, fingerprint, dims, dynamic_json, family_blocks, tokenizers, scheduler_info,
                          components, time.perf_counter() - started)
+    manifest["sizes"] = [{key: at[key] for key in ("width", "height", "latent_width", "latent_height")}
+                         for at in (dims, *sized_dims.values())]
     if fused:
         manifest["source"]["fused_loras"] = fused
     return manifest

@@ -13,8 +13,12 @@ Progress = Callable[[str], None]
 
 
 def export_component(request, recipe, family, model, name: str, dims: dict, dynamic_json: dict, staging: Path, raw_dir: Path,
-                     label: str, progress: Progress) -> dict:
-    """The manifest entry of component ``name``, its files written into ``staging``; ExportError when parity fails."""
+                     label: str, progress: Progress, keep_module: bool = False, map_parameters: bool = True) -> dict:
+    """The manifest entry of component ``name``, its files written into ``staging``; ExportError when parity fails.
+
+    ``keep_module``: leave the PyTorch module loaded (another size exports it next); ``map_parameters``: write the LoRA
+    parameter map (the caller does, once every size's graphs are written, when False).
+    """
     import torch
 
     from sdfast.export.onnx_export import export_to_onnx
@@ -38,9 +42,10 @@ def export_component(request, recipe, family, model, name: str, dims: dict, dyna
     # is 10 GB in fp32: holding both would not fit a 24 GB machine)
     inputs = family.sample_inputs(component, model, "parity")
     expected = torch_outputs(module, component, inputs)
-    lora = lora_fingerprints(request, component, precision, module, model)
+    lora = lora_fingerprints(request, component, precision, module, model) if map_parameters else None
     del module
-    release(model, family.RELEASES.get(name, ()))
+    if not keep_module:
+        release(model, family.RELEASES.get(name, ()))
     exported_s = time.perf_counter() - step
     try:
         flops = flops_entry(raw_path, component)

@@ -12,9 +12,10 @@ from sdfast.errors import EngineError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "sdfast-engine"
-FORMAT_VERSION = 4  # 3: tokenizers by the component they feed, component roles, the latent block, the parametrization;
+FORMAT_VERSION = 5  # 3: tokenizers by the component they feed, component roles, the latent block, the parametrization;
 # 4: the U-Net's ControlNet residual inputs and "controlnet" components (a version-3 dir, without them, still loads)
-READABLE_VERSIONS = (3, 4)
+# 5: several image sizes ('sizes', per-size component entries over one shared data file per component)
+READABLE_VERSIONS = (3, 4, 5)
 ROLES = ("text_encoder", "denoiser", "vae_decoder", "vae_encoder", "controlnet")  # what a component does; a family may have several text encoders
 _HASH_CHUNK = 8 << 20
 
@@ -84,6 +85,8 @@ class ComponentInfo:
     role: str | None = None  # one of ROLES (read from the manifest): the backends treat the denoiser (loop, IO binding, CUDA graphs) apart
     optional: bool = False  # the engine dir may lack it (the VAE encoder: img2img and inpainting only)
     parameter_map: dict | None = None  # {"file", "files", "graphs"}: where LoRA-patchable weights are in each graph (None: not recorded)
+    shared_weights: dict | None = None  # {"file", "index", "files"}: one data file for the graphs of every size (None: per graph)
+    sizes: dict[str, dict] = field(default_factory=dict)  # "WxH" -> the entry's fields at that image size (other than the default)
 
     def input(self, name: str) -> TensorSpec:
         """The input called ``name``; an engine without it was not made by this sdfast's export."""
@@ -106,6 +109,8 @@ class ComponentInfo:
             role=data["role"],
             optional=bool(data.get("optional", False)),
             parameter_map=data.get("parameter_map"),
+            shared_weights=data.get("shared_weights"),
+            sizes=dict(data.get("sizes", {})),
         )
 
 
@@ -163,6 +168,39 @@ class Manifest:
     def model_name(self) -> str:
         return self.data["source"]["name"]
 
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        """The image sizes the engine dir serves, (width, height), its default size first (that of its geometry)."""
+        listed = self.data.get("sizes") or [self.geometry]
+        return [(int(size["width"]), int(size["height"])) for size in listed]
+
+    @property
+    def sizes_text(self) -> str:
+        """The sizes as people write them: "512x512, 768x512" (width x height)."""
+        return ", ".join(size_key(*size) for size in self.sizes)
+
+    def at_size(self, width: int, height: int) -> "Manifest":
+        """This manifest as an engine dir of ``width`` x ``height`` alone: its geometry and its per-size components
+        (the U-Net, the VAE) at that size; the text encoders, tokenizers and scheduler as they are."""
+        if (width, height) == (self.geometry["width"], self.geometry["height"]):
+            return self
+        if self.data.get("sized_view"):
+            raise EngineError(f"engine dir {self.root}: ask the engine dir's own manifest for size {size_key(width, height)}")
+        listed = next((size for size in self.data.get("sizes") or [] if (size["width"], size["height"]) == (width, height)), None)
+        if listed is None:
+            raise EngineError(f"engine dir {self.root} has no {size_key(width, height)} graphs (it has {self.sizes_text})")
+        key = size_key(width, height)
+        data = {**self.data, "geometry": {**self.geometry, **listed}, "sized_view": True, "components": {}}
+        for name, entry in self.data["components"].items():
+            if entry.get("role") == "controlnet" and not entry.get("sizes"):
+                continue  # added by export-controlnet, at the default size only
+            plain = {field_name: value for field_name, value in entry.items() if field_name != "sizes"}
+            if entry.get("sizes"):  # an entry of a size-dependent component lacks no size (read_manifest checks)
+                plain = {**plain, "variants": {}, "parity": None, **entry["sizes"][key]}
+            data["components"][name] = plain
+        components = {name: ComponentInfo.from_json(name, info, data["dynamic_dims"]) for name, info in data["components"].items()}
+        return Manifest(root=self.root, data=data, components=components)
+
     def path(self, relative: str) -> Path:
         """The file ``relative`` names, confined to the engine dir (see ``confined``)."""
         return confined(self.root, relative)
@@ -176,6 +214,12 @@ class Manifest:
                 files.update(variant["files"])
             if component.parameter_map:
                 files.update(component.parameter_map["files"])
+            if component.shared_weights:
+                files.update(component.shared_weights["files"])
+            for sized in component.sizes.values():
+                files.update(sized["files"])
+                for variant in sized.get("variants", {}).values():
+                    files.update(variant["files"])
         for tokenizer in self.tokenizers.values():
             files.update(tokenizer["files"])
         files.update(self.data["scheduler"]["files"])
@@ -208,6 +252,11 @@ class Manifest:
             done += size
             if progress:
                 progress(done, total)
+
+
+def size_key(width: int, height: int) -> str:
+    """An image size as A1111 and the manifest write it: width x height."""
+    return f"{width}x{height}"
 
 
 def read_manifest(engine_dir: str | Path) -> Manifest:
@@ -317,9 +366,47 @@ def _check_structure(data: dict, root: Path) -> None:
                     f"component '{name}': tensor '{tensor.get('name')}' needs a shape of positive sizes or declared dynamic dims, "
                     f"and a dtype of {_TENSOR_DTYPES}"
                 )
+    _check_sizes(data, root)
     denoisers = [name for name, info in data["components"].items() if info.get("role") == "denoiser"]
     if len(denoisers) != 1:
         raise ValueError(f"there must be exactly one component with role 'denoiser', not {len(denoisers)}")
+
+
+def _check_sizes(data: dict, root: Path) -> None:
+    """'sizes' (format 5): the image sizes, the geometry's first; each per-size component entry names one of them."""
+    sizes = data.get("sizes")
+    if sizes is None:
+        keys = set()
+    else:
+        if not isinstance(sizes, list) or not sizes:
+            raise ValueError("'sizes' must be a non-empty list")
+        for size in sizes:
+            if not isinstance(size, dict) or not all(isinstance(size.get(k), int) and not isinstance(size[k], bool) and size[k] > 0
+                                                     for k in ("width", "height", "latent_width", "latent_height")):
+                raise ValueError("each of 'sizes' needs positive integers width, height, latent_width, latent_height")
+        if (sizes[0]["width"], sizes[0]["height"]) != (data["geometry"]["width"], data["geometry"]["height"]):
+            raise ValueError("the first of 'sizes' must be the geometry's size")
+        keys = {size_key(size["width"], size["height"]) for size in sizes}
+        if len(keys) != len(sizes):
+            raise ValueError("'sizes' lists a size twice")
+    for name, info in data["components"].items():
+        per_size = info.get("sizes", {})
+        if not isinstance(per_size, dict):
+            raise ValueError(f"component '{name}': 'sizes' must be an object")
+        extra = set(per_size) - keys
+        if extra or (per_size and set(per_size) != keys - {size_key(data["geometry"]["width"], data["geometry"]["height"])}):
+            raise ValueError(f"component '{name}': its sizes {sorted(per_size)} are not the engine dir's other sizes")
+        for key, entry in per_size.items():
+            _check_graph_files(f"component '{name}' at {key}", entry, root)
+            for backend, variant in entry.get("variants", {}).items():
+                _check_graph_files(f"component '{name}' at {key}, variant '{backend}'", variant, root)
+        shared = info.get("shared_weights")
+        if shared is not None:
+            if not isinstance(shared, dict) or not all(isinstance(shared.get(k), str) for k in ("file", "index")):
+                raise ValueError(f"component '{name}': 'shared_weights' needs 'file', 'index' and 'files'")
+            _check_files(shared.get("files"), root)
+            if shared["index"] not in shared["files"]:
+                raise ValueError(f"component '{name}': its shared-weights index is not among its hashed files")
 
 
 def _check_graph_files(label: str, entry: dict, root: Path) -> None:
@@ -334,6 +421,8 @@ def _check_graph_files(label: str, entry: dict, root: Path) -> None:
 
 
 def _check_files(files: dict, root: Path) -> None:
+    if not isinstance(files, dict):
+        raise ValueError("'files' must be an object")
     for name, entry in files.items():
         confined(root, name)
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("bytes"), int):

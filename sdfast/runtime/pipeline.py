@@ -68,6 +68,20 @@ class Pipeline:
         # they cost no memory until written, and the GPU loops bind them once with the rest of the conditioning
         self.zero_residuals = {spec.name: np.zeros(spec.shape, dtype=np.float32)
                                for spec in engines[manifest.denoiser].info.inputs if is_residual(spec.name)}
+        self.sizes: dict[tuple[int, int], Pipeline] = {(self.width, self.height): self}  # (width, height) -> its pipeline
+
+    def at_size(self, width: int | None, height: int | None) -> "Pipeline":
+        """The pipeline of the engine dir's graphs at ``width`` x ``height`` (None: this one's); they share the text
+        encoders and one copy of the weights. A RequestError lists the sizes the engine dir has."""
+        width = self.width if width is None else width
+        height = self.height if height is None else height
+        found = self.sizes.get((width, height))
+        if found is None:
+            raise RequestError(f"this engine dir serves {self.manifest.sizes_text} (width x height), not {width}x{height} "
+                               "(export more sizes with sdfast export --size WxH)")
+        if found is not self:
+            found.loras.library = self.loras.library  # one LoRA directory for every size
+        return found
 
     def attach_refiner(self, refiner: "Pipeline") -> None:
         """Let requests with ``refiner_switch`` hand their latents to ``refiner`` there, as diffusers' denoising_end/start."""
@@ -113,6 +127,8 @@ class Pipeline:
         files.update(manifest.data["scheduler"]["files"])
         for info in components:
             files.update(runtime_backend.files_for(info))
+            for width, height in manifest.sizes[1:] if info.sizes else ():
+                files.update(runtime_backend.files_for(manifest.at_size(width, height).components[info.name]))
         manifest.verify_files(full=verify == "full", files=files,
                               progress=(lambda done, total: progress("verify", done, total)) if progress else None)
         scheduler_config = read_scheduler_config(manifest)
@@ -129,14 +145,28 @@ class Pipeline:
         pipeline = cls(manifest, engines, family(manifest, engines), scheduler_config, backend)
         pipeline.controlnets = ControlNets(manifest, runtime_backend, verify)
         pipeline.loras.backend = runtime_backend
+        for width, height in manifest.sizes[1:]:  # the other sizes: their own U-Net and VAE sessions, the same text encoders
+            at = manifest.at_size(width, height)
+            sized = {name: runtime_backend.load(at.components[name], at.path(at.components[name].file))
+                     if manifest.components[name].sizes else engine for name, engine in engines.items()}
+            sibling = cls(at, sized, family(at, sized), scheduler_config, backend)
+            sibling.controlnets = ControlNets(at, runtime_backend, verify)
+            sibling.loras.backend = runtime_backend
+            sibling.sizes = pipeline.sizes
+            pipeline.sizes[(width, height)] = sibling
         finished = time.perf_counter()
         pipeline.load_timings = {"verify_s": verified - started, "engines_s": finished - verified, "total_s": finished - started}
+        for sibling in pipeline.sizes.values():
+            sibling.load_timings = pipeline.load_timings
         return pipeline
 
     # -- request checks -------------------------------------------------------------------------------
 
     def validate(self, request: GenerationRequest) -> None:
         """Raise RequestError for anything this engine cannot serve, without running it (the server checks before queuing)."""
+        sized = self._sized(request)
+        if sized is not self:
+            return sized.validate(request)
         self.checker.prepare(request)
         self.loras.for_request(request)
 
@@ -219,6 +249,10 @@ class Pipeline:
         from the loop's latest x0 estimate (its ``steps_run`` set, its infotext saying so) and no later batch runs, as
         A1111's interrupt; a loop that left no estimate lets the StopSampling through.
         """
+        sized = self._sized(request)
+        if sized is not self:
+            yield from sized.generate_batches(request, on_step)
+            return
         prepared = self.checker.prepare(request)
         batch, spec, plan, strength = prepared.batch, prepared.spec, prepared.plan, prepared.strength
         second = self._refiner_stage(request, spec, plan) if request.refiner_switch is not None else None
@@ -277,6 +311,19 @@ class Pipeline:
             if steps_run is not None:
                 return  # A1111 skips the rest of the batch count once interrupted
             timings, started = StageTimings(), time.perf_counter()
+
+    def _sized(self, request: GenerationRequest) -> "Pipeline":
+        """The pipeline at the request's size; RequestError for a size the engine dir lacks, or a ControlNet or refiner
+        at a size other than the default (they are exported at that size)."""
+        sized = self.at_size(request.width, request.height)
+        default = next(iter(self.sizes.values()))  # the engine dir's first size (every size's pipeline shares ``sizes``)
+        if sized is not default:
+            if request.control:
+                raise RequestError(f"ControlNets run at the engine dir's default size {default.width}x{default.height} only, "
+                                   f"not at {sized.width}x{sized.height}")
+            if request.refiner_switch is not None:
+                raise RequestError(f"the refiner runs at the engine dir's default size {default.width}x{default.height} only")
+        return sized
 
     def _refiner_stage(self, request: GenerationRequest, spec, plan: SamplingPlan) -> dict:
         """The refiner's plan from its first step, and how many steps the base runs; RequestError when they cannot split."""

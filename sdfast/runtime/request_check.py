@@ -75,6 +75,7 @@ class RequestChecker:
         self.schedule = schedule_for(scheduler_config, (int(geometry["latent_height"]) // patch) * (int(geometry["latent_width"]) // patch))
         self.height, self.width = int(geometry["height"]), int(geometry["width"])
         self.batch_size = int(geometry["batch"])
+        self.sizes_text = manifest.sizes_text  # every size of the engine dir, for errors
         self.guidance = bool(geometry["guidance"])
         self.latent_shape = (int(geometry["latent_channels"]), int(geometry["latent_height"]), int(geometry["latent_width"]))
         self.text_layers = int(manifest.model["text_layers"])
@@ -89,10 +90,17 @@ class RequestChecker:
         self.default_sampler = _scheduler_sampler(scheduler_config) if self.flow_model or not self.guidance else None
 
     @classmethod
-    def for_engine_dir(cls, engine_dir: str | Path) -> "RequestChecker":
-        """Read only the manifest and the scheduler config (milliseconds), not the engines."""
+    def for_engine_dir(cls, engine_dir: str | Path, width: int | None = None, height: int | None = None) -> "RequestChecker":
+        """Read only the manifest and the scheduler config (milliseconds), not the engines; the checker of the engine
+        dir's graphs at ``width`` x ``height`` (None: its default size), a RequestError listing its sizes if it lacks it."""
         manifest = read_manifest(engine_dir)
         manifest.verify_files(full=True, files=manifest.data["scheduler"]["files"])  # a few hundred bytes
+        default_width, default_height = manifest.sizes[0]
+        size = (default_width if width is None else width, default_height if height is None else height)
+        if size not in manifest.sizes:
+            raise RequestError(f"this engine dir serves {manifest.sizes_text} (width x height), not {size[0]}x{size[1]} "
+                               "(export more sizes with sdfast export --size WxH)")
+        manifest = manifest.at_size(*size)
         try:
             return cls(manifest, read_scheduler_config(manifest))
         except (KeyError, TypeError, ValueError, AttributeError) as error:
@@ -126,8 +134,8 @@ class RequestChecker:
         width = request.width if request.width is not None else self.width
         if (height, width) != (self.height, self.width):
             raise RequestError(
-                f"this engine was built for {self.width}x{self.height} (width x height); the request asks for "
-                f"{width}x{height} (re-export with --width/--height)"
+                f"this engine dir serves {self.sizes_text} (width x height), not {width}x{height} "
+                "(export more sizes with sdfast export --size WxH)"
             )
         batch = request.batch_size if request.batch_size is not None else self.batch_size
         if not isinstance(batch, int) or not 1 <= batch <= self.batch_size:

@@ -54,7 +54,7 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         served = [pipeline] + ([pipeline.refiner] if pipeline.refiner is not None else [])
         return [{"title": f"{p.manifest.model_name} [{p.manifest.model_hash}]", "model_name": p.manifest.model_name,
                  "hash": p.manifest.model_hash, "sha256": p.manifest.data["source"].get("fingerprint"),
-                 "filename": p.manifest.root.name, "config": None, "family": p.manifest.family, "sizes": [f"{p.width}x{p.height}"]}
+                 "filename": p.manifest.root.name, "config": None, "family": p.manifest.family, "sizes": p.manifest.sizes_text.split(", ")}
                 for p in served]
 
     @router.get("/sdapi/v1/loras")
@@ -127,7 +127,8 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
 
     @router.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2ImgRequest, request: Request):
-        control = await asyncio.to_thread(control_units, body, pipeline)  # decoding and canny stay off the event loop
+        sized = _sized(body)
+        control = await asyncio.to_thread(control_units, body, sized)  # decoding and canny stay off the event loop
         generation = dataclasses.replace(_generation(body), control=control)
         results = await ctx.run(generation, request)
         return await asyncio.to_thread(_a1111_response, body, generation, results)
@@ -136,22 +137,30 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
     async def img2img(body: Img2ImgRequest, request: Request):
         if not body.init_images:
             raise FieldError("init_images", "img2img needs one init image (base64)")
-        init, mask = await asyncio.to_thread(_images, body)  # decoding and resizing stay off the event loop
-        control = await asyncio.to_thread(control_units, body, pipeline, lambda: decode_image("init_images", body.init_images[0]))
+        sized = _sized(body)
+        init, mask = await asyncio.to_thread(_images, body, sized)  # decoding and resizing stay off the event loop
+        control = await asyncio.to_thread(control_units, body, sized, lambda: decode_image("init_images", body.init_images[0]))
         generation = dataclasses.replace(_generation(body, init, mask, body.denoising_strength), control=control)
         results = await ctx.run(generation, request)
         return await asyncio.to_thread(_a1111_response, body, generation, results)
 
-    def _images(body: Img2ImgRequest):
+    def _sized(body: _Request):
+        """The pipeline of the engine dir's graphs at the request's width x height (its default size when not given)."""
+        try:
+            return pipeline.at_size(body.width, body.height)
+        except RequestError as error:
+            raise FieldError("width" if body.width not in (None, pipeline.width) else "height", str(error)) from None
+
+    def _images(body: Img2ImgRequest, sized):
         warnings: list[str] = []
         try:
-            init = init_image_array(decode_image("init_images", body.init_images[0]), pipeline.width, pipeline.height, warnings)
+            init = init_image_array(decode_image("init_images", body.init_images[0]), sized.width, sized.height, warnings)
         except RequestError as error:
             raise FieldError("init_images", str(error)) from None
         mask = None
         if body.mask:
             try:
-                mask = mask_array(decode_image("mask", body.mask), pipeline.width, pipeline.height, warnings)
+                mask = mask_array(decode_image("mask", body.mask), sized.width, sized.height, warnings)
             except RequestError as error:
                 raise FieldError("mask", str(error)) from None
             mask = 1.0 - mask if body.inpainting_mask_invert else mask
@@ -161,11 +170,9 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         problem = body.unsupported()
         if problem:
             raise problem
-        for name, value, engine_value in (("width", body.width, pipeline.width), ("height", body.height, pipeline.height)):
-            if value is not None and value != engine_value:
-                raise FieldError(name, f"{value}: this engine serves {pipeline.width}x{pipeline.height} only (export another size)")
+        sized = _sized(body)
         seed_size = (body.seed_resize_from_w, body.seed_resize_from_h)
-        if min(seed_size) > 0 and seed_size != (pipeline.width, pipeline.height):  # A1111 resizes the seed's noise when both are set
+        if min(seed_size) > 0 and seed_size != (sized.width, sized.height):  # A1111 resizes the seed's noise when both are set
             raise FieldError("seed_resize_from_w", "resizing a seed from another size is not supported by sdfast; leave it at -1")
         _check_options(body.override_settings, "override_settings.")
         sampler = _sampler(body)
@@ -181,7 +188,7 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         batch = max(d for d in range(1, min(total, pipeline.batch_size) + 1) if total % d == 0)
         return GenerationRequest(
             prompt=body.prompt, negative_prompt=body.negative_prompt, cfg_scale=_cfg_scale(body), seed=seed,
-            sampler=sampler.key, height=pipeline.height, width=pipeline.width, batch_size=batch, n_iter=total // batch, clip_skip=clip_skip,
+            sampler=sampler.key, height=sized.height, width=sized.width, batch_size=batch, n_iter=total // batch, clip_skip=clip_skip,
             steps=body.steps if body.steps is not None else pipeline.checker.default_steps or A1111_STEPS,
             init_image=init, mask=mask, strength=strength if init is not None else None, eta=eta or 0.0,
             seeds=[seed + i for i in range(total)], refiner_switch=refiner_switch,

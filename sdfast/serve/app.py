@@ -102,7 +102,7 @@ def create_app(pipeline: Pipeline, settings: ServeSettings) -> FastAPI:
         if not state["ready"] or not worker.alive:
             return error_response(503, "not ready" if state["ready"] else "starting or stopping")
         return {"ready": True, "model": pipeline.manifest.model_name, "backend": pipeline.backend,
-                "size": f"{pipeline.width}x{pipeline.height}", "batch": pipeline.batch_size}
+                "size": f"{pipeline.width}x{pipeline.height}", "sizes": pipeline.manifest.sizes_text.split(", "), "batch": pipeline.batch_size}
 
     @app.get("/metrics")
     async def prometheus():

@@ -12,6 +12,7 @@ from datetime import datetime
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from sdfast.errors import RequestError
 from sdfast.runtime.images import png_bytes
 from sdfast.runtime.pipeline import GenerationRequest
 from sdfast.serve.context import ServeContext
@@ -60,8 +61,10 @@ def openai_router(ctx: ServeContext) -> APIRouter:
                 width, height = (int(v) for v in body.size.lower().split("x"))
             except ValueError:
                 raise FieldError("size", f"'{body.size}' is not WIDTHxHEIGHT") from None
-            if (width, height) != (pipeline.width, pipeline.height):
-                raise FieldError("size", f"{body.size}: this engine serves {pipeline.width}x{pipeline.height} only")
+            try:
+                pipeline.at_size(width, height)
+            except RequestError as error:
+                raise FieldError("size", str(error)) from None
         seed = secrets.randbelow(SEED_LIMIT - 1)
         batch = max(d for d in range(1, min(body.n, pipeline.batch_size) + 1) if body.n % d == 0)
         checker = pipeline.checker  # an engine without guidance (Turbo) samples as its model was distilled for

@@ -63,7 +63,7 @@ class _Request(BaseModel):
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     steps: int | None = Field(None, ge=1, le=MAX_STEPS)  # None: A1111's 20, or the engine's few steps without guidance
     cfg_scale: float | None = Field(None, ge=0.0, le=30.0)  # None: the engine's (7, or 1 without guidance)
-    width: int | None = Field(None, ge=8, le=4096)  # None: the engine's size, the only one it serves
+    width: int | None = Field(None, ge=8, le=4096)  # None: the engine dir's default size
     height: int | None = Field(None, ge=8, le=4096)
     seed: int = Field(-1, ge=-1, lt=SEED_LIMIT)
     sampler_name: str | None = Field(None, max_length=64)

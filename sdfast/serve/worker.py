@@ -55,7 +55,7 @@ class Job:
         if r.init_image is not None or r.mask is not None or r.control:  # images (init, mask, control) are not compared
             return None
         # the prompt carries its <lora:...> tags: jobs with other LoRAs (other weights) are never merged
-        return (r.prompt, r.negative_prompt, r.steps, float(r.cfg_scale), r.sampler, r.clip_skip, float(r.eta), r.n_iter, r.refiner_switch,
+        return (r.width, r.height, r.prompt, r.negative_prompt, r.steps, float(r.cfg_scale), r.sampler, r.clip_skip, float(r.eta), r.n_iter, r.refiner_switch,
                 tuple(r.loras))
 
 

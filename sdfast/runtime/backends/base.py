@@ -74,4 +74,7 @@ class Backend(ABC):
 
     def files_for(self, info: ComponentInfo) -> dict[str, dict]:
         """The files ``load`` reads for ``info``: what a load verifies, and nothing else."""
-        return self.graph_for(info)[1]
+        files = dict(self.graph_for(info)[1])
+        if info.shared_weights:  # the index the shared weights are mapped by (the data file is among the graph's)
+            files.update(info.shared_weights["files"])
+        return files

@@ -100,13 +100,16 @@ class OrtBackend(Backend):
             # without an arena they are freed as they die (SDXL 1024: 4.1 GiB peak instead of 4.9 GiB for the decoder)
             options.enable_cpu_mem_arena = False
         kept = add_overrides(options, overrides)
+        shared = share_weights(options, info, path, set(overrides or ())) if self.provider == "CPUExecutionProvider" else []
         try:
             session = ort.InferenceSession(str(path), options, providers=[self.provider])
         except Exception as error:  # noqa: BLE001
             raise EngineError(f"cannot load {info.name} from '{path}': {str(error).splitlines()[0]}") from None
         del kept  # onnxruntime copied them into the session's own tensors (tests/test_lora.py checks): their memory goes back now
         _check_session_matches(session, info)
-        return OrtEngine(info, session, self.run_options(arena=options.enable_cpu_mem_arena))
+        engine = OrtEngine(info, session, self.run_options(arena=options.enable_cpu_mem_arena))
+        engine.shared_weights = shared  # the session computes from their memory: they live as long as it
+        return engine
 
     def run_options(self, arena: bool = True):
         """Each call hands its activations' memory back when it ends: every session has its own arena, so without
@@ -136,6 +139,25 @@ def add_overrides(options, overrides: dict[str, np.ndarray] | None) -> list:
     values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays]
     options.add_external_initializers(list(overrides), values)
     return [*arrays, *values]
+
+
+def share_weights(options, info: ComponentInfo, path: Path, overridden: set[str]) -> list:
+    """Hand the session the component's shared weights (every size's graph maps one data file) as arrays over one memory
+    map, with prepacking off, so the sessions of all sizes hold one copy; returns what must live as long as the session."""
+    import onnxruntime as ort
+
+    from sdfast.runtime.backends.shared_weights import shared_arrays
+
+    mapping, arrays = shared_arrays(info, path, overridden)
+    if not arrays:
+        return []
+    options.add_session_config_entry("session.disable_prepacking", "1")  # a packed copy would be per session
+    values: list = [mapping]
+    for name, array in arrays.items():
+        value = ort.OrtValue.ortvalue_from_numpy(array)
+        options.add_initializer(name, value)
+        values.append(value)
+    return values
 
 
 def _check_session_matches(session, info: ComponentInfo) -> None:

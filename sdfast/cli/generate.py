@@ -18,8 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same image as diffusers (default 0)")
     parser.add_argument("--sampler", help="sampler, by A1111 or diffusers name, e.g. 'Euler a', 'DPM++ 2M Karras' (default euler; "
                                            "on an engine without guidance, its scheduler's; see 'sdfast samplers')")
-    parser.add_argument("--height", type=int, help="must equal the engine's (default: the engine's)")
-    parser.add_argument("--width", type=int, help="must equal the engine's (default: the engine's)")
+    parser.add_argument("--height", type=int, help="one of the engine dir's sizes (default: its first; see 'sdfast info')")
+    parser.add_argument("--width", type=int, help="one of the engine dir's sizes (default: its first)")
     parser.add_argument("--batch-size", type=int, help="images per U-Net call, 1 to the engine's batch (default: the engine's)")
     parser.add_argument("--n-iter", type=int, default=1, help="batches to run; image k gets seed + k, as A1111 (default 1)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta, 0..1: 0 is deterministic (default 0)")
@@ -36,6 +36,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slg-scale", type=float, help="skip-layer guidance scale (default 2.8, diffusers')")
     parser.add_argument("--slg-start", type=float, help="skip-layer guidance starts after this fraction of the steps (default 0.01)")
     parser.add_argument("--slg-stop", type=float, help="and stops before this fraction (default 0.2)")
+    hires = parser.add_argument_group("hires fix (A1111's): a first pass at --width x --height, an upscale, then img2img at the "
+                                      "larger size, which the engine dir must have (export --size)")
+    hires.add_argument("--hires-scale", type=float, help="upscale by this factor (turns hires fix on; A1111's hr_scale)")
+    hires.add_argument("--hires-resize", metavar="WxH", help="upscale to this size instead (0 for a side keeps the aspect ratio; "
+                                                            "turns hires fix on; A1111's hr_resize_x/y)")
+    hires.add_argument("--hires-upscaler", help="Latent (default), Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), "
+                                                "Latent (nearest), Latent (nearest-exact), Lanczos, Nearest or None")
+    hires.add_argument("--hires-steps", type=int, help="second-pass steps (default: as many as the first pass)")
+    hires.add_argument("--hires-denoise", type=float, help="second-pass denoising strength, above 0 to 1 (default 0.7)")
+    hires.add_argument("--hires-prompt", help="second-pass prompt (default: the prompt)")
+    hires.add_argument("--hires-negative", help="second-pass negative prompt (default: the negative prompt)")
+    hires.add_argument("--hires-sampler", help="second-pass sampler (default: --sampler)")
     from sdfast.cli import control_args
 
     control_args.add_arguments(parser)
@@ -49,6 +61,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", type=Path, default=Path("sdfast.png"),
                         help="output PNG; with N > 1 images (batch x n-iter), NAME-0.png ... NAME-(N-1).png")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or timing summary")
+
+
+def hires_fix(args: argparse.Namespace):
+    """The --hires-* options as a HiresFix, or None without --hires-scale/--hires-resize; RequestError for an option
+    given without them."""
+    from sdfast.errors import RequestError
+    from sdfast.runtime.hires import DEFAULT_STRENGTH, HiresFix
+
+    given = [f"--hires-{name.replace('_', '-')}" for name in ("upscaler", "steps", "denoise", "prompt", "negative", "sampler")
+             if getattr(args, f"hires_{name}") is not None]
+    if args.hires_scale is None and args.hires_resize is None:
+        if given:
+            raise RequestError(f"{given[0]} needs --hires-scale or --hires-resize (which turn hires fix on)")
+        return None
+    resize = (0, 0)
+    if args.hires_resize is not None:
+        width, sep, height = args.hires_resize.lower().partition("x")
+        if not sep or not width.isdigit() or not height.isdigit() or width == height == "0":
+            raise RequestError(f"--hires-resize '{args.hires_resize}' is not WIDTHxHEIGHT (0 for a side keeps the aspect ratio)")
+        resize = (int(width), int(height))
+    return HiresFix(scale=2.0 if args.hires_scale is None else args.hires_scale, resize_width=resize[0], resize_height=resize[1],
+                    upscaler=args.hires_upscaler or "Latent", steps=args.hires_steps or 0,
+                    denoising_strength=DEFAULT_STRENGTH if args.hires_denoise is None else args.hires_denoise,
+                    prompt=args.hires_prompt or "", negative_prompt=args.hires_negative or "", sampler=args.hires_sampler)
 
 
 def output_paths(output: Path, count: int) -> list[Path]:
@@ -117,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
     loras = tuple(parse_use(text, "--lora") for text in args.lora)
     for use in [*extract_loras(args.prompt)[1], *loras]:  # names are checked before the engines load
         library.path(use.name)
+    hires = hires_fix(args)
     cfg = args.cfg if args.cfg is not None else checker.default_cfg_scale
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative, cfg_scale=cfg, seed=args.seed,
@@ -124,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         sampler=args.sampler if args.sampler is not None else checker.default_sampler or "euler",
         height=args.height, width=args.width, batch_size=args.batch_size, n_iter=args.n_iter,
         clip_skip=args.clip_skip, init_image=init_image, mask=mask, strength=args.strength, eta=args.eta, refiner_switch=refiner_switch,
-        skip_layer_guidance=slg, control=control, loras=loras,
+        skip_layer_guidance=slg, control=control, loras=loras, hires=hires,
     )
     prepared = checker.prepare(request)
     paths = output_paths(args.output, prepared.batch * args.n_iter)

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from sdfast.runtime.hires import HiresFix
 
 
 @dataclass
@@ -28,6 +32,9 @@ class GenerationRequest:
     skip_layer_guidance: SkipLayerGuidance | None = None  # SD3.5's skip-layer guidance, or None
     control: tuple = ()  # ControlNet units (runtime.control.ControlUnit), their residuals summed
     loras: tuple = ()  # LoRAs beside the prompt's <lora:name:weight> tags (runtime.lora.prompt_tags.LoraUse), by name
+    hires: "HiresFix | None" = None  # A1111's hires fix (runtime.hires): first pass at this size, img2img at the larger one
+    init_latents: np.ndarray | None = None  # [B, 4, h, w] latents to start img2img from instead of an image (hires fix's latent upscalers)
+    start_step: int | None = None  # img2img: the step the plan starts at, instead of the strength's rounding (A1111's hires pass)
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 class ImageSource:
     """The init image (and mask) of img2img and inpainting, encoded once per request and reused by every batch."""
 
-    mean: np.ndarray  # [1, 4, h, w], scaled latents' posterior mean
-    std: np.ndarray  # [1, 4, h, w]
+    mean: np.ndarray  # [1 or B, 4, h, w], scaled latents' posterior mean (B: one image per row)
+    std: np.ndarray | None  # [1, 4, h, w]; None: the mean is the latents themselves (from_latents)
     mask: np.ndarray | None  # [1, 1, h, w] latent-resolution mask, 1 = repaint (nearest, as diffusers' interpolate)
     masked_mean: np.ndarray | None  # [1, 4, h, w] posterior of the image with the masked region blanked (9-channel U-Nets)
     masked_std: np.ndarray | None
@@ -29,7 +29,9 @@ class ImageSource:
 
     @classmethod
     def encode(cls, pipeline: "Pipeline", image: np.ndarray, mask: np.ndarray | None) -> "ImageSource":
-        mean, std = pipeline.encode_image(image)
+        """``image``: [1, 3, H, W] for every row, or [B, 3, H, W], one per image (hires fix's upscaled first pass)."""
+        encoded = [pipeline.encode_image(row[None]) for row in image]
+        mean, std = (np.concatenate(parts) for parts in zip(*encoded))  # [1 or B, 4, h, w] each
         latent_mask = masked_mean = masked_std = None
         if mask is not None:
             factor = image.shape[-1] // mean.shape[-1]
@@ -38,6 +40,11 @@ class ImageSource:
                 masked_mean, masked_std = pipeline.encode_image(image * (mask < 0.5))
         return cls(mean, std, latent_mask, masked_mean, masked_std, pipeline.batch_size, pipeline.manifest.prediction_type)
 
+    @classmethod
+    def from_latents(cls, pipeline: "Pipeline", latents: np.ndarray) -> "ImageSource":
+        """img2img from latents [B, 4, h, w] as they are (hires fix's latent upscalers): no VAE, no posterior draw."""
+        return cls(latents, None, None, None, None, pipeline.batch_size, pipeline.manifest.prediction_type)
+
     def blends(self, inpainting_unet: bool) -> bool:
         """Ordinary U-Nets inpaint by blending the known region back after each step; 9-channel ones see the mask."""
         return self.mask is not None and not inpainting_unet
@@ -45,10 +52,15 @@ class ImageSource:
     def initial_latents(self, draw, plan: SamplingPlan, strength: float, inpainting_unet: bool):
         """x [B, C, h, w] in the samplers' form, and the 9-channel conditioning, drawing noise in the img2img and inpaint
         pipelines' order (StableDiffusion's, SDXL's and SD3's draw alike)."""
-        rows = lambda a: np.repeat(a, self.rows, axis=0)  # noqa: E731
+        def rows(a: np.ndarray) -> np.ndarray:  # the engine's rows: one image for all, or one per image, the first padding
+            return np.concatenate([a, np.repeat(a[:1], self.rows - len(a), axis=0)])
+
         strength_max = strength == 1.0 and self.mask is not None  # the inpaint pipeline starts from pure noise at strength 1
         needs_image = not (inpainting_unet and strength_max)
-        self.known = rows(self.mean) + rows(self.std) * draw() if needs_image else None  # DiagonalGaussian.sample
+        if self.std is None:  # given latents: taken as they are
+            self.known = rows(self.mean)
+        else:
+            self.known = rows(self.mean) + rows(self.std) * draw() if needs_image else None  # DiagonalGaussian.sample
         self.noise = draw()
         if strength_max:
             x = self.noise * np.float32(plan.initial_noise_scale)

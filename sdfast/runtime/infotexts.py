@@ -7,8 +7,9 @@ from sdfast.runtime.images import infotext
 
 
 def generation_infotext(pipeline, request: GenerationRequest, sampler_name: str, seed: int, batch: int, position: int,
-                        strength: float | None, stopped: str | None = None) -> str:
-    """A1111's infotext of one image: the prompts, then its settings in A1111's order and wording."""
+                        strength: float | None, stopped: str | None = None, hires: dict | None = None) -> str:
+    """A1111's infotext of one image: the prompts, then its settings in A1111's order and wording. ``hires``: hires fix's
+    entries (the image is the second pass's; Steps, Sampler and Size stay the first pass's, as A1111 writes them)."""
     return infotext(
         request.prompt + "".join(use.tag() for use in request.loras),  # A1111 reads LoRAs back from the prompt's tags
         request.negative_prompt,
@@ -29,6 +30,7 @@ def generation_infotext(pipeline, request: GenerationRequest, sampler_name: str,
             "Refiner switch at": request.refiner_switch,
             "Skip layer guidance": _slg_text(request.skip_layer_guidance),
             **dict(unit.infotext(index, pipeline.controlnets.model_hash(unit.model)) for index, unit in enumerate(request.control)),
+            **(hires or {}),  # hires fix's settings (runtime.hires.HiresFix.infotext)
             "Lora hashes": pipeline.loras.infotext_hashes(),
             "Interrupted": stopped,  # "after k of n steps": the image is the x0 estimate of step k
             "Version": f"sdfast {__version__}",

@@ -164,6 +164,10 @@ class Pipeline:
 
     def validate(self, request: GenerationRequest) -> None:
         """Raise RequestError for anything this engine cannot serve, without running it (the server checks before queuing)."""
+        if request.hires is not None:
+            from sdfast.runtime.hires import check_hires
+
+            return check_hires(self, request)
         sized = self._sized(request)
         if sized is not self:
             return sized.validate(request)
@@ -241,17 +245,24 @@ class Pipeline:
             batches[-1].steps_run,
         )
 
-    def generate_batches(self, request: GenerationRequest, on_step: StepCallback | None = None) -> Iterator[GenerationResult]:
+    def generate_batches(self, request: GenerationRequest, on_step: StepCallback | None = None,
+                         decode: bool = True) -> Iterator[GenerationResult]:
         """``generate`` one batch at a time, so a caller can save each batch as soon as it is done.
 
         The request is checked, and the prompt (and init image) encoded, before the first batch; the first result carries
         those stages' timings and every warning. When ``on_step`` raises StopSampling, the batch it stopped is decoded
         from the loop's latest x0 estimate (its ``steps_run`` set, its infotext saying so) and no later batch runs, as
-        A1111's interrupt; a loop that left no estimate lets the StopSampling through.
+        A1111's interrupt; a loop that left no estimate lets the StopSampling through. ``decode``: False leaves the
+        results' images None (hires fix's latent upscalers need the latents only).
         """
+        if request.hires is not None:
+            from sdfast.runtime.hires import hires_batches
+
+            yield from hires_batches(self, request, on_step)
+            return
         sized = self._sized(request)
         if sized is not self:
-            yield from sized.generate_batches(request, on_step)
+            yield from sized.generate_batches(request, on_step, decode)
             return
         prepared = self.checker.prepare(request)
         batch, spec, plan, strength = prepared.batch, prepared.spec, prepared.plan, prepared.strength
@@ -271,7 +282,7 @@ class Pipeline:
                 prompt, request.negative_prompt, request.clip_skip, use_cfg, []), **self.refiner.zero_residuals}
         timings.text_encoder = time.perf_counter() - stage
 
-        source = None
+        source = ImageSource.from_latents(self, request.init_latents) if request.init_latents is not None else None
         if request.init_image is not None:
             stage = time.perf_counter()
             source = ImageSource.encode(self, request.init_image, request.mask)
@@ -301,7 +312,7 @@ class Pipeline:
                     raise
                 x, steps_run = stop.latents, stop.steps_run  # x: [B, 4, h, w], the x0 estimate (the same in VE and VP form)
             stage = time.perf_counter()
-            images = to_uint8(decoder.decode(x))[:batch]
+            images = to_uint8(decoder.decode(x))[:batch] if decode else None
             timings.vae_decode = time.perf_counter() - stage
             timings.total = time.perf_counter() - started
             stopped = None if steps_run is None else f"after {steps_run} of {plan.steps} steps"

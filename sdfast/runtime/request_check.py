@@ -114,7 +114,8 @@ class RequestChecker:
         strength = self.strength(request)
         if strength is not None:
             # diffusers' get_timesteps, as the family's pipeline rounds it: the last steps run, from the noised image
-            start_step = family_class(self.manifest.family).img2img_start_step(request.steps, strength)
+            start_step = (family_class(self.manifest.family).img2img_start_step(request.steps, strength) if request.start_step is None
+                          else request.start_step)
             if not spec.starts_late and start_step > 0:
                 raise RequestError(f"{spec.a1111_name} cannot start part-way through its schedule, as img2img and inpainting need; choose another sampler")
             if start_step >= plan.steps:
@@ -123,7 +124,7 @@ class RequestChecker:
         return PreparedRequest(batch, spec, plan, strength)
 
     def strength(self, request: "GenerationRequest") -> float | None:
-        if request.init_image is None:
+        if request.init_image is None and request.init_latents is None:
             return None
         if request.strength is not None:
             return float(request.strength)
@@ -171,7 +172,11 @@ class RequestChecker:
             raise RequestError(f"eta applies to DDIM only, not to {sampler.a1111_name}")
         if not isinstance(request.clip_skip, int) or not 1 <= request.clip_skip <= self.text_layers:
             raise RequestError(f"clip skip must be an integer from 1 to the text encoder's {self.text_layers} layers, not {request.clip_skip}")
-        self._check_images(request)
+        if request.hires is not None:
+            from sdfast.runtime.hires import check_request
+
+            check_request(request, width, height, self.manifest)
+        self._check_images(request, batch)
         self._check_skip_layers(request)
         self._check_control(request)
         return batch
@@ -215,7 +220,7 @@ class RequestChecker:
         if not 0.0 <= slg.start < slg.stop <= 1.0:
             raise RequestError(f"skip-layer guidance start and stop must satisfy 0 <= start < stop <= 1, not {slg.start} and {slg.stop}")
 
-    def _check_images(self, request: "GenerationRequest") -> None:
+    def _check_images(self, request: "GenerationRequest", batch: int) -> None:
         image_shape = (1, 3, self.height, self.width)
         if request.mask is not None and request.init_image is None:
             raise RequestError("a mask needs an init image to inpaint")
@@ -224,12 +229,22 @@ class RequestChecker:
         if request.init_image is not None:
             if not self.has_vae_encoder:
                 raise RequestError("this engine dir has no VAE encoder, which img2img and inpainting need")
-            if not isinstance(request.init_image, np.ndarray) or request.init_image.shape != image_shape:
+            # one image for every row, or (hires fix's image upscalers) one per image of the batch
+            rows_ok = isinstance(request.init_image, np.ndarray) and request.init_image.shape[0] in (1, batch)
+            if not rows_ok or request.init_image.shape[1:] != image_shape[1:] or (request.init_image.shape[0] > 1 and request.mask is not None):
                 raise RequestError(f"init image must be a [1, 3, {self.height}, {self.width}] array (see images.load_init_image)")
+        if request.init_latents is not None:
+            if request.init_image is not None or request.mask is not None or self.inpainting_unet:
+                raise RequestError("init latents replace the init image: not with an init image, a mask or an inpainting U-Net")
+            if not isinstance(request.init_latents, np.ndarray) or request.init_latents.shape != (batch, *self.latent_shape):
+                raise RequestError(f"init latents must be a [{batch}, {', '.join(map(str, self.latent_shape))}] array")
+        if request.start_step is not None and (request.init_image is None and request.init_latents is None
+                                               or not isinstance(request.start_step, int) or not 0 <= request.start_step < request.steps):
+            raise RequestError(f"start step applies to img2img, from 0 to steps - 1, not {request.start_step}")
         if request.mask is not None and (not isinstance(request.mask, np.ndarray) or request.mask.shape != (1, 1, self.height, self.width)):
             raise RequestError(f"mask must be a [1, 1, {self.height}, {self.width}] array (see images.load_mask)")
         if request.strength is not None:
-            if request.init_image is None:
+            if request.init_image is None and request.init_latents is None:
                 raise RequestError("strength only applies with an init image")
             if not isinstance(request.strength, (int, float)) or not 0.0 <= request.strength <= 1.0:
                 raise RequestError(f"strength must be from 0.0 to 1.0, not {request.strength}")

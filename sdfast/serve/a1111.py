@@ -182,17 +182,32 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
                 raise FieldError("eta", f"eta applies to DDIM only, not to {sampler.a1111_name}")
             eta = None
         refiner_switch = _refiner_switch(body)
+        hires = body.hires() if isinstance(body, Txt2ImgRequest) else None
         clip_skip = body.override_settings.get("CLIP_stop_at_last_layers") or ctx.options["CLIP_stop_at_last_layers"]
         seed = body.seed if body.seed >= 0 else secrets.randbelow(SEED_LIMIT - 1)
         total = body.batch_size * body.n_iter
         batch = max(d for d in range(1, min(total, pipeline.batch_size) + 1) if total % d == 0)
+        if hires is not None:
+            _check_hires(body, hires, sized)
         return GenerationRequest(
             prompt=body.prompt, negative_prompt=body.negative_prompt, cfg_scale=_cfg_scale(body), seed=seed,
             sampler=sampler.key, height=sized.height, width=sized.width, batch_size=batch, n_iter=total // batch, clip_skip=clip_skip,
             steps=body.steps if body.steps is not None else pipeline.checker.default_steps or A1111_STEPS,
             init_image=init, mask=mask, strength=strength if init is not None else None, eta=eta or 0.0,
-            seeds=[seed + i for i in range(total)], refiner_switch=refiner_switch,
+            seeds=[seed + i for i in range(total)], refiner_switch=refiner_switch, hires=hires,
         )
+
+    def _check_hires(body: Txt2ImgRequest, hires, sized) -> None:
+        """A FieldError naming the hr_* field a hires-fix request cannot have (its size is checked against the sizes)."""
+        from sdfast.runtime.hires import check_request
+
+        try:
+            check_request(GenerationRequest(body.prompt, hires=hires), sized.width, sized.height, pipeline.manifest)
+        except RequestError as error:
+            text = str(error)
+            field = ("hr_resize_x" if hires.resize_width or hires.resize_height else "hr_scale") if text.startswith("hires fix to") \
+                else "hr_upscaler" if "upscaler" in text else "denoising_strength" if "strength" in text else "enable_hr"
+            raise FieldError(field, text) from None
 
     def _refiner_switch(body: _Request) -> float | None:
         """A1111's refiner_checkpoint (its name, "name [hash]" title or hash) names the refiner this server loaded."""

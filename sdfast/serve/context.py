@@ -45,10 +45,13 @@ class ServeContext:
 
 def _field_of(message: str) -> str | None:
     """The request field a pipeline RequestError is about, from its wording."""
-    for field_name, words in (("alwayson_scripts.controlnet", "controlnet"), ("denoising_strength", "strength"), ("sampler_name", "part-way"), ("steps", "steps"), ("cfg_scale", "cfg scale"),
+    for field_name, words in (("hr_upscaler", "hires upscaler"), ("hr_scale", "hires fix to"), ("hr_scale", "hires scale"),
+                              ("hr_resize_x", "hires resize"), ("denoising_strength", "hires denoising"),
+                              ("hr_second_pass_steps", "hires steps"), ("enable_hr", "hires fix"),
+                              ("alwayson_scripts.controlnet", "controlnet"), ("denoising_strength", "strength"), ("sampler_name", "part-way"), ("steps", "steps"), ("cfg_scale", "cfg scale"),
                               ("batch_size", "batch size"), ("n_iter", "n_iter"), ("seed", "seed"), ("sampler_name", "sampler"),
                               ("negative_prompt", "negative prompt"), ("prompt", "prompt"), ("eta", "eta"), ("override_settings.CLIP_stop_at_last_layers", "clip skip"),
-                              ("init_images", "init image"), ("mask", "mask"), ("width", "built for"),
+                              ("init_images", "init image"), ("mask", "mask"), ("width", "serves"),
                               ("prompt", "lora")):  # A1111 requests name LoRAs in the prompt (<lora:name:weight>)
         if words in message.lower():
             return field_name

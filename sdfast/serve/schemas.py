@@ -27,9 +27,10 @@ DEFAULT_REFINER_SWITCH = 0.8  # A1111's refiner_switch_at
 
 
 # A1111 request fields that change the image, with the values at which they change nothing: any other is refused, never
-# ignored. Fields that only act through one of these (hr_* with enable_hr, script_args with script_name) need no entry.
+# ignored. Fields that only act through one of these (script_args with script_name) need no entry.
 OFF_VALUES: dict[str, tuple] = {
-    "enable_hr": (False,), "restore_faces": (False,), "tiling": (False,), "subseed_strength": (0.0,), "script_name": (None, ""),
+    "firstphase_width": (0,), "firstphase_height": (0,), "hr_checkpoint_name": (None, "", "Use same checkpoint"),
+    "restore_faces": (False,), "tiling": (False,), "subseed_strength": (0.0,), "script_name": (None, ""),
     "s_churn": (0.0,), "s_tmin": (0.0,), "s_tmax": (0.0,), "s_noise": (1.0,),
     "resize_mode": (0,), "initial_noise_multiplier": (1.0,),
 }
@@ -74,7 +75,6 @@ class _Request(BaseModel):
     eta: float | None = Field(None, ge=0.0, le=1.0)
     override_settings: dict[str, Any] = Field(default_factory=dict)
     # asked-for features sdfast does not have: accepted only at their off values (OFF_VALUES)
-    enable_hr: bool = False
     restore_faces: bool = False
     tiling: bool = False
     subseed_strength: float = 0.0
@@ -115,7 +115,30 @@ class _Request(BaseModel):
 
 
 class Txt2ImgRequest(_Request):
-    pass
+    # hires fix (runtime.hires): the first pass at width x height, img2img at the larger size the engine dir has
+    enable_hr: bool = False
+    hr_scale: float = Field(2.0, ge=1.0, le=8.0)
+    hr_upscaler: str = Field("Latent", max_length=64)
+    hr_second_pass_steps: int = Field(0, ge=0, le=MAX_STEPS)
+    hr_resize_x: int = Field(0, ge=0, le=4096)
+    hr_resize_y: int = Field(0, ge=0, le=4096)
+    hr_sampler_name: str | None = Field(None, max_length=64)
+    hr_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    hr_negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    denoising_strength: float = Field(0.75, gt=0.0, le=1.0)  # the second pass's (A1111's API default)
+    firstphase_width: int = 0  # A1111's old hires fix: refused unless 0
+    firstphase_height: int = 0
+    hr_checkpoint_name: str | None = None  # another checkpoint for the second pass: refused (one engine dir)
+
+    def hires(self):
+        """The hires-fix settings, or None without enable_hr."""
+        from sdfast.runtime.hires import HiresFix
+
+        if not self.enable_hr:
+            return None
+        return HiresFix(scale=self.hr_scale, resize_width=self.hr_resize_x, resize_height=self.hr_resize_y, upscaler=self.hr_upscaler,
+                        steps=self.hr_second_pass_steps, denoising_strength=self.denoising_strength, prompt=self.hr_prompt,
+                        negative_prompt=self.hr_negative_prompt, sampler=self.hr_sampler_name)
 
 
 class Img2ImgRequest(_Request):

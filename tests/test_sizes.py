@@ -214,3 +214,23 @@ def test_serve_answers_each_size_and_refuses_others_naming_the_field(sized_engin
         assert httpx.get(f"{base}/ready", timeout=60).json()["sizes"] == ["64x64", "96x64", "64x96"]
     finally:
         assert server.stop()
+
+
+def test_controlnets_added_later_run_at_the_default_size(sized_engine, tmp_path):
+    """export-controlnet writes a ControlNet at the default size; a control request at another size is refused clearly."""
+    import shutil
+
+    from sdfast.export.controlnet_export import ControlNetExportRequest, export_controlnet
+    from sdfast.runtime.control import ControlUnit
+
+    copy = tmp_path / "with-controlnet"
+    shutil.copytree(sized_engine, copy)
+    export_controlnet(ControlNetExportRequest("tiny-controlnet", copy, "canny"))
+    assert read_manifest(copy).sizes == SIZES  # the sizes survive the manifest's rewrite
+    pipe = Pipeline.load(copy, verify="size")
+    unit = ControlUnit("canny", np.full((1, 3, 64, 64), 0.5, dtype=np.float32))
+    assert pipe.generate(GenerationRequest(PROMPT, steps=2, control=(unit,))).images.shape == (1, 64, 64, 3)
+    wide = ControlUnit("canny", np.full((1, 3, 64, 96), 0.5, dtype=np.float32))
+    with pytest.raises(RequestError, match="ControlNets run at the engine dir's default size 64x64 only"):
+        pipe.generate(GenerationRequest(PROMPT, steps=2, width=96, height=64, control=(wide,)))
+    assert pipe.at_size(96, 64).generate(GenerationRequest(PROMPT, steps=2, width=96, height=64)).images.shape == (1, 64, 96, 3)

@@ -8,19 +8,19 @@ from typing import Callable, Iterator
 import numpy as np
 
 from sdfast.errors import EngineError, RequestError, StopSampling
-from sdfast.runtime.backends import Engine, get_backend
+from sdfast.runtime.backends import Engine
 from sdfast.runtime.control import is_residual
 from sdfast.runtime.controlnets import ControlNets
 from sdfast.runtime.device_loop import LoopInputs, check_finite, run_on_host
-from sdfast.runtime.families import Family, family_class
+from sdfast.runtime.families import Family
 from sdfast.runtime.generation import GenerationRequest, GenerationResult, SkipLayerGuidance, StageTimings
 from sdfast.runtime.image_source import ImageSource
 from sdfast.runtime.images import to_uint8
 from sdfast.runtime.infotexts import generation_infotext
 from sdfast.runtime.lora.active import PipelineLoras
-from sdfast.runtime.manifest import Manifest, read_manifest
+from sdfast.runtime.manifest import Manifest
 from sdfast.runtime.refiner import HandOff, LatentSource, base_steps, check_pair, check_switch, refiner_start
-from sdfast.runtime.request_check import RequestChecker, read_scheduler_config
+from sdfast.runtime.request_check import RequestChecker
 from sdfast.sampling.denoiser import Denoiser
 from sdfast.sampling.noise import TorchCompatibleGenerator
 from sdfast.sampling.schedules import SamplingPlan
@@ -28,7 +28,7 @@ from sdfast.sampling.tables import sampler_table
 
 LOOPS = ("auto", "table", "numpy")
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
-LoadProgress = Callable[[str, int, int], None]  # (stage: 'verify' in bytes or 'load' in components, done, total)
+LoadProgress = Callable[[str, int, int], None]  # (stage: 'verify' in bytes or 'load' in sessions, done, total)
 
 
 class _LatestEstimate:
@@ -102,63 +102,15 @@ class Pipeline:
             raise RequestError(f"loop must be one of {', '.join(LOOPS)}, not '{loop}'")
         if verify not in ("full", "size"):
             raise RequestError(f"verify must be 'full' or 'size', not '{verify}'")
+        from sdfast.runtime.loading import load_pipeline
+
         try:
-            pipeline = cls._load(engine_dir, backend, verify, progress)
-            pipeline.loop = loop
+            pipeline = load_pipeline(cls, engine_dir, backend, verify, progress)
+            for sized in pipeline.sizes.values():
+                sized.loop = loop
             return pipeline
         except (KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as error:
             raise EngineError(f"engine dir {engine_dir}: unusable ({type(error).__name__}: {error})") from None
-
-    @classmethod
-    def _load(cls, engine_dir: str | Path, backend: str, verify: str, progress: LoadProgress | None) -> "Pipeline":
-        started = time.perf_counter()
-        manifest = read_manifest(engine_dir)
-        runtime_backend = get_backend(backend)
-        family = family_class(manifest.family)
-        components = [manifest.components[name] for name in family.check_components(manifest)]
-        for info in components:  # before gigabytes are hashed, or engines built, for a graph the backend cannot run
-            refused = runtime_backend.cannot_run(info)
-            if refused:
-                raise EngineError(refused)
-        usable, why = runtime_backend.available()  # before gigabytes are hashed for a backend that cannot run here
-        if not usable:
-            raise EngineError(f"backend '{backend}' is not available: {why}")
-        files = {name: entry for tokenizer in manifest.tokenizers.values() for name, entry in tokenizer["files"].items()}
-        files.update(manifest.data["scheduler"]["files"])
-        for info in components:
-            files.update(runtime_backend.files_for(info))
-            for width, height in manifest.sizes[1:] if info.sizes else ():
-                files.update(runtime_backend.files_for(manifest.at_size(width, height).components[info.name]))
-        manifest.verify_files(full=verify == "full", files=files,
-                              progress=(lambda done, total: progress("verify", done, total)) if progress else None)
-        scheduler_config = read_scheduler_config(manifest)
-        verified = time.perf_counter()
-        engines = {}
-        for index, info in enumerate(components):
-            if progress:
-                progress("load", index, len(components))
-            engines[info.name] = runtime_backend.load(info, manifest.path(info.file))
-        if progress:
-            progress("load", len(components), len(components))
-        for input_name in ("sample", "timestep"):  # the denoiser's own inputs; the family checks what it feeds
-            engines[manifest.denoiser].info.input(input_name)
-        pipeline = cls(manifest, engines, family(manifest, engines), scheduler_config, backend)
-        pipeline.controlnets = ControlNets(manifest, runtime_backend, verify)
-        pipeline.loras.backend = runtime_backend
-        for width, height in manifest.sizes[1:]:  # the other sizes: their own U-Net and VAE sessions, the same text encoders
-            at = manifest.at_size(width, height)
-            sized = {name: runtime_backend.load(at.components[name], at.path(at.components[name].file))
-                     if manifest.components[name].sizes else engine for name, engine in engines.items()}
-            sibling = cls(at, sized, family(at, sized), scheduler_config, backend)
-            sibling.controlnets = ControlNets(at, runtime_backend, verify)
-            sibling.loras.backend = runtime_backend
-            sibling.sizes = pipeline.sizes
-            pipeline.sizes[(width, height)] = sibling
-        finished = time.perf_counter()
-        pipeline.load_timings = {"verify_s": verified - started, "engines_s": finished - verified, "total_s": finished - started}
-        for sibling in pipeline.sizes.values():
-            sibling.load_timings = pipeline.load_timings
-        return pipeline
 
     # -- request checks -------------------------------------------------------------------------------
 

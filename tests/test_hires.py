@@ -159,3 +159,22 @@ def test_a1111_api_runs_enable_hr_as_the_pipeline_does(engine, pipeline):
             assert refused.status_code == 422 and field in refused.text, (extra, refused.text)
     finally:
         assert server.stop()
+
+
+def test_hires_with_a_lora_tag_applies_it_in_both_passes(engine, tiny_model, tmp_path_factory):
+    pytest.importorskip("peft")
+    from sdfast.runtime.lora.library import LoraLibrary
+    from tests.conftest import diffusers_reference
+    from tests.lora_files import kohya_lora
+
+    folder = tmp_path_factory.mktemp("hires-loras")
+    kohya_lora(diffusers_reference(tiny_model), folder / "ink.safetensors", seed=9)
+    pipe = Pipeline.load(engine, verify="size")
+    pipe.loras.library = LoraLibrary(folder)
+    hires = HiresFix(scale=2.0, steps=2, denoising_strength=0.6)
+    plain = pipe.generate(GenerationRequest(PROMPT, steps=3, seed=1, hires=hires))
+    tagged = pipe.generate(GenerationRequest(PROMPT + " <lora:ink:0.9>", steps=3, seed=1, hires=hires))
+    assert tagged.images.shape == (1, 128, 128, 3)
+    assert psnr(tagged.images, plain.images) < 35
+    assert "<lora:ink:0.9>" in tagged.parameters[0] and 'Lora hashes: "ink: ' in tagged.parameters[0]
+    assert pipe.at_size(128, 128).loras.applied and pipe.loras.applied  # both passes' U-Nets carry it

@@ -234,3 +234,15 @@ def test_controlnets_added_later_run_at_the_default_size(sized_engine, tmp_path)
     with pytest.raises(RequestError, match="ControlNets run at the engine dir's default size 64x64 only"):
         pipe.generate(GenerationRequest(PROMPT, steps=2, width=96, height=64, control=(wide,)))
     assert pipe.at_size(96, 64).generate(GenerationRequest(PROMPT, steps=2, width=96, height=64)).images.shape == (1, 64, 96, 3)
+
+
+def test_fp16_engine_with_sizes_shares_its_weights_too(tiny_model, tmp_path_factory, pipeline):
+    from sdfast.export.build import ExportRequest, export_engine
+
+    out = tmp_path_factory.mktemp("engines") / "tiny-fp16-sizes"
+    export_engine(ExportRequest(model="tiny", out=out, height=64, width=64, sizes=((96, 64),), precision="fp16"))
+    unet = read_manifest(out).data["components"]["unet"]
+    assert set(unet["sizes"]["96x64"]["variants"]) == {"cuda"} and "unet.weights" in unet["sizes"]["96x64"]["files"]
+    request = GenerationRequest(PROMPT, NEGATIVE, steps=4, cfg_scale=7.5, seed=3, width=96, height=64)
+    half = Pipeline.load(out).generate(request).images
+    assert 25 < psnr(half, pipeline.generate(request).images) < 100  # fp16 close to fp32 (tests/test_fp16.py), not the same engine

@@ -149,7 +149,7 @@ def check_request(request: "GenerationRequest", width: int, height: int, manifes
 def second_pass_pipeline(pipeline: "Pipeline", request: "GenerationRequest") -> "Pipeline":
     """The engine dir's pipeline at the hires target size; RequestError when the dir lacks that size."""
     base = pipeline.at_size(request.width, request.height)
-    return base.sizes[check_request(request, base.width, base.height, base.manifest)]
+    return pipeline.at_size(*check_request(request, base.width, base.height, base.manifest))  # (with the LoRA directory)
 
 
 @dataclass

@@ -188,7 +188,7 @@ BAD_A1111 = [
     ({"steps": 0}, "steps"), ({"steps": 100000}, "steps"), ({"width": 60}, "width"), ({"width": 128}, "width"),
     ({"height": 72}, "height"), ({"sampler_name": "Euler z"}, "sampler_name"), ({"prompt": "p" * 20001}, "prompt"),
     ({"batch_size": 64}, "batch_size"), ({"n_iter": 64}, "n_iter"), ({"batch_size": 8, "n_iter": 8}, "batch_size"),
-    ({"seed": "one"}, "seed"), ({"cfg_scale": "NaN"}, "cfg_scale"), ({"enable_hr": True}, "enable_hr"),
+    ({"seed": "one"}, "seed"), ({"cfg_scale": "NaN"}, "cfg_scale"), ({"enable_hr": True}, "hr_scale"),
     ({"override_settings": {"CLIP_stop_at_last_layers": 40}}, "override_settings.CLIP_stop_at_last_layers"),
     ({"eta": 0.3, "sampler_name": "Euler"}, "eta"), ({"scheduler": "polyexponential"}, "scheduler"),
     # A1111 fields and extensions that would change the image: refused, never run without effect

@@ -1,11 +1,12 @@
 """How much memory N sessions of one graph take: separate sessions, or sessions sharing its initializers.
 
-    python benchmarks/shared_weights_probe.py GRAPH.onnx [--sessions 3] --mode separate|shared|shared-noprepack
+    python benchmarks/shared_weights_probe.py GRAPH.onnx [--sessions 3] --mode separate|separate-noprepack|shared|shared-noprepack
 
 The design question for several image sizes per engine dir: per-size static graphs over one copy of the weights.
 ``shared`` hands every session the same arrays (numpy memmaps of the graph's data file) through
 SessionOptions.add_initializer; ``shared-noprepack`` also turns off onnxruntime's weight prepacking (its packed MatMul
-copies are per session). Prints the process RSS after each session is created (before any run). Run each mode in its
+copies are per session); ``separate-noprepack`` turns prepacking off but lets each session read the data file itself.
+Prints the process RSS after each session is created (before any run). Run each mode in its
 own process. Needs onnx (the heavy side) to list the external initializers.
 """
 from __future__ import annotations
@@ -42,19 +43,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("graph", type=Path)
     parser.add_argument("--sessions", type=int, default=3)
-    parser.add_argument("--mode", choices=("separate", "shared", "shared-noprepack"), required=True)
+    parser.add_argument("--mode", choices=("separate", "separate-noprepack", "shared", "shared-noprepack"), required=True)
     parser.add_argument("--run", action="store_true", help="also run each session once (zeros; 77 tokens) and print the RSS after")
     args = parser.parse_args()
 
     import onnxruntime as ort
 
-    shared = shared_initializers(args.graph) if args.mode != "separate" else []
+    shared = shared_initializers(args.graph) if args.mode.startswith("shared") else []
     sessions = []
     for index in range(args.sessions):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the CPU variant is saved optimized
         options.log_severity_level = 3
-        if args.mode == "shared-noprepack":
+        if args.mode.endswith("noprepack"):
             options.add_session_config_entry("session.disable_prepacking", "1")
         for name, value in shared:
             options.add_initializer(name, value)

@@ -79,6 +79,12 @@ def test_hires_fix_matches_the_passes_composed_in_diffusers(pipeline, tiny_model
     assert len(result.timings.unet_steps) == STEPS + hires.schedule(STEPS)[1]  # both passes' steps
 
 
+def test_image_upscale_to_an_odd_size_is_floored_to_whole_cells(pipeline):
+    """int(64 x 2.05) = 131 pixels: Lanczos to 131x131, encoded as 128x128 (what a VAE makes of 131), the 128 size."""
+    result = _ours(pipeline, HiresFix(scale=2.05, upscaler="Lanczos", steps=2, denoising_strength=0.5))
+    assert result.images.shape == (1, 128, 128, 3) and "Hires upscale: 2.05" in result.parameters[0]
+
+
 def test_hires_infotext_is_a1111s(pipeline):
     hires = HiresFix(scale=2.0, upscaler="Latent (bicubic)", steps=3, denoising_strength=0.55, prompt="a green pear",
                      sampler="DPM++ 2M Karras")
@@ -106,6 +112,7 @@ def test_batches_and_seeds_carry_through_both_passes(pipeline):
     (HiresFix(upscaler="Bilinear"), "unknown hires upscaler 'Bilinear'"),
     (HiresFix(denoising_strength=0.0), "hires denoising strength must be above 0"),
     (HiresFix(scale=0.5), "hires scale must be from 1"),
+    (HiresFix(steps=20, denoising_strength=0.01), "a second pass of 2000 scheduled steps"),
 ])
 def test_bad_hires_settings_are_refused_before_any_step(pipeline, hires, message):
     with pytest.raises(RequestError, match=message):

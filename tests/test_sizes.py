@@ -147,6 +147,24 @@ def test_a_missing_size_entry_is_a_malformed_manifest(sized_engine, tmp_path):
         read_manifest(copy)
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda unet: unet["sizes"]["96x64"].update(role="vae_decoder"), "only file, files, flops, inputs, outputs, parity, variants may differ by size"),
+    (lambda unet: unet["sizes"]["96x64"]["inputs"][0].update(shape=[2, "wide"]), "at 96x64: tensor 'sample' needs a name, a shape"),
+    (lambda unet: unet["shared_weights"]["files"].pop("unet.weights"), "shared weights and their index must be among its hashed files"),
+])
+def test_malformed_size_entries_are_refused_in_one_line(sized_engine, tmp_path, change, message):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(sized_engine, copy, ignore=shutil.ignore_patterns("*.weights", "*.data"))
+    data = json.loads((copy / "manifest.json").read_text())
+    change(data["components"]["unet"])
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(EngineError) as raised:
+        read_manifest(copy)
+    assert "malformed" in str(raised.value) and message in str(raised.value) and "\n" not in str(raised.value)
+
+
 def test_a_corrupt_shared_weights_file_is_refused_before_loading(sized_engine, tmp_path):
     import shutil
 

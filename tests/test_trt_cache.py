@@ -89,6 +89,18 @@ def test_stale_entries_are_replaced_and_their_plans_removed(engine_copy):
     assert trt_cache.lookup(engine_copy, old) is None and trt_cache.lookup(engine_copy, new) == new_plan
 
 
+def test_another_sizes_plan_is_not_stale(engine_copy):
+    """An engine dir with several sizes has a U-Net plan per size: building one keeps the others."""
+    at_64 = _key(engine_copy)
+    profile = tuple((name, *(tuple(d * 2 if name == "sample" and i >= 2 else d for i, d in enumerate(shape)) for shape in shapes))
+                    for name, *shapes in at_64.profile)
+    at_128 = dataclasses.replace(at_64, profile=profile, onnx_sha256="e" * 64)
+    kept = trt_cache.record(engine_copy, at_64, b"64", 1.0)
+    assert trt_cache.stale(trt_cache.read_entries(engine_copy), at_128) == []
+    trt_cache.record(engine_copy, at_128, b"128", 1.0)
+    assert kept.exists() and trt_cache.lookup(engine_copy, at_64) == kept
+
+
 def test_damaged_or_missing_plans_are_stale(engine_copy):
     key = _key(engine_copy)
     plan = trt_cache.record(engine_copy, key, b"abcdef" * 10, 1.0)

@@ -29,6 +29,7 @@ WEIGHTED_UPSCALERS = ("ESRGAN_4x", "R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B", "R-ES
                       "DAT x2", "DAT x3", "DAT x4", "4x-UltraSharp", "4x_NMKD-Siax_200k", "4x-AnimeSharp")
 DEFAULT_STRENGTH = 0.7  # A1111's txt2img UI default for hires fix
 MAX_SCALE = 8.0
+MAX_SCHEDULE = 1000  # the second pass's schedule length, as every request's steps
 LATENT_FACTOR = 8  # A1111's opt_f: truncation counts latent cells of 8 pixels
 
 
@@ -139,6 +140,10 @@ def check_request(request: "GenerationRequest", width: int, height: int, manifes
     hires.check()
     if request.init_image is not None or request.init_latents is not None or request.control or request.refiner_switch is not None:
         raise RequestError("hires fix follows a txt2img first pass without ControlNet or refiner (not supported with them yet)")
+    schedule, _ = hires.schedule(request.steps)
+    if schedule > MAX_SCHEDULE:
+        raise RequestError(f"hires denoising strength {hires.denoising_strength} gives a second pass of {schedule} scheduled steps "
+                           f"(steps / strength); at most {MAX_SCHEDULE}: raise the strength or lower the hires steps")
     target = hires.final_size(width, height)
     if target not in manifest.sizes:
         raise RequestError(f"hires fix to {target[0]}x{target[1]} (from {width}x{height}): this engine dir serves "
@@ -180,7 +185,10 @@ def _passes(pipeline: "Pipeline", request: "GenerationRequest") -> _Passes:
         negative_prompt=hires.negative_prompt or request.negative_prompt, sampler=hires.sampler or request.sampler, n_iter=1,
         batch_size=first.batch, seeds=None)
     placeholder = dataclasses.replace(second_request, init_latents=np.zeros((first.batch, *second.latent_shape), dtype=np.float32))
-    second_spec = second.checker.prepare(placeholder).spec  # a sampler that cannot start part-way is refused here
+    try:
+        second_spec = second.checker.prepare(placeholder).spec  # a sampler that cannot start part-way is refused here
+    except RequestError as error:
+        raise RequestError(f"hires pass: {error}") from None
     second.loras.for_request(placeholder)
     return _Passes(base, second, first.batch, first.spec.a1111_name, second_spec.a1111_name, run, second_request)
 
@@ -244,9 +252,10 @@ def _decode(pipeline: "Pipeline", latents: np.ndarray) -> np.ndarray:
 
 
 def _cropped(images: np.ndarray, hires: HiresFix, base: "Pipeline") -> np.ndarray:
-    """Upscaled images [B, H, W, 3] uint8 -> [B, 3, H', W'] in [-1, 1], cropped by whole latent cells as A1111 crops
-    the encoded latents (the same cells, in pixels)."""
+    """Upscaled images [B, H, W, 3] uint8 -> [B, 3, H', W'] in [-1, 1]: floored to whole latent cells (what the VAE
+    encodes of an odd size), then cropped by whole cells as A1111 crops the encoded latents."""
     _, (crop_x, crop_y) = hires.target(base.width, base.height)
-    pixels = images.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(127.5) - np.float32(1.0)
     f = LATENT_FACTOR
-    return pixels[:, :, crop_y // 2 * f:pixels.shape[2] - (crop_y + 1) // 2 * f, crop_x // 2 * f:pixels.shape[3] - (crop_x + 1) // 2 * f]
+    height, width = images.shape[1] // f * f, images.shape[2] // f * f  # the VAE's latents floor a size to whole cells
+    pixels = images[:, :height, :width].astype(np.float32).transpose(0, 3, 1, 2) / np.float32(127.5) - np.float32(1.0)
+    return pixels[:, :, crop_y // 2 * f:height - (crop_y + 1) // 2 * f, crop_x // 2 * f:width - (crop_x + 1) // 2 * f]

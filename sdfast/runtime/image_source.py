@@ -18,7 +18,7 @@ class ImageSource:
     """The init image (and mask) of img2img and inpainting, encoded once per request and reused by every batch."""
 
     mean: np.ndarray  # [1 or B, 4, h, w], scaled latents' posterior mean (B: one image per row)
-    std: np.ndarray | None  # [1, 4, h, w]; None: the mean is the latents themselves (from_latents)
+    std: np.ndarray | None  # [1 or B, 4, h, w]; None: the mean is the latents themselves (from_latents)
     mask: np.ndarray | None  # [1, 1, h, w] latent-resolution mask, 1 = repaint (nearest, as diffusers' interpolate)
     masked_mean: np.ndarray | None  # [1, 4, h, w] posterior of the image with the masked region blanked (9-channel U-Nets)
     masked_std: np.ndarray | None
@@ -30,8 +30,7 @@ class ImageSource:
     @classmethod
     def encode(cls, pipeline: "Pipeline", image: np.ndarray, mask: np.ndarray | None) -> "ImageSource":
         """``image``: [1, 3, H, W] for every row, or [B, 3, H, W], one per image (hires fix's upscaled first pass)."""
-        encoded = [pipeline.encode_image(row[None]) for row in image]
-        mean, std = (np.concatenate(parts) for parts in zip(*encoded))  # [1 or B, 4, h, w] each
+        mean, std = pipeline.encode_image(image)  # [1 or B, 4, h, w] each
         latent_mask = masked_mean = masked_std = None
         if mask is not None:
             factor = image.shape[-1] // mean.shape[-1]

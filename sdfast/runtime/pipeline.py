@@ -72,7 +72,8 @@ class Pipeline:
 
     def at_size(self, width: int | None, height: int | None) -> "Pipeline":
         """The pipeline of the engine dir's graphs at ``width`` x ``height`` (None: this one's); they share the text
-        encoders and one copy of the weights. A RequestError lists the sizes the engine dir has."""
+        encoders and, on the CPU, one copy of the weights (a size that runs a LoRA holds its own patched tensors).
+        A RequestError lists the sizes the engine dir has."""
         width = self.width if width is None else width
         height = self.height if height is None else height
         found = self.sizes.get((width, height))
@@ -96,7 +97,7 @@ class Pipeline:
         ``verify``: 'full' (sha256) or 'size', of the files the chosen backend loads (``sdfast info --verify`` checks every
         file). ``loop``: 'auto' runs the sampler loop on the device where the backend can (cuda, tensorrt) and as numpy
         samplers elsewhere; 'table' runs the device loop's arithmetic in numpy (what CI checks); 'numpy' always runs the
-        samplers. ``progress(stage, done, total)``: 'verify' in bytes hashed, then 'load' in components.
+        samplers. ``progress(stage, done, total)``: 'verify' in bytes hashed, then 'load' in sessions (every size's).
         """
         if loop not in LOOPS:
             raise RequestError(f"loop must be one of {', '.join(LOOPS)}, not '{loop}'")
@@ -169,11 +170,13 @@ class Pipeline:
         return predict
 
     def encode_image(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[1, 3, H, W] in [-1, 1] -> the VAE posterior (mean, std), each [1, 4, h, w], already times the scaling factor."""
-        rows = self.engines["vae_encoder"].info.input("image").shape[0]
-        mean, std = self.engines["vae_encoder"].run({"image": np.repeat(image, rows, axis=0)})
+        """[n, 3, H, W] in [-1, 1], n up to the encoder's batch -> the VAE posterior (mean, std), each [n, 4, h, w],
+        already times the scaling factor (one call: the rows past n repeat the first image)."""
+        rows, n = self.engines["vae_encoder"].info.input("image").shape[0], len(image)
+        padded = np.concatenate([image, np.repeat(image[:1], rows - n, axis=0)])
+        mean, std = self.engines["vae_encoder"].run({"image": padded})
         layout = self.family.latent
-        return layout.from_vae(check_finite("VAE encoder", mean[:1])), layout.from_vae(check_finite("VAE encoder", std[:1]), centred=False)
+        return layout.from_vae(check_finite("VAE encoder", mean[:n])), layout.from_vae(check_finite("VAE encoder", std[:n]), centred=False)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """VP latents [B, 4, h, w] -> images [B, 3, H, W] in [-1, 1]."""
@@ -185,6 +188,11 @@ class Pipeline:
     def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
         """Every image of the request: n_iter batches of batch_size images, seeds seed, seed + 1, ..."""
         batches = list(self.generate_batches(request, on_step))
+        shape = batches[0].images.shape[1:]
+        if any(b.images.shape[1:] != shape for b in batches):  # hires fix stopped in a later batch's first pass
+            batches[0].warnings.append("a batch was interrupted before its hires pass: its base-size images are left out "
+                                       "(generate_batches yields them)")
+            batches = [b for b in batches if b.images.shape[1:] == shape]
         timings = StageTimings(
             text_encoder=batches[0].timings.text_encoder, vae_encode=batches[0].timings.vae_encode,
             unet_steps=[t for b in batches for t in b.timings.unet_steps], vae_decode=sum(b.timings.vae_decode for b in batches),

@@ -123,9 +123,17 @@ def lookup(engine_dir: Path, key: EngineKey, verify: str = "size") -> Path | Non
 
 
 def stale(entries: list[dict], key: EngineKey) -> list[dict]:
-    """Entries of the same component on the same GPU model that ``key`` replaces (another TensorRT, graph or profile)."""
+    """Entries of the same component, at the same image size, on the same GPU model that ``key`` replaces (another
+    TensorRT, graph or prompt-length range). Another size's plan (an engine dir with several sizes) is kept."""
+    size = _static_shapes(key.to_json()["profile"])
     return [e for e in entries if e["key"]["component"] == key.component and e["key"]["gpu_name"] == key.gpu_name
-            and e["key"]["compute_capability"] == key.compute_capability and e["digest"] != key.digest()]
+            and e["key"]["compute_capability"] == key.compute_capability and e["digest"] != key.digest()
+            and _static_shapes(e["key"]["profile"]) == size]
+
+
+def _static_shapes(profile: list) -> list:
+    """The profile's inputs with their smallest shapes: what differs between the sizes of one component."""
+    return [[name, list(low)] for name, low, *_ in profile]
 
 
 def record(engine_dir: Path, key: EngineKey, plan_bytes: bytes, build_seconds: float) -> Path:

@@ -149,7 +149,8 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         try:
             return pipeline.at_size(body.width, body.height)
         except RequestError as error:
-            raise FieldError("width" if body.width not in (None, pipeline.width) else "height", str(error)) from None
+            widths = {width for width, _ in pipeline.manifest.sizes}  # a served width: the height is what the dir lacks
+            raise FieldError("height" if (body.width or pipeline.width) in widths else "width", str(error)) from None
 
     def _images(body: Img2ImgRequest, sized):
         warnings: list[str] = []

@@ -45,7 +45,7 @@ class ServeContext:
 
 def _field_of(message: str) -> str | None:
     """The request field a pipeline RequestError is about, from its wording."""
-    for field_name, words in (("hr_upscaler", "hires upscaler"), ("hr_scale", "hires fix to"), ("hr_scale", "hires scale"),
+    for field_name, words in (("hr_sampler_name", "hires pass: "), ("hr_upscaler", "hires upscaler"), ("hr_scale", "hires fix to"), ("hr_scale", "hires scale"),
                               ("hr_resize_x", "hires resize"), ("denoising_strength", "hires denoising"),
                               ("hr_second_pass_steps", "hires steps"), ("enable_hr", "hires fix"),
                               ("alwayson_scripts.controlnet", "controlnet"), ("denoising_strength", "strength"), ("sampler_name", "part-way"), ("steps", "steps"), ("cfg_scale", "cfg scale"),

@@ -125,7 +125,7 @@ class Txt2ImgRequest(_Request):
     hr_sampler_name: str | None = Field(None, max_length=64)
     hr_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     hr_negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
-    denoising_strength: float = Field(0.75, gt=0.0, le=1.0)  # the second pass's (A1111's API default)
+    denoising_strength: float = Field(0.75, ge=0.0, le=1.0)  # the second pass's (A1111's API default); HiresFix checks > 0
     firstphase_width: int = 0  # A1111's old hires fix: refused unless 0
     firstphase_height: int = 0
     hr_checkpoint_name: str | None = None  # another checkpoint for the second pass: refused (one engine dir)
@@ -136,9 +136,10 @@ class Txt2ImgRequest(_Request):
 
         if not self.enable_hr:
             return None
+        same = self.hr_sampler_name in (None, "", "Use same sampler")  # A1111's UI sends the latter
         return HiresFix(scale=self.hr_scale, resize_width=self.hr_resize_x, resize_height=self.hr_resize_y, upscaler=self.hr_upscaler,
                         steps=self.hr_second_pass_steps, denoising_strength=self.denoising_strength, prompt=self.hr_prompt,
-                        negative_prompt=self.hr_negative_prompt, sampler=self.hr_sampler_name)
+                        negative_prompt=self.hr_negative_prompt, sampler=None if same else self.hr_sampler_name)
 
 
 class Img2ImgRequest(_Request):

@@ -52,7 +52,7 @@ class Job:
     def merge_key(self) -> tuple | None:
         """Jobs with equal keys can share one engine batch (only their seeds differ); None: never merged."""
         r = self.request
-        if r.init_image is not None or r.mask is not None or r.control:  # images (init, mask, control) are not compared
+        if r.init_image is not None or r.init_latents is not None or r.mask is not None or r.control:  # images (init, mask, control) are not compared
             return None
         # the prompt carries its <lora:...> tags: jobs with other LoRAs (other weights) are never merged
         return (r.width, r.height, r.prompt, r.negative_prompt, r.steps, float(r.cfg_scale), r.sampler, r.clip_skip, float(r.eta), r.n_iter, r.refiner_switch,

@@ -66,10 +66,15 @@ def shared_arrays(info: ComponentInfo, graph: Path, skip: set[str] = frozenset()
         placed = _index(root, entry)["graphs"][graph.name]
         mapped = _mapping(confined(root, entry["file"]))
         arrays = {}
+        size = len(mapped.array)
         for name, offset, length, dtype, shape in placed:
             if name in skip:
                 continue
-            arrays[name] = mapped.array[offset:offset + length].view(np.dtype(dtype)).reshape(shape)
+            kind = np.dtype(dtype)
+            if not (isinstance(offset, int) and isinstance(length, int) and 0 <= offset and offset + length <= size
+                    and offset % kind.alignment == 0 and length == kind.itemsize * int(np.prod(shape, dtype=np.int64))):
+                raise ValueError(f"initializer '{name}' is placed outside the file or does not fit its shape")
+            arrays[name] = mapped.array[offset:offset + length].view(kind).reshape(shape)
         return mapped, arrays
     except (KeyError, TypeError, ValueError, OSError) as error:
         raise EngineError(f"{info.name}: the shared weights of '{graph.name}' cannot be mapped ({type(error).__name__}: {error})") from None

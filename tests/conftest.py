@@ -37,6 +37,15 @@ def tiny_engine(tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sized_engine(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model at four sizes in one engine dir (64x64 the default): several sizes, and hires fix across them."""
+    from sdfast.export.build import ExportRequest, export_engine
+
+    out = tmp_path_factory.mktemp("engines") / "tiny-4-sizes"
+    return export_engine(ExportRequest(model="tiny", out=out, height=64, width=64, sizes=((96, 64), (64, 96), (128, 128))))
+
+
+@pytest.fixture(scope="session")
 def tiny_inpaint_engine(sdfast_cache, tmp_path_factory) -> Path:
     """The tiny model with a 9-channel inpainting U-Net, exported."""
     from sdfast.export.build import ExportRequest, export_engine

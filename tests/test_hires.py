@@ -19,11 +19,8 @@ PROMPT, NEGATIVE, STEPS, SEED = "a red apple on a table", "blurry", 6, 42
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model, tmp_path_factory):
-    from sdfast.export.build import ExportRequest, export_engine
-
-    out = tmp_path_factory.mktemp("engines") / "tiny-hires"
-    return export_engine(ExportRequest(model="tiny", out=out, height=64, width=64, sizes=((128, 128), (96, 64))))
+def engine(tiny_sized_engine):
+    return tiny_sized_engine  # 64x64 (the default), 96x64, 64x96, 128x128
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +104,7 @@ def test_batches_and_seeds_carry_through_both_passes(pipeline):
 
 
 @pytest.mark.parametrize("hires, message", [
-    (HiresFix(scale=1.5), r"hires fix to 96x96 \(from 64x64\): this engine dir serves 64x64, 128x128, 96x64"),
+    (HiresFix(scale=1.5), r"hires fix to 96x96 \(from 64x64\): this engine dir serves 64x64, 96x64, 64x96, 128x128"),
     (HiresFix(upscaler="R-ESRGAN 4x+"), "runs a model whose weights sdfast cannot load yet"),
     (HiresFix(upscaler="Bilinear"), "unknown hires upscaler 'Bilinear'"),
     (HiresFix(denoising_strength=0.0), "hires denoising strength must be above 0"),

@@ -253,40 +253,35 @@ def test_controlnets_added_later_run_at_the_default_size(sized_engine, tmp_path)
     assert pipe.at_size(96, 64).generate(GenerationRequest(PROMPT, steps=2, width=96, height=64)).images.shape == (1, 64, 96, 3)
 
 
-def test_sdxl_sizes_match_diffusers_at_each_size(tmp_path_factory):
-    """SDXL's added conditioning (time_ids: original and target size) follows the request's size."""
+def _two_sizes_match(model: str, tmp_path_factory, reference, cfg: float) -> None:
+    """``model`` exported at 64x64 and 96x64: each size's image equals ``reference``'s at that size (PSNR >= 40 dB)."""
     from sdfast.export.build import ExportRequest, export_engine
-    from sdfast.export.builtin import ensure_builtin
 
-    out = tmp_path_factory.mktemp("engines") / "tiny-sdxl-sizes"
-    export_engine(ExportRequest(model="tiny-sdxl", out=out, height=64, width=64, sizes=((96, 64),)))
-    pipe = Pipeline.load(out)
-    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(ensure_builtin("tiny-sdxl"), add_watermarker=False)
+    out = tmp_path_factory.mktemp("engines") / f"{model}-sizes"
+    pipe = Pipeline.load(export_engine(ExportRequest(model=model, out=out, height=64, width=64, sizes=((96, 64),))))
     reference.set_progress_bar_config(disable=True)
-    reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler_config)
     for width, height in ((96, 64), (64, 64)):
-        expected = reference(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=7.5, height=height, width=width,
+        expected = reference(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=cfg, height=height, width=width,
                              generator=torch.Generator("cpu").manual_seed(7), output_type="np").images
-        result = pipe.generate(GenerationRequest(PROMPT, NEGATIVE, steps=6, cfg_scale=7.5, seed=7, width=width, height=height))
+        result = pipe.generate(GenerationRequest(PROMPT, NEGATIVE, steps=6, cfg_scale=cfg, seed=7, width=width, height=height))
         assert result.images.shape == (1, height, width, 3)
         assert psnr(result.images, (expected * 255).round().astype(np.uint8)) >= 40.0, (width, height)
+
+
+def test_sdxl_sizes_match_diffusers_at_each_size(tmp_path_factory):
+    """SDXL's added conditioning (time_ids: original and target size) follows the request's size."""
+    from sdfast.export.builtin import ensure_builtin
+
+    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(ensure_builtin("tiny-sdxl"), add_watermarker=False)
+    reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(reference.scheduler.config)
+    _two_sizes_match("tiny-sdxl", tmp_path_factory, reference, 7.5)
 
 
 def test_sd3_sizes_match_diffusers_at_each_size(tmp_path_factory):
     """SD3's transformer at two sizes (multiples of 16); the flow schedule's shift follows each size's latent cells."""
-    from sdfast.export.build import ExportRequest, export_engine
     from sdfast.export.builtin import SD3_SCHEDULER_CONFIG, ensure_builtin
 
-    out = tmp_path_factory.mktemp("engines") / "tiny-sd3-sizes"
-    export_engine(ExportRequest(model="tiny-sd3", out=out, height=64, width=64, sizes=((96, 64),)))
-    pipe = Pipeline.load(out)
     reference = diffusers.StableDiffusion3Pipeline.from_pretrained(
         ensure_builtin("tiny-sd3"), text_encoder_3=None, tokenizer_3=None, image_encoder=None, feature_extractor=None)
-    reference.set_progress_bar_config(disable=True)
     reference.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG)
-    for width, height in ((96, 64), (64, 64)):
-        expected = reference(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=5.0, height=height, width=width,
-                             generator=torch.Generator("cpu").manual_seed(7), output_type="np").images
-        result = pipe.generate(GenerationRequest(PROMPT, NEGATIVE, steps=6, cfg_scale=5.0, seed=7, width=width, height=height))
-        assert result.images.shape == (1, height, width, 3)
-        assert psnr(result.images, (expected * 255).round().astype(np.uint8)) >= 40.0, (width, height)
+    _two_sizes_match("tiny-sd3", tmp_path_factory, reference, 5.0)

@@ -23,10 +23,9 @@ if TYPE_CHECKING:
 
 IMAGE_UPSCALERS = ("None", "Lanczos", "Nearest")  # A1111's upscalers without weights (modules/upscaler.py)
 UPSCALERS = (*LATENT_MODES, *IMAGE_UPSCALERS)
-# A1111's upscalers that run a model: named so they are refused as such, not as unknown
-WEIGHTED_UPSCALERS = ("ESRGAN_4x", "R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B", "R-ESRGAN General 4xV3", "R-ESRGAN General WDN 4xV3",
-                      "R-ESRGAN AnimeVideo", "R-ESRGAN 2x+", "LDSR", "ScuNET", "ScuNET GAN", "ScuNET PSNR", "SwinIR_4x", "SwinIR 4x",
-                      "DAT x2", "DAT x3", "DAT x4", "4x-UltraSharp", "4x_NMKD-Siax_200k", "4x-AnimeSharp")
+# what the names of A1111's model upscalers contain (ESRGAN_4x, R-ESRGAN 4x+, SwinIR_4x, ScuNET GAN, LDSR, DAT x2,
+# 4x-UltraSharp, ...): refused as upscalers that need weights, not as unknown names
+WEIGHTED_UPSCALER_TAGS = ("ESRGAN", "SwinIR", "ScuNET", "LDSR", "DAT", "4x", "2x")
 DEFAULT_STRENGTH = 0.7  # A1111's txt2img UI default for hires fix
 MAX_SCALE = 8.0
 MAX_SCHEDULE = 1000  # the second pass's schedule length, as every request's steps
@@ -49,8 +48,7 @@ class HiresFix:
 
     def check(self) -> None:
         """RequestError naming the setting that is out of range or unknown."""
-        if self.upscaler in WEIGHTED_UPSCALERS or (self.upscaler not in UPSCALERS and any(
-                tag in self.upscaler for tag in ("ESRGAN", "SwinIR", "ScuNET", "LDSR", "DAT", "4x", "2x"))):
+        if self.upscaler not in UPSCALERS and any(tag in self.upscaler for tag in WEIGHTED_UPSCALER_TAGS):
             raise RequestError(f"hires upscaler '{self.upscaler}' runs a model whose weights sdfast cannot load yet; "
                                f"choose one of {', '.join(UPSCALERS)}")
         if self.upscaler not in UPSCALERS:
@@ -110,8 +108,10 @@ def upscale_latents(latents: np.ndarray, hires: HiresFix, width: int, height: in
     return _crop(resized, crop_x, crop_y)
 
 
-def _crop(latents: np.ndarray, crop_x: int, crop_y: int) -> np.ndarray:
-    return latents[:, :, crop_y // 2:latents.shape[2] - (crop_y + 1) // 2, crop_x // 2:latents.shape[3] - (crop_x + 1) // 2]
+def _crop(array: np.ndarray, crop_x: int, crop_y: int, cell: int = 1) -> np.ndarray:
+    """[B, C, H, W] less ``crop_x`` / ``crop_y`` cells of ``cell`` pixels, split as A1111 splits them (the odd one at the end)."""
+    height, width = array.shape[2], array.shape[3]
+    return array[:, :, crop_y // 2 * cell:height - (crop_y + 1) // 2 * cell, crop_x // 2 * cell:width - (crop_x + 1) // 2 * cell]
 
 
 def upscale_image(pixels: np.ndarray, width: int, height: int, upscaler: str) -> np.ndarray:
@@ -257,5 +257,5 @@ def _cropped(images: np.ndarray, hires: HiresFix, base: "Pipeline") -> np.ndarra
     _, (crop_x, crop_y) = hires.target(base.width, base.height)
     f = LATENT_FACTOR
     height, width = images.shape[1] // f * f, images.shape[2] // f * f  # the VAE's latents floor a size to whole cells
-    pixels = images[:, :height, :width].astype(np.float32).transpose(0, 3, 1, 2) / np.float32(127.5) - np.float32(1.0)
-    return pixels[:, :, crop_y // 2 * f:height - (crop_y + 1) // 2 * f, crop_x // 2 * f:width - (crop_x + 1) // 2 * f]
+    pixels = images[:, :height, :width].astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)  # as init_image_array
+    return _crop(pixels * np.float32(2.0) - np.float32(1.0), crop_x, crop_y, f)

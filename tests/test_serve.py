@@ -342,6 +342,10 @@ def test_interrupt_answers_200_with_the_images_so_far(server, api):
     thread.start()
     progress = _wait_for_sampling(api)
     assert progress["state"]["sampling_steps"] == 150 * 16 and 0 < progress["progress"] < 1 and not progress["state"]["interrupted"]
+    # the live preview: the latest x0 estimate through the latent-to-RGB map, one pixel per latent cell, as A1111's Approx cheap
+    preview = Image.open(io.BytesIO(base64.b64decode(api.get_progress()["current_image"])))
+    assert preview.format == "PNG" and preview.size == (8, 8) and preview.mode == "RGB" and np.asarray(preview).std() > 0
+    assert httpx.get(f"{server.url}/sdapi/v1/progress", params={"skip_current_image": "true"}).json()["current_image"] is None
     started = time.monotonic()
     api.interrupt()
     thread.join(timeout=60)
@@ -536,3 +540,10 @@ def test_cli_errors_are_one_line(server, tmp_path):
 
 def server_engine(server) -> str:
     return server.process.args[4]
+
+
+def test_deepcache_on_an_engine_dir_without_the_step_cache_is_a_422(server):
+    settings = {"deepcache_enable": True, "deepcache_full_run_step_rate": 3}
+    refused = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "override_settings": settings})
+    assert refused.status_code == 422 and refused.json()["field"] == "override_settings.deepcache_enable"
+    assert "export --step-cache" in refused.json()["error"]

@@ -33,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-controlnet-inputs", dest="controlnet_inputs", action="store_false",
                         help="export the U-Net without its ControlNet residual inputs (fed zeros when no ControlNet runs); "
                              "such an engine dir cannot take ControlNets (sdfast export-controlnet)")
+    parser.add_argument("--step-cache", action="store_true",
+                        help="also export DeepCache's shallow U-Net, and the deep feature it reuses as a second U-Net output, so "
+                             "generate --step-cache N can skip the deep blocks on N-1 of every N steps (sd15, sdxl)")
+    parser.add_argument("--step-cache-depth", type=int, default=1, metavar="N",
+                        help="layers of the first down block the shallow U-Net runs (default 1; 0 is fastest, the block's "
+                             "layer count the most faithful)")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="fuse this LoRA .safetensors (kohya/A1111 or diffusers/PEFT) into the weights at SCALE (default 1); "
                              "repeatable; recorded in the manifest and the model hash. LoRAs can also be applied at run time "
@@ -54,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, out=args.out, height=height, width=width, batch=args.batch, sizes=tuple(sizes),
         precision=args.precision, guidance=args.guidance, force=args.force, family=args.family, max_prompt_chunks=args.max_prompt_chunks, cpu_variant=args.cpu_variant,
         t5=args.t5, controlnet_inputs=args.controlnet_inputs, loras=tuple(parse_lora_argument(text) for text in args.lora),
+        step_cache=args.step_cache, step_cache_depth=args.step_cache_depth,
     )
     check_request(request)  # refuse bad shapes and paths before importing torch
     export_engine(request, ElapsedLog("export"))

@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slg-scale", type=float, help="skip-layer guidance scale (default 2.8, diffusers')")
     parser.add_argument("--slg-start", type=float, help="skip-layer guidance starts after this fraction of the steps (default 0.01)")
     parser.add_argument("--slg-stop", type=float, help="and stops before this fraction (default 0.2)")
+    parser.add_argument("--step-cache", type=int, metavar="N",
+                        help="fast mode (DeepCache): the full U-Net every N steps, its shallow branch on the cached deep feature "
+                             "in between (2 to 10; the engine dir needs export --step-cache; named in the PNG's parameters)")
     hires = parser.add_argument_group("hires fix (A1111's): a first pass at --width x --height, an upscale, then img2img at the "
                                       "larger size, which the engine dir must have (export --size)")
     hires.add_argument("--hires-scale", type=float, help="upscale by this factor (turns hires fix on; A1111's hr_scale)")
@@ -161,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         sampler=args.sampler if args.sampler is not None else checker.default_sampler or "euler",
         height=args.height, width=args.width, batch_size=args.batch_size, n_iter=args.n_iter,
         clip_skip=args.clip_skip, init_image=init_image, mask=mask, strength=args.strength, eta=args.eta, refiner_switch=refiner_switch,
-        skip_layer_guidance=slg, control=control, loras=loras, hires=hires,
+        skip_layer_guidance=slg, control=control, loras=loras, hires=hires, step_cache=args.step_cache,
     )
     prepared = checker.prepare(request)
     paths = output_paths(args.output, prepared.batch * args.n_iter)

@@ -41,6 +41,8 @@ class ExportRequest:
     controlnet_inputs: bool = True  # the U-Net takes ControlNet residuals (zeros without one); False: the plain graph
     loras: tuple = ()  # (path, scale) pairs: LoRAs fused into the weights before export (recorded in the fingerprint)
     sizes: tuple = ()  # more (width, height) image sizes: static graphs of the size-dependent components over one copy of the weights
+    step_cache: bool = False  # DeepCache: the U-Net also returns its deep feature, and a shallow U-Net reuses it (export/step_cache.py)
+    step_cache_depth: int = 1  # layers of the first down block the shallow U-Net runs (0 .. that block's layer count)
 
 
 def check_request(request: ExportRequest) -> None:
@@ -52,6 +54,8 @@ def check_request(request: ExportRequest) -> None:
             raise ConfigError(f"{label} {value} is not a positive multiple of 8; Stable Diffusion works on 8x8 latent cells")
     if len(request.sizes) > MAX_SIZES:
         raise ConfigError(f"{len(request.sizes)} sizes: an engine dir holds at most {MAX_SIZES} (each is a static graph per component)")
+    if request.step_cache_depth < 0:
+        raise ConfigError(f"--step-cache-depth {request.step_cache_depth} must be 0 or more")
     if request.batch < 1:
         raise ConfigError(f"batch {request.batch} must be at least 1")
     if request.max_prompt_chunks is not None and not 1 <= request.max_prompt_chunks <= 64:
@@ -120,6 +124,8 @@ def export_engine(request: ExportRequest, progress: Progress = lambda _: None) -
             raise ConfigError(f"{label} {value} is not a multiple of {multiple}, which the {recipe.family} family needs")
     check_model_folder(folder, recipe, pipeline_class if request.family is None else None)
     family = export_module(recipe)
+    if request.step_cache and not recipe.asked_components(request):
+        raise ConfigError(f"--step-cache is for U-Net families (sd15, sdxl); the {recipe.family} family has no shallow denoiser")
 
     out = request.out
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
@@ -155,6 +161,7 @@ def _build(request: ExportRequest, recipe, family, folder: Path, builtin: bool, 
     started = time.perf_counter()
     progress(f"loading {folder} ({recipe.family})")
     model = family.load(folder, request)
+    model.step_cache_depth = request.step_cache_depth if request.step_cache else None  # the U-Net wrappers read it
     from sdfast.export.lora_fuse import fuse_loras, fused_fingerprint
 
     fused = fuse_loras(model, request.loras, progress) if request.loras else []
@@ -184,6 +191,8 @@ def _build(request: ExportRequest, recipe, family, folder: Path, builtin: bool, 
     raw_dir = staging / ".raw"
     raw_dir.mkdir()
     names = family.components(recipe, model)
+    asked = recipe.asked_components(request)  # the shallow U-Net goes before the U-Net, whose export frees the module both use
+    names = [*names[:names.index("unet")], *asked, *names[names.index("unet"):]] if asked else names
     components = {}
     for index, name in enumerate(names, 1):
         label = f"[{index}/{len(names)}] {name}"

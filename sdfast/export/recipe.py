@@ -89,8 +89,13 @@ class Recipe:
 
     @property
     def component_names(self) -> list[str]:
-        """The components ``sdfast export`` writes: every one but the adapters (ControlNets), added to an engine dir later."""
-        return [name for name, spec in self.data["components"].items() if not spec.get("adapter", False)]
+        """The components ``sdfast export`` writes by default: every one but the adapters (ControlNets, added to an engine
+        dir later) and those an export option asks for (``only_with``: the step cache's shallow U-Net)."""
+        return [name for name, spec in self.data["components"].items() if not spec.get("adapter", False) and "only_with" not in spec]
+
+    def asked_components(self, request) -> list[str]:
+        """The components whose ``only_with`` export option ``request`` sets (``--step-cache``: the shallow U-Net)."""
+        return [name for name, spec in self.data["components"].items() if getattr(request, spec.get("only_with", "-"), False)]
 
     def dynamic_dims(self, dims: dict[str, int]) -> dict[str, DynamicDim]:
         """The recipe's dynamic axes with their bounds resolved from ``dims``."""
@@ -135,6 +140,9 @@ class Recipe:
         # ControlNet residuals: a list the family module derives from the U-Net's blocks, [(name, (C, h, w)), ...]
         inputs += residual_tensors(dims, spec.get("residual_inputs"))
         outputs += residual_tensors(dims, spec.get("residual_outputs"))
+        # step caching: the U-Net's extra output, the shallow U-Net's extra input (none without --step-cache)
+        inputs += residual_tensors(dims, spec.get("step_cache_inputs"))
+        outputs += residual_tensors(dims, spec.get("step_cache_outputs"))
         return ComponentRecipe(
             name, inputs, outputs, float(tolerance), used, precision,
             tuple(spec.get("fp16_keep_fp32_ops", ())), whole_fp32_reason, spec.get("ort_model_type"), spec["role"],
@@ -143,7 +151,8 @@ class Recipe:
 
 
 def residual_tensors(dims: dict, key: str | None) -> tuple[ResolvedTensor, ...]:
-    """The ControlNet residuals ``dims[key]`` lists, each [unet_batch, C, h, w] float32; none when the key is unset."""
+    """The tensors ``dims[key]`` lists (ControlNet residuals, the step cache's feature), each [unet_batch, C, h, w]
+    float32; none when the key is unset."""
     if key is None:
         return ()
     return tuple(ResolvedTensor(name, (int(dims["unet_batch"]), *map(int, shape)), "float32") for name, shape in dims.get(key, ()))

@@ -117,7 +117,7 @@ def run_on_host(unet, inputs: LoopInputs, on_eval: EvalCallback | None = None) -
     timestep = np.full((inputs.unet_rows,), table.timesteps[0], np.float32)
     for j in range(table.evaluations):
         started = time.perf_counter()
-        (unet_out,) = unet.run({**inputs.conditioning, "sample": sample, "timestep": timestep})
+        unet_out = unet.run({**inputs.conditioning, "sample": sample, "timestep": timestep})[0]  # a step-cache U-Net has a second output
         check_finite("U-Net", unet_out)
         scalars = StepScalars.of(table, j)
         denoised, state = fused_step(scalars, guide(unet_out, rows, inputs.guided, inputs.use_cfg, inputs.cfg_scale),

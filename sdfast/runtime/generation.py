@@ -35,6 +35,7 @@ class GenerationRequest:
     hires: "HiresFix | None" = None  # A1111's hires fix (runtime.hires): first pass at this size, img2img at the larger one
     init_latents: np.ndarray | None = None  # [B, 4, h, w] latents to start img2img from instead of an image (hires fix's latent upscalers)
     start_step: int | None = None  # img2img: the step the plan starts at, instead of the strength's rounding (A1111's hires pass)
+    step_cache: int | None = None  # DeepCache: the full U-Net every this many evaluations, the shallow U-Net between (runtime.step_cache)
 
 
 @dataclass(frozen=True)

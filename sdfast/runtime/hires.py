@@ -199,7 +199,7 @@ def check_hires(pipeline: "Pipeline", request: "GenerationRequest") -> None:
 
 
 def hires_batches(pipeline: "Pipeline", request: "GenerationRequest",
-                  on_step: Callable[[int, int], None] | None) -> Iterator["GenerationResult"]:
+                  on_step: Callable[[int, int], None] | None, on_latents=None) -> Iterator["GenerationResult"]:
     """Each batch's first pass, upscale and second pass; the result carries the second pass's images with A1111's
     hires infotext. A stop in either pass yields what that pass has (A1111's interrupt) and ends the run."""
     from sdfast.runtime.infotexts import generation_infotext
@@ -215,7 +215,7 @@ def hires_batches(pipeline: "Pipeline", request: "GenerationRequest",
         done = iteration * per_image
         first_request = dataclasses.replace(request, hires=None, n_iter=1, seeds=seeds, batch_size=batch)
         first = next(base.generate_batches(first_request, (lambda d, _t, done=done: on_step(done + d, total)) if on_step else None,
-                                           decode=not latent))
+                                           decode=not latent, on_latents=on_latents))
         if first.steps_run is not None:
             if latent:  # interrupted: A1111 answers with the first pass's image
                 first.images = _decode(base, first.latents)
@@ -228,7 +228,7 @@ def hires_batches(pipeline: "Pipeline", request: "GenerationRequest",
             upscaled = np.stack([upscale_image(pixels, *hires.target(base.width, base.height)[0], hires.upscaler) for pixels in first.images])
             sized = dataclasses.replace(passes.second_request, seeds=seeds, init_image=_cropped(upscaled, hires, base))
         later = (lambda d, _t, done=done + request.steps: on_step(done + d, total)) if on_step else None
-        result = next(passes.second.generate_batches(sized, later))
+        result = next(passes.second.generate_batches(sized, later, on_latents=on_latents))
         hires_text = hires.infotext(passes.first_sampler, passes.second_sampler, request.prompt, request.negative_prompt)
         stopped = None if result.steps_run is None else f"after {result.steps_run} of {passes.run} hires steps"
         result.parameters = [generation_infotext(base, request, passes.first_sampler, seed, batch, index, hires.denoising_strength,

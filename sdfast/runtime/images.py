@@ -57,15 +57,17 @@ def check_output_paths(paths: list[Path]) -> None:
                 raise RequestError(f"cannot write '{path}': {error.strerror or error}") from None
 
 
-def png_bytes(pixels: np.ndarray, parameters: str) -> bytes:
-    """[H, W, 3] uint8 -> PNG bytes with the A1111 'parameters' text chunk (deterministic: same pixels, same bytes)."""
+def png_bytes(pixels: np.ndarray, parameters: str | None) -> bytes:
+    """[H, W, 3] uint8 -> PNG bytes with the A1111 'parameters' text chunk, none when None (a live preview);
+    deterministic: same pixels, same bytes."""
     import io
 
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    info.add_text("parameters", parameters)
+    if parameters is not None:
+        info.add_text("parameters", parameters)
     out = io.BytesIO()
     Image.fromarray(pixels, mode="RGB").save(out, format="PNG", pnginfo=info)
     return out.getvalue()

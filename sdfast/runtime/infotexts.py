@@ -4,6 +4,7 @@ from __future__ import annotations
 from sdfast import __version__
 from sdfast.runtime.generation import GenerationRequest, SkipLayerGuidance
 from sdfast.runtime.images import infotext
+from sdfast.runtime.step_cache import infotext_value as step_cache_infotext
 
 
 def generation_infotext(pipeline, request: GenerationRequest, sampler_name: str, seed: int, batch: int, position: int,
@@ -29,6 +30,7 @@ def generation_infotext(pipeline, request: GenerationRequest, sampler_name: str,
             "Refiner": f"{pipeline.refiner.manifest.model_name} [{pipeline.refiner.manifest.model_hash}]" if request.refiner_switch else None,
             "Refiner switch at": request.refiner_switch,
             "Skip layer guidance": _slg_text(request.skip_layer_guidance),
+            "Step cache": step_cache_infotext(request.step_cache),  # a fast mode: the image is not the exact one
             **dict(unit.infotext(index, pipeline.controlnets.model_hash(unit.model)) for index, unit in enumerate(request.control)),
             **(hires or {}),  # hires fix's settings (runtime.hires.HiresFix.infotext)
             "Lora hashes": pipeline.loras.infotext_hashes(),

@@ -21,6 +21,7 @@ from sdfast.runtime.lora.active import PipelineLoras
 from sdfast.runtime.manifest import Manifest
 from sdfast.runtime.refiner import HandOff, LatentSource, base_steps, check_pair, check_switch, refiner_start
 from sdfast.runtime.request_check import RequestChecker
+from sdfast.runtime.step_cache import check_loras as check_step_cache_loras
 from sdfast.sampling.denoiser import Denoiser
 from sdfast.sampling.noise import TorchCompatibleGenerator
 from sdfast.sampling.schedules import SamplingPlan
@@ -28,6 +29,7 @@ from sdfast.sampling.tables import sampler_table
 
 LOOPS = ("auto", "table", "numpy")
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
+LatentsCallback = Callable[[np.ndarray], None]  # a step's x0 estimate [B, C, h, w] (live previews); not every loop gives one
 LoadProgress = Callable[[str, int, int], None]  # (stage: 'verify' in bytes or 'load' in sessions, done, total)
 
 
@@ -125,49 +127,18 @@ class Pipeline:
         if sized is not self:
             return sized.validate(request)
         self.checker.prepare(request)
+        check_step_cache_loras(request)
         self.loras.for_request(request)
 
     # -- stages ---------------------------------------------------------------------------------------
 
     def _unet_function(self, conditioning: dict[str, np.ndarray], cfg_scale: float, use_cfg: bool, timings: StageTimings,
-                       masked: np.ndarray | None, skip_layers: SkipLayerGuidance | None = None, steps: int = 0, control=None):
-        """The guided denoiser call ``predict(x_in, timestep)``; ``control(x_rows, timesteps, timestep)`` gives the
-        ControlNets' residuals for that call (None: the zeros in ``conditioning`` stay)."""
-        engine = self.engines[self.manifest.denoiser]
-        label = self.manifest.denoiser_label  # for errors
-        unet_batch = self.batch_size * (2 if self.guidance else 1)
-        # skip-layer guidance (SD3.5): a third call on the prompt's rows with some blocks skipped, in part of the schedule
-        skipping = self.family.skip_layer_feeds(conditioning, skip_layers.layers) if skip_layers and use_cfg else None
-        evaluations = 0
+                       masked: np.ndarray | None, skip_layers: SkipLayerGuidance | None = None, steps: int = 0, control=None,
+                       step_cache: int | None = None):
+        """The guided denoiser call ``predict(x_in, timestep)`` (sdfast.runtime.unet_call)."""
+        from sdfast.runtime.unet_call import guided_unet
 
-        def predict(x_in: np.ndarray, timestep: float) -> np.ndarray:
-            nonlocal evaluations
-            evaluation, evaluations = evaluations, evaluations + 1
-            # x_in: [B, 4, h, w], already scaled by c_in; masked: [B, 5, h, w] (mask, masked-image latents) or None
-            sample = x_in if masked is None else np.concatenate([x_in, masked], axis=1)
-            sample = np.concatenate([sample, sample]) if self.guidance else sample  # sample: [unet_batch, C, h, w]
-            timesteps = np.full((unet_batch,), timestep, dtype=np.float32)
-            started = time.perf_counter()
-            feeds = conditioning
-            if control is not None:  # the ControlNets see the latents without an inpainting U-Net's mask channels
-                residuals = control(np.concatenate([x_in, x_in]) if self.guidance else x_in, timesteps, timestep)
-                feeds = {**conditioning, **residuals} if residuals else conditioning
-            (output,) = engine.run({**feeds, "sample": sample, "timestep": timesteps})
-            timings.unet_steps.append(time.perf_counter() - started)
-            check_finite(label, output)
-            if not self.guidance:
-                return output
-            uncond, cond = np.split(output, 2)
-            if not use_cfg:
-                return cond
-            guided = uncond + np.float32(cfg_scale) * (cond - uncond)
-            if skipping is not None and skip_layers.active(evaluation, steps):
-                (skipped,) = engine.run({**skipping, "sample": sample, "timestep": timesteps})
-                skipped = check_finite(label, skipped)[: len(cond)]  # every row is the prompt's: the first half will do
-                guided = guided + (cond - skipped) * np.float32(skip_layers.scale)
-            return guided
-
-        return predict
+        return guided_unet(self, conditioning, cfg_scale, use_cfg, timings, masked, skip_layers, steps, control, step_cache)
 
     def encode_image(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[n, 3, H, W] in [-1, 1], n up to the encoder's batch -> the VAE posterior (mean, std), each [n, 4, h, w],
@@ -206,7 +177,7 @@ class Pipeline:
         )
 
     def generate_batches(self, request: GenerationRequest, on_step: StepCallback | None = None,
-                         decode: bool = True) -> Iterator[GenerationResult]:
+                         decode: bool = True, on_latents: LatentsCallback | None = None) -> Iterator[GenerationResult]:
         """``generate`` one batch at a time, so a caller can save each batch as soon as it is done.
 
         The request is checked, and the prompt (and init image) encoded, before the first batch; the first result carries
@@ -218,16 +189,17 @@ class Pipeline:
         if request.hires is not None:
             from sdfast.runtime.hires import hires_batches
 
-            yield from hires_batches(self, request, on_step)
+            yield from hires_batches(self, request, on_step, on_latents)
             return
         sized = self._sized(request)
         if sized is not self:
-            yield from sized.generate_batches(request, on_step, decode)
+            yield from sized.generate_batches(request, on_step, decode, on_latents)
             return
         prepared = self.checker.prepare(request)
         batch, spec, plan, strength = prepared.batch, prepared.spec, prepared.plan, prepared.strength
         second = self._refiner_stage(request, spec, plan) if request.refiner_switch is not None else None
         self.controlnets.load(unit.model for unit in request.control)  # the first use of a ControlNet loads it: not a step's time
+        check_step_cache_loras(request)
         prompt, loras = self.loras.for_request(request)
         self.loras.apply(loras)  # a session rebuild when the engines hold other LoRAs; not a step's time either
         started = time.perf_counter()
@@ -254,7 +226,7 @@ class Pipeline:
             seeds = ([request.seeds[iteration * batch + i] for i in range(batch)] if request.seeds is not None
                      else [request.seed + iteration * batch + i for i in range(batch)])
             done = iteration * image_steps
-            progress = (lambda i, _x, done=done: on_step(done + i + 1, total_steps)) if on_step else None
+            progress = _progress(on_step, on_latents, done, total_steps)
             decoder = self
             try:
                 if second is None:
@@ -263,7 +235,7 @@ class Pipeline:
                     x = self._sample(request, spec, plan, conditioning, use_cfg, seeds, None, None, timings, progress,
                                      stop_after=second["handoff"])  # x: [B, 4, h, w], VE form, unfinished
                     decoder = self.refiner
-                    later = (lambda i, _x, done=done + second["handoff"]: on_step(done + i + 1, total_steps)) if on_step else None
+                    later = _progress(on_step, on_latents, done + second["handoff"], total_steps)
                     x = decoder._sample(request, spec, second["plan"], second["conditioning"], use_cfg, seeds, LatentSource(x),
                                         None, timings, later)
                 steps_run = None
@@ -331,7 +303,8 @@ class Pipeline:
         if source is None:
             x = draw() * np.float32(plan.initial_noise_scale)  # x: [B, 4, h, w], VE form
             # the device loop's tables have no third (skip-layer) call and no ControlNet: such requests take the numpy loop
-            tabulated = stop_after is None and request.skip_layer_guidance is None and not request.control
+            tabulated = (stop_after is None and request.skip_layer_guidance is None and not request.control
+                         and request.step_cache in (None, 1))
             table = self._table(request, spec, plan) if tabulated else None
             if table is not None:
                 return self._sample_tabulated(table, x, draw, conditioning, request.cfg_scale, use_cfg, timings, progress)
@@ -353,7 +326,7 @@ class Pipeline:
 
         denoiser = _LatestEstimate(Denoiser(
             self._unet_function(conditioning, request.cfg_scale, use_cfg, timings, masked, request.skip_layer_guidance, request.steps,
-                                control),
+                                control, request.step_cache),
             self.manifest.prediction_type,
             lambda sigma: plan.timestep_for(sigma, self.schedule),
         ))
@@ -362,7 +335,7 @@ class Pipeline:
             nonlocal steps_done
             steps_done = i + 1
             if progress:
-                progress(i, x)  # may raise StopSampling
+                progress(i, denoiser.latest)  # the step's x0 estimate (live previews); may raise StopSampling
             if steps_done == stop_after:
                 raise HandOff(x)
 
@@ -421,3 +394,18 @@ class Pipeline:
             timings.unet_steps[-table.evaluations:] = [measured["wall_s"] / measured["evaluations"]] * measured["evaluations"]
             timings.host_queue_s = measured["host_s"]
         return final * np.float32(table.final_scale)  # [B, 4, h, w], VP form
+
+
+def _progress(on_step: StepCallback | None, on_latents: LatentsCallback | None, done: int, total: int):
+    """The sampler loop's callback ``(step index, x0 estimate or None)``: ``on_latents`` gets the estimate, ``on_step``
+    (steps done of the whole request, total); None when neither is set."""
+    if on_step is None and on_latents is None:
+        return None
+
+    def progress(index: int, x0: np.ndarray | None) -> None:
+        if on_latents is not None and x0 is not None:
+            on_latents(x0)
+        if on_step is not None:
+            on_step(done + index + 1, total)
+
+    return progress

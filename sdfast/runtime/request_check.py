@@ -13,6 +13,7 @@ from sdfast.errors import EngineError, RequestError
 from sdfast.runtime.families import family_class
 from sdfast.runtime.manifest import Manifest, read_manifest
 from sdfast.runtime.prompts import parse_prompt_attention
+from sdfast.runtime.step_cache import check_request as check_step_cache
 from sdfast.sampling.registry import check_supported, is_flow, resolve_sampler, schedule_for
 from sdfast.sampling.schedules import SamplingPlan
 
@@ -179,6 +180,7 @@ class RequestChecker:
         self._check_images(request, batch)
         self._check_skip_layers(request)
         self._check_control(request)
+        check_step_cache(request, self.manifest)
         return batch
 
     def _check_control(self, request: "GenerationRequest") -> None:

@@ -30,6 +30,9 @@ from sdfast.serve.schemas import (
     decode_image,
 )
 
+DEEPCACHE_OPTIONS = ("deepcache_enable", "deepcache_full_run_step_rate")  # sd-webui-deepcache-standalone's, in /sdapi/v1/options
+DEEPCACHE_DEFAULT_RATE = 5  # that extension's default full-run step rate
+
 
 def a1111_router(ctx: ServeContext) -> APIRouter:
     router, pipeline, worker = APIRouter(), ctx.pipeline, ctx.worker
@@ -85,8 +88,9 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         if not isinstance(body, dict):
             raise FieldError("body", "must be a JSON object of option names and values")
         _check_options(body, "")
-        if "CLIP_stop_at_last_layers" in body:
-            ctx.options["CLIP_stop_at_last_layers"] = body["CLIP_stop_at_last_layers"]
+        for name in ("CLIP_stop_at_last_layers", *DEEPCACHE_OPTIONS):
+            if name in body:
+                ctx.options[name] = body[name]
         return True
 
     def _check_options(options: dict, prefix: str) -> None:
@@ -98,19 +102,31 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
             value, layers = options["CLIP_stop_at_last_layers"], int(pipeline.manifest.model["text_layers"])
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= layers:
                 raise FieldError(f"{prefix}CLIP_stop_at_last_layers", f"must be an integer from 1 to {layers}, not {value!r}")
+        _check_deepcache(options, prefix)
         for name, allowed in IMAGE_OPTIONS.items():
             if name in options and options[name] is not None and options[name] not in allowed:
                 raise FieldError(f"{prefix}{name}", f"{options[name]!r} is not supported by sdfast (the image would come out without it); "
                                                     f"leave it at {allowed[0]!r}")
 
+    previews: dict = {}  # (job id, step) -> the base64 PNG, so polls between two steps encode it once
+
     @router.get("/sdapi/v1/progress")
-    async def progress():
+    async def progress(skip_current_image: bool = False):
         stats = worker.stats
         job = stats.current
         fraction = job.step / job.total_steps if job and job.total_steps else 0.0
         elapsed = time.monotonic() - stats.current_started if job else 0.0
         eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
-        return {"progress": fraction, "eta_relative": eta, "current_image": None, "textinfo": None,
+        current_image = None
+        if job is not None and not skip_current_image:
+            preview = worker.preview()  # the latest x0 through the family's latent-to-RGB map: no VAE call
+            if preview is not None:
+                key = (job.id, preview[0])
+                if key not in previews:
+                    previews.clear()
+                    previews[key] = base64.b64encode(png_bytes(preview[1], None)).decode()
+                current_image = previews[key]
+        return {"progress": fraction, "eta_relative": eta, "current_image": current_image, "textinfo": None,
                 "state": {"skipped": False, "interrupted": stats.interrupted, "job": f"job {job.id}" if job else "",
                           "job_count": stats.queued + (1 if job else 0), "job_timestamp": "0", "job_no": 0,
                           "sampling_step": job.step if job else 0, "sampling_steps": job.total_steps if job else 0}}
@@ -196,7 +212,25 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
             steps=body.steps if body.steps is not None else pipeline.checker.default_steps or A1111_STEPS,
             init_image=init, mask=mask, strength=strength if init is not None else None, eta=eta or 0.0,
             seeds=[seed + i for i in range(total)], refiner_switch=refiner_switch, hires=hires,
+            step_cache=_step_cache({**ctx.options, **body.override_settings}),
         )
+
+    def _check_deepcache(options: dict, prefix: str) -> None:
+        """sd-webui-deepcache's options: deepcache_enable (bool) and deepcache_full_run_step_rate (the full U-Net every N steps)."""
+        from sdfast.runtime.step_cache import MAX_INTERVAL, SHALLOW
+
+        enable, rate = options.get("deepcache_enable"), options.get("deepcache_full_run_step_rate")
+        if enable is not None and not isinstance(enable, bool):
+            raise FieldError(f"{prefix}deepcache_enable", f"must be true or false, not {enable!r}")
+        if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool) or not 1 <= rate <= MAX_INTERVAL):
+            raise FieldError(f"{prefix}deepcache_full_run_step_rate", f"must be an integer from 1 to {MAX_INTERVAL}, not {rate!r}")
+        if enable and SHALLOW not in pipeline.manifest.components:
+            raise FieldError(f"{prefix}deepcache_enable", "this engine dir has no shallow U-Net for step caching: export it with "
+                                                          "sdfast export --step-cache")
+
+    def _step_cache(options: dict) -> int | None:
+        """The request's step-cache interval from the DeepCache options (the extension's default rate is 5), or None."""
+        return options.get("deepcache_full_run_step_rate", DEEPCACHE_DEFAULT_RATE) if options.get("deepcache_enable") else None
 
     def _check_hires(body: Txt2ImgRequest, hires, sized) -> None:
         """A FieldError naming the hr_* field a hires-fix request cannot have (its size is checked against the sizes)."""

@@ -48,6 +48,8 @@ class Job:
     step: int = 0
     total_steps: int = 0
     members: list["Job"] = field(default_factory=list)  # the jobs sharing this one's engine batch (it included)
+    latest: np.ndarray | None = None  # the last step's x0 estimate [B, C, h, w]: the live preview's source
+    latest_step: int = 0
 
     def merge_key(self) -> tuple | None:
         """Jobs with equal keys can share one engine batch (only their seeds differ); None: never merged."""
@@ -56,7 +58,7 @@ class Job:
             return None
         # the prompt carries its <lora:...> tags: jobs with other LoRAs (other weights) are never merged
         return (r.width, r.height, r.prompt, r.negative_prompt, r.steps, float(r.cfg_scale), r.sampler, r.clip_skip, float(r.eta), r.n_iter, r.refiner_switch,
-                tuple(r.loras), r.hires)
+                tuple(r.loras), r.hires, r.step_cache)
 
 
 @dataclass
@@ -98,6 +100,16 @@ class Worker:
         """Seconds until a slot is likely free: the recent job time times the queue ahead, at least 1."""
         typical = float(np.median(self._recent_seconds)) if self._recent_seconds else 1.0
         return max(1, int(np.ceil(typical * (len(self._pending) + 1))))
+
+    def preview(self) -> tuple[int, np.ndarray] | None:
+        """(step, the running job's first image as A1111's "Approx cheap" live preview [h, w, 3] uint8), or None."""
+        from sdfast.runtime.previews import approx_cheap
+
+        job = self.stats.current
+        latest = job.latest if job is not None else None
+        if latest is None:
+            return None
+        return job.latest_step, approx_cheap(latest[0], self.pipeline.family.preview_rgb)
 
     async def submit(self, request: GenerationRequest, images: int, timeout_s: float, disconnected=None) -> list[GenerationResult]:
         job = Job(request, images)
@@ -236,12 +248,15 @@ class Worker:
             if stopped and all(job.cancelled for job in batch):
                 raise Cancelled(stopped)
 
+        def on_latents(x0: np.ndarray) -> None:  # before on_step counts the step: the preview is of step lead.step + 1
+            lead.latest, lead.latest_step = x0, lead.step + 1
+
         try:
             if all(job.cancelled for job in batch):
                 raise Cancelled(lead.cancelled)
             results = []
             try:
-                for result in self.pipeline.generate_batches(request, on_step=on_step):
+                for result in self.pipeline.generate_batches(request, on_step=on_step, on_latents=on_latents):
                     results.append(result)
                     if any(job.interrupted for job in batch):
                         break  # interrupted while decoding: A1111 skips the rest of the batch count

@@ -11,6 +11,7 @@ import torch
 from sdfast.export.controlnet_residuals import residual_shapes
 from sdfast.export.recipe import ComponentRecipe
 from sdfast.export.staging import copy_tokenizer
+from sdfast.export.step_cache import ShallowUNet, feature_dims, with_feature
 from sdfast.export.source import load_or_refuse, read_scheduler_config
 
 
@@ -69,11 +70,13 @@ class UNet(torch.nn.Module):
 
     def __init__(self, model: LoadedModel):
         super().__init__()
-        self.unet = model.unet
+        self.unet, self.step_cache_depth = model.unet, getattr(model, "step_cache_depth", None)
 
     def forward(self, sample, timestep, encoder_hidden_states, *residuals):
         control = residual_arguments(residuals)
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False, **control)[0]
+        # with --step-cache also the deep feature the shallow U-Net reuses (step_cache.py)
+        return with_feature(self.unet, self.step_cache_depth, lambda: self.unet(
+            sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False, **control)[0])
 
 
 def residual_arguments(residuals: tuple) -> dict:
@@ -106,7 +109,7 @@ class VaeEncoder(torch.nn.Module):
         return posterior.mean, posterior.std
 
 
-WRAPPERS = {"text_encoder": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
+WRAPPERS = {"text_encoder": TextEncoder, "unet": UNet, "unet_shallow": ShallowUNet, "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
 
 # The PyTorch modules each component is the last to need: the export frees them once its parity outputs are computed.
 RELEASES = {"text_encoder": ("text_encoder",), "unet": ("unet",), "vae_encoder": ("vae",)}
@@ -156,6 +159,7 @@ def dimensions(request, recipe, model: LoadedModel) -> dict[str, int]:
         "max_text_chunks": request.max_prompt_chunks or int(recipe.defaults.get("max_text_chunks", 1)),
         "control_residuals": residual_shapes(model.unet, height // factor, width // factor)
         if getattr(request, "controlnet_inputs", True) else [],
+        "step_cache_feature": feature_dims(model.unet, getattr(model, "step_cache_depth", None), height // factor, width // factor),
     }
 
 

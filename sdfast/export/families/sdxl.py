@@ -14,6 +14,7 @@ import torch
 
 from sdfast.export.families import sd15
 from sdfast.export.controlnet_residuals import residual_shapes
+from sdfast.export.step_cache import ShallowUNet, feature_dims, with_feature
 from sdfast.export.families.sd15 import VaeDecoder, VaeEncoder, residual_arguments
 from sdfast.export.recipe import ComponentRecipe
 from sdfast.export.source import load_or_refuse, read_model_index, read_scheduler_config
@@ -112,19 +113,20 @@ class UNet(torch.nn.Module):
 
     def __init__(self, model: LoadedModel):
         super().__init__()
-        self.unet = model.unet
+        self.unet, self.step_cache_depth = model.unet, getattr(model, "step_cache_depth", None)
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, *residuals):
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added, return_dict=False,
-                         **residual_arguments(residuals))[0]
+        return with_feature(self.unet, self.step_cache_depth, lambda: self.unet(
+            sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added, return_dict=False,
+            **residual_arguments(residuals))[0])
 
 
 # The fp16 rules are SD 1.x's: the fp16-fix VAE runs fp16, upcast_attention keeps attention scores fp32.
 fp16_safe = sd15.fp16_safe
 fp32_attention_scores = sd15.fp32_attention_scores
 
-WRAPPERS = {"text_encoder": TextEncoder, "text_encoder_2": TextEncoder2, "unet": UNet, "vae_decoder": VaeDecoder,
+WRAPPERS = {"text_encoder": TextEncoder, "text_encoder_2": TextEncoder2, "unet": UNet, "unet_shallow": ShallowUNet, "vae_decoder": VaeDecoder,
             "vae_encoder": VaeEncoder}
 
 # The PyTorch modules each component is the last to need: the export frees them once its parity outputs are computed.
@@ -175,6 +177,7 @@ def dimensions(request, recipe, model: LoadedModel) -> dict[str, int]:
         "max_text_chunks": request.max_prompt_chunks or int(recipe.defaults.get("max_text_chunks", 1)),
         "control_residuals": residual_shapes(model.unet, height // factor, width // factor)
         if getattr(request, "controlnet_inputs", True) else [],
+        "step_cache_feature": feature_dims(model.unet, getattr(model, "step_cache_depth", None), height // factor, width // factor),
     }
 
 

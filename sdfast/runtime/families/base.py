@@ -51,6 +51,7 @@ class Family:
     # the inputs the pipeline feeds each component by name, beyond the denoiser's own sample and timestep
     fed_inputs: ClassVar[dict[str, tuple[str, ...]]]
     default_cfg_scale: ClassVar[float] = 7.5  # a request's guidance scale when it names none (diffusers' pipeline default)
+    preview_rgb: ClassVar[tuple[tuple[float, float, float], ...]]  # live previews: latent channel -> RGB (runtime.previews)
 
     def __init__(self, manifest: "Manifest", engines: dict[str, "Engine"]):
         self.manifest, self.engines = manifest, engines

@@ -9,9 +9,11 @@ from sdfast.runtime.families.base import Family, guided_rows
 class StableDiffusion1(Family):
     name = "sd15"
     required = ("text_encoder", "unet", "vae_decoder")
-    optional = ("vae_encoder",)
+    optional = ("vae_encoder", "unet_shallow")  # img2img; step caching (export --step-cache)
     fed_inputs = {"text_encoder": ("input_ids", "clip_skip"), "unet": ("encoder_hidden_states",), "vae_decoder": ("latent",),
                   "vae_encoder": ("image",)}
+    # live previews: latent channels -> RGB, A1111's cheap approximation for SD 1.x and 2.x (sd_vae_approx.py)
+    preview_rgb = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
 
     def __init__(self, manifest, engines):
         super().__init__(manifest, engines)

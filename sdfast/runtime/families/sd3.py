@@ -21,6 +21,11 @@ class StableDiffusion3(Family):
     default_cfg_scale = 7.0  # StableDiffusion3Pipeline's
     fed_inputs = {"text_encoder": ("input_ids", "clip_skip"), "text_encoder_2": ("input_ids", "clip_skip"),
                   "text_encoder_3": ("input_ids",), "transformer": ("encoder_hidden_states", "pooled_projections", "layer_keep"), "vae_decoder": ("latent",), "vae_encoder": ("image",)}
+    # live previews: A1111's cheap approximation for SD3's 16 latent channels (sd_vae_approx.py)
+    preview_rgb = ((-0.0645, 0.0177, 0.1052), (0.0028, 0.0312, 0.0650), (0.1848, 0.0762, 0.0360), (0.0944, 0.0360, 0.0889),
+                   (0.0897, 0.0506, -0.0364), (-0.0020, 0.1203, 0.0284), (0.0855, 0.0118, 0.0283), (-0.0539, 0.0658, 0.1047),
+                   (-0.0057, 0.0116, 0.0700), (-0.0412, 0.0281, -0.0039), (0.1106, 0.1171, 0.1220), (-0.0248, 0.0682, -0.0481),
+                   (0.0815, 0.0846, 0.1207), (-0.0120, -0.0055, -0.0867), (-0.0749, -0.0634, -0.0456), (-0.1418, -0.1457, -0.1259))
 
     @staticmethod
     def img2img_start_step(steps: int, strength: float) -> int:

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
 
     manifest = read_manifest(args.engine_dir)
     if args.verify:
-        manifest.verify_files(full=True)
+        manifest.verify_files(full=True, remembered=False)  # an explicit check hashes every file again
     engines = read_entries(manifest.root)  # tensorrt/cache.json: built on this machine's GPUs, not part of the export
     if args.json:
         print(json.dumps({**manifest.data, "tensorrt_engines": engines} if engines else manifest.data, indent=2))

@@ -226,32 +226,48 @@ class Manifest:
         return files
 
     def verify_files(self, full: bool = True, files: dict[str, dict] | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> None:
+                     progress: Callable[[int, int], None] | None = None, remembered: bool = True) -> None:
         """Every file of ``files`` (default: all listed) is present with its size, and (``full``) its sha256.
 
-        ``progress(bytes_done, bytes_total)`` is called as the files are hashed.
+        ``progress(bytes_done, bytes_total)`` is called as the files are hashed. ``remembered``: a file hashed before and
+        unchanged since (runtime.verified_cache) is not hashed again; False hashes every file.
         """
+        from sdfast.runtime.verified_cache import VerifiedFiles
+
         files = self.listed_files() if files is None else files
         total, done = sum(entry["bytes"] for entry in files.values()), 0
-        for relative, expected in files.items():
-            path = self.path(relative)
-            if not path.is_file():
-                raise EngineError(f"engine dir {self.root}: file '{relative}' is missing")
-            try:
-                size = path.stat().st_size
-                if size != expected["bytes"]:
-                    raise EngineError(
-                        f"engine dir {self.root}: '{relative}' is {size} bytes, the manifest says {expected['bytes']} (corrupt or replaced)"
-                    )
-                if full:
-                    on_chunk = (lambda n, base=done: progress(base + n, total)) if progress else None
-                    if sha256_file(path, on_chunk) != expected["sha256"]:
-                        raise EngineError(f"engine dir {self.root}: '{relative}' does not match its sha256 in the manifest (corrupt or replaced)")
-            except OSError as error:
-                raise EngineError(f"engine dir {self.root}: cannot read '{relative}': {error.strerror or error}") from None
-            done += size
-            if progress:
-                progress(done, total)
+        verified = VerifiedFiles() if full and remembered else None
+        try:
+            for relative, expected in files.items():
+                done = self._verify_file(relative, expected, full, verified, progress, done, total)
+        finally:
+            if verified is not None:
+                verified.save()
+
+    def _verify_file(self, relative: str, expected: dict, full: bool, verified, progress, done: int, total: int) -> int:
+        """One file of verify_files; returns the bytes done after it."""
+        path = self.path(relative)
+        if not path.is_file():
+            raise EngineError(f"engine dir {self.root}: file '{relative}' is missing")
+        try:
+            stat = path.stat()
+            if stat.st_size != expected["bytes"]:
+                raise EngineError(
+                    f"engine dir {self.root}: '{relative}' is {stat.st_size} bytes, the manifest says {expected['bytes']} (corrupt or replaced)"
+                )
+            if full and (verified is None or verified.known(path, stat) != expected["sha256"]):
+                on_chunk = (lambda n, base=done: progress(base + n, total)) if progress else None
+                digest = sha256_file(path, on_chunk)
+                if digest != expected["sha256"]:
+                    raise EngineError(f"engine dir {self.root}: '{relative}' does not match its sha256 in the manifest (corrupt or replaced)")
+                if verified is not None:
+                    verified.remember(path, stat, digest)
+        except OSError as error:
+            raise EngineError(f"engine dir {self.root}: cannot read '{relative}': {error.strerror or error}") from None
+        done += stat.st_size
+        if progress:
+            progress(done, total)
+        return done
 
 
 def size_key(width: int, height: int) -> str:

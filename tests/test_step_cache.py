@@ -20,12 +20,9 @@ PROMPT, NEGATIVE, STEPS = "a lighthouse on a cliff at dusk", "blurry", 9
 
 
 @pytest.fixture(scope="module")
-def cached_engine(tiny_model, tmp_path_factory):
-    """tiny with the step cache's graphs, at 64x64 and 96x64."""
-    from sdfast.export.build import ExportRequest, export_engine
-
-    out = tmp_path_factory.mktemp("step-cache") / "engine"
-    return export_engine(ExportRequest(model="tiny", out=out, height=64, width=64, sizes=((96, 64),), step_cache=True))
+def cached_engine(tiny_fast_engine):
+    """tiny with the step cache's graphs (and a tiny VAE), at 64x64 and 96x64."""
+    return tiny_fast_engine
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +149,9 @@ def test_the_cli_runs_and_refuses_the_step_cache(cached_engine, tiny_engine, tmp
     assert not (tmp_path / "sd3").exists()
 
 
-def test_a1111_clients_turn_deepcache_on_as_its_extension_does(cached_engine, pipeline):
-    """sd-webui-deepcache's options in override_settings (per request) or /sdapi/v1/options (for every request)."""
+def test_a1111_clients_ask_for_the_fast_modes_as_a1111_and_its_extensions_do(cached_engine, pipeline):
+    """sd-webui-deepcache's options in override_settings (per request) or /sdapi/v1/options (for every request); the
+    tiny VAE by A1111's sd_vae_decode_method 'TAESD'."""
     import httpx
     import webuiapi
 
@@ -175,5 +173,11 @@ def test_a1111_clients_turn_deepcache_on_as_its_extension_does(cached_engine, pi
                                                      cfg_scale=7.5).image), expected)
         bad = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "override_settings": {"deepcache_full_run_step_rate": 0}})
         assert bad.status_code == 422 and bad.json()["field"] == "override_settings.deepcache_full_run_step_rate"
+        tiny = pipeline.generate(GenerationRequest("a boat", steps=3, seed=5, sampler="euler", vae_decoder="tiny")).images[0]
+        result = api.txt2img(prompt="a boat", seed=5, steps=3, width=64, height=64, sampler_name="Euler", cfg_scale=7.5,
+                             override_settings={"sd_vae_decode_method": "TAESD", "deepcache_enable": False})
+        assert np.array_equal(np.asarray(result.image), tiny) and "VAE decoder: TAESD" in result.info["infotexts"][0]
+        bad = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "override_settings": {"sd_vae_decode_method": "Approx"}})
+        assert bad.status_code == 422 and bad.json()["field"] == "override_settings.sd_vae_decode_method"
     finally:
         assert server.stop()

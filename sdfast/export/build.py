@@ -22,6 +22,7 @@ PRECISIONS = ("fp32", "fp16")
 MAX_SIZES = 16
 T5_OPTIONS = ("none", "fp32", "fp16", "int8")  # SD3's T5-XXL encoder: left out (zeros), or exported in this precision
 Progress = Callable[[str], None]
+TINY_VAE = "vae_decoder_tiny"
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class ExportRequest:
     sizes: tuple = ()  # more (width, height) image sizes: static graphs of the size-dependent components over one copy of the weights
     step_cache: bool = False  # DeepCache: the U-Net also returns its deep feature, and a shallow U-Net reuses it (export/step_cache.py)
     step_cache_depth: int = 1  # layers of the first down block the shallow U-Net runs (0 .. that block's layer count)
+    tiny_vae: str | None = None  # an AutoencoderTiny (TAESD) folder or built-in name: exported as vae_decoder_tiny (export/tiny_vae.py)
 
 
 def check_request(request: ExportRequest) -> None:
@@ -124,8 +126,12 @@ def export_engine(request: ExportRequest, progress: Progress = lambda _: None) -
             raise ConfigError(f"{label} {value} is not a multiple of {multiple}, which the {recipe.family} family needs")
     check_model_folder(folder, recipe, pipeline_class if request.family is None else None)
     family = export_module(recipe)
-    if request.step_cache and not recipe.asked_components(request):
+    if request.step_cache and "unet_shallow" not in recipe.asked_components(request):
         raise ConfigError(f"--step-cache is for U-Net families (sd15, sdxl); the {recipe.family} family has no shallow denoiser")
+    if request.tiny_vae is not None:
+        from sdfast.export.tiny_vae import tiny_vae_folder
+
+        tiny_vae_folder(request.tiny_vae)  # a wrong path is refused before the model loads
 
     out = request.out
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +168,10 @@ def _build(request: ExportRequest, recipe, family, folder: Path, builtin: bool, 
     progress(f"loading {folder} ({recipe.family})")
     model = family.load(folder, request)
     model.step_cache_depth = request.step_cache_depth if request.step_cache else None  # the U-Net wrappers read it
+    if request.tiny_vae is not None:
+        from sdfast.export.tiny_vae import load_tiny_vae
+
+        model.tiny_vae = load_tiny_vae(request.tiny_vae, int(model.vae.config.latent_channels))
     from sdfast.export.lora_fuse import fuse_loras, fused_fingerprint
 
     fused = fuse_loras(model, request.loras, progress) if request.loras else []
@@ -191,8 +201,11 @@ def _build(request: ExportRequest, recipe, family, folder: Path, builtin: bool, 
     raw_dir = staging / ".raw"
     raw_dir.mkdir()
     names = family.components(recipe, model)
-    asked = recipe.asked_components(request)  # the shallow U-Net goes before the U-Net, whose export frees the module both use
-    names = [*names[:names.index("unet")], *asked, *names[names.index("unet"):]] if asked else names
+    asked = recipe.asked_components(request)
+    if "unet_shallow" in asked:  # before the U-Net, whose export frees the module both use
+        names = [*names[:names.index("unet")], "unet_shallow", *names[names.index("unet"):]]
+    if TINY_VAE in asked:  # after the full decoder, before the VAE encoder's export frees the VAE the family's checks read
+        names.insert(names.index("vae_decoder") + 1, TINY_VAE)
     components = {}
     for index, name in enumerate(names, 1):
         label = f"[{index}/{len(names)}] {name}"

@@ -36,6 +36,7 @@ class GenerationRequest:
     init_latents: np.ndarray | None = None  # [B, 4, h, w] latents to start img2img from instead of an image (hires fix's latent upscalers)
     start_step: int | None = None  # img2img: the step the plan starts at, instead of the strength's rounding (A1111's hires pass)
     step_cache: int | None = None  # DeepCache: the full U-Net every this many evaluations, the shallow U-Net between (runtime.step_cache)
+    vae_decoder: str = "full"  # "tiny": the engine dir's tiny VAE decoder (TAESD, export --vae-decoder), a fast approximate decode
 
 
 @dataclass(frozen=True)

@@ -218,7 +218,7 @@ def hires_batches(pipeline: "Pipeline", request: "GenerationRequest",
                                            decode=not latent, on_latents=on_latents))
         if first.steps_run is not None:
             if latent:  # interrupted: A1111 answers with the first pass's image
-                first.images = _decode(base, first.latents)
+                first.images = _decode(base, first.latents, request.vae_decoder)
             yield first
             return
         if latent:
@@ -243,12 +243,12 @@ def hires_batches(pipeline: "Pipeline", request: "GenerationRequest",
             return
 
 
-def _decode(pipeline: "Pipeline", latents: np.ndarray) -> np.ndarray:
+def _decode(pipeline: "Pipeline", latents: np.ndarray, decoder: str = "full") -> np.ndarray:
     """Latents [B, 4, h, w] -> [B, H, W, 3] uint8 through the VAE decoder's fixed batch (padded, then cut)."""
     from sdfast.runtime.images import to_uint8
 
     padded = np.concatenate([latents, np.repeat(latents[:1], pipeline.batch_size - len(latents), axis=0)])
-    return to_uint8(pipeline.decode(padded))[: len(latents)]
+    return to_uint8(pipeline.decode(padded, decoder))[: len(latents)]
 
 
 def _cropped(images: np.ndarray, hires: HiresFix, base: "Pipeline") -> np.ndarray:

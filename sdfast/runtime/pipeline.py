@@ -22,6 +22,7 @@ from sdfast.runtime.manifest import Manifest
 from sdfast.runtime.refiner import HandOff, LatentSource, base_steps, check_pair, check_switch, refiner_start
 from sdfast.runtime.request_check import RequestChecker
 from sdfast.runtime.step_cache import check_loras as check_step_cache_loras
+from sdfast.runtime.request_check import TINY_VAE
 from sdfast.sampling.denoiser import Denoiser
 from sdfast.sampling.noise import TorchCompatibleGenerator
 from sdfast.sampling.schedules import SamplingPlan
@@ -149,8 +150,12 @@ class Pipeline:
         layout = self.family.latent
         return layout.from_vae(check_finite("VAE encoder", mean[:n])), layout.from_vae(check_finite("VAE encoder", std[:n]), centred=False)
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """VP latents [B, 4, h, w] -> images [B, 3, H, W] in [-1, 1]."""
+    def decode(self, latents: np.ndarray, decoder: str = "full") -> np.ndarray:
+        """VP latents [B, 4, h, w] -> images [B, 3, H, W] in [-1, 1]; ``decoder`` 'tiny': the tiny VAE (TAESD), fed the
+        latents as they are (its graph scales them)."""
+        if decoder == "tiny":
+            (images,) = self.engines[TINY_VAE].run({"latents": latents})
+            return check_finite("tiny VAE decoder", images)
         (images,) = self.engines["vae_decoder"].run({"latent": self.family.latent.to_vae(latents)})
         return check_finite("VAE decoder", images)
 
@@ -244,7 +249,7 @@ class Pipeline:
                     raise
                 x, steps_run = stop.latents, stop.steps_run  # x: [B, 4, h, w], the x0 estimate (the same in VE and VP form)
             stage = time.perf_counter()
-            images = to_uint8(decoder.decode(x))[:batch] if decode else None
+            images = to_uint8(decoder.decode(x, request.vae_decoder))[:batch] if decode else None
             timings.vae_decode = time.perf_counter() - stage
             timings.total = time.perf_counter() - started
             stopped = None if steps_run is None else f"after {steps_run} of {plan.steps} steps"

@@ -14,6 +14,9 @@ from sdfast.runtime.families import family_class
 from sdfast.runtime.manifest import Manifest, read_manifest
 from sdfast.runtime.prompts import parse_prompt_attention
 from sdfast.runtime.step_cache import check_request as check_step_cache
+
+TINY_VAE = "vae_decoder_tiny"  # the engine dir's optional tiny VAE decoder (TAESD)
+VAE_DECODERS = ("full", "tiny")
 from sdfast.sampling.registry import check_supported, is_flow, resolve_sampler, schedule_for
 from sdfast.sampling.schedules import SamplingPlan
 
@@ -181,6 +184,10 @@ class RequestChecker:
         self._check_skip_layers(request)
         self._check_control(request)
         check_step_cache(request, self.manifest)
+        if request.vae_decoder not in VAE_DECODERS:
+            raise RequestError(f"VAE decoder must be one of {', '.join(VAE_DECODERS)}, not {request.vae_decoder!r}")
+        if request.vae_decoder == "tiny" and TINY_VAE not in self.manifest.components:
+            raise RequestError("this engine dir has no tiny VAE decoder: export it with sdfast export --vae-decoder DIR (taesd, taesdxl, taesd3)")
         return batch
 
     def _check_control(self, request: "GenerationRequest") -> None:

@@ -32,6 +32,7 @@ from sdfast.serve.schemas import (
 
 DEEPCACHE_OPTIONS = ("deepcache_enable", "deepcache_full_run_step_rate")  # sd-webui-deepcache-standalone's, in /sdapi/v1/options
 DEEPCACHE_DEFAULT_RATE = 5  # that extension's default full-run step rate
+DECODE_METHODS = {"Full": "full", "TAESD": "tiny"}  # A1111's sd_vae_decode_method -> GenerationRequest.vae_decoder
 
 
 def a1111_router(ctx: ServeContext) -> APIRouter:
@@ -88,7 +89,7 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         if not isinstance(body, dict):
             raise FieldError("body", "must be a JSON object of option names and values")
         _check_options(body, "")
-        for name in ("CLIP_stop_at_last_layers", *DEEPCACHE_OPTIONS):
+        for name in ("CLIP_stop_at_last_layers", "sd_vae_decode_method", *DEEPCACHE_OPTIONS):
             if name in body:
                 ctx.options[name] = body[name]
         return True
@@ -103,6 +104,12 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= layers:
                 raise FieldError(f"{prefix}CLIP_stop_at_last_layers", f"must be an integer from 1 to {layers}, not {value!r}")
         _check_deepcache(options, prefix)
+        method = options.get("sd_vae_decode_method")
+        if method is not None and method not in DECODE_METHODS:
+            raise FieldError(f"{prefix}sd_vae_decode_method", f"must be one of {', '.join(DECODE_METHODS)}, not {method!r}")
+        if method == "TAESD" and "vae_decoder_tiny" not in pipeline.manifest.components:
+            raise FieldError(f"{prefix}sd_vae_decode_method", "this engine dir has no tiny VAE decoder: export it with "
+                                                              "sdfast export --vae-decoder DIR")
         for name, allowed in IMAGE_OPTIONS.items():
             if name in options and options[name] is not None and options[name] not in allowed:
                 raise FieldError(f"{prefix}{name}", f"{options[name]!r} is not supported by sdfast (the image would come out without it); "
@@ -213,6 +220,7 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
             init_image=init, mask=mask, strength=strength if init is not None else None, eta=eta or 0.0,
             seeds=[seed + i for i in range(total)], refiner_switch=refiner_switch, hires=hires,
             step_cache=_step_cache({**ctx.options, **body.override_settings}),
+            vae_decoder=DECODE_METHODS[{**ctx.options, **body.override_settings}.get("sd_vae_decode_method") or "Full"],
         )
 
     def _check_deepcache(options: dict, prefix: str) -> None:

@@ -13,6 +13,7 @@ from sdfast.export.recipe import ComponentRecipe
 from sdfast.export.staging import copy_tokenizer
 from sdfast.export.step_cache import ShallowUNet, feature_dims, with_feature
 from sdfast.export.source import load_or_refuse, read_scheduler_config
+from sdfast.export.tiny_vae import TinyVaeDecoder
 
 
 @dataclass
@@ -109,7 +110,7 @@ class VaeEncoder(torch.nn.Module):
         return posterior.mean, posterior.std
 
 
-WRAPPERS = {"text_encoder": TextEncoder, "unet": UNet, "unet_shallow": ShallowUNet, "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
+WRAPPERS = {"text_encoder": TextEncoder, "unet": UNet, "unet_shallow": ShallowUNet, "vae_decoder": VaeDecoder, "vae_decoder_tiny": TinyVaeDecoder, "vae_encoder": VaeEncoder}
 
 # The PyTorch modules each component is the last to need: the export frees them once its parity outputs are computed.
 RELEASES = {"text_encoder": ("text_encoder",), "unet": ("unet",), "vae_encoder": ("vae",)}

@@ -22,6 +22,7 @@ from sdfast.export.families.sdxl import ProjectedTextEncoder
 from sdfast.export.recipe import ComponentRecipe
 from sdfast.export.source import load_or_refuse, read_model_index, read_scheduler_config
 from sdfast.export.staging import copy_tokenizer
+from sdfast.export.tiny_vae import TinyVaeDecoder
 
 
 @dataclass
@@ -177,7 +178,7 @@ def fp32_attention_scores(model: LoadedModel, name: str) -> str | None:
 
 
 WRAPPERS = {"text_encoder": TextEncoder, "text_encoder_2": TextEncoderG, "text_encoder_3": T5Encoder, "transformer": Transformer,
-            "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
+            "vae_decoder": VaeDecoder, "vae_decoder_tiny": TinyVaeDecoder, "vae_encoder": VaeEncoder}
 
 # The PyTorch modules each component is the last to need: the export frees them once its parity outputs are computed.
 RELEASES = {"text_encoder": ("text_encoder",), "text_encoder_2": ("text_encoder_2",), "text_encoder_3": ("text_encoder_3",),

@@ -19,6 +19,7 @@ from sdfast.export.families.sd15 import VaeDecoder, VaeEncoder, residual_argumen
 from sdfast.export.recipe import ComponentRecipe
 from sdfast.export.source import load_or_refuse, read_model_index, read_scheduler_config
 from sdfast.export.staging import copy_tokenizer
+from sdfast.export.tiny_vae import TinyVaeDecoder
 
 
 @dataclass
@@ -126,7 +127,7 @@ class UNet(torch.nn.Module):
 fp16_safe = sd15.fp16_safe
 fp32_attention_scores = sd15.fp32_attention_scores
 
-WRAPPERS = {"text_encoder": TextEncoder, "text_encoder_2": TextEncoder2, "unet": UNet, "unet_shallow": ShallowUNet, "vae_decoder": VaeDecoder,
+WRAPPERS = {"text_encoder": TextEncoder, "text_encoder_2": TextEncoder2, "unet": UNet, "unet_shallow": ShallowUNet, "vae_decoder": VaeDecoder, "vae_decoder_tiny": TinyVaeDecoder,
             "vae_encoder": VaeEncoder}
 
 # The PyTorch modules each component is the last to need: the export frees them once its parity outputs are computed.

@@ -17,7 +17,7 @@ from sdfast.runtime.families.base import Family, guided_rows
 class StableDiffusion3(Family):
     name = "sd3"
     required = ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")
-    optional = ("text_encoder_3", "vae_encoder")  # T5 (export --t5), img2img and inpainting
+    optional = ("text_encoder_3", "vae_encoder", "vae_decoder_tiny")  # T5 (export --t5), img2img and inpainting
     default_cfg_scale = 7.0  # StableDiffusion3Pipeline's
     fed_inputs = {"text_encoder": ("input_ids", "clip_skip"), "text_encoder_2": ("input_ids", "clip_skip"),
                   "text_encoder_3": ("input_ids",), "transformer": ("encoder_hidden_states", "pooled_projections", "layer_keep"), "vae_decoder": ("latent",), "vae_encoder": ("image",)}

@@ -171,6 +171,12 @@ def test_bench_measures_available_backends_and_says_why_others_are_skipped(tiny_
     cpu = run.value("cpu", "unet_gflops")
     assert cpu.median == pytest.approx(flops / (run.value("cpu", "unet_step_cfg").median / 1e3) / 1e9)
     assert run.machine["peak"]["fp32_gflops"] > 0 and run.machine["sgemm_gflops"] > 0
+    ceiling = run.machine["fma_ceiling_gflops"]  # this machine kind has a C compiler and AVX-512 or AVX2
+    assert 0 < ceiling <= run.machine["peak"]["fp32_gflops"] * 1.5, run.machine["fma_ceiling_how"]
+    assert run.value("cpu", "unet_ceiling_fraction").median == pytest.approx(100 * cpu.median / ceiling)
+    assert run.value("torch", "unet_ceiling_fraction") is None  # diffusers is not measured against it
+    stages = {stage: run.value("cpu", f"peak_rss_{stage}").median for stage in ("load", "text_encoder", "unet", "vae_decode", "end_to_end")}
+    assert all(0 < mib <= run.value("cpu", "peak_rss").median for mib in stages.values()), stages
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = list(csv.DictReader(io.StringIO(done.stdout)))
     assert {line["metric"] for line in lines} >= set(METRICS) - {"unet_step", *GPU_ONLY_METRICS}

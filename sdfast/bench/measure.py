@@ -56,6 +56,25 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; elsewhere the best there is
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak: Linux resets VmHWM to the current RSS when 5 is written to /proc/self/clear_refs."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+            clear.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def with_peak_rss(measure, peaks: dict[str, float], name: str):
+    """``measure()``'s result; its peak RSS (from this call's start) goes into ``peaks[name]`` where it can be measured."""
+    fresh = reset_peak_rss()
+    result = measure()
+    if fresh:
+        peaks[name] = peak_rss_mib()
+    return result
+
+
 def _device_memory_mib(pid: int) -> float | None:
     """This process's GPU memory as nvidia-smi reports it (allocators keep their pools, so it is the peak)."""
     try:
@@ -81,7 +100,7 @@ def _device_memory_used_mib() -> float | None:
 
 
 def _derived_rows(stages: dict[str, Summary], overhead_ms: float, overhead_note: str, unet_flops: int | None,
-                  peak: tuple[float, str] | None) -> list[dict]:
+                  peak: tuple[float, str] | None, ceiling: tuple[float, str] | None = None) -> list[dict]:
     """Host overhead per step, and the U-Net's effective GFLOP/s (the exported graph's FLOPs over the measured time)."""
     rows = [_row("host_overhead_per_step", value=overhead_ms, note=overhead_note)]
     if unet_flops and "unet_step_cfg" in stages:
@@ -90,15 +109,21 @@ def _derived_rows(stages: dict[str, Summary], overhead_ms: float, overhead_note:
                                                           "convolution; a Winograd graph does fewer multiplications, so this is effective"))
         if peak:
             rows.append(_row("unet_peak_fraction", value=100 * gflops / peak[0], note=f"percent of {peak[1]}"))
+        if ceiling:
+            rows.append(_row("unet_ceiling_fraction", value=100 * gflops / ceiling[0], note=f"percent of {ceiling[1]}"))
     return rows
 
 
-def measure_engine(backend: str, engine: Path, unguided: Path | None, repeat: int, steps: int, peak: tuple[float, str] | None) -> list[dict]:
+def measure_engine(backend: str, engine: Path, unguided: Path | None, repeat: int, steps: int, peak: tuple[float, str] | None,
+                   ceiling: tuple[float, str] | None = None) -> list[dict]:
     from sdfast.runtime.pipeline import GenerationRequest, Pipeline
 
     started = time.perf_counter()
-    pipeline = Pipeline.load(engine, backend=backend, verify="size")
+    rss: dict[str, float] = {}  # stage -> its peak RSS, MiB
+    pipeline = with_peak_rss(lambda: Pipeline.load(engine, backend=backend, verify="size"), rss, "load")
     rows = [_row("load", value=time.perf_counter() - started)]
+    if backend != "cpu":
+        ceiling = None  # the CPU's FMA ceiling says nothing of a GPU
     if backend != "cpu" and pipeline.manifest.data["precision"] != "fp16":
         peak = None  # the GPU's peak given is its dense fp16 one; an fp32 engine's share of it would mislead
     engines = pipeline.engines
@@ -116,12 +141,12 @@ def measure_engine(backend: str, engine: Path, unguided: Path | None, repeat: in
                 "timestep": np.full(unet_batch, 500.0, np.float32)}
 
     in_channels = pipeline.manifest.data["model"].get("unet_in_channels", latent[0])
-    stages: dict[str, Summary] = {
-        "text_encoder": time_ms(lambda: pipeline.family.conditioning(PROMPT, "", 1, bool(geometry["guidance"]), []), repeat)}
+    stages: dict[str, Summary] = {"text_encoder": with_peak_rss(
+        lambda: time_ms(lambda: pipeline.family.conditioning(PROMPT, "", 1, bool(geometry["guidance"]), []), repeat), rss, "text_encoder")}
     guided_name = "unet_step_cfg" if geometry["guidance"] else "unet_step"
     feeds = unet_feeds(geometry["unet_batch"], in_channels)
     denoiser = pipeline.manifest.denoiser  # the U-Net, or SD3's transformer: the "unet_*" rows are its step
-    stages[guided_name] = time_ms(lambda: engines[denoiser].run(feeds), repeat)
+    stages[guided_name] = with_peak_rss(lambda: time_ms(lambda: engines[denoiser].run(feeds), repeat), rss, "unet")
     if unguided is not None:  # only its U-Net: the other components are the same, and would double the peak RSS
         from sdfast.runtime.backends import get_backend
         from sdfast.runtime.manifest import read_manifest
@@ -132,10 +157,10 @@ def measure_engine(backend: str, engine: Path, unguided: Path | None, repeat: in
         stages["unet_step_cfg" if other.geometry["guidance"] else "unet_step"] = time_ms(lambda: other_unet.run(other_feeds), repeat)
         del other_unet
     latents = rng.standard_normal((batch, *latent), dtype=np.float32)
-    stages["vae_decode"] = time_ms(lambda: engines["vae_decoder"].run({"latent": latents}), repeat)
+    stages["vae_decode"] = with_peak_rss(lambda: time_ms(lambda: engines["vae_decoder"].run({"latent": latents}), repeat), rss, "vae_decode")
     if "vae_encoder" in engines:
         image = rng.uniform(-1, 1, (batch, 3, geometry["height"], geometry["width"])).astype(np.float32)
-        stages["vae_encode"] = time_ms(lambda: engines["vae_encoder"].run({"image": image}), repeat)
+        stages["vae_encode"] = with_peak_rss(lambda: time_ms(lambda: engines["vae_encoder"].run({"image": image}), repeat), rss, "vae_encode")
     rows += [_row(name, summary) for name, summary in stages.items()]
 
     request = GenerationRequest(prompt=PROMPT, steps=steps, sampler="euler", seed=0, cfg_scale=7.5 if geometry["guidance"] else 1.0)
@@ -147,14 +172,15 @@ def measure_engine(backend: str, engine: Path, unguided: Path | None, repeat: in
         if t.host_queue_s is not None:  # a device loop: its step is wall time over evaluations; the host only queues
             in_loop.append(statistics.median(t.unet_steps) * 1e3)
             queued.append(t.host_queue_s * 1e3 / len(t.unet_steps))
-    end_to_end = time_ms(generate, max(1, min(repeat, 3)), warmup=0)
+    end_to_end = with_peak_rss(lambda: time_ms(generate, max(1, min(repeat, 3)), warmup=0), rss, "end_to_end")
     rows.append(_row("end_to_end", end_to_end))
+    rows += [_row(f"peak_rss_{stage}", value=mib, note="this stage's peak resident set (VmHWM after a reset)") for stage, mib in rss.items()]
     if in_loop:
         rows.append(_row("unet_step_in_loop", Summary.of(in_loop), note="U-Net (CUDA graph) and the sampler kernel, per evaluation"))
         rows.append(_row("host_queue_per_step", Summary.of(queued), note="the GPU waits on the host only if this exceeds the step"))
     unet_flops = pipeline.manifest.data["components"][denoiser].get("flops", {}).get("per_call")
     rows += _derived_rows(stages, statistics.median(overheads), "end to end minus the same runs' engine calls, over the steps",
-                          unet_flops, peak)
+                          unet_flops, peak, ceiling)
     return rows
 
 
@@ -252,6 +278,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--peak-cpu", type=float, help="the CPU's fp32 peak, GFLOP/s")
     parser.add_argument("--peak-gpu", type=float, help="the GPU's dense fp16 peak, GFLOP/s")
+    parser.add_argument("--fma-ceiling", type=float, help="the CPU's measured FMA ceiling, GFLOP/s (fma_ceiling.py)")
     args = parser.parse_args()
 
     answer = os.fdopen(os.dup(sys.stdout.fileno()), "w")
@@ -264,7 +291,8 @@ def main() -> int:
             rows = measure_torch(args.engine, args.repeat, args.steps, peaks)
         else:
             rows = measure_engine(args.backend, args.engine, args.unguided_engine, args.repeat, args.steps,
-                                  peaks.get("cpu" if args.backend == "cpu" else "gpu"))
+                                  peaks.get("cpu" if args.backend == "cpu" else "gpu"),
+                                  (args.fma_ceiling, "the CPU's measured FMA ceiling") if args.fma_ceiling else None)
     except Exception as error:  # noqa: BLE001 - one line back to the parent, which reports it
         text = str(error).strip().splitlines()
         answer.write(json.dumps({"error": f"{type(error).__name__}: {text[0] if text else ''}"}))

@@ -28,6 +28,13 @@ METRICS: dict[str, tuple[str, str]] = {
     "host_queue_per_step": ("ms", "host time queuing a device step"),
     "unet_gflops": ("GFLOP/s", "denoiser effective"),
     "unet_peak_fraction": ("%", "denoiser share of peak (CPU fp32, GPU dense fp16)"),
+    "unet_ceiling_fraction": ("%", "denoiser share of the measured FMA ceiling (CPU)"),
+    "peak_rss_load": ("MiB", "peak RSS: loading"),
+    "peak_rss_text_encoder": ("MiB", "peak RSS: text encoder"),
+    "peak_rss_unet": ("MiB", "peak RSS: denoiser steps"),
+    "peak_rss_vae_decode": ("MiB", "peak RSS: VAE decode"),
+    "peak_rss_vae_encode": ("MiB", "peak RSS: VAE encode"),
+    "peak_rss_end_to_end": ("MiB", "peak RSS: end to end"),
     "peak_rss": ("MiB", "peak RSS"),
     "peak_device_memory": ("MiB", "peak device memory"),
 }
@@ -142,6 +149,10 @@ def _footer(runs: list[BenchRun]) -> list[str]:
         if peak:
             notes.append(f"peak: {peak['derivation']}")
             notes.append(f"measured sgemm (numpy float32 2048^3): {m.get('sgemm_gflops')} GFLOP/s")
+            if m.get("fma_ceiling_gflops"):
+                notes.append(f"measured FMA ceiling: {m['fma_ceiling_gflops']} GFLOP/s ({m.get('fma_ceiling_how', '')})")
+            elif m.get("fma_ceiling_how"):
+                notes.append(f"FMA ceiling not measured: {m['fma_ceiling_how']}")
         if m.get("gpu"):
             dense = m.get("gpu_fp16_dense_tflops")
             notes.append(f"GPU: {m['gpu']}, dense fp16 peak " + (f"{dense} TFLOP/s (data sheet)" if dense else "not in sdfast's table"))

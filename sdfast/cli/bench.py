@@ -5,6 +5,7 @@ import argparse
 import datetime as _dt
 import importlib.util
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -123,15 +124,20 @@ def _measure(args: argparse.Namespace):
 
     cpu = CpuInfo.detect()
     peak = theoretical_peak(cpu)
-    _say("measuring a large sgemm (numpy float32) ...")
+    _say("measuring a large sgemm (numpy float32) and the FMA ceiling ...")
     sgemm = measured_sgemm_gflops()
+    from sdfast.bench.fma_ceiling import measured_fma_gflops
+    from sdfast.export.builtin import cache_root
+
+    ceiling, ceiling_how = measured_fma_gflops(len(os.sched_getaffinity(0)), cache_root() / "bench")
     gpu = gpu_name()
     gpu_peak = gpu_fp16_peak_tflops(gpu)
     run = BenchRun(
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         command="sdfast bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
         machine={"cpu": cpu.name, "cores": cpu.cores, "ghz": cpu.ghz, "platform": platform.platform(), "peak": peak.to_json(),
-                 "sgemm_gflops": sgemm, **({"gpu": gpu, "gpu_fp16_dense_tflops": gpu_peak} if gpu else {})},
+                 "sgemm_gflops": sgemm, "fma_ceiling_gflops": ceiling, "fma_ceiling_how": ceiling_how,
+                 **({"gpu": gpu, "gpu_fp16_dense_tflops": gpu_peak} if gpu else {})},
         versions={"sdfast": __version__, "python": platform.python_version(), **_versions()},
         workload={"model": manifest.model_name, "height": manifest.geometry["height"], "width": manifest.geometry["width"],
                   "batch": manifest.geometry["batch"], "steps": args.steps, "repeat": args.repeat, "precision": manifest.data["precision"],
@@ -143,6 +149,8 @@ def _measure(args: argparse.Namespace):
         command = [sys.executable, "-m", "sdfast.bench.measure", name, "--engine", str(engine), "--repeat", str(args.repeat),
                    "--steps", str(args.steps)]
         command += ["--peak-cpu", str(peak.fp32_gflops)]  # the measuring process picks the peak of where it ran
+        if ceiling:
+            command += ["--fma-ceiling", str(ceiling)]
         if gpu_peak:
             command += ["--peak-gpu", str(gpu_peak * 1e3)]
         if unguided is not None and name != "torch":

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-cache-depth", type=int, default=1, metavar="N",
                         help="layers of the first down block the shallow U-Net runs (default 1; 0 is fastest, the block's "
                              "layer count the most faithful)")
+    parser.add_argument("--guidance-truncation", action="store_true",
+                        help="also export the U-Net without the unconditional rows (over the same weights, one copy), so "
+                             "generate --guidance-stop F can skip the unconditional half after a fraction F of the steps")
     parser.add_argument("--vae-decoder", dest="tiny_vae", metavar="DIR",
                         help="also export this tiny VAE decoder (an AutoencoderTiny/TAESD folder, or the built-ins taesd, taesdxl, "
                              "taesd3) beside the full one, for generate --vae-decoder tiny")
@@ -64,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision, guidance=args.guidance, force=args.force, family=args.family, max_prompt_chunks=args.max_prompt_chunks, cpu_variant=args.cpu_variant,
         t5=args.t5, controlnet_inputs=args.controlnet_inputs, loras=tuple(parse_lora_argument(text) for text in args.lora),
         step_cache=args.step_cache, step_cache_depth=args.step_cache_depth, tiny_vae=args.tiny_vae,
+        guidance_truncation=args.guidance_truncation,
     )
     check_request(request)  # refuse bad shapes and paths before importing torch
     export_engine(request, ElapsedLog("export"))

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-cache", type=int, metavar="N",
                         help="fast mode (DeepCache): the full U-Net every N steps, its shallow branch on the cached deep feature "
                              "in between (2 to 10; the engine dir needs export --step-cache; named in the PNG's parameters)")
+    parser.add_argument("--guidance-stop", type=float, metavar="F",
+                        help="fast mode (guidance truncation): classifier-free guidance on the first F of the steps only, the "
+                             "unconditional half skipped after (0 to 1; the engine dir needs export --guidance-truncation)")
     parser.add_argument("--vae-decoder", choices=("full", "tiny"), default="full",
                         help="tiny: decode with the engine dir's tiny VAE (TAESD, export --vae-decoder), a fast approximate "
                              "decode named in the PNG's parameters (default full)")
@@ -168,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         height=args.height, width=args.width, batch_size=args.batch_size, n_iter=args.n_iter,
         clip_skip=args.clip_skip, init_image=init_image, mask=mask, strength=args.strength, eta=args.eta, refiner_switch=refiner_switch,
         skip_layer_guidance=slg, control=control, loras=loras, hires=hires, step_cache=args.step_cache,
-        vae_decoder=args.vae_decoder,
+        vae_decoder=args.vae_decoder, guidance_stop=args.guidance_stop,
     )
     prepared = checker.prepare(request)
     paths = output_paths(args.output, prepared.batch * args.n_iter)

@@ -45,6 +45,7 @@ class ExportRequest:
     step_cache: bool = False  # DeepCache: the U-Net also returns its deep feature, and a shallow U-Net reuses it (export/step_cache.py)
     step_cache_depth: int = 1  # layers of the first down block the shallow U-Net runs (0 .. that block's layer count)
     tiny_vae: str | None = None  # an AutoencoderTiny (TAESD) folder or built-in name: exported as vae_decoder_tiny (export/tiny_vae.py)
+    guidance_truncation: bool = False  # also the U-Net at the images' batch (unet_cond), over the guided U-Net's weights
 
 
 def check_request(request: ExportRequest) -> None:
@@ -58,6 +59,10 @@ def check_request(request: ExportRequest) -> None:
         raise ConfigError(f"{len(request.sizes)} sizes: an engine dir holds at most {MAX_SIZES} (each is a static graph per component)")
     if request.step_cache_depth < 0:
         raise ConfigError(f"--step-cache-depth {request.step_cache_depth} must be 0 or more")
+    if request.guidance_truncation and not request.guidance:
+        raise ConfigError("--guidance-truncation needs classifier-free guidance: it cannot go with --no-guidance")
+    if request.guidance_truncation and request.sizes:
+        raise ConfigError("--guidance-truncation with --size is not supported yet: export one size")
     if request.batch < 1:
         raise ConfigError(f"batch {request.batch} must be at least 1")
     if request.max_prompt_chunks is not None and not 1 <= request.max_prompt_chunks <= 64:
@@ -202,8 +207,9 @@ def _build(request: ExportRequest, recipe, family, folder: Path, builtin: bool, 
     raw_dir.mkdir()
     names = family.components(recipe, model)
     asked = recipe.asked_components(request)
-    if "unet_shallow" in asked:  # before the U-Net, whose export frees the module both use
-        names = [*names[:names.index("unet")], "unet_shallow", *names[names.index("unet"):]]
+    for name in ("unet_shallow", "unet_cond"):  # before the U-Net, whose export frees the module they use
+        if name in asked:
+            names = [*names[:names.index("unet")], name, *names[names.index("unet"):]]
     if TINY_VAE in asked:  # after the full decoder, before the VAE encoder's export frees the VAE the family's checks read
         names.insert(names.index("vae_decoder") + 1, TINY_VAE)
     components = {}
@@ -216,6 +222,12 @@ def _build(request: ExportRequest, recipe, family, folder: Path, builtin: bool, 
             components[name] = export_component(request, recipe, family, model, name, dims, dynamic_json, staging, raw_dir, label,
                                                 progress)
     raw_dir.rmdir()
+    if "unet_cond" in components:  # one copy of the U-Net's weights for the guided and the cond-only graphs
+        from sdfast.export.shared_weights import share_between
+
+        shared = share_between(staging, "unet", [components["unet"], components["unet_cond"]])
+        progress(f"unet and unet_cond: {shared['stored']} distinct weights of {shared['tensors']} stored once "
+                 f"({shared['saved_bytes'] / 2**30:.2f} GiB not written again)")
     progress(f"export finished in {time.perf_counter() - started:.1f} s")
     manifest = _manifest(request, recipe, folder, builtin, fingerprint, dims, dynamic_json, family_blocks, tokenizers, scheduler_info,
                          components, time.perf_counter() - started)

@@ -138,11 +138,12 @@ class Recipe:
 
         inputs, outputs = resolve(spec["inputs"]), resolve(spec["outputs"])
         # ControlNet residuals: a list the family module derives from the U-Net's blocks, [(name, (C, h, w)), ...]
-        inputs += residual_tensors(dims, spec.get("residual_inputs"))
-        outputs += residual_tensors(dims, spec.get("residual_outputs"))
+        rows = spec.get("batch", "unet_batch")  # the batch of these listed tensors: the cond-only U-Net's is the images'
+        inputs += residual_tensors(dims, spec.get("residual_inputs"), rows)
+        outputs += residual_tensors(dims, spec.get("residual_outputs"), rows)
         # step caching: the U-Net's extra output, the shallow U-Net's extra input (none without --step-cache)
-        inputs += residual_tensors(dims, spec.get("step_cache_inputs"))
-        outputs += residual_tensors(dims, spec.get("step_cache_outputs"))
+        inputs += residual_tensors(dims, spec.get("step_cache_inputs"), rows)
+        outputs += residual_tensors(dims, spec.get("step_cache_outputs"), rows)
         return ComponentRecipe(
             name, inputs, outputs, float(tolerance), used, precision,
             tuple(spec.get("fp16_keep_fp32_ops", ())), whole_fp32_reason, spec.get("ort_model_type"), spec["role"],
@@ -150,9 +151,9 @@ class Recipe:
         )
 
 
-def residual_tensors(dims: dict, key: str | None) -> tuple[ResolvedTensor, ...]:
-    """The tensors ``dims[key]`` lists (ControlNet residuals, the step cache's feature), each [unet_batch, C, h, w]
+def residual_tensors(dims: dict, key: str | None, rows: str = "unet_batch") -> tuple[ResolvedTensor, ...]:
+    """The tensors ``dims[key]`` lists (ControlNet residuals, the step cache's feature), each [dims[rows], C, h, w]
     float32; none when the key is unset."""
     if key is None:
         return ()
-    return tuple(ResolvedTensor(name, (int(dims["unet_batch"]), *map(int, shape)), "float32") for name, shape in dims.get(key, ()))
+    return tuple(ResolvedTensor(name, (int(dims[rows]), *map(int, shape)), "float32") for name, shape in dims.get(key, ()))

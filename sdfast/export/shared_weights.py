@@ -109,3 +109,32 @@ def _all_initializers(graph):
             elif attribute.type == onnx.AttributeProto.GRAPHS:
                 for subgraph in attribute.graphs:
                     yield from _all_initializers(subgraph)
+
+
+def share_between(staging: Path, name: str, entries: list[dict]) -> dict:
+    """Put the weights of several components' graphs (the guided U-Net and the cond-only one) into ``{name}.weights``,
+    each distinct tensor once, with its index; each entry's graphs are re-hashed and its ``shared_weights`` set, so the
+    runtime maps one copy for all of them. Returns the writer's summary."""
+    import json
+
+    from sdfast.export.sized_export import INDEX_FORMAT
+    from sdfast.export.staging import hashed
+
+    data_path = staging / f"{name}.weights"
+    writer = SharedWeightsWriter(data_path)
+    targets = [target for entry in entries for target in (entry, *entry.get("variants", {}).values())]
+    try:
+        writer.add([(staging / target["file"],) * 2 for target in targets])
+    finally:
+        shared = writer.close()
+    index_path = staging / f"{name}.weights.json"
+    index_path.write_text(json.dumps({"format": INDEX_FORMAT, "file": shared["file"], "graphs": shared["graphs"]},
+                                     separators=(",", ":")) + "\n")
+    data_entry = hashed(staging, [data_path])
+    for target in targets:
+        target["files"] = {**hashed(staging, [staging / target["file"]]), **data_entry}
+    record = {"file": data_path.name, "index": index_path.name, "files": {**data_entry, **hashed(staging, [index_path])},
+              "tensors": shared["tensors"], "stored": shared["stored"], "saved_bytes": shared["saved_bytes"]}
+    for entry in entries:  # a LoRA parameter map stays valid: the graphs keep their initializers' names
+        entry["shared_weights"] = dict(record)
+    return shared

@@ -37,6 +37,7 @@ class GenerationRequest:
     start_step: int | None = None  # img2img: the step the plan starts at, instead of the strength's rounding (A1111's hires pass)
     step_cache: int | None = None  # DeepCache: the full U-Net every this many evaluations, the shallow U-Net between (runtime.step_cache)
     vae_decoder: str = "full"  # "tiny": the engine dir's tiny VAE decoder (TAESD, export --vae-decoder), a fast approximate decode
+    guidance_stop: float | None = None  # guidance truncation: the unconditional half skipped after this fraction of the steps
 
 
 @dataclass(frozen=True)

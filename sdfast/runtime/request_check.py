@@ -13,6 +13,7 @@ from sdfast.errors import EngineError, RequestError
 from sdfast.runtime.families import family_class
 from sdfast.runtime.manifest import Manifest, read_manifest
 from sdfast.runtime.prompts import parse_prompt_attention
+from sdfast.runtime.guidance_truncation import check_request as check_guidance_stop
 from sdfast.runtime.step_cache import check_request as check_step_cache
 
 TINY_VAE = "vae_decoder_tiny"  # the engine dir's optional tiny VAE decoder (TAESD)
@@ -184,6 +185,9 @@ class RequestChecker:
         self._check_skip_layers(request)
         self._check_control(request)
         check_step_cache(request, self.manifest)
+        check_guidance_stop(request, self.manifest, sampler.evaluates_twice)
+        if request.guidance_stop is not None and not self.guidance:
+            raise RequestError("guidance truncation needs an engine exported with classifier-free guidance")
         if request.vae_decoder not in VAE_DECODERS:
             raise RequestError(f"VAE decoder must be one of {', '.join(VAE_DECODERS)}, not {request.vae_decoder!r}")
         if request.vae_decoder == "tiny" and TINY_VAE not in self.manifest.components:

@@ -8,14 +8,17 @@ import numpy as np
 
 from sdfast.runtime.device_loop import check_finite
 from sdfast.runtime.generation import SkipLayerGuidance, StageTimings
+from sdfast.runtime.guidance_truncation import COND, cond_rows
 from sdfast.runtime.step_cache import SHALLOW, CachedDenoiser
 
 
 def guided_unet(pipeline, conditioning: dict[str, np.ndarray], cfg_scale: float, use_cfg: bool, timings: StageTimings,
                 masked: np.ndarray | None, skip_layers: SkipLayerGuidance | None = None, steps: int = 0, control=None,
-                step_cache: int | None = None):
+                step_cache: int | None = None, last_guided: int | None = None):
     """``predict(x_in, timestep)`` over ``pipeline``'s denoiser engine; ``control(x_rows, timesteps, timestep)`` gives the
-    ControlNets' residuals for that call (None: the zeros in ``conditioning`` stay); ``step_cache``: DeepCache's interval."""
+    ControlNets' residuals for that call (None: the zeros in ``conditioning`` stay); ``step_cache``: DeepCache's interval;
+    ``last_guided``: the last guided evaluation when guidance is truncated, after which the cond-only U-Net runs
+    (runtime.guidance_truncation); None: every one is guided."""
     engine = pipeline.engines[pipeline.manifest.denoiser]
     label = pipeline.manifest.denoiser_label  # for errors
     guidance = pipeline.guidance
@@ -23,6 +26,11 @@ def guided_unet(pipeline, conditioning: dict[str, np.ndarray], cfg_scale: float,
     # skip-layer guidance (SD3.5): a third call on the prompt's rows with some blocks skipped, in part of the schedule
     skipping = pipeline.family.skip_layer_feeds(conditioning, skip_layers.layers) if skip_layers and use_cfg else None
     cached = CachedDenoiser(engine, pipeline.engines[SHALLOW], step_cache) if step_cache not in (None, 1) else None
+    # the cond-only U-Net: after the guidance stop, or on every step when guidance is off (cfg <= 1)
+    cond_engine = pipeline.engines.get(COND) if guidance else None
+    if not use_cfg and step_cache in (None, 1):
+        last_guided = -1  # no guidance at all: every evaluation is the prompt's alone
+    cond_feeds = cond_rows(conditioning, [s.name for s in cond_engine.info.inputs if s.name in conditioning]) if cond_engine else {}
     evaluations = 0
 
     def predict(x_in: np.ndarray, timestep: float) -> np.ndarray:
@@ -30,6 +38,11 @@ def guided_unet(pipeline, conditioning: dict[str, np.ndarray], cfg_scale: float,
         evaluation, evaluations = evaluations, evaluations + 1
         # x_in: [B, 4, h, w], already scaled by c_in; masked: [B, 5, h, w] (mask, masked-image latents) or None
         sample = x_in if masked is None else np.concatenate([x_in, masked], axis=1)
+        if cond_engine is not None and last_guided is not None and evaluation > last_guided and control is None:
+            started = time.perf_counter()
+            output = cond_engine.run({**cond_feeds, "sample": sample, "timestep": np.full((len(sample),), timestep, np.float32)})[0]
+            timings.unet_steps.append(time.perf_counter() - started)
+            return check_finite(label, output)  # the prompt's prediction alone, as diffusers with guidance_scale 0
         sample = np.concatenate([sample, sample]) if guidance else sample  # sample: [unet_batch, C, h, w]
         timesteps = np.full((unet_batch,), timestep, dtype=np.float32)
         started = time.perf_counter()

@@ -9,7 +9,7 @@ from sdfast.runtime.families.base import Family, guided_rows
 class StableDiffusion1(Family):
     name = "sd15"
     required = ("text_encoder", "unet", "vae_decoder")
-    optional = ("vae_encoder", "vae_decoder_tiny", "unet_shallow")  # img2img; step caching (export --step-cache)
+    optional = ("vae_encoder", "vae_decoder_tiny", "unet_shallow", "unet_cond")  # img2img; the fast modes (export options)
     fed_inputs = {"text_encoder": ("input_ids", "clip_skip"), "unet": ("encoder_hidden_states",), "vae_decoder": ("latent",),
                   "vae_encoder": ("image",)}
     # live previews: latent channels -> RGB, A1111's cheap approximation for SD 1.x and 2.x (sd_vae_approx.py)

@@ -1,6 +1,7 @@
 """Fast modes against the exact image: the speed-up per image and the quality cost (PSNR, SSIM) over seeds x prompts.
 
-    python benchmarks/fast_modes.py ENGINE_DIR --steps 10 --seeds 8 --step-cache 2,3,4 \
+    python benchmarks/fast_modes.py ENGINE_DIR --steps 10 --seeds 8 \
+        --modes "step_cache=2;step_cache=3;step_cache=4;vae_decoder=tiny;step_cache=3,vae_decoder=tiny" \
         --out benchmarks/results/fast_modes_sd15_256.json
 
 Every image is generated once per mode, the modes alternating (their order rotates from image to image), so the speed
@@ -44,11 +45,21 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
                                        use_sample_covariance=False))
 
 
-def modes_from(args) -> dict[str, dict]:
-    """Mode label -> the GenerationRequest fields it sets; 'exact' first."""
+LABELS = {"step_cache": "step cache {}", "vae_decoder": "{} VAE", "guidance_stop": "guidance stop {}"}
+
+
+def modes_from(text: str) -> dict[str, dict]:
+    """'step_cache=3;vae_decoder=tiny;step_cache=3,vae_decoder=tiny' -> mode label -> the GenerationRequest fields it
+    sets; 'exact' (no field) first."""
     modes = {"exact": {}}
-    for interval in (int(n) for n in args.step_cache.split(",") if n):
-        modes[f"step cache {interval}"] = {"step_cache": interval}
+    for mode in (m.strip() for m in text.split(";") if m.strip()):
+        fields = {}
+        for pair in mode.split(","):
+            key, _, value = pair.strip().partition("=")
+            if key not in LABELS:
+                raise SystemExit(f"--modes: unknown field '{key}' (one of {', '.join(LABELS)})")
+            fields[key] = int(value) if value.isdigit() else float(value) if value.replace(".", "", 1).isdigit() else value
+        modes[" + ".join(LABELS[key].format(value) for key, value in fields.items())] = fields
     return modes
 
 
@@ -68,14 +79,16 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=len(PROMPTS))
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
-    parser.add_argument("--step-cache", default="2,3,4", help="DeepCache intervals to measure (comma-separated; '' for none)")
+    parser.add_argument("--modes", default="step_cache=2;step_cache=3;step_cache=4",
+                        help="the fast modes, ';'-separated, each 'field=value[,field=value]' of GenerationRequest (step_cache, "
+                             "vae_decoder, guidance_stop); the exact image is always measured")
     parser.add_argument("--out", type=Path, help="JSON results (and a .md table beside it)")
     args = parser.parse_args()
 
     started = time.perf_counter()
     pipeline = Pipeline.load(args.engine, verify="size")
     load_s = time.perf_counter() - started
-    modes = modes_from(args)
+    modes = modes_from(args.modes)
     for overrides in modes.values():  # refuse a mode the engine dir cannot run before any image is made
         pipeline.validate(GenerationRequest("x", steps=args.steps, width=args.width, height=args.height, **overrides))
     seconds = {label: [] for label in modes}

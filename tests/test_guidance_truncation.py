@@ -91,6 +91,8 @@ def test_refusals(pipeline, tiny_engine, tmp_path):
             pipeline.validate(dataclasses.replace(request, guidance_stop=stop))
     with pytest.raises(RequestError, match="a sampler that evaluates twice"):
         pipeline.validate(dataclasses.replace(request, sampler="heun"))
+    with pytest.raises(RequestError, match="guidance truncation does not run with LoRAs yet"):
+        pipeline.validate(dataclasses.replace(request, prompt="a cat <lora:ink:0.7>"))
     pipeline.validate(request)
     from sdfast.export.build import ExportRequest, check_request
 

@@ -22,7 +22,8 @@ def measured_fma_gflops(threads: int, cache: Path) -> tuple[float | None, str]:
     if compiler is None:
         return None, "no C compiler to build sdfast/bench/fma_peak.c"
     source = resources.files("sdfast.bench").joinpath("fma_peak.c").read_bytes()
-    binary = cache / f"fma_peak-{hashlib.sha256(source).hexdigest()[:12]}"
+    # built with -march=native: the binary is this CPU's (a cache shared between machines must not hand it to another)
+    binary = cache / f"fma_peak-{hashlib.sha256(source + _cpu_identity()).hexdigest()[:12]}"
     if not binary.is_file():
         cache.mkdir(parents=True, exist_ok=True)
         source_path = cache / "fma_peak.c"
@@ -34,10 +35,22 @@ def measured_fma_gflops(threads: int, cache: Path) -> tuple[float | None, str]:
             return None, f"fma_peak.c did not build here ({first})"
     figures = []
     for _ in range(3):
-        ran = subprocess.run([str(binary), str(threads)], capture_output=True, text=True, timeout=120)
+        try:
+            ran = subprocess.run([str(binary), str(threads)], capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as error:
+            return None, f"fma_peak did not run ({type(error).__name__})"
         match = OUTPUT.match(ran.stdout.strip())
         if ran.returncode or not match:
             return None, f"fma_peak exited {ran.returncode}"
         figures.append(float(match.group(2)))
     median = sorted(figures)[1]
     return median, f"measured: {threads} threads x 12 independent FMA chains (sdfast/bench/fma_peak.c), median of 3 runs"
+
+
+def _cpu_identity() -> bytes:
+    """The CPU's model name and flags, as /proc/cpuinfo gives them (empty elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return b""
+    return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))})).encode()

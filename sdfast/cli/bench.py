@@ -129,7 +129,8 @@ def _measure(args: argparse.Namespace):
     from sdfast.bench.fma_ceiling import measured_fma_gflops
     from sdfast.export.builtin import cache_root
 
-    ceiling, ceiling_how = measured_fma_gflops(len(os.sched_getaffinity(0)), cache_root() / "bench")
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ceiling, ceiling_how = measured_fma_gflops(threads, cache_root() / "bench")
     gpu = gpu_name()
     gpu_peak = gpu_fp16_peak_tflops(gpu)
     run = BenchRun(

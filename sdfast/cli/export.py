@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-cache", action="store_true",
                         help="also export DeepCache's shallow U-Net, and the deep feature it reuses as a second U-Net output, so "
                              "generate --step-cache N can skip the deep blocks on N-1 of every N steps (sd15, sdxl)")
-    parser.add_argument("--step-cache-depth", type=int, default=1, metavar="N",
+    parser.add_argument("--step-cache-depth", type=int, metavar="N",
                         help="layers of the first down block the shallow U-Net runs (default 1; 0 is fastest, the block's "
                              "layer count the most faithful)")
     parser.add_argument("--guidance-truncation", action="store_true",
@@ -58,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
     from sdfast.export.build import ExportRequest, check_request, export_engine
     from sdfast.export.lora_fuse import parse_lora_argument
 
+    if args.step_cache_depth is not None and not args.step_cache:
+        from sdfast.errors import ConfigError
+
+        raise ConfigError("--step-cache-depth applies with --step-cache")
     sizes = [parse_size(text) for text in args.size]
     height, width = args.height, args.width
     if sizes and height is None and width is None:
@@ -66,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, out=args.out, height=height, width=width, batch=args.batch, sizes=tuple(sizes),
         precision=args.precision, guidance=args.guidance, force=args.force, family=args.family, max_prompt_chunks=args.max_prompt_chunks, cpu_variant=args.cpu_variant,
         t5=args.t5, controlnet_inputs=args.controlnet_inputs, loras=tuple(parse_lora_argument(text) for text in args.lora),
-        step_cache=args.step_cache, step_cache_depth=args.step_cache_depth, tiny_vae=args.tiny_vae,
+        step_cache=args.step_cache, step_cache_depth=1 if args.step_cache_depth is None else args.step_cache_depth, tiny_vae=args.tiny_vae,
         guidance_truncation=args.guidance_truncation,
     )
     check_request(request)  # refuse bad shapes and paths before importing torch

@@ -37,11 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slg-start", type=float, help="skip-layer guidance starts after this fraction of the steps (default 0.01)")
     parser.add_argument("--slg-stop", type=float, help="and stops before this fraction (default 0.2)")
     parser.add_argument("--step-cache", type=int, metavar="N",
-                        help="fast mode (DeepCache): the full U-Net every N steps, its shallow branch on the cached deep feature "
+                        help="fast mode (DeepCache): the full U-Net every N steps (from the first), its shallow branch on the cached deep feature "
                              "in between (2 to 10; the engine dir needs export --step-cache; named in the PNG's parameters)")
     parser.add_argument("--guidance-stop", type=float, metavar="F",
-                        help="fast mode (guidance truncation): classifier-free guidance on the first F of the steps only, the "
-                             "unconditional half skipped after (0 to 1; the engine dir needs export --guidance-truncation)")
+                        help="fast mode (guidance truncation): classifier-free guidance up to step int(steps x F), the "
+                             "unconditional half skipped after it, as diffusers' dynamic-CFG callback (0 to 1; the engine dir "
+                             "needs export --guidance-truncation)")
     parser.add_argument("--vae-decoder", choices=("full", "tiny"), default="full",
                         help="tiny: decode with the engine dir's tiny VAE (TAESD, export --vae-decoder), a fast approximate "
                              "decode named in the PNG's parameters (default full)")

@@ -131,8 +131,11 @@ def export_engine(request: ExportRequest, progress: Progress = lambda _: None) -
             raise ConfigError(f"{label} {value} is not a multiple of {multiple}, which the {recipe.family} family needs")
     check_model_folder(folder, recipe, pipeline_class if request.family is None else None)
     family = export_module(recipe)
-    if request.step_cache and "unet_shallow" not in recipe.asked_components(request):
+    asked = recipe.asked_components(request)
+    if request.step_cache and "unet_shallow" not in asked:
         raise ConfigError(f"--step-cache is for U-Net families (sd15, sdxl); the {recipe.family} family has no shallow denoiser")
+    if request.guidance_truncation and "unet_cond" not in asked:
+        raise ConfigError(f"--guidance-truncation is for U-Net families (sd15, sdxl), not for the {recipe.family} family yet")
     if request.tiny_vae is not None:
         from sdfast.export.tiny_vae import tiny_vae_folder
 

@@ -15,7 +15,7 @@ from sdfast.errors import RequestError
 COND = "unet_cond"  # the cond-only U-Net's component (role denoiser_cond)
 
 
-def check_request(request, manifest, evaluates_twice: bool) -> None:
+def check_request(request, manifest, evaluates_twice: bool, backend: str) -> None:
     """RequestError for a guidance stop this engine dir or request cannot run."""
     stop = request.guidance_stop
     if stop is None:
@@ -27,7 +27,8 @@ def check_request(request, manifest, evaluates_twice: bool) -> None:
                            "sdfast export --guidance-truncation")
     for asked, why in ((request.step_cache not in (None, 1), "step caching"), (bool(request.control), "ControlNets"),
                        (request.refiner_switch is not None, "a refiner hand-off"), (evaluates_twice, "a sampler that evaluates twice per step"),
-                       (request.skip_layer_guidance is not None, "skip-layer guidance")):
+                       (request.skip_layer_guidance is not None, "skip-layer guidance"),
+                       (backend != "cpu", f"the {backend} backend (it would hold a second U-Net on the device)")):
         if asked:
             raise RequestError(f"guidance truncation does not run with {why} yet")
 

@@ -58,6 +58,7 @@ class Pipeline:
         self.scheduler_config = scheduler_config
         self.schedule = self.checker.schedule
         self.backend = backend
+        self.checker.backend = backend
         self.loop = "auto"  # "auto": the engine's device loop where it has one; "table": the tabulated loop in numpy; "numpy": the samplers
         self.load_timings: dict[str, float] = {}  # seconds: verify (hashing), engines (sessions), total
         self._tables: dict[tuple, object] = {}
@@ -121,6 +122,7 @@ class Pipeline:
 
     def validate(self, request: GenerationRequest) -> None:
         """Raise RequestError for anything this engine cannot serve, without running it (the server checks before queuing)."""
+        check_step_cache_loras(request)
         if request.hires is not None:
             from sdfast.runtime.hires import check_hires
 
@@ -129,7 +131,6 @@ class Pipeline:
         if sized is not self:
             return sized.validate(request)
         self.checker.prepare(request)
-        check_step_cache_loras(request)
         self.loras.for_request(request)
 
     # -- stages ---------------------------------------------------------------------------------------

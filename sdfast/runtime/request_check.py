@@ -12,17 +12,17 @@ import numpy as np
 from sdfast.errors import EngineError, RequestError
 from sdfast.runtime.families import family_class
 from sdfast.runtime.manifest import Manifest, read_manifest
-from sdfast.runtime.prompts import parse_prompt_attention
 from sdfast.runtime.guidance_truncation import check_request as check_guidance_stop
+from sdfast.runtime.prompts import parse_prompt_attention
 from sdfast.runtime.step_cache import check_request as check_step_cache
-
-TINY_VAE = "vae_decoder_tiny"  # the engine dir's optional tiny VAE decoder (TAESD)
-VAE_DECODERS = ("full", "tiny")
 from sdfast.sampling.registry import check_supported, is_flow, resolve_sampler, schedule_for
 from sdfast.sampling.schedules import SamplingPlan
 
 if TYPE_CHECKING:
     from sdfast.runtime.generation import GenerationRequest
+
+TINY_VAE = "vae_decoder_tiny"  # the engine dir's optional tiny VAE decoder (TAESD)
+VAE_DECODERS = ("full", "tiny")
 
 MAX_STEPS = 1000  # the one step limit (CLI, Python API, HTTP): the training schedule's 1000 timesteps, past which diffusers refuses
 MAX_ITERATIONS = 10000
@@ -73,6 +73,7 @@ class RequestChecker:
 
     def __init__(self, manifest: Manifest, scheduler_config: dict):
         self.manifest = manifest
+        self.backend = "cpu"  # the backend the requests run on (Pipeline sets it): some fast modes are the CPU's only
         self.scheduler_config = scheduler_config
         self.flow_model = is_flow(scheduler_config)  # a flow-matching model: its own samplers (sampling/flow.py)
         geometry = manifest.geometry
@@ -184,8 +185,8 @@ class RequestChecker:
         self._check_images(request, batch)
         self._check_skip_layers(request)
         self._check_control(request)
-        check_step_cache(request, self.manifest)
-        check_guidance_stop(request, self.manifest, sampler.evaluates_twice)
+        check_step_cache(request, self.manifest, sampler.evaluates_twice, self.backend)
+        check_guidance_stop(request, self.manifest, sampler.evaluates_twice, self.backend)
         if request.guidance_stop is not None and not self.guidance:
             raise RequestError("guidance truncation needs an engine exported with classifier-free guidance")
         if request.vae_decoder not in VAE_DECODERS:

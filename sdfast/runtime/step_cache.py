@@ -15,7 +15,7 @@ FEATURE = "step_cache_feature"  # the full U-Net's second output, the shallow U-
 MAX_INTERVAL = 10
 
 
-def check_request(request, manifest) -> None:
+def check_request(request, manifest, evaluates_twice: bool, backend: str) -> None:
     """RequestError for a step cache this engine dir or request cannot run (the LoRA check is ``check_loras``)."""
     interval = request.step_cache
     if interval is None:
@@ -24,6 +24,13 @@ def check_request(request, manifest) -> None:
         raise RequestError(f"step cache interval must be an integer from 1 to {MAX_INTERVAL}, not {interval}")
     if SHALLOW not in manifest.components:
         raise RequestError("this engine dir has no shallow U-Net for step caching: export it with sdfast export --step-cache")
+    denoiser = manifest.components[manifest.denoiser]
+    if FEATURE not in [spec.name for spec in denoiser.outputs]:
+        raise RequestError(f"this engine dir's {manifest.denoiser_label} does not return the step cache's feature: re-export it with --step-cache")
+    if interval > 1 and backend != "cpu":
+        raise RequestError(f"step caching runs on the cpu backend only yet, not on {backend}")
+    if interval > 1 and evaluates_twice:
+        raise RequestError("step caching counts one U-Net call per step: not with a sampler that evaluates twice per step yet")
     if request.control:
         raise RequestError("step caching does not run with ControlNets: the shallow U-Net takes no residuals")
     if request.refiner_switch is not None:
@@ -31,12 +38,16 @@ def check_request(request, manifest) -> None:
 
 
 def check_loras(request) -> None:
-    """RequestError when a step-cached request asks for LoRAs (in ``loras`` or prompt tags): the shallow U-Net's weights
-    are not patched."""
+    """RequestError when a request with a fast mode whose extra graph LoRAs do not patch (the shallow U-Net, the
+    cond-only U-Net) asks for LoRAs, in ``loras`` or prompt tags."""
     from sdfast.runtime.lora.prompt_tags import extract_loras
 
-    if request.step_cache not in (None, 1) and (request.loras or extract_loras(request.prompt)[1]):
+    if not (request.loras or extract_loras(request.prompt)[1]):
+        return
+    if request.step_cache not in (None, 1):
         raise RequestError("step caching does not run with LoRAs yet: the shallow U-Net would keep the unpatched weights")
+    if request.guidance_stop is not None and request.guidance_stop < 1:
+        raise RequestError("guidance truncation does not run with LoRAs yet: the cond-only U-Net would keep the unpatched weights")
 
 
 class CachedDenoiser:

@@ -78,6 +78,9 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
     @router.get("/sdapi/v1/options")
     async def get_options():
         return {"sd_model_checkpoint": model_title(), "CLIP_stop_at_last_layers": ctx.options["CLIP_stop_at_last_layers"],
+                "deepcache_enable": bool(ctx.options.get("deepcache_enable", False)),
+                "deepcache_full_run_step_rate": ctx.options.get("deepcache_full_run_step_rate", DEEPCACHE_DEFAULT_RATE),
+                "sd_vae_decode_method": ctx.options.get("sd_vae_decode_method") or "Full",
                 "samples_format": "png", "sd_checkpoint_hash": pipeline.manifest.data["source"].get("fingerprint")}
 
     @router.post("/sdapi/v1/options")
@@ -105,7 +108,7 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
                 raise FieldError(f"{prefix}CLIP_stop_at_last_layers", f"must be an integer from 1 to {layers}, not {value!r}")
         _check_deepcache(options, prefix)
         method = options.get("sd_vae_decode_method")
-        if method is not None and method not in DECODE_METHODS:
+        if method is not None and (not isinstance(method, str) or method not in DECODE_METHODS):
             raise FieldError(f"{prefix}sd_vae_decode_method", f"must be one of {', '.join(DECODE_METHODS)}, not {method!r}")
         if method == "TAESD" and "vae_decoder_tiny" not in pipeline.manifest.components:
             raise FieldError(f"{prefix}sd_vae_decode_method", "this engine dir has no tiny VAE decoder: export it with "

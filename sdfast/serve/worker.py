@@ -48,8 +48,7 @@ class Job:
     step: int = 0
     total_steps: int = 0
     members: list["Job"] = field(default_factory=list)  # the jobs sharing this one's engine batch (it included)
-    latest: np.ndarray | None = None  # the last step's x0 estimate [B, C, h, w]: the live preview's source
-    latest_step: int = 0
+    latest: tuple[int, np.ndarray] | None = None  # (step, its x0 estimate [B, C, h, w]): the live preview's source, one store
 
     def merge_key(self) -> tuple | None:
         """Jobs with equal keys can share one engine batch (only their seeds differ); None: never merged."""
@@ -103,13 +102,15 @@ class Worker:
 
     def preview(self) -> tuple[int, np.ndarray] | None:
         """(step, the running job's first image as A1111's "Approx cheap" live preview [h, w, 3] uint8), or None."""
+        from sdfast.runtime.families import family_class
         from sdfast.runtime.previews import approx_cheap
 
         job = self.stats.current
-        latest = job.latest if job is not None else None
+        latest = job.latest if job is not None else None  # one read: the step and its estimate belong together
         if latest is None:
             return None
-        return job.latest_step, approx_cheap(latest[0], self.pipeline.family.preview_rgb)
+        step, x0 = latest
+        return step, approx_cheap(x0[0], family_class(self.pipeline.manifest.family).preview_rgb)
 
     async def submit(self, request: GenerationRequest, images: int, timeout_s: float, disconnected=None) -> list[GenerationResult]:
         job = Job(request, images)
@@ -249,7 +250,7 @@ class Worker:
                 raise Cancelled(stopped)
 
         def on_latents(x0: np.ndarray) -> None:  # before on_step counts the step: the preview is of step lead.step + 1
-            lead.latest, lead.latest_step = x0, lead.step + 1
+            lead.latest = (lead.step + 1, x0)
 
         try:
             if all(job.cancelled for job in batch):

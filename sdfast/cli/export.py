@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-truncation", action="store_true",
                         help="also export the U-Net without the unconditional rows (over the same weights, one copy), so "
                              "generate --guidance-stop F can skip the unconditional half after a fraction F of the steps")
+    parser.add_argument("--vae-tile", type=int, metavar="PIXELS",
+                        help="also export the VAE decoder and encoder at this tile size (a multiple of 64, at most the image's "
+                             "side), for generate --vae-tiling: large images decoded and encoded in blended tiles, for memory")
     parser.add_argument("--vae-decoder", dest="tiny_vae", metavar="DIR",
                         help="also export this tiny VAE decoder (an AutoencoderTiny/TAESD folder, or the built-ins taesd, taesdxl, "
                              "taesd3) beside the full one, for generate --vae-decoder tiny")
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision, guidance=args.guidance, force=args.force, family=args.family, max_prompt_chunks=args.max_prompt_chunks, cpu_variant=args.cpu_variant,
         t5=args.t5, controlnet_inputs=args.controlnet_inputs, loras=tuple(parse_lora_argument(text) for text in args.lora),
         step_cache=args.step_cache, step_cache_depth=1 if args.step_cache_depth is None else args.step_cache_depth, tiny_vae=args.tiny_vae,
-        guidance_truncation=args.guidance_truncation,
+        guidance_truncation=args.guidance_truncation, vae_tile=args.vae_tile,
     )
     check_request(request)  # refuse bad shapes and paths before importing torch
     export_engine(request, ElapsedLog("export"))

@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fast mode (guidance truncation): classifier-free guidance up to step int(steps x F), the "
                              "unconditional half skipped after it, as diffusers' dynamic-CFG callback (0 to 1; the engine dir "
                              "needs export --guidance-truncation)")
+    parser.add_argument("--vae-tiling", action="store_true",
+                        help="decode (and encode) in overlapping tiles, the seams blended, for memory on large images (the "
+                             "engine dir needs export --vae-tile PIXELS)")
     parser.add_argument("--vae-decoder", choices=("full", "tiny"), default="full",
                         help="tiny: decode with the engine dir's tiny VAE (TAESD, export --vae-decoder), a fast approximate "
                              "decode named in the PNG's parameters (default full)")
@@ -172,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         height=args.height, width=args.width, batch_size=args.batch_size, n_iter=args.n_iter,
         clip_skip=args.clip_skip, init_image=init_image, mask=mask, strength=args.strength, eta=args.eta, refiner_switch=refiner_switch,
         skip_layer_guidance=slg, control=control, loras=loras, hires=hires, step_cache=args.step_cache,
-        vae_decoder=args.vae_decoder, guidance_stop=args.guidance_stop,
+        vae_decoder=args.vae_decoder, guidance_stop=args.guidance_stop, vae_tiling=args.vae_tiling,
     )
     prepared = checker.prepare(request)
     paths = output_paths(args.output, prepared.batch * args.n_iter)

@@ -46,6 +46,7 @@ class ExportRequest:
     step_cache_depth: int = 1  # layers of the first down block the shallow U-Net runs (0 .. that block's layer count)
     tiny_vae: str | None = None  # an AutoencoderTiny (TAESD) folder or built-in name: exported as vae_decoder_tiny (export/tiny_vae.py)
     guidance_truncation: bool = False  # also the U-Net at the images' batch (unet_cond), over the guided U-Net's weights
+    vae_tile: int | None = None  # also the VAE decoder and encoder at this tile size, pixels (tiled VAE: runtime/tiled_vae.py)
 
 
 def check_request(request: ExportRequest) -> None:
@@ -59,6 +60,8 @@ def check_request(request: ExportRequest) -> None:
         raise ConfigError(f"{len(request.sizes)} sizes: an engine dir holds at most {MAX_SIZES} (each is a static graph per component)")
     if request.step_cache_depth < 0:
         raise ConfigError(f"--step-cache-depth {request.step_cache_depth} must be 0 or more")
+    if request.vae_tile is not None and (request.vae_tile < 64 or request.vae_tile % 64):
+        raise ConfigError(f"--vae-tile {request.vae_tile} must be a multiple of 64 pixels (8 latent cells in 8-cell steps)")
     if request.guidance_truncation and not request.guidance:
         raise ConfigError("--guidance-truncation needs classifier-free guidance: it cannot go with --no-guidance")
     if request.guidance_truncation and request.sizes:
@@ -184,7 +187,7 @@ def _build(request: ExportRequest, recipe, family, folder: Path, builtin: bool, 
 
     fused = fuse_loras(model, request.loras, progress) if request.loras else []
     fingerprint = fused_fingerprint(weights_fingerprint(folder), fused)
-    dims = family.dimensions(request, recipe, model)
+    dims = _with_tile(family.dimensions(request, recipe, model), request, recipe)
     progress(
         f"geometry: {dims['width']}x{dims['height']}, batch {request.batch}, denoiser batch {dims['unet_batch']} "
         f"({'with' if request.guidance else 'without'} classifier-free guidance), {request.precision}"
@@ -201,7 +204,7 @@ def _build(request: ExportRequest, recipe, family, folder: Path, builtin: bool, 
     from sdfast.runtime.manifest import size_key
 
     extra = [size for size in dict.fromkeys(request.sizes) if size != (dims["width"], dims["height"])]
-    sized_dims = extra_size_dims(family, recipe, model, request, extra)
+    sized_dims = {key: _with_tile(at, request, recipe) for key, at in extra_size_dims(family, recipe, model, request, extra).items()}
     if extra:
         progress(f"sizes: {', '.join([size_key(dims['width'], dims['height']), *sized_dims])} (the first is the default)")
     family_blocks = family.manifest_blocks(recipe, model, dims)  # before the components' export frees the modules it reads
@@ -213,8 +216,9 @@ def _build(request: ExportRequest, recipe, family, folder: Path, builtin: bool, 
     for name in ("unet_shallow", "unet_cond"):  # before the U-Net, whose export frees the module they use
         if name in asked:
             names = [*names[:names.index("unet")], name, *names[names.index("unet"):]]
-    if TINY_VAE in asked:  # after the full decoder, before the VAE encoder's export frees the VAE the family's checks read
-        names.insert(names.index("vae_decoder") + 1, TINY_VAE)
+    for name in reversed((TINY_VAE, "vae_decoder_tile", "vae_encoder_tile")):  # after the full decoder, before the VAE
+        if name in asked:                                                     # encoder's export frees the VAE they read
+            names.insert(names.index("vae_decoder") + 1, name)
     components = {}
     for index, name in enumerate(names, 1):
         label = f"[{index}/{len(names)}] {name}"
@@ -239,6 +243,17 @@ def _build(request: ExportRequest, recipe, family, folder: Path, builtin: bool, 
     if fused:
         manifest["source"]["fused_loras"] = fused
     return manifest
+
+
+def _with_tile(dims: dict, request: ExportRequest, recipe) -> dict:
+    """The tiled VAE's tile dimensions (--vae-tile), the same at every size; refused when larger than an image side."""
+    if request.vae_tile is None:
+        return dims
+    if request.vae_tile > min(dims["height"], dims["width"]):
+        raise ConfigError(f"--vae-tile {request.vae_tile} is larger than the image ({dims['width']}x{dims['height']}): a tile must fit in it")
+    latent = request.vae_tile // recipe.latent_factor
+    return {**dims, "tile_height": request.vae_tile, "tile_width": request.vae_tile, "tile_latent_height": latent,
+            "tile_latent_width": latent}
 
 
 def _manifest(request: ExportRequest, recipe, folder: Path, builtin: bool, fingerprint: str, dims: dict, dynamic_json: dict,

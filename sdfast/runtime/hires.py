@@ -248,7 +248,7 @@ def _decode(pipeline: "Pipeline", latents: np.ndarray, decoder: str = "full") ->
     from sdfast.runtime.images import to_uint8
 
     padded = np.concatenate([latents, np.repeat(latents[:1], pipeline.batch_size - len(latents), axis=0)])
-    return to_uint8(pipeline.decode(padded, decoder))[: len(latents)]
+    return to_uint8(pipeline.decode(padded, decoder))[: len(latents)]  # an interrupted first pass: small, never tiled
 
 
 def _cropped(images: np.ndarray, hires: HiresFix, base: "Pipeline") -> np.ndarray:

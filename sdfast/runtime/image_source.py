@@ -28,15 +28,16 @@ class ImageSource:
     noise: np.ndarray | None = None  # [B, 4, h, w] the current batch's initial noise
 
     @classmethod
-    def encode(cls, pipeline: "Pipeline", image: np.ndarray, mask: np.ndarray | None) -> "ImageSource":
-        """``image``: [1, 3, H, W] for every row, or [B, 3, H, W], one per image (hires fix's upscaled first pass)."""
-        mean, std = pipeline.encode_image(image)  # [1 or B, 4, h, w] each
+    def encode(cls, pipeline: "Pipeline", image: np.ndarray, mask: np.ndarray | None, tiled: bool = False) -> "ImageSource":
+        """``image``: [1, 3, H, W] for every row, or [B, 3, H, W], one per image (hires fix's upscaled first pass);
+        ``tiled``: through the encoder's tile graph (runtime.tiled_vae)."""
+        mean, std = pipeline.encode_image(image, tiled)  # [1 or B, 4, h, w] each
         latent_mask = masked_mean = masked_std = None
         if mask is not None:
             factor = image.shape[-1] // mean.shape[-1]
             latent_mask = mask[:, :, ::factor, ::factor].astype(np.float32)  # torch interpolate 'nearest' at an integer factor
             if pipeline.inpainting_unet:
-                masked_mean, masked_std = pipeline.encode_image(image * (mask < 0.5))
+                masked_mean, masked_std = pipeline.encode_image(image * (mask < 0.5), tiled)
         return cls(mean, std, latent_mask, masked_mean, masked_std, pipeline.batch_size, pipeline.manifest.prediction_type)
 
     @classmethod

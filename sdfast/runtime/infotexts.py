@@ -32,6 +32,7 @@ def generation_infotext(pipeline, request: GenerationRequest, sampler_name: str,
             "Skip layer guidance": _slg_text(request.skip_layer_guidance),
             "Step cache": step_cache_infotext(request.step_cache),  # a fast mode: the image is not the exact one
             "VAE decoder": "TAESD" if request.vae_decoder == "tiny" else None,  # a fast mode too
+            "Tiled VAE": pipeline.manifest.components["vae_decoder_tile"].outputs[0].shape[-1] if request.vae_tiling else None,
             "Guidance stop": request.guidance_stop if request.guidance_stop is not None and request.guidance_stop < 1 else None,
             **dict(unit.infotext(index, pipeline.controlnets.model_hash(unit.model)) for index, unit in enumerate(request.control)),
             **(hires or {}),  # hires fix's settings (runtime.hires.HiresFix.infotext)

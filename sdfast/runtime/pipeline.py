@@ -23,7 +23,7 @@ from sdfast.runtime.refiner import HandOff, LatentSource, base_steps, check_pair
 from sdfast.runtime.request_check import RequestChecker
 from sdfast.runtime.step_cache import check_loras as check_step_cache_loras
 from sdfast.runtime.guidance_truncation import last_guided_evaluation
-from sdfast.runtime.request_check import TINY_VAE
+from sdfast.runtime.vae_calls import decode_latents, encode_images
 from sdfast.sampling.denoiser import Denoiser
 from sdfast.sampling.noise import TorchCompatibleGenerator
 from sdfast.sampling.schedules import SamplingPlan
@@ -144,23 +144,15 @@ class Pipeline:
         return guided_unet(self, conditioning, cfg_scale, use_cfg, timings, masked, skip_layers, steps, control, step_cache,
                            last_guided)
 
-    def encode_image(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def encode_image(self, image: np.ndarray, tiled: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """[n, 3, H, W] in [-1, 1], n up to the encoder's batch -> the VAE posterior (mean, std), each [n, 4, h, w],
-        already times the scaling factor (one call: the rows past n repeat the first image)."""
-        rows, n = self.engines["vae_encoder"].info.input("image").shape[0], len(image)
-        padded = np.concatenate([image, np.repeat(image[:1], rows - n, axis=0)])
-        mean, std = self.engines["vae_encoder"].run({"image": padded})
-        layout = self.family.latent
-        return layout.from_vae(check_finite("VAE encoder", mean[:n])), layout.from_vae(check_finite("VAE encoder", std[:n]), centred=False)
+        already times the scaling factor (sdfast.runtime.vae_calls; ``tiled``: in blended tiles)."""
+        return encode_images(self, image, tiled)
 
-    def decode(self, latents: np.ndarray, decoder: str = "full") -> np.ndarray:
-        """VP latents [B, 4, h, w] -> images [B, 3, H, W] in [-1, 1]; ``decoder`` 'tiny': the tiny VAE (TAESD), fed the
-        latents as they are (its graph scales them)."""
-        if decoder == "tiny":
-            (images,) = self.engines[TINY_VAE].run({"latents": latents})
-            return check_finite("tiny VAE decoder", images)
-        (images,) = self.engines["vae_decoder"].run({"latent": self.family.latent.to_vae(latents)})
-        return check_finite("VAE decoder", images)
+    def decode(self, latents: np.ndarray, decoder: str = "full", tiled: bool = False) -> np.ndarray:
+        """VP latents [B, 4, h, w] -> images [B, 3, H, W] in [-1, 1] (sdfast.runtime.vae_calls): ``decoder`` 'full' or
+        'tiny' (TAESD); ``tiled``: the full decoder in blended tiles."""
+        return decode_latents(self, latents, decoder, tiled)
 
     # -- the whole thing ------------------------------------------------------------------------------
 
@@ -225,7 +217,7 @@ class Pipeline:
         source = ImageSource.from_latents(self, request.init_latents) if request.init_latents is not None else None
         if request.init_image is not None:
             stage = time.perf_counter()
-            source = ImageSource.encode(self, request.init_image, request.mask)
+            source = ImageSource.encode(self, request.init_image, request.mask, request.vae_tiling)
             timings.vae_encode = time.perf_counter() - stage
 
         image_steps = plan.steps if second is None else second["handoff"] + second["plan"].steps
@@ -252,7 +244,7 @@ class Pipeline:
                     raise
                 x, steps_run = stop.latents, stop.steps_run  # x: [B, 4, h, w], the x0 estimate (the same in VE and VP form)
             stage = time.perf_counter()
-            images = to_uint8(decoder.decode(x, request.vae_decoder))[:batch] if decode else None
+            images = to_uint8(decoder.decode(x, request.vae_decoder, request.vae_tiling))[:batch] if decode else None
             timings.vae_decode = time.perf_counter() - stage
             timings.total = time.perf_counter() - started
             stopped = None if steps_run is None else f"after {steps_run} of {plan.steps} steps"

@@ -191,6 +191,11 @@ class RequestChecker:
             raise RequestError("guidance truncation needs an engine exported with classifier-free guidance")
         if request.vae_decoder not in VAE_DECODERS:
             raise RequestError(f"VAE decoder must be one of {', '.join(VAE_DECODERS)}, not {request.vae_decoder!r}")
+        if request.vae_tiling and ("vae_decoder_tile" not in self.manifest.components or request.vae_decoder != "full"):
+            raise RequestError("tiled VAE needs the engine dir's tile graphs (sdfast export --vae-tile PIXELS) and the full decoder"
+                               if request.vae_decoder == "full" else "tiled VAE applies to the full VAE decoder, not the tiny one")
+        if request.vae_tiling and request.init_image is not None and "vae_encoder_tile" not in self.manifest.components:
+            raise RequestError("tiled VAE encode needs the engine dir's encoder tile graph (sdfast export --vae-tile with a VAE encoder)")
         if request.vae_decoder == "tiny" and TINY_VAE not in self.manifest.components:
             raise RequestError("this engine dir has no tiny VAE decoder: export it with sdfast export --vae-decoder DIR (taesd, taesdxl, taesd3)")
         return batch

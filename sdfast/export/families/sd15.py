@@ -110,7 +110,7 @@ class VaeEncoder(torch.nn.Module):
         return posterior.mean, posterior.std
 
 
-WRAPPERS = {"text_encoder": TextEncoder, "unet": UNet, "unet_cond": UNet, "unet_shallow": ShallowUNet, "vae_decoder": VaeDecoder, "vae_decoder_tiny": TinyVaeDecoder, "vae_encoder": VaeEncoder}
+WRAPPERS = {"text_encoder": TextEncoder, "unet": UNet, "unet_cond": UNet, "unet_shallow": ShallowUNet, "vae_decoder": VaeDecoder, "vae_decoder_tiny": TinyVaeDecoder, "vae_decoder_tile": VaeDecoder, "vae_encoder_tile": VaeEncoder, "vae_encoder": VaeEncoder}
 
 # The PyTorch modules each component is the last to need: the export frees them once its parity outputs are computed.
 RELEASES = {"text_encoder": ("text_encoder",), "unet": ("unet",), "vae_encoder": ("vae",)}

@@ -178,7 +178,7 @@ def fp32_attention_scores(model: LoadedModel, name: str) -> str | None:
 
 
 WRAPPERS = {"text_encoder": TextEncoder, "text_encoder_2": TextEncoderG, "text_encoder_3": T5Encoder, "transformer": Transformer,
-            "vae_decoder": VaeDecoder, "vae_decoder_tiny": TinyVaeDecoder, "vae_encoder": VaeEncoder}
+            "vae_decoder": VaeDecoder, "vae_decoder_tiny": TinyVaeDecoder, "vae_decoder_tile": VaeDecoder, "vae_encoder_tile": VaeEncoder, "vae_encoder": VaeEncoder}
 
 # The PyTorch modules each component is the last to need: the export frees them once its parity outputs are computed.
 RELEASES = {"text_encoder": ("text_encoder",), "text_encoder_2": ("text_encoder_2",), "text_encoder_3": ("text_encoder_3",),

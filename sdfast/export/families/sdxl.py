@@ -127,7 +127,7 @@ class UNet(torch.nn.Module):
 fp16_safe = sd15.fp16_safe
 fp32_attention_scores = sd15.fp32_attention_scores
 
-WRAPPERS = {"text_encoder": TextEncoder, "text_encoder_2": TextEncoder2, "unet": UNet, "unet_cond": UNet, "unet_shallow": ShallowUNet, "vae_decoder": VaeDecoder, "vae_decoder_tiny": TinyVaeDecoder,
+WRAPPERS = {"text_encoder": TextEncoder, "text_encoder_2": TextEncoder2, "unet": UNet, "unet_cond": UNet, "unet_shallow": ShallowUNet, "vae_decoder": VaeDecoder, "vae_decoder_tiny": TinyVaeDecoder, "vae_decoder_tile": VaeDecoder, "vae_encoder_tile": VaeEncoder,
             "vae_encoder": VaeEncoder}
 
 # The PyTorch modules each component is the last to need: the export frees them once its parity outputs are computed.

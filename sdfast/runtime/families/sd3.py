@@ -17,11 +17,11 @@ from sdfast.runtime.families.base import Family, guided_rows
 class StableDiffusion3(Family):
     name = "sd3"
     required = ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")
-    optional = ("text_encoder_3", "vae_encoder", "vae_decoder_tiny")  # T5 (export --t5), img2img and inpainting
+    optional = ("text_encoder_3", "vae_encoder", "vae_decoder_tiny", "vae_decoder_tile", "vae_encoder_tile")  # T5 (export --t5), img2img and inpainting
     default_cfg_scale = 7.0  # StableDiffusion3Pipeline's
     fed_inputs = {"text_encoder": ("input_ids", "clip_skip"), "text_encoder_2": ("input_ids", "clip_skip"),
                   "text_encoder_3": ("input_ids",), "transformer": ("encoder_hidden_states", "pooled_projections", "layer_keep"), "vae_decoder": ("latent",), "vae_encoder": ("image",),
-                  "vae_decoder_tiny": ("latents",)}
+                  "vae_decoder_tiny": ("latents",), "vae_decoder_tile": ("latent",), "vae_encoder_tile": ("image",)}
     # live previews: A1111's cheap approximation for SD3's 16 latent channels (sd_vae_approx.py)
     preview_rgb = ((-0.0645, 0.0177, 0.1052), (0.0028, 0.0312, 0.0650), (0.1848, 0.0762, 0.0360), (0.0944, 0.0360, 0.0889),
                    (0.0897, 0.0506, -0.0364), (-0.0020, 0.1203, 0.0284), (0.0855, 0.0118, 0.0283), (-0.0539, 0.0658, 0.1047),

@@ -18,11 +18,11 @@ AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # diffusers' StableDiffusi
 class StableDiffusionXL(Family):
     name = "sdxl"
     required = ("text_encoder_2", "unet", "vae_decoder")
-    optional = ("text_encoder", "vae_encoder", "vae_decoder_tiny", "unet_shallow", "unet_cond")  # the refiner has only encoder 2; fast modes
+    optional = ("text_encoder", "vae_encoder", "vae_decoder_tiny", "vae_decoder_tile", "vae_encoder_tile", "unet_shallow", "unet_cond")  # the refiner has only encoder 2; fast modes
     default_cfg_scale = 5.0  # StableDiffusionXLPipeline's
     fed_inputs = {"text_encoder": ("input_ids", "clip_skip"), "text_encoder_2": ("input_ids", "clip_skip"),
                   "unet": ("encoder_hidden_states", "text_embeds", "time_ids"), "vae_decoder": ("latent",), "vae_encoder": ("image",),
-                  "unet_cond": ("encoder_hidden_states", "text_embeds", "time_ids"), "vae_decoder_tiny": ("latents",),
+                  "unet_cond": ("encoder_hidden_states", "text_embeds", "time_ids"), "vae_decoder_tiny": ("latents",), "vae_decoder_tile": ("latent",), "vae_encoder_tile": ("image",),
                   "unet_shallow": ("encoder_hidden_states", "text_embeds", "time_ids", "step_cache_feature")}
     # live previews: A1111's cheap approximation for SDXL latents (sd_vae_approx.py)
     preview_rgb = ((0.3448, 0.4168, 0.4395), (-0.1953, -0.0290, 0.0250), (0.1074, 0.0886, -0.0163), (-0.3730, -0.2499, -0.2088))

@@ -47,13 +47,13 @@ def tiny_sized_engine(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_fast_engine(tiny_model, tmp_path_factory) -> Path:
-    """tiny with the fast modes' graphs: the step cache's (export --step-cache) and a tiny VAE decoder (tiny-taesd), at
-    64x64 and 96x64."""
+    """tiny with the fast modes' graphs: the step cache's (export --step-cache), a tiny VAE decoder (tiny-taesd) and the
+    tiled VAE's 64-pixel tile graphs, at 64x64 and 96x64."""
     from sdfast.export.build import ExportRequest, export_engine
 
     out = tmp_path_factory.mktemp("fast") / "engine"
     return export_engine(ExportRequest(model="tiny", out=out, height=64, width=64, sizes=((96, 64),), step_cache=True,
-                                       tiny_vae="tiny-taesd"))
+                                       tiny_vae="tiny-taesd", vae_tile=64))
 
 
 @pytest.fixture(scope="session")

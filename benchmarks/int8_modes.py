@@ -1,0 +1,167 @@
+"""Selective static int8 of the U-Net: its speed per image and its quality cost (PSNR, SSIM) against the exact image.
+
+    python benchmarks/int8_modes.py ENGINE_DIR --steps 10 --seeds 2 --policies "linear;linear+conv" \
+        --work /tmp/int8-work --out benchmarks/results/int8_modes_sd15_256.json
+
+ENGINE_DIR: an fp32 engine dir with the CPU variant (`sdfast export ... --precision fp32`). For each policy
+(sdfast.export.int8_policy), the U-Net's portable graph gets its attention fused (MultiHeadAttention) and the policy's
+nodes quantized by onnxruntime's quantize_static, calibrated on the U-Net calls of real sampler trajectories: the exact
+pipeline generating other prompts and seeds than the ones measured. The quantized graph is saved at ORT_ENABLE_ALL
+(QLinearConv, QGemm, QLinearMatMul) and replaces the U-Net of the same loaded pipeline, so every other stage is shared.
+Images alternate between the exact U-Net and each policy, as benchmarks/fast_modes.py does, and its table format is
+used. With random weights the images are noise-like: a trained model's quality cost must be measured on that model.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fast_modes import NEGATIVE, PROMPTS, _cpu_name, markdown, ssim, summary  # noqa: E402
+
+from sdfast.runtime.generation import GenerationRequest  # noqa: E402
+from sdfast.runtime.images import psnr  # noqa: E402
+from sdfast.runtime.pipeline import Pipeline  # noqa: E402
+
+CALIBRATION_PROMPTS = [  # none of these is measured
+    "a cat sitting on a windowsill, morning light",
+    "mountain landscape with a lake, watercolor",
+    "a bowl of ramen, food photography",
+    "an astronaut riding a horse, digital art",
+]
+
+
+def record_trajectories(pipeline, steps: int, cfg: float, sampler: str, seeds: int) -> list[dict]:
+    """The U-Net feeds of the exact pipeline sampling the calibration prompts."""
+    unet = pipeline.engines[pipeline.manifest.denoiser]
+    recorded, run = [], unet.run
+
+    def recording(feeds):
+        recorded.append({name: np.array(value) for name, value in feeds.items()})
+        return run(feeds)
+
+    unet.run = recording
+    try:
+        for index, prompt in enumerate(CALIBRATION_PROMPTS):
+            for seed in range(seeds):
+                pipeline.generate(GenerationRequest(prompt, NEGATIVE, steps=steps, cfg_scale=cfg, seed=1000 + 10 * index + seed,
+                                                    sampler=sampler))
+    finally:
+        unet.run = run
+    return recorded
+
+
+def build_graph(engine_dir: Path, manifest, work: Path, policy: str, calibration: list[dict]) -> tuple[Path, dict]:
+    """The policy's int8 CPU graph, written under ``work``; returns (its path, the quantization record)."""
+    from sdfast.export.int8_policy import quantize_denoiser
+    from sdfast.export.onnx_export import optimize_offline, rewrite_for_cpu
+
+    base = work / "unet.mha.onnx"
+    if not base.exists():  # the portable graph with attention fused; convolutions stay direct (no Winograd: int8 takes them)
+        info = manifest.data["components"][manifest.denoiser]
+        for name in info["files"]:
+            shutil.copy(engine_dir / name, work / name)
+        rewrite_for_cpu(work / info["file"], base, winograd=False)
+    folder = work / policy.replace("+", "_")
+    folder.mkdir(exist_ok=True)
+    qdq = folder / "unet.int8.onnx"
+    record = quantize_denoiser(base, qdq, calibration, policy)
+    cpu = optimize_offline(qdq, folder / "unet.int8.cpu.onnx", "ORT_ENABLE_ALL")[0]
+    for leftover in folder.glob("unet.int8.onnx*"):
+        leftover.unlink()
+    return cpu, record
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("engine", type=Path)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--sampler", default="euler")
+    parser.add_argument("--cfg", type=float, default=7.5)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS))
+    parser.add_argument("--calibration-seeds", type=int, default=1)
+    parser.add_argument("--policies", default="linear;linear+conv")
+    parser.add_argument("--work", type=Path, required=True, help="a scratch folder (a copy of the U-Net, and each int8 graph)")
+    parser.add_argument("--out", type=Path, help="JSON results (and a .md table beside it)")
+    args = parser.parse_args()
+    import onnxruntime as ort
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    pipeline = Pipeline.load(args.engine, verify="size")
+    started = time.perf_counter()
+    calibration = record_trajectories(pipeline, args.steps, args.cfg, args.sampler, args.calibration_seeds)
+    print(f"recorded {len(calibration)} U-Net calls in {time.perf_counter() - started:.0f} s", flush=True)
+    unet = pipeline.engines[pipeline.manifest.denoiser]
+    exact_run = unet.run
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    modes, records = {"exact": exact_run}, {}
+    for policy in (p.strip() for p in args.policies.split(";") if p.strip()):
+        started = time.perf_counter()
+        path, records[policy] = build_graph(args.engine, pipeline.manifest, args.work, policy, calibration)
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        names = {spec.name for spec in session.get_inputs()}
+        modes[f"int8 {policy}"] = lambda feeds, session=session, names=names: session.run(
+            None, {name: value for name, value in feeds.items() if name in names})
+        print(f"int8 {policy}: built in {time.perf_counter() - started:.0f} s ({records[policy]['quantized']} nodes)", flush=True)
+    del calibration
+
+    labels = list(modes)
+    seconds = {label: [] for label in labels}
+    unet_seconds = {label: [] for label in labels}
+    quality = {label: {"psnr": [], "ssim": []} for label in labels if label != "exact"}
+    for image_index, (prompt, seed) in enumerate((p, s) for p in PROMPTS[: args.prompts] for s in range(args.seeds)):
+        images = {}
+        for label in labels[image_index % len(labels):] + labels[: image_index % len(labels)]:  # rotate: alternate the modes
+            unet.run = modes[label]
+            result = pipeline.generate(GenerationRequest(prompt, NEGATIVE, steps=args.steps, cfg_scale=args.cfg, seed=seed,
+                                                         sampler=args.sampler))
+            seconds[label].append(result.timings.total)
+            unet_seconds[label].append(sum(result.timings.unet_steps))
+            images[label] = result.images[0]
+        unet.run = exact_run
+        for label in quality:
+            quality[label]["psnr"].append(psnr(images[label], images["exact"]))
+            quality[label]["ssim"].append(ssim(images[label], images["exact"]))
+        print(f"[{image_index + 1}/{args.prompts * args.seeds}] " + ", ".join(
+            f"{label} {seconds[label][-1]:.2f} s" + (f" {quality[label]['psnr'][-1]:.1f} dB" if label in quality else "")
+            for label in labels), flush=True)
+
+    exact = np.array(seconds["exact"])
+    rows = {label: {
+        "image_s": summary(seconds[label]), "unet_s": summary(unet_seconds[label]),
+        "unet_speedup_vs_exact": summary((np.array(unet_seconds["exact"]) / np.array(unet_seconds[label])).tolist()),
+        "speedup_vs_exact": summary((exact / np.array(seconds[label])).tolist()),
+        **({"psnr_db": summary(quality[label]["psnr"]), "ssim": summary(quality[label]["ssim"])} if label in quality else {}),
+        **({"quantization": records[label.removeprefix("int8 ")]} if label != "exact" else {}),
+    } for label in labels}
+    report = {
+        "benchmark": "int8_modes", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv), "machine": {"platform": platform.platform(), "processor": _cpu_name(),
+                                                   "onnxruntime": ort.__version__},
+        "engine": str(args.engine), "model": pipeline.manifest.model_name, "family": pipeline.manifest.family,
+        "random_weights": bool(pipeline.manifest.data["source"].get("random_weights")),
+        "size": f"{pipeline.width}x{pipeline.height}", "steps": args.steps, "sampler": args.sampler, "cfg": args.cfg,
+        "images_per_mode": len(exact), "calibration": {"prompts": CALIBRATION_PROMPTS, "seeds": args.calibration_seeds},
+        "modes": rows,
+    }
+    print(markdown(report))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(report) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

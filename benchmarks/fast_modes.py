@@ -45,11 +45,11 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
                                        use_sample_covariance=False))
 
 
-LABELS = {"step_cache": "step cache {}", "vae_decoder": "{} VAE", "guidance_stop": "guidance stop {}"}
+LABELS = {"step_cache": "step cache {}", "vae_decoder": "{} VAE", "guidance_stop": "guidance stop {}", "int8": "int8 U-Net"}
 
 
 def modes_from(text: str) -> dict[str, dict]:
-    """'step_cache=3;vae_decoder=tiny;step_cache=3,vae_decoder=tiny' -> mode label -> the GenerationRequest fields it
+    """'step_cache=3;vae_decoder=tiny;int8;step_cache=3,vae_decoder=tiny' -> mode label -> the GenerationRequest fields it
     sets; 'exact' (no field) first."""
     modes = {"exact": {}}
     for mode in (m.strip() for m in text.split(";") if m.strip()):
@@ -58,7 +58,8 @@ def modes_from(text: str) -> dict[str, dict]:
             key, _, value = pair.strip().partition("=")
             if key not in LABELS:
                 raise SystemExit(f"--modes: unknown field '{key}' (one of {', '.join(LABELS)})")
-            fields[key] = int(value) if value.isdigit() else float(value) if value.replace(".", "", 1).isdigit() else value
+            fields[key] = (True if not value else int(value) if value.isdigit() else
+                           float(value) if value.replace(".", "", 1).isdigit() else value)  # a bare 'int8' switches it on
         modes[" + ".join(LABELS[key].format(value) for key, value in fields.items())] = fields
     return modes
 
@@ -81,7 +82,7 @@ def main() -> int:
     parser.add_argument("--height", type=int)
     parser.add_argument("--modes", default="step_cache=2;step_cache=3;step_cache=4",
                         help="the fast modes, ';'-separated, each 'field=value[,field=value]' of GenerationRequest (step_cache, "
-                             "vae_decoder, guidance_stop); the exact image is always measured")
+                             "vae_decoder, guidance_stop, int8: a bare 'int8' is int8=True); the exact image is always measured")
     parser.add_argument("--out", type=Path, help="JSON results (and a .md table beside it)")
     args = parser.parse_args()
 

@@ -4,10 +4,10 @@
         --work /tmp/int8-work --out benchmarks/results/int8_modes_sd15_256.json
 
 ENGINE_DIR: an fp32 engine dir with the CPU variant (`sdfast export ... --precision fp32`). For each policy
-(sdfast.export.int8_policy), the U-Net's portable graph gets its attention fused (MultiHeadAttention) and the policy's
-nodes quantized by onnxruntime's quantize_static, calibrated on the U-Net calls of real sampler trajectories: the exact
-pipeline generating other prompts and seeds than the ones measured. The quantized graph is saved at ORT_ENABLE_ALL
-(QLinearConv, QGemm, QLinearMatMul) and replaces the U-Net of the same loaded pipeline, so every other stage is shared.
+(sdfast.export.int8_policy), the int8 graph is built as `sdfast quantize` builds it (sdfast.export.int8_export: the
+U-Net's attention fused, the policy's nodes quantized by onnxruntime's quantize_static, calibrated on the U-Net calls
+of the exact pipeline generating other prompts and seeds than the ones measured, saved at ORT_ENABLE_ALL), and
+replaces the U-Net of the same loaded pipeline, so every other stage is shared.
 Images alternate between the exact U-Net and each policy, as benchmarks/fast_modes.py does, and its table format is
 used. With random weights the images are noise-like: a trained model's quality cost must be measured on that model.
 """
@@ -17,7 +17,6 @@ import argparse
 import datetime as dt
 import json
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,57 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fast_modes import NEGATIVE, PROMPTS, _cpu_name, markdown, ssim, summary  # noqa: E402
 
+from sdfast.export.int8_export import CALIBRATION_PROMPTS, build_int8_graph, record_trajectories  # noqa: E402
 from sdfast.runtime.generation import GenerationRequest  # noqa: E402
 from sdfast.runtime.images import psnr  # noqa: E402
 from sdfast.runtime.pipeline import Pipeline  # noqa: E402
-
-CALIBRATION_PROMPTS = [  # none of these is measured
-    "a cat sitting on a windowsill, morning light",
-    "mountain landscape with a lake, watercolor",
-    "a bowl of ramen, food photography",
-    "an astronaut riding a horse, digital art",
-]
-
-
-def record_trajectories(pipeline, steps: int, cfg: float, sampler: str, seeds: int) -> list[dict]:
-    """The U-Net feeds of the exact pipeline sampling the calibration prompts."""
-    unet = pipeline.engines[pipeline.manifest.denoiser]
-    recorded, run = [], unet.run
-
-    def recording(feeds):
-        recorded.append({name: np.array(value) for name, value in feeds.items()})
-        return run(feeds)
-
-    unet.run = recording
-    try:
-        for index, prompt in enumerate(CALIBRATION_PROMPTS):
-            for seed in range(seeds):
-                pipeline.generate(GenerationRequest(prompt, NEGATIVE, steps=steps, cfg_scale=cfg, seed=1000 + 10 * index + seed,
-                                                    sampler=sampler))
-    finally:
-        unet.run = run
-    return recorded
-
-
-def build_graph(engine_dir: Path, manifest, work: Path, policy: str, calibration: list[dict]) -> tuple[Path, dict]:
-    """The policy's int8 CPU graph, written under ``work``; returns (its path, the quantization record)."""
-    from sdfast.export.int8_policy import quantize_denoiser
-    from sdfast.export.onnx_export import optimize_offline, rewrite_for_cpu
-
-    base = work / "unet.mha.onnx"
-    if not base.exists():  # the portable graph with attention fused; convolutions stay direct (no Winograd: int8 takes them)
-        info = manifest.data["components"][manifest.denoiser]
-        for name in info["files"]:
-            shutil.copy(engine_dir / name, work / name)
-        rewrite_for_cpu(work / info["file"], base, winograd=False)
-    folder = work / policy.replace("+", "_")
-    folder.mkdir(exist_ok=True)
-    qdq = folder / "unet.int8.onnx"
-    record = quantize_denoiser(base, qdq, calibration, policy)
-    cpu = optimize_offline(qdq, folder / "unet.int8.cpu.onnx", "ORT_ENABLE_ALL")[0]
-    for leftover in folder.glob("unet.int8.onnx*"):
-        leftover.unlink()
-    return cpu, record
 
 
 def main() -> int:
@@ -100,7 +52,8 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     pipeline = Pipeline.load(args.engine, verify="size")
     started = time.perf_counter()
-    calibration = record_trajectories(pipeline, args.steps, args.cfg, args.sampler, args.calibration_seeds)
+    calibration = record_trajectories(pipeline, CALIBRATION_PROMPTS, range(1000, 1000 + args.calibration_seeds), args.steps,
+                                      args.cfg, args.sampler)
     print(f"recorded {len(calibration)} U-Net calls in {time.perf_counter() - started:.0f} s", flush=True)
     unet = pipeline.engines[pipeline.manifest.denoiser]
     exact_run = unet.run
@@ -109,7 +62,13 @@ def main() -> int:
     modes, records = {"exact": exact_run}, {}
     for policy in (p.strip() for p in args.policies.split(";") if p.strip()):
         started = time.perf_counter()
-        path, records[policy] = build_graph(args.engine, pipeline.manifest, args.work, policy, calibration)
+        folder = args.work / policy.replace("+", "_")
+        folder.mkdir(exist_ok=True)
+        component = pipeline.manifest.components[pipeline.manifest.denoiser]
+        sources = {name: pipeline.manifest.path(name) for name in component.files}
+        path, records[policy] = build_int8_graph(sources, component.file, folder, policy, calibration)
+        for name in sources:
+            (folder / name).unlink()
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         names = {spec.name for spec in session.get_inputs()}
         modes[f"int8 {policy}"] = lambda feeds, session=session, names=names: session.run(

@@ -11,6 +11,7 @@ from sdfast import __version__
 SUBCOMMANDS = {
     "export": ("sdfast.cli.export", "export a diffusers Stable Diffusion folder (or a built-in model) to an engine dir"),
     "export-controlnet": ("sdfast.cli.export_controlnet", "add a ControlNet (diffusers folder or built-in) to an engine dir"),
+    "quantize": ("sdfast.cli.quantize", "add a selective int8 U-Net to an fp32 engine dir, calibrated on its own sampler runs"),
     "generate": ("sdfast.cli.generate", "generate images from a prompt with an engine dir"),
     "info": ("sdfast.cli.info", "show what an engine dir's manifest says"),
     "bench": ("sdfast.cli.bench", "per-stage latency on every backend (CPU, CUDA, TensorRT, diffusers), with the CPU's peak"),

@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fast mode (guidance truncation): classifier-free guidance up to step int(steps x F), the "
                              "unconditional half skipped after it, as diffusers' dynamic-CFG callback (0 to 1; the engine dir "
                              "needs export --guidance-truncation)")
+    parser.add_argument("--int8", action="store_true",
+                        help="fast mode: the engine dir's selective int8 U-Net (added by sdfast quantize), CPU backend; named "
+                             "in the PNG's parameters")
     parser.add_argument("--vae-tiling", action="store_true",
                         help="decode (and encode) in overlapping tiles, the seams blended, for memory on large images (the "
                              "engine dir needs export --vae-tile PIXELS)")
@@ -176,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
         clip_skip=args.clip_skip, init_image=init_image, mask=mask, strength=args.strength, eta=args.eta, refiner_switch=refiner_switch,
         skip_layer_guidance=slg, control=control, loras=loras, hires=hires, step_cache=args.step_cache,
         vae_decoder=args.vae_decoder, guidance_stop=args.guidance_stop, vae_tiling=args.vae_tiling,
+        int8=args.int8,
     )
     prepared = checker.prepare(request)
     paths = output_paths(args.output, prepared.batch * args.n_iter)

@@ -164,7 +164,7 @@ def export_controlnet(request: ControlNetExportRequest, progress: Progress = lam
             "source": {"name": request.source if builtin else folder.name, "path": str(folder.resolve()), "builtin": builtin,
                        "random_weights": builtin, "fingerprint": fingerprint},
         }
-        _add_to_engine(manifest, key, entry, staging)
+        add_to_engine(manifest, key, entry, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     progress(f"ControlNet '{name}' added to {request.engine} in {time.perf_counter() - started:.1f} s")
@@ -186,8 +186,8 @@ def _dimensions(manifest) -> dict:
     return dims
 
 
-def _add_to_engine(manifest, key: str, entry: dict, staging: Path) -> None:
-    """Move the ControlNet's files beside the base's, then rewrite manifest.json atomically (a temporary file, a rename)."""
+def add_to_engine(manifest, key: str, entry: dict, staging: Path) -> None:
+    """Move a component's files (a ControlNet's, the int8 U-Net's) beside the base's, then rewrite manifest.json atomically (a temporary file, a rename)."""
     from sdfast.runtime.files import shared_mode
     from sdfast.runtime.manifest import MANIFEST_NAME
 

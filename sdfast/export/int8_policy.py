@@ -14,6 +14,7 @@ QDQ format), as onnxruntime documents for x86 with VNNI; AMX runs the same u8s8 
 """
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -100,11 +101,16 @@ def quantize_denoiser(source: Path, out: Path, calibration: Iterable[dict], poli
     progress(f"int8 ({policy}): {len(chosen)} nodes quantized, calibrating on {len(feeds)} U-Net calls")
     # CalibMaxIntermediateOutputs bounds the calibrator's memory; onnxruntime refuses a count that divides the feeds exactly
     batch = next(n for n in (3, 4, 5, 7) if len(feeds) % n)
-    quantize_static(str(inferred), str(out), Trajectories(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=chosen,
-                    op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
-                    use_external_data_format=True,
-                    extra_options={"CalibMaxIntermediateOutputs": batch, "MatMulConstBOnly": True})
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR  # onnxruntime's quantizer warns on the root logger; progress is ours
+    try:
+        quantize_static(str(inferred), str(out), Trajectories(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=chosen,
+                        op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
+                        use_external_data_format=True,
+                        extra_options={"CalibMaxIntermediateOutputs": batch, "MatMulConstBOnly": True})
+    finally:
+        root.level = level
     for leftover in out.parent.glob(inferred.name + "*"):
         leftover.unlink()
     return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "policy": policy, "quantized": len(chosen),

@@ -38,6 +38,7 @@ class GenerationRequest:
     step_cache: int | None = None  # DeepCache: the full U-Net every this many evaluations, the shallow U-Net between (runtime.step_cache)
     vae_decoder: str = "full"  # "tiny": the engine dir's tiny VAE decoder (TAESD, export --vae-decoder), a fast approximate decode
     guidance_stop: float | None = None  # guidance truncation: the unconditional half skipped after this fraction of the steps
+    int8: bool = False  # the engine dir's selective int8 U-Net (sdfast quantize) instead of the fp32 one (runtime.int8_unet)
     vae_tiling: bool = False  # decode (and encode) in blended tiles through the engine dir's tile graphs (export --vae-tile)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from sdfast import __version__
 from sdfast.runtime.generation import GenerationRequest, SkipLayerGuidance
 from sdfast.runtime.images import infotext
+from sdfast.runtime.int8_unet import infotext as int8_infotext
 from sdfast.runtime.step_cache import infotext_value as step_cache_infotext
 
 
@@ -33,6 +34,7 @@ def generation_infotext(pipeline, request: GenerationRequest, sampler_name: str,
             "Step cache": step_cache_infotext(request.step_cache),  # a fast mode: the image is not the exact one
             "VAE decoder": "TAESD" if request.vae_decoder == "tiny" else None,  # a fast mode too
             "Tiled VAE": pipeline.manifest.components["vae_decoder_tile"].outputs[0].shape[-1] if request.vae_tiling else None,
+            "U-Net": int8_infotext(pipeline.manifest, request),  # a fast mode: the int8 U-Net
             "Guidance stop": request.guidance_stop if request.guidance_stop is not None and request.guidance_stop < 1 else None,
             **dict(unit.infotext(index, pipeline.controlnets.model_hash(unit.model)) for index, unit in enumerate(request.control)),
             **(hires or {}),  # hires fix's settings (runtime.hires.HiresFix.infotext)

@@ -137,12 +137,12 @@ class Pipeline:
 
     def _unet_function(self, conditioning: dict[str, np.ndarray], cfg_scale: float, use_cfg: bool, timings: StageTimings,
                        masked: np.ndarray | None, skip_layers: SkipLayerGuidance | None = None, steps: int = 0, control=None,
-                       step_cache: int | None = None, last_guided: int | None = None):
+                       step_cache: int | None = None, last_guided: int | None = None, int8: bool = False):
         """The guided denoiser call ``predict(x_in, timestep)`` (sdfast.runtime.unet_call)."""
         from sdfast.runtime.unet_call import guided_unet
 
         return guided_unet(self, conditioning, cfg_scale, use_cfg, timings, masked, skip_layers, steps, control, step_cache,
-                           last_guided)
+                           last_guided, int8)
 
     def encode_image(self, image: np.ndarray, tiled: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """[n, 3, H, W] in [-1, 1], n up to the encoder's batch -> the VAE posterior (mean, std), each [n, 4, h, w],
@@ -304,7 +304,7 @@ class Pipeline:
             x = draw() * np.float32(plan.initial_noise_scale)  # x: [B, 4, h, w], VE form
             # the device loop's tables have no third (skip-layer) call and no ControlNet: such requests take the numpy loop
             tabulated = (stop_after is None and request.skip_layer_guidance is None and not request.control
-                         and request.step_cache in (None, 1) and request.guidance_stop is None)
+                         and request.step_cache in (None, 1) and request.guidance_stop is None and not request.int8)
             table = self._table(request, spec, plan) if tabulated else None
             if table is not None:
                 return self._sample_tabulated(table, x, draw, conditioning, request.cfg_scale, use_cfg, timings, progress)
@@ -326,7 +326,7 @@ class Pipeline:
 
         denoiser = _LatestEstimate(Denoiser(
             self._unet_function(conditioning, request.cfg_scale, use_cfg, timings, masked, request.skip_layer_guidance, request.steps,
-                                control, request.step_cache, last_guided_evaluation(plan.steps, request.guidance_stop)),
+                                control, request.step_cache, last_guided_evaluation(plan.steps, request.guidance_stop), request.int8),
             self.manifest.prediction_type,
             lambda sigma: plan.timestep_for(sigma, self.schedule),
         ))

@@ -13,6 +13,7 @@ from sdfast.errors import EngineError, RequestError
 from sdfast.runtime.families import family_class
 from sdfast.runtime.manifest import Manifest, read_manifest
 from sdfast.runtime.guidance_truncation import check_request as check_guidance_stop
+from sdfast.runtime.int8_unet import check_request as check_int8
 from sdfast.runtime.prompts import parse_prompt_attention
 from sdfast.runtime.step_cache import check_request as check_step_cache
 from sdfast.sampling.registry import check_supported, is_flow, resolve_sampler, schedule_for
@@ -187,6 +188,7 @@ class RequestChecker:
         self._check_control(request)
         check_step_cache(request, self.manifest, sampler.evaluates_twice, self.backend)
         check_guidance_stop(request, self.manifest, sampler.evaluates_twice, self.backend)
+        check_int8(request, self.manifest, self.backend)
         if request.guidance_stop is not None and not self.guidance:
             raise RequestError("guidance truncation needs an engine exported with classifier-free guidance")
         if request.vae_decoder not in VAE_DECODERS:

@@ -39,7 +39,7 @@ def check_request(request, manifest, evaluates_twice: bool, backend: str) -> Non
 
 def check_loras(request) -> None:
     """RequestError when a request with a fast mode whose extra graph LoRAs do not patch (the shallow U-Net, the
-    cond-only U-Net) asks for LoRAs, in ``loras`` or prompt tags."""
+    cond-only U-Net, the int8 U-Net) asks for LoRAs, in ``loras`` or prompt tags."""
     from sdfast.runtime.lora.prompt_tags import extract_loras
 
     if not (request.loras or extract_loras(request.prompt)[1]):
@@ -48,6 +48,8 @@ def check_loras(request) -> None:
         raise RequestError("step caching does not run with LoRAs yet: the shallow U-Net would keep the unpatched weights")
     if request.guidance_stop is not None and request.guidance_stop < 1:
         raise RequestError("guidance truncation does not run with LoRAs yet: the cond-only U-Net would keep the unpatched weights")
+    if request.int8:
+        raise RequestError("the int8 U-Net does not run with LoRAs: its weights are quantized (a LoRA patches the fp32 U-Net)")
 
 
 class CachedDenoiser:

@@ -9,17 +9,18 @@ import numpy as np
 from sdfast.runtime.device_loop import check_finite
 from sdfast.runtime.generation import SkipLayerGuidance, StageTimings
 from sdfast.runtime.guidance_truncation import COND, cond_rows
+from sdfast.runtime.int8_unet import INT8
 from sdfast.runtime.step_cache import SHALLOW, CachedDenoiser
 
 
 def guided_unet(pipeline, conditioning: dict[str, np.ndarray], cfg_scale: float, use_cfg: bool, timings: StageTimings,
                 masked: np.ndarray | None, skip_layers: SkipLayerGuidance | None = None, steps: int = 0, control=None,
-                step_cache: int | None = None, last_guided: int | None = None):
+                step_cache: int | None = None, last_guided: int | None = None, int8: bool = False):
     """``predict(x_in, timestep)`` over ``pipeline``'s denoiser engine; ``control(x_rows, timesteps, timestep)`` gives the
     ControlNets' residuals for that call (None: the zeros in ``conditioning`` stay); ``step_cache``: DeepCache's interval;
     ``last_guided``: the last guided evaluation when guidance is truncated, after which the cond-only U-Net runs
-    (runtime.guidance_truncation); None: every one is guided."""
-    engine = pipeline.engines[pipeline.manifest.denoiser]
+    (runtime.guidance_truncation); None: every one is guided; ``int8``: the int8 U-Net instead (runtime.int8_unet)."""
+    engine = pipeline.engines[INT8 if int8 else pipeline.manifest.denoiser]
     label = pipeline.manifest.denoiser_label  # for errors
     guidance = pipeline.guidance
     unet_batch = pipeline.batch_size * (2 if guidance else 1)

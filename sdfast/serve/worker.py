@@ -57,7 +57,7 @@ class Job:
             return None
         # the prompt carries its <lora:...> tags: jobs with other LoRAs (other weights) are never merged
         return (r.width, r.height, r.prompt, r.negative_prompt, r.steps, float(r.cfg_scale), r.sampler, r.clip_skip, float(r.eta), r.n_iter, r.refiner_switch,
-                tuple(r.loras), r.hires, r.step_cache, r.guidance_stop, r.vae_decoder)
+                tuple(r.loras), r.hires, r.step_cache, r.guidance_stop, r.vae_decoder, r.int8)
 
 
 @dataclass

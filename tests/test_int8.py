@@ -12,6 +12,7 @@ import pytest
 from sdfast.export.int8_policy import nodes_to_quantize, quantize_denoiser
 from sdfast.runtime.generation import GenerationRequest
 from sdfast.runtime.pipeline import Pipeline
+from tests.conftest import run_cli
 
 
 def unet_graph(engine: Path):
@@ -79,3 +80,74 @@ def test_quantized_unet_follows_the_fp32_graph_on_unseen_trajectories(tiny_engin
         expected, got = fp32.run(None, feeds)[0], int8.run(None, feeds)[0]
         errors.append(float(np.sqrt(np.mean((got - expected) ** 2) / np.mean(expected ** 2))))
     assert 0 < max(errors) < bound, errors  # quantized (not bit-equal), and close: relative RMS error of the noise prediction
+
+
+@pytest.fixture(scope="module")
+def int8_engine(tiny_engine, tmp_path_factory) -> Path:
+    """A copy of the tiny engine dir with `sdfast quantize`'s int8 U-Net (3-step calibration runs)."""
+    engine = tmp_path_factory.mktemp("int8") / "engine"
+    shutil.copytree(tiny_engine, engine)
+    result = run_cli("quantize", str(engine), "--steps", "3")
+    assert result.returncode == 0, result.stderr
+    assert "unet_int8 (linear+conv" in result.stdout and "relative RMS error" in result.stdout
+    return engine
+
+
+def test_quantize_adds_a_verified_int8_component(int8_engine):
+    manifest = json.loads((int8_engine / "manifest.json").read_text())
+    entry = manifest["components"]["unet_int8"]
+    assert entry["role"] == "denoiser_int8" and entry["precision"] == "int8" and entry["optional"]
+    assert entry["int8"]["policy"] == "linear+conv" and entry["int8"]["calibration_calls"] == 12  # 4 prompts x 3 steps
+    assert 0 < entry["int8"]["error_vs_fp32"]["relative_rms_median"] < 0.3
+    assert entry["inputs"] == manifest["components"]["unet"]["inputs"]
+    assert not (int8_engine / ".int8-staging").exists()
+    checked = run_cli("info", str(int8_engine), "--verify")  # every file, the new ones included, against its sha256
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_generate_int8_writes_its_png_named_in_the_infotext(int8_engine, tmp_path):
+    from PIL import Image
+
+    from sdfast.runtime.images import psnr
+
+    exact, int8 = tmp_path / "exact.png", tmp_path / "int8.png"
+    for path, extra in ((exact, ()), (int8, ("--int8",))):
+        result = run_cli("generate", str(int8_engine), "a red apple", "--steps", "4", "--seed", "3", "-o", str(path), *extra)
+        assert result.returncode == 0, result.stderr
+    assert "U-Net: int8 linear+conv" in Image.open(int8).info["parameters"]
+    assert "U-Net:" not in Image.open(exact).info["parameters"]
+    difference = psnr(np.array(Image.open(int8)), np.array(Image.open(exact)))
+    assert 18 < difference < 60, difference  # quantized, so not the exact image; close to it
+
+
+def test_int8_with_a_lora_is_refused(int8_engine):
+    from sdfast.errors import RequestError
+
+    with pytest.raises(RequestError, match="the int8 U-Net does not run with LoRAs"):
+        Pipeline.load(int8_engine, verify="size").validate(GenerationRequest("a cat <lora:style:0.5>", steps=4, int8=True))
+
+
+@pytest.mark.parametrize("fields, backend, message", [
+    ({"step_cache": 3}, "cpu", "with step caching"),
+    ({"guidance_stop": 0.5}, "cpu", "with guidance truncation"),
+    ({"refiner_switch": 0.8}, "cpu", "with a refiner hand-off"),
+    ({}, "cuda", "with the cuda backend"),
+])
+def test_int8_combinations_not_run_yet_are_refused(fields, backend, message):
+    from types import SimpleNamespace
+
+    from sdfast.errors import RequestError
+    from sdfast.runtime.int8_unet import INT8, check_request
+
+    manifest = SimpleNamespace(components={INT8: object()})
+    check_request(GenerationRequest("a red apple", int8=True), manifest, "cpu")  # alone: accepted
+    with pytest.raises(RequestError, match=message):
+        check_request(GenerationRequest("a red apple", int8=True, **fields), manifest, backend)
+
+
+def test_int8_needs_the_component_and_quantize_needs_an_fp32_single_size_engine(tiny_engine, tiny_sized_engine, tmp_path):
+    result = run_cli("generate", str(tiny_engine), "a red apple", "--int8", "-o", str(tmp_path / "x.png"))
+    assert result.returncode == 2 and "no int8 U-Net: add it with sdfast quantize" in result.stderr
+    for engine, message in ((tiny_sized_engine, "one size"), (tmp_path / "missing", "not an engine dir")):
+        result = run_cli("quantize", str(engine))
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -58,6 +58,8 @@ def modes_from(text: str) -> dict[str, dict]:
             key, _, value = pair.strip().partition("=")
             if key not in LABELS:
                 raise SystemExit(f"--modes: unknown field '{key}' (one of {', '.join(LABELS)})")
+            if not value and key != "int8":
+                raise SystemExit(f"--modes: '{key}' needs a value ({key}=...)")
             fields[key] = (True if not value else int(value) if value.isdigit() else
                            float(value) if value.replace(".", "", 1).isdigit() else value)  # a bare 'int8' switches it on
         modes[" + ".join(LABELS[key].format(value) for key, value in fields.items())] = fields

@@ -66,7 +66,9 @@ def main() -> int:
         folder.mkdir(exist_ok=True)
         component = pipeline.manifest.components[pipeline.manifest.denoiser]
         sources = {name: pipeline.manifest.path(name) for name in component.files}
-        path, records[policy] = build_int8_graph(sources, component.file, folder, policy, calibration)
+        if component.shared_weights:  # a U-Net over a shared weights file (export --guidance-truncation or --size)
+            sources.update({name: pipeline.manifest.path(name) for name in component.shared_weights["files"]})
+        _, path, records[policy] = build_int8_graph(sources, component.file, folder, policy, calibration)
         for name in sources:
             (folder / name).unlink()
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

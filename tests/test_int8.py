@@ -100,9 +100,27 @@ def test_quantize_adds_a_verified_int8_component(int8_engine):
     assert entry["int8"]["policy"] == "linear+conv" and entry["int8"]["calibration_calls"] == 12  # 4 prompts x 3 steps
     assert 0 < entry["int8"]["error_vs_fp32"]["relative_rms_median"] < 0.3
     assert entry["inputs"] == manifest["components"]["unet"]["inputs"]
-    assert not (int8_engine / ".int8-staging").exists()
+    assert entry["variants"]["cpu"]["optimization"]["isa"] and entry["file"] != entry["variants"]["cpu"]["file"]
+    assert not [p for p in int8_engine.iterdir() if p.name.startswith(".int8-")]  # no staging folder left
     checked = run_cli("info", str(int8_engine), "--verify")  # every file, the new ones included, against its sha256
     assert checked.returncode == 0, checked.stderr
+
+
+def test_the_portable_qdq_graph_computes_what_the_cpu_variant_does(int8_engine):
+    """Another onnxruntime version or vector ISA loads the QDQ graph instead of the CPU variant: the same quantized model."""
+    entry = json.loads((int8_engine / "manifest.json").read_text())["components"]["unet_int8"]
+    sessions = [ort.InferenceSession(str(int8_engine / file), providers=["CPUExecutionProvider"])
+                for file in (entry["file"], entry["variants"]["cpu"]["file"])]
+    feeds = recorded_feeds(int8_engine, range(9, 10))[1]
+    portable, variant = (s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()})[0] for s in sessions)
+    assert np.sqrt(np.mean((portable - variant) ** 2) / np.mean(variant ** 2)) < 1e-2
+
+
+def test_quantize_cli_offers_the_library_policies():
+    from sdfast.cli.quantize import POLICIES as offered
+    from sdfast.export.int8_policy import POLICIES
+
+    assert set(offered) == set(POLICIES)
 
 
 def test_generate_int8_writes_its_png_named_in_the_infotext(int8_engine, tmp_path):

@@ -13,7 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="linear+conv (default): the transformer blocks' linear layers and the convolutions int8; linear: "
                              "the linear layers only. Always fp32: the attention scores, the first and last convolutions, the "
                              "time embedding, the prompt's key/value projections and the residual shortcuts")
-    parser.add_argument("--steps", type=int, default=10, help="sampler steps of each calibration run (default 10)")
+    parser.add_argument("--steps", type=int, default=10, help="Euler steps of each calibration run, at the engine's default "
+                                                               "cfg scale (default 10)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per calibration prompt (4 prompts; default 1)")
 
 

@@ -3,6 +3,7 @@ trajectories (its exact pipeline generating calibration prompts), checked agains
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +31,9 @@ def record_trajectories(pipeline, prompts, seeds: range, steps: int, cfg: float 
     recorded, run = [], unet.run
 
     def recording(feeds):
-        recorded.append({name: np.array(value) for name, value in feeds.items()})
+        # the arrays themselves, not copies: each call's sample is new, and the conditioning (the ControlNet inputs' zeros
+        # above all) is one array shared by every call of a request
+        recorded.append(dict(feeds))
         return run(feeds)
 
     unet.run = recording
@@ -45,25 +48,26 @@ def record_trajectories(pipeline, prompts, seeds: range, steps: int, cfg: float 
 
 
 def build_int8_graph(source_files: dict[str, Path], graph_file: str, folder: Path, policy: str, calibration: list[dict],
-                     progress=lambda _: None) -> tuple[Path, dict]:
-    """``folder/unet_int8.cpu.onnx`` (and its data): the fp32 graph ``graph_file`` of ``source_files`` with its attention
-    fused (MultiHeadAttention) and ``policy``'s nodes int8, saved at ORT_ENABLE_ALL for the CPU provider. Returns (its path,
-    the quantization record); leaves only it and the copy of the fp32 graph (the caller's to remove) in ``folder``."""
+                     progress=lambda _: None, stem: str = "unet_int8") -> tuple[Path, Path, dict]:
+    """The fp32 graph ``graph_file`` of ``source_files`` with its attention fused (MultiHeadAttention) and ``policy``'s
+    nodes int8: ``folder/{stem}.onnx`` (QDQ, for any onnxruntime) and ``folder/{stem}.cpu.onnx`` (saved at ORT_ENABLE_ALL
+    for this CPU and onnxruntime version), each with its data. Returns (the two paths, the quantization record); leaves
+    them and the copy of the fp32 graph (the caller's to remove) in ``folder``."""
     from sdfast.export.int8_policy import quantize_denoiser
     from sdfast.export.onnx_export import optimize_offline, rewrite_for_cpu
 
     for name, path in source_files.items():  # the rewrite writes beside the graph it reads
         shutil.copy(path, folder / name)
-    fused = folder / "unet_int8.mha.onnx"
+    fused = folder / f"{stem}.mha.onnx"
     progress("int8: fusing the fp32 U-Net's attention (MultiHeadAttention), inferring its shapes")
     rewrite_for_cpu(folder / graph_file, fused, winograd=False)  # direct convolutions: int8 takes them, not Winograd's
-    qdq = folder / "unet_int8.qdq.onnx"
+    qdq = folder / f"{stem}.onnx"
     record = quantize_denoiser(fused, qdq, calibration, policy, progress)
     progress("int8: saving the graph optimized for the CPU provider (ORT_ENABLE_ALL)")
-    out = optimize_offline(qdq, folder / "unet_int8.cpu.onnx", "ORT_ENABLE_ALL")[0]
-    for leftover in [*folder.glob("unet_int8.mha.onnx*"), *folder.glob("unet_int8.qdq.onnx*")]:
+    cpu = optimize_offline(qdq, folder / f"{stem}.cpu.onnx", "ORT_ENABLE_ALL")[0]
+    for leftover in folder.glob(f"{stem}.mha.onnx*"):
         leftover.unlink()
-    return out, record
+    return qdq, cpu, record
 
 
 def relative_errors(reference: Path, candidate: Path, feeds: list[dict]) -> list[float]:
@@ -105,32 +109,37 @@ def add_int8_unet(engine_dir: Path, policy: str, steps: int = 10, seeds: int = 1
         raise ExportError(f"int8 quantization starts from an fp32 engine dir, not {unet.precision}")
     started = time.perf_counter()
     pipeline = Pipeline.load(engine_dir)
-    calibration = record_trajectories(pipeline, CALIBRATION_PROMPTS, range(seeds), steps, progress=progress)
-    held_out = record_trajectories(pipeline, (HELD_OUT_PROMPT,), range(seeds, seeds + 1), steps)
+    cfg = pipeline.checker.default_cfg_scale  # 1 for an engine exported without guidance (Turbo, LCM)
+    calibration = record_trajectories(pipeline, CALIBRATION_PROMPTS, range(seeds), steps, cfg, progress=progress)
+    held_out = record_trajectories(pipeline, (HELD_OUT_PROMPT,), range(seeds, seeds + 1), steps, cfg)
     progress(f"held-out trajectory: {len(held_out)} U-Net calls recorded, for the check after quantization")
     del pipeline
-    staging = manifest.root / ".int8-staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    # a staging folder and file names of this run's own: a second quantize of the same dir, or a failed rewrite of the
+    # manifest, never touches the files the manifest lists (add_to_engine removes the replaced ones after the rewrite)
+    staging = Path(tempfile.mkdtemp(prefix=".int8-", dir=manifest.root))
+    stem = f"unet_int8.{staging.name.removeprefix('.int8-').lower()}"
     try:
         sources = {name: manifest.path(name) for name in unet.files}
         if unet.shared_weights:
             sources.update({name: manifest.path(name) for name in unet.shared_weights["files"]})
-        graph, record = build_int8_graph(sources, unet.file, staging, policy, calibration, progress)
+        portable, graph, record = build_int8_graph(sources, unet.file, staging, policy, calibration, progress, stem)
         errors = relative_errors(staging / unet.file, graph, held_out)
         for name in sources:
             (staging / name).unlink(missing_ok=True)
         record["error_vs_fp32"] = {"relative_rms_median": float(np.median(errors)), "relative_rms_max": float(np.max(errors)),
-                                   "calls": len(errors), "trajectory": f"{HELD_OUT_PROMPT!r}, {steps} Euler steps, cfg 7.5"}
+                                   "calls": len(errors), "trajectory": f"{HELD_OUT_PROMPT!r}, {steps} Euler steps, cfg {cfg:g}"}
         progress(f"int8 ({policy}): relative RMS error against the fp32 U-Net on a held-out trajectory: median "
                  f"{record['error_vs_fp32']['relative_rms_median']:.3f}, max {record['error_vs_fp32']['relative_rms_max']:.3f}")
-        files = sorted(p for p in staging.iterdir() if p.is_file())
         raw = manifest.data["components"]["unet"]
         entry = {
-            "role": ROLE, "optional": True, "file": graph.name, "files": hashed(staging, files),
-            "inputs": raw["inputs"], "outputs": raw["outputs"], "precision": "int8", "opset": raw.get("opset"),
-            "int8": record, "optimization": {"tool": "onnxruntime", "level": "ORT_ENABLE_ALL", "for": "CPUExecutionProvider only",
-                                             "onnxruntime": onnxruntime.__version__, "isa": cpu_isa()},
+            "role": ROLE, "optional": True, "file": portable.name, "files": hashed(staging, sorted(staging.glob(portable.name + "*"))),
+            "inputs": raw["inputs"], "outputs": raw["outputs"], "precision": "int8", "opset": raw.get("opset"), "int8": record,
+            "optimization": {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ with com.microsoft MultiHeadAttention",
+                             "for": "onnxruntime"},
+            # what the CPU provider loads when its onnxruntime version and vector ISA are these (else the QDQ graph above)
+            "variants": {"cpu": {"file": graph.name, "files": hashed(staging, sorted(staging.glob(graph.name + "*"))), "optimization": {
+                "tool": "onnxruntime", "level": "ORT_ENABLE_ALL", "for": "CPUExecutionProvider", "onnxruntime": onnxruntime.__version__,
+                "isa": cpu_isa()}}},
             "export_seconds": round(time.perf_counter() - started, 1),
         }
         add_to_engine(manifest, INT8, entry, staging)

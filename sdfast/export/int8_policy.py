@@ -100,7 +100,7 @@ def quantize_denoiser(source: Path, out: Path, calibration: Iterable[dict], poli
 
     progress(f"int8 ({policy}): {len(chosen)} nodes quantized, calibrating on {len(feeds)} U-Net calls")
     # CalibMaxIntermediateOutputs bounds the calibrator's memory; onnxruntime refuses a count that divides the feeds exactly
-    batch = next(n for n in (3, 4, 5, 7) if len(feeds) % n)
+    batch = next(n for n in range(3, len(feeds) + 2) if len(feeds) % n)
     root = logging.getLogger()
     level, root.level = root.level, logging.ERROR  # onnxruntime's quantizer warns on the root logger; progress is ours
     try:

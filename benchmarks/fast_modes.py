@@ -72,14 +72,19 @@ def summary(values: list[float]) -> dict:
             "mean_finite": float(np.mean(finite)) if finite else None, "n": len(values)}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_run_arguments(parser: argparse.ArgumentParser, seeds: int) -> None:
+    """The engine dir and the images measured: steps, sampler, cfg, seeds x prompts (shared with int8_modes.py)."""
     parser.add_argument("engine", type=Path)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--sampler", default="euler")
     parser.add_argument("--cfg", type=float, default=7.5)
-    parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--seeds", type=int, default=seeds)
     parser.add_argument("--prompts", type=int, default=len(PROMPTS))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser, seeds=8)
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
     parser.add_argument("--modes", default="step_cache=2;step_cache=3;step_cache=4",

@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fast_modes import NEGATIVE, PROMPTS, _cpu_name, markdown, ssim, summary  # noqa: E402
+from fast_modes import NEGATIVE, PROMPTS, _cpu_name, add_run_arguments, markdown, ssim, summary  # noqa: E402
 
 from sdfast.export.int8_export import CALIBRATION_PROMPTS, build_int8_graph, record_trajectories  # noqa: E402
 from sdfast.runtime.generation import GenerationRequest  # noqa: E402
@@ -36,12 +36,7 @@ from sdfast.runtime.pipeline import Pipeline  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("engine", type=Path)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--sampler", default="euler")
-    parser.add_argument("--cfg", type=float, default=7.5)
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--prompts", type=int, default=len(PROMPTS))
+    add_run_arguments(parser, seeds=2)
     parser.add_argument("--calibration-seeds", type=int, default=1)
     parser.add_argument("--policies", default="linear;linear+conv")
     parser.add_argument("--work", type=Path, required=True, help="a scratch folder (a copy of the U-Net, and each int8 graph)")

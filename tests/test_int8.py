@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from sdfast.export.int8_export import record_trajectories
 from sdfast.export.int8_policy import nodes_to_quantize, quantize_denoiser
 from sdfast.runtime.generation import GenerationRequest
 from sdfast.runtime.pipeline import Pipeline
@@ -53,13 +54,7 @@ def test_unknown_policy_is_refused(tiny_engine):
 
 def recorded_feeds(engine: Path, seeds: range) -> list[dict]:
     """The U-Net feeds of the exact pipeline sampling 3 steps per seed."""
-    pipeline = Pipeline.load(engine, verify="size")
-    unet = pipeline.engines["unet"]
-    feeds, run = [], unet.run
-    unet.run = lambda f: (feeds.append({k: np.array(v) for k, v in f.items()}), run(f))[1]
-    for seed in seeds:
-        pipeline.generate(GenerationRequest("a red apple", "blurry", steps=3, seed=seed))
-    return feeds
+    return record_trajectories(Pipeline.load(engine, verify="size"), ("a red apple",), seeds, steps=3)
 
 
 @pytest.mark.parametrize("policy, bound", [("linear", 0.05), ("linear+conv", 0.3)])

@@ -27,6 +27,7 @@ def nodes_to_quantize(graph, policy: str) -> tuple[list[str], dict[str, int]]:
     if policy not in POLICIES:
         raise ValueError(f"unknown int8 policy '{policy}' (one of {', '.join(POLICIES)})")
     constants = {init.name for init in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
     consumers = defaultdict(list)
     for node in graph.node:
         for name in node.input:
@@ -46,7 +47,7 @@ def nodes_to_quantize(graph, policy: str) -> tuple[list[str], dict[str, int]]:
             kept["time embedding and prompt K/V"] += 1  # not downstream of sample: computed per call, cheap
         elif node.op_type == "Conv" and (node.input[0] == "sample" or node.output[0] in outputs):
             kept["first and last convolutions"] += 1
-        elif node.op_type == "Conv" and _is_shortcut(node, graph):
+        elif node.op_type == "Conv" and _is_shortcut(node, producers.get(node.input[0])):
             kept["residual shortcuts"] += 1
         elif node.op_type != "Conv" or policy == "linear+conv":
             chosen.append(node.name)
@@ -67,12 +68,12 @@ def _downstream(consumers: dict, tensor: str) -> set[str]:
     return seen
 
 
-def _is_shortcut(node, graph) -> bool:
-    """A resnet's 1x1 shortcut: its weight's name says so where the exporter kept it, else a 1x1 kernel fed by a Concat."""
+def _is_shortcut(node, producer) -> bool:
+    """A resnet's 1x1 shortcut: its weight's name says so where the exporter kept it, else a 1x1 kernel fed by a Concat
+    (``producer``: the node that makes its input)."""
     if "conv_shortcut" in node.input[1]:
         return True
     kernel = next((list(a.ints) for a in node.attribute if a.name == "kernel_shape"), None)
-    producer = next((n for n in graph.node if node.input[0] in n.output), None)
     return kernel == [1, 1] and producer is not None and producer.op_type == "Concat"
 
 

@@ -7,7 +7,9 @@ rounds alternate between them, so a noisy neighbour hurts every system alike. Pe
 
 - diffusers eager (fp32), Optimum's ONNX Runtime pipeline (optimum-onnx), OpenVINO through optimum-intel
   (static reshape, fp32, and its default precision where that differs: bf16 on CPUs with avx512_bf16/AMX);
-- sdfast on its CPU backend, from an engine dir exported at the same size.
+- sdfast on its CPU backend, from an engine dir exported at the same size; and, with --fast-engine and --fast-mode,
+  sdfast-cpu-fast: one of its fast modes (int8, step caching, ...; named as fast_modes.py names them) on an engine dir
+  that has the mode's graphs, so a fast mode's image time is measured against the peers in the same alternating run.
 
 The peers need their own virtualenv (optimum-onnx 0.1.0 pins transformers<4.58, hence diffusers 0.39);
 this script creates it with pip the first time (--venv). A peer that cannot be installed or loaded is
@@ -34,7 +36,7 @@ PEER_REQUIREMENTS = [  # what optimum-onnx 0.1.0 allows; optimum-intel must then
 PEERS = ("diffusers", "optimum-ort", "openvino-fp32", "openvino-default", "sdfast-cpu")  # the CPU set, the default
 # On a GPU (--peers gpu): fp16 everywhere; sdfast's GPU backends run the fp16 engine (--gpu-engine).
 GPU_PEERS = ("diffusers-cuda-fp16", "diffusers-compile", "optimum-ort-cuda", "sdfast-cuda", "sdfast-tensorrt")
-ALL_PEERS = PEERS + GPU_PEERS
+ALL_PEERS = PEERS + GPU_PEERS + ("sdfast-cpu-fast",)
 
 
 def say(message: str) -> None:
@@ -158,6 +160,9 @@ def main() -> int:
                         help=f"comma-separated, from {', '.join(ALL_PEERS)}; 'gpu' for {', '.join(GPU_PEERS)} (default: the CPU set)")
     parser.add_argument("--engine", type=Path, help="sdfast engine dir at this size (default: export --model, cached)")
     parser.add_argument("--gpu-engine", type=Path, help="fp16 engine dir for sdfast-cuda and sdfast-tensorrt (default: export, cached)")
+    parser.add_argument("--fast-engine", type=Path, help="sdfast-cpu-fast's engine dir, with its mode's graphs (export "
+                                                         "--step-cache, sdfast quantize ...), at this size")
+    parser.add_argument("--fast-mode", help="sdfast-cpu-fast's mode in fast_modes.py's syntax, e.g. 'int8,step_cache=3'")
     parser.add_argument("--model", default="sd15", help="a built-in model (sd15 ...) or a diffusers folder (default sd15)")
     parser.add_argument("--venv", type=Path, default=HERE / ".peers-venv", help="the peers' virtualenv (created if missing)")
     parser.add_argument("--peer-python", type=Path,
@@ -180,6 +185,15 @@ def main() -> int:
     unknown = [p for p in peers if p not in ALL_PEERS]
     if unknown:
         parser.error(f"unknown peer '{unknown[0]}'; choose from {', '.join(ALL_PEERS)}")
+    if "sdfast-cpu-fast" in peers:
+        if not (args.fast_engine and args.fast_mode):
+            parser.error("sdfast-cpu-fast needs --fast-engine DIR and --fast-mode MODE")
+        from fast_modes import modes_from
+
+        if len(modes_from(args.fast_mode)) != 2:  # 'exact' and the one mode
+            parser.error("--fast-mode: one mode (fields joined by commas), not several")
+    elif args.fast_engine or args.fast_mode:
+        parser.error("--fast-engine and --fast-mode are for the sdfast-cpu-fast peer (add it to --peers)")
     cpu = CpuInfo.detect()
     from sdfast.export.builtin import BUILTIN_MODELS
 
@@ -218,6 +232,8 @@ def main() -> int:
     def start(name: str) -> Worker | None:
         say(f"loading {name} ...")
         own_engine = ["--engine", str(gpu_engine if name in GPU_PEERS else engine)] if name.startswith("sdfast") else []
+        if name == "sdfast-cpu-fast":
+            own_engine = ["--engine", str(args.fast_engine), "--mode", args.fast_mode]
         worker = Worker(name, Path(sys.executable) if name.startswith("sdfast") else peer_python, ["--model", str(models[name]), *common, *own_engine],
                         logs / f"{name}_{args.width}x{args.height}.log")
         if not worker.ready.get("ok"):
@@ -270,6 +286,11 @@ def main() -> int:
     if reference:
         for name, figures in results.items():
             figures["sdfast_ratio"] = results[reference]["median_ms"] / figures["median_ms"]  # < 1: sdfast is faster
+    if e2e.get("openvino-fp32"):  # image times against the fp32 peer, paired round by round
+        for name, figures in results.items():
+            if e2e.get(name):
+                pairs = [base / own for base, own in zip(e2e["openvino-fp32"], e2e[name])]
+                figures["e2e"]["speedup_vs_openvino_fp32"] = {"median": statistics.median(pairs), "min": min(pairs), "max": max(pairs)}
     record = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/compare_peers.py " + " ".join(sys.argv[1:]),
@@ -279,7 +300,8 @@ def main() -> int:
                      "denoiser": "transformer" if (model / "transformer").is_dir() else "U-Net",  # SD3's MMDiT
                      "height": args.height, "width": args.width, "unet_batch": 2,
                      "guidance": True, "rounds": args.rounds, "calls_per_round": args.calls, "e2e_steps": args.e2e_steps,
-                     "one_at_a_time": args.one_at_a_time},
+                     "one_at_a_time": args.one_at_a_time,
+                     **({"fast_mode": args.fast_mode, "fast_engine": str(args.fast_engine)} if args.fast_mode else {})},
         "versions": {"sdfast_env": versions_of(Path(sys.executable), ["sdfast", "onnxruntime", "numpy", "torch"]),
                      "peers_env": versions_of(peer_python, ["torch", "diffusers", "transformers", "optimum", "optimum-onnx",
                                                             "optimum-intel", "onnxruntime", "openvino"]) if peer_python else {}},
@@ -301,17 +323,38 @@ def render_markdown(record: dict, reference: str | None) -> str:
     where = f"GPU ({m.get('gpu') or 'unknown'})" if on_gpu else "CPU"
     lines = [f"### {w['model']}: {w.get('denoiser', 'U-Net')} step, {w['width']}x{w['height']}, batch 2 with guidance, {where}",
              "", f"{m['cpu']}, {m['cores']} cores; {record['date']}; `{record['command']}`", "",
-             "| system | precision | median ms | p90 | min-max | cold start s | sdfast / system |", "|---|---|---:|---:|---:|---:|---:|"]
+             "| system | precision | median ms | p90 | min-max | cold start s | sdfast / system |" + image_header(w),
+             "|---|---|---:|---:|---:|---:|---:|" + "---:|" * image_header(w).count("|")]
     for name, r in sorted(record["results"].items(), key=lambda item: item[1]["median_ms"]):
         ratio = f"{r['sdfast_ratio']:.2f}" if "sdfast_ratio" in r else "-"
         lines.append(f"| {name} | {r['precision']} | {r['median_ms']:.0f} | {r['p90_ms']:.0f} | {r['min_ms']:.0f}-{r['max_ms']:.0f} | "
-                     f"{r['load_s']:.1f} | {ratio} |")
+                     f"{r['load_s']:.1f} | {ratio} |" + image_cells(w, r))
     for name, why in record["not_run"].items():
-        lines.append(f"| {name} | - | - | - | - | - | {why} |")
+        lines.append(f"| {name} | - | - | - | - | - | {why} |" + " - |" * image_header(w).count("|"))
     loading = "each system loaded afresh for its turn (--one-at-a-time), " if w.get("one_at_a_time") else ""
     lines += ["", f"{w['rounds']} alternating rounds x {w['calls_per_round']} calls per system, {loading}after one warm-up call; "
               f"ratio = sdfast median / system median (below 1: sdfast is faster)."]
+    if w.get("fast_mode"):
+        lines.append(f"sdfast-cpu-fast: `{w['fast_mode']}` on {w['fast_engine']} (its 'median ms' is the mode's full U-Net call).")
+    if w.get("e2e_steps"):
+        lines.append(f"One image: {w['e2e_steps']} Euler steps, text to decoded image, once per system per round; "
+                     f"speed-up = OpenVINO fp32's image time / the system's, paired round by round.")
     return "\n".join(lines)
+
+
+def image_header(workload: dict) -> str:
+    return " one image ms, median (min-max) | speed-up vs openvino-fp32, median (min-max) |" if workload.get("e2e_steps") else ""
+
+
+def image_cells(workload: dict, r: dict) -> str:
+    if not workload.get("e2e_steps"):
+        return ""
+    image = r.get("e2e")
+    if not image:
+        return " - | - |"
+    speedup = image.get("speedup_vs_openvino_fp32")
+    cell = f"{speedup['median']:.2f}x ({speedup['min']:.2f}-{speedup['max']:.2f})" if speedup else "-"
+    return f" {image['median_ms']:.0f} ({image['min_ms']:.0f}-{image['max_ms']:.0f}) | {cell} |"
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 
 It prints one JSON line per answer on its standard output and reads one JSON command per line on its
 standard input: {"op": "unet", "n": 3} times n denoiser calls (the U-Net or SD3's transformer; batch 2, classifier-free guidance), {"op": "e2e",
-"steps": 4} times one whole text-to-image call, {"op": "quit"} ends. Libraries' own chatter goes to stderr.
+"steps": 4} times one whole text-to-image call (sdfast-cpu-fast: in its --mode), {"op": "quit"} ends. Libraries' own chatter goes to stderr.
 The peers run in their own virtualenv (optimum-onnx pins older diffusers and transformers); sdfast runs in
 the caller's environment. Each peer gets the same random latents, timestep and prompt embeddings.
 """
@@ -243,16 +243,31 @@ class OpenVinoDefaultPeer(OpenVinoPeer):
 
 
 class SdfastPeer:
-    """sdfast's lean runtime on one backend, over an engine dir exported at the same size."""
+    """sdfast's lean runtime on one backend, over an engine dir exported at the same size; with ``--mode`` (fast_modes.py's
+    syntax, e.g. 'int8,step_cache=3'), that fast mode's GenerationRequest fields on every image."""
 
     def __init__(self, args, backend: str):
+        from sdfast.runtime.int8_unet import INT8
         from sdfast.runtime.pipeline import Pipeline
 
         started = time.perf_counter()
         self.pipeline = Pipeline.load(args.engine, backend=backend, verify="size")
         self.load_s = time.perf_counter() - started
-        self.engine = self.pipeline.engines[self.pipeline.manifest.denoiser]  # the U-Net, or SD3's transformer
+        self.mode: dict = {}
         self.precision = self.pipeline.manifest.data["precision"]
+        if args.mode:
+            from fast_modes import modes_from
+
+            label, self.mode = list(modes_from(args.mode).items())[-1]
+            self.pipeline.validate(self._request(1))  # a mode this engine dir cannot run fails the load, in one line
+            self.precision = f"{self.precision}, {label}"
+        # the U-Net (the int8 one in an int8 mode), or SD3's transformer: the 'unet' op's call
+        self.engine = self.pipeline.engines[INT8 if self.mode.get("int8") else self.pipeline.manifest.denoiser]
+
+    def _request(self, steps: int):
+        from sdfast.runtime.generation import GenerationRequest
+
+        return GenerationRequest(prompt=PROMPT, steps=steps, cfg_scale=GUIDANCE, sampler="euler", seed=0, **self.mode)
 
     def feeds(self, inputs):
         extra = {}
@@ -265,9 +280,7 @@ class SdfastPeer:
         return self.engine.run(feeds)
 
     def e2e(self, height, width, steps):
-        from sdfast.runtime.pipeline import GenerationRequest
-
-        self.pipeline.generate(GenerationRequest(prompt=PROMPT, steps=steps, cfg_scale=GUIDANCE, sampler="euler", seed=0))
+        self.pipeline.generate(self._request(steps))
 
 
 PEERS = {
@@ -293,6 +306,7 @@ def main() -> int:
     parser.add_argument("--width", type=int, required=True)
     parser.add_argument("--cache", required=True)
     parser.add_argument("--engine", help="sdfast engine dir (sdfast peers)")
+    parser.add_argument("--mode", help="an sdfast fast mode, fast_modes.py's syntax (sdfast-cpu-fast)")
     args = parser.parse_args()
 
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
@@ -305,7 +319,7 @@ def main() -> int:
     started = time.perf_counter()
     try:
         if args.peer.startswith("sdfast-"):
-            peer = SdfastPeer(args, args.peer.removeprefix("sdfast-"))
+            peer = SdfastPeer(args, args.peer.removeprefix("sdfast-").removesuffix("-fast"))
         else:
             peer = PEERS[args.peer](args)
     except Exception as error:  # noqa: BLE001 - reported to the parent as the peer's exact error

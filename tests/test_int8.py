@@ -1,5 +1,6 @@
 """Selective static int8 (sdfast.export.int8_policy) on the tiny U-Net: what each policy quantizes, what stays fp32,
 and the quantized graph's output against the fp32 graph's on sampler trajectories it was not calibrated on."""
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -141,7 +142,7 @@ def test_int8_with_a_lora_is_refused(int8_engine):
 
 
 @pytest.mark.parametrize("fields, backend, message", [
-    ({"step_cache": 3}, "cpu", "with step caching"),
+    ({"step_cache": 3}, "cpu", "no int8 shallow U-Net for step caching: run sdfast quantize on an engine dir exported with --step-cache"),
     ({"guidance_stop": 0.5}, "cpu", "with guidance truncation"),
     ({"refiner_switch": 0.8}, "cpu", "with a refiner hand-off"),
     ({}, "cuda", "with the cuda backend"),
@@ -152,7 +153,7 @@ def test_int8_combinations_not_run_yet_are_refused(fields, backend, message):
     from sdfast.errors import RequestError
     from sdfast.runtime.int8_unet import INT8, check_request
 
-    manifest = SimpleNamespace(components={INT8: object()})
+    manifest = SimpleNamespace(components={INT8: object()})  # no shallow int8 U-Net
     check_request(GenerationRequest("a red apple", int8=True), manifest, "cpu")  # alone: accepted
     with pytest.raises(RequestError, match=message):
         check_request(GenerationRequest("a red apple", int8=True, **fields), manifest, backend)
@@ -164,3 +165,57 @@ def test_int8_needs_the_component_and_quantize_needs_an_fp32_single_size_engine(
     for engine, message in ((tiny_sized_engine, "one size"), (tmp_path / "missing", "not an engine dir")):
         result = run_cli("quantize", str(engine))
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_cached_step_feeds_pair_each_call_with_the_feature_of_the_call_before_in_its_trajectory():
+    from sdfast.errors import ExportError
+    from sdfast.export.int8_export import cached_step_feeds
+
+    feeds = [{"sample": np.full(1, call), "timestep": np.full(1, 10 - call), "unused": None} for call in range(6)]
+    features = [np.full(1, 100 + call) for call in range(6)]
+    paired = cached_step_feeds(feeds, features, steps=3, inputs=["sample", "timestep"])  # two trajectories of 3 calls
+    assert [(int(f["sample"][0]), int(f["step_cache_feature"][0])) for f in paired] == [(1, 100), (2, 101), (4, 103), (5, 104)]
+    assert set(paired[0]) == {"sample", "timestep", "step_cache_feature"}
+    with pytest.raises(ExportError, match="not whole trajectories of 4 steps"):
+        cached_step_feeds(feeds, features, steps=4, inputs=["sample"])
+
+
+@pytest.fixture(scope="module")
+def int8_step_cache_engine(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model exported with step caching at one size, then quantized: both int8 U-Nets (3-step calibration)."""
+    from sdfast.export.build import ExportRequest, export_engine
+
+    engine = export_engine(ExportRequest(model="tiny", out=tmp_path_factory.mktemp("int8-cache") / "engine", step_cache=True))
+    result = run_cli("quantize", str(engine), "--steps", "3")
+    assert result.returncode == 0, result.stderr
+    assert "unet_shallow_int8 (" in result.stdout and "--step-cache N runs both" in result.stdout
+    return engine
+
+
+def test_quantize_adds_an_int8_shallow_unet_calibrated_on_cached_steps(int8_step_cache_engine):
+    components = json.loads((int8_step_cache_engine / "manifest.json").read_text())["components"]
+    full, shallow = components["unet_int8"], components["unet_shallow_int8"]
+    assert shallow["role"] == "denoiser_shallow_int8" and shallow["precision"] == "int8" and shallow["optional"]
+    assert shallow["inputs"] == components["unet_shallow"]["inputs"] and "step_cache_feature" in [i["name"] for i in shallow["inputs"]]
+    assert [o["name"] for o in full["outputs"]] == ["noise_pred", "step_cache_feature"]  # the full int8 U-Net feeds the cache
+    assert shallow["int8"]["calibration_calls"] == 8  # 4 prompts x the 2 cached steps of 3
+    assert shallow["int8"]["quantized"] > 0 and 0 < shallow["int8"]["error_vs_fp32"]["relative_rms_median"] < 0.3
+    checked = run_cli("info", str(int8_step_cache_engine), "--verify")
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_int8_with_step_caching_runs_the_int8_shallow_unet_on_the_cached_steps(int8_step_cache_engine):
+    from sdfast.runtime.images import psnr
+
+    pipeline = Pipeline.load(int8_step_cache_engine, verify="size")
+    calls = {name: 0 for name in ("unet", "unet_shallow", "unet_int8", "unet_shallow_int8")}
+    for name in calls:
+        engine, run = pipeline.engines[name], pipeline.engines[name].run
+        engine.run = lambda feeds, run=run, name=name: (calls.__setitem__(name, calls[name] + 1), run(feeds))[1]
+    request = GenerationRequest("a red apple", steps=6, seed=3, step_cache=2)
+    cached = pipeline.generate(request)
+    assert calls == {"unet": 3, "unet_shallow": 3, "unet_int8": 0, "unet_shallow_int8": 0}
+    both = pipeline.generate(dataclasses.replace(request, int8=True))
+    assert calls == {"unet": 3, "unet_shallow": 3, "unet_int8": 3, "unet_shallow_int8": 3}
+    assert "U-Net: int8 linear+conv" in both.parameters[0] and "Step cache: DeepCache every 2" in both.parameters[0]
+    assert 18 < psnr(both.images[0], cached.images[0]) < 60  # quantized, so not the fp32 step-cached image; close to it

@@ -44,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "unconditional half skipped after it, as diffusers' dynamic-CFG callback (0 to 1; the engine dir "
                              "needs export --guidance-truncation)")
     parser.add_argument("--int8", action="store_true",
-                        help="fast mode: the engine dir's selective int8 U-Net (added by sdfast quantize), CPU backend; named "
-                             "in the PNG's parameters")
+                        help="fast mode: the engine dir's selective int8 U-Net (added by sdfast quantize), CPU backend; with "
+                             "--step-cache its int8 shallow U-Net too; named in the PNG's parameters")
     parser.add_argument("--vae-tiling", action="store_true",
                         help="decode (and encode) in overlapping tiles, the seams blended, for memory on large images (the "
                              "engine dir needs export --vae-tile PIXELS)")

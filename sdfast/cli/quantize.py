@@ -1,7 +1,9 @@
-"""sdfast quantize: a selective int8 U-Net added to an fp32 engine dir (``generate --int8`` runs it)."""
+"""sdfast quantize: a selective int8 U-Net added to an fp32 engine dir (``generate --int8`` runs it), and its shallow
+U-Net's int8 twin where the engine dir has step caching (``generate --int8 --step-cache N``)."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 POLICIES = ("linear+conv", "linear")  # sdfast.export.int8_policy.POLICIES, without importing onnx for --help
@@ -30,4 +32,10 @@ def run(args: argparse.Namespace) -> int:
     error = entry["int8"]["error_vs_fp32"]
     print(f"{args.engine}: unet_int8 ({args.policy}, {entry['int8']['quantized']} nodes int8), relative RMS error against "
           f"the fp32 U-Net {error['relative_rms_median']:.3f} (max {error['relative_rms_max']:.3f}); generate --int8 runs it")
+    shallow = json.loads((args.engine / "manifest.json").read_text())["components"].get("unet_shallow_int8")
+    if shallow:
+        error = shallow["int8"]["error_vs_fp32"]
+        print(f"{args.engine}: unet_shallow_int8 ({shallow['int8']['quantized']} nodes int8), relative RMS error against the "
+              f"fp32 shallow U-Net {error['relative_rms_median']:.3f} (max {error['relative_rms_max']:.3f}); generate --int8 "
+              f"--step-cache N runs both")
     return 0

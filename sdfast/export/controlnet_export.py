@@ -164,7 +164,7 @@ def export_controlnet(request: ControlNetExportRequest, progress: Progress = lam
             "source": {"name": request.source if builtin else folder.name, "path": str(folder.resolve()), "builtin": builtin,
                        "random_weights": builtin, "fingerprint": fingerprint},
         }
-        add_to_engine(manifest, key, entry, staging)
+        add_to_engine(manifest, {key: entry}, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     progress(f"ControlNet '{name}' added to {request.engine} in {time.perf_counter() - started:.1f} s")
@@ -186,22 +186,25 @@ def _dimensions(manifest) -> dict:
     return dims
 
 
-def add_to_engine(manifest, key: str, entry: dict, staging: Path) -> None:
-    """Move a component's files (a ControlNet's, the int8 U-Net's) beside the base's, then rewrite manifest.json atomically (a temporary file, a rename)."""
+def add_to_engine(manifest, entries: dict[str, dict], staging: Path) -> None:
+    """Move components' files (a ControlNet's, the int8 U-Nets') beside the base's, then rewrite manifest.json atomically
+    (a temporary file, a rename): all of ``entries`` (name -> manifest entry) appear at once, or none."""
     from sdfast.runtime.files import shared_mode
     from sdfast.runtime.manifest import MANIFEST_NAME
 
-    files = dict(entry["files"])
-    for variant in entry.get("variants", {}).values():
-        files.update(variant["files"])
+    files = {}
+    for entry in entries.values():
+        files.update(entry["files"])
+        for variant in entry.get("variants", {}).values():
+            files.update(variant["files"])
     with open(manifest.root / ".manifest.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two exports into one engine dir: each reads the manifest the other wrote
         data = json.loads((manifest.root / MANIFEST_NAME).read_text(encoding="utf-8"))
-        old = data["components"].get(key)
+        old = [data["components"][key] for key in entries if key in data["components"]]
         for relative in files:
             os.chmod(staging / relative, shared_mode())
             os.replace(staging / relative, manifest.root / relative)
-        data["components"][key] = entry
+        data["components"].update(entries)
         handle, temporary = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=manifest.root)
         try:
             with os.fdopen(handle, "w") as file:
@@ -214,8 +217,8 @@ def add_to_engine(manifest, key: str, entry: dict, staging: Path) -> None:
             raise
         finally:
             Path(temporary).unlink(missing_ok=True)
-    if old:  # the replaced ControlNet's files, now listed nowhere
-        stale = set(old["files"]) | {f for variant in old.get("variants", {}).values() for f in variant["files"]}
+    for entry in old:  # the replaced components' files, now listed nowhere
+        stale = set(entry["files"]) | {f for variant in entry.get("variants", {}).values() for f in variant["files"]}
         for relative in stale - set(files):
             manifest.path(relative).unlink(missing_ok=True)
 

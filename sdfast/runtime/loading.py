@@ -8,7 +8,7 @@ from sdfast.errors import EngineError
 from sdfast.runtime.backends import get_backend
 from sdfast.runtime.controlnets import ControlNets
 from sdfast.runtime.families import family_class
-from sdfast.runtime.int8_unet import ROLE as INT8_ROLE
+from sdfast.runtime.int8_unet import ROLES as INT8_ROLES
 from sdfast.runtime.manifest import read_manifest
 from sdfast.runtime.request_check import read_scheduler_config
 
@@ -22,8 +22,8 @@ def load_pipeline(cls, engine_dir: str | Path, backend: str, verify: str, progre
     runtime_backend = get_backend(backend)
     family = family_class(manifest.family)
     components = [manifest.components[name] for name in family.check_components(manifest)]
-    if backend != "cpu":  # the int8 U-Net is onnxruntime's CPU graph (QLinearConv, QGemm): other backends leave it
-        components = [info for info in components if info.role != INT8_ROLE]
+    if backend != "cpu":  # the int8 U-Nets are onnxruntime's CPU graphs (QLinearConv, QGemm): other backends leave them
+        components = [info for info in components if info.role not in INT8_ROLES]
     for info in components:  # before gigabytes are hashed, or engines built, for a graph the backend cannot run
         refused = runtime_backend.cannot_run(info)
         if refused:

@@ -16,7 +16,7 @@ FORMAT_VERSION = 5  # 3: tokenizers by the component they feed, component roles,
 # 4: the U-Net's ControlNet residual inputs and "controlnet" components (a version-3 dir, without them, still loads)
 # 5: several image sizes ('sizes', per-size component entries over one shared data file per component)
 READABLE_VERSIONS = (3, 4, 5)
-ROLES = ("text_encoder", "denoiser", "denoiser_cond", "denoiser_shallow", "denoiser_int8", "vae_decoder", "vae_decoder_tiny", "vae_decoder_tile", "vae_encoder", "vae_encoder_tile", "controlnet")  # what a component does; a family may have several text encoders
+ROLES = ("text_encoder", "denoiser", "denoiser_cond", "denoiser_shallow", "denoiser_int8", "denoiser_shallow_int8", "vae_decoder", "vae_decoder_tiny", "vae_decoder_tile", "vae_encoder", "vae_encoder_tile", "controlnet")  # what a component does; a family may have several text encoders
 _HASH_CHUNK = 8 << 20
 
 

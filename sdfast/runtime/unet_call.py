@@ -9,7 +9,7 @@ import numpy as np
 from sdfast.runtime.device_loop import check_finite
 from sdfast.runtime.generation import SkipLayerGuidance, StageTimings
 from sdfast.runtime.guidance_truncation import COND, cond_rows
-from sdfast.runtime.int8_unet import INT8
+from sdfast.runtime.int8_unet import INT8, SHALLOW_INT8
 from sdfast.runtime.step_cache import SHALLOW, CachedDenoiser
 
 
@@ -19,14 +19,14 @@ def guided_unet(pipeline, conditioning: dict[str, np.ndarray], cfg_scale: float,
     """``predict(x_in, timestep)`` over ``pipeline``'s denoiser engine; ``control(x_rows, timesteps, timestep)`` gives the
     ControlNets' residuals for that call (None: the zeros in ``conditioning`` stay); ``step_cache``: DeepCache's interval;
     ``last_guided``: the last guided evaluation when guidance is truncated, after which the cond-only U-Net runs
-    (runtime.guidance_truncation); None: every one is guided; ``int8``: the int8 U-Net instead (runtime.int8_unet)."""
+    (runtime.guidance_truncation); None: every one is guided; ``int8``: the int8 U-Nets instead (runtime.int8_unet)."""
     engine = pipeline.engines[INT8 if int8 else pipeline.manifest.denoiser]
     label = pipeline.manifest.denoiser_label  # for errors
     guidance = pipeline.guidance
     unet_batch = pipeline.batch_size * (2 if guidance else 1)
     # skip-layer guidance (SD3.5): a third call on the prompt's rows with some blocks skipped, in part of the schedule
     skipping = pipeline.family.skip_layer_feeds(conditioning, skip_layers.layers) if skip_layers and use_cfg else None
-    cached = CachedDenoiser(engine, pipeline.engines[SHALLOW], step_cache) if step_cache not in (None, 1) else None
+    cached = CachedDenoiser(engine, pipeline.engines[SHALLOW_INT8 if int8 else SHALLOW], step_cache) if step_cache not in (None, 1) else None
     # the cond-only U-Net: after the guidance stop, or on every step when guidance is off (cfg <= 1)
     cond_engine = pipeline.engines.get(COND) if guidance else None
     if not use_cfg and step_cache in (None, 1) and not pipeline.loras.patched:

@@ -9,7 +9,7 @@ from sdfast.runtime.families.base import Family, guided_rows
 class StableDiffusion1(Family):
     name = "sd15"
     required = ("text_encoder", "unet", "vae_decoder")
-    optional = ("vae_encoder", "vae_decoder_tiny", "vae_decoder_tile", "vae_encoder_tile", "unet_shallow", "unet_cond", "unet_int8")  # img2img; the fast modes (export options)
+    optional = ("vae_encoder", "vae_decoder_tiny", "vae_decoder_tile", "vae_encoder_tile", "unet_shallow", "unet_cond", "unet_int8", "unet_shallow_int8")  # img2img; the fast modes (export options)
     fed_inputs = {"text_encoder": ("input_ids", "clip_skip"), "unet": ("encoder_hidden_states",), "vae_decoder": ("latent",),
                   "vae_encoder": ("image",), "unet_cond": ("encoder_hidden_states",),
                   "unet_shallow": ("encoder_hidden_states", "step_cache_feature"), "vae_decoder_tiny": ("latents",), "vae_decoder_tile": ("latent",), "vae_encoder_tile": ("image",)}

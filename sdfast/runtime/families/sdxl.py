@@ -18,7 +18,7 @@ AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # diffusers' StableDiffusi
 class StableDiffusionXL(Family):
     name = "sdxl"
     required = ("text_encoder_2", "unet", "vae_decoder")
-    optional = ("text_encoder", "vae_encoder", "vae_decoder_tiny", "vae_decoder_tile", "vae_encoder_tile", "unet_shallow", "unet_cond", "unet_int8")  # the refiner has only encoder 2; fast modes
+    optional = ("text_encoder", "vae_encoder", "vae_decoder_tiny", "vae_decoder_tile", "vae_encoder_tile", "unet_shallow", "unet_cond", "unet_int8", "unet_shallow_int8")  # the refiner has only encoder 2; fast modes
     default_cfg_scale = 5.0  # StableDiffusionXLPipeline's
     fed_inputs = {"text_encoder": ("input_ids", "clip_skip"), "text_encoder_2": ("input_ids", "clip_skip"),
                   "unet": ("encoder_hidden_states", "text_embeds", "time_ids"), "vae_decoder": ("latent",), "vae_encoder": ("image",),

@@ -219,3 +219,31 @@ def test_int8_with_step_caching_runs_the_int8_shallow_unet_on_the_cached_steps(i
     assert calls == {"unet": 3, "unet_shallow": 3, "unet_int8": 3, "unet_shallow_int8": 3}
     assert "U-Net: int8 linear+conv" in both.parameters[0] and "Step cache: DeepCache every 2" in both.parameters[0]
     assert 18 < psnr(both.images[0], cached.images[0]) < 60  # quantized, so not the fp32 step-cached image; close to it
+
+
+def test_a1111_clients_ask_for_the_int8_unet_by_the_sdfast_int8_option(int8_engine):
+    """override_settings (per request) or /sdapi/v1/options (every request) with sdfast_int8, through the real webuiapi."""
+    import httpx
+    import webuiapi
+
+    from tests.test_serve import Server
+
+    pipeline = Pipeline.load(int8_engine, verify="size")
+    request = GenerationRequest("a boat", steps=3, seed=5, sampler="euler", cfg_scale=7.5)
+    expected = pipeline.generate(dataclasses.replace(request, int8=True)).images[0]
+    server = Server(int8_engine)
+    try:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+        asked = dict(prompt="a boat", seed=5, steps=3, width=64, height=64, sampler_name="Euler", cfg_scale=7.5)
+        result = api.txt2img(**asked, override_settings={"sdfast_int8": True})
+        assert np.array_equal(np.asarray(result.image), expected) and "U-Net: int8 linear+conv" in result.info["infotexts"][0]
+        plain = api.txt2img(**asked)
+        assert np.array_equal(np.asarray(plain.image), pipeline.generate(request).images[0])
+        assert "U-Net:" not in plain.info["infotexts"][0]
+        api.set_options({"sdfast_int8": True})
+        assert api.get_options()["sdfast_int8"] is True
+        assert np.array_equal(np.asarray(api.txt2img(**asked).image), expected)
+        bad = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "override_settings": {"sdfast_int8": "yes"}})
+        assert bad.status_code == 422 and bad.json()["field"] == "override_settings.sdfast_int8"
+    finally:
+        assert server.stop()

@@ -1,6 +1,7 @@
 """Engine dirs that bench exports on demand, cached under $SDFAST_CACHE/bench-engines and re-exported when stale."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 from pathlib import Path
@@ -12,16 +13,33 @@ from sdfast.errors import ConfigError
 def cached_engine(model: str, height: int | None, width: int | None, batch: int, guidance: bool,
                   log: Callable[[str], None], progress: Callable[[str], None], precision: str = "fp32") -> Path:
     """An engine dir of ``model`` at this geometry: the cached one if it is current, else a fresh export."""
-    from sdfast import __version__
     from sdfast.export.build import ExportRequest, check_request, export_engine
     from sdfast.export.builtin import BUILTIN_MODELS, cache_root
-    from sdfast.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME
 
     builtin = model in BUILTIN_MODELS
     if not builtin and not Path(model).is_dir():
         raise ConfigError(f"--model '{model}' is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a folder")
     label = model if builtin else "folder-" + hashlib.sha1(str(Path(model).resolve()).encode()).hexdigest()[:12]
     out = cache_root() / "bench-engines" / f"{label}-{width or 'native'}x{height or 'native'}-b{batch}-{'cfg' if guidance else 'nocfg'}{'' if precision == 'fp32' else '-' + precision}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two benches (or parallel tests) asking at once: one exports, the other waits
+        if _is_fresh(out, model, builtin, precision):
+            log(f"using the cached engine {out}")
+            return out
+        request = ExportRequest(model=model, out=out, height=height, width=width, batch=batch, guidance=guidance, force=True,
+                                precision=precision)
+        check_request(request)
+        log(f"exporting {model} ({'with' if guidance else 'without'} guidance) to {out}")
+        export_engine(request, progress)
+    return out
+
+
+def _is_fresh(out: Path, model: str, builtin: bool, precision: str) -> bool:
+    """The cached engine dir was exported by this sdfast and format, from these weights, with a usable CPU variant."""
+    from sdfast import __version__
+    from sdfast.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME
+
     try:
         manifest = json.loads((out / MANIFEST_NAME).read_text())
         denoiser = next(c for c in manifest["components"].values() if c.get("role") == "denoiser")  # the U-Net, SD3's transformer
@@ -32,16 +50,9 @@ def cached_engine(model: str, height: int | None, width: int | None, batch: int,
             from sdfast.export.source import weights_fingerprint
 
             fresh = manifest["source"]["fingerprint"] == weights_fingerprint(Path(model))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
         fresh = False
-    if fresh:
-        log(f"using the cached engine {out}")
-        return out
-    request = ExportRequest(model=model, out=out, height=height, width=width, batch=batch, guidance=guidance, force=True, precision=precision)
-    check_request(request)
-    log(f"exporting {model} ({'with' if guidance else 'without'} guidance) to {out}")
-    export_engine(request, progress)
-    return out
+    return fresh
 
 
 def _variant_current(unet: dict) -> bool:

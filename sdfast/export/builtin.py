@@ -8,6 +8,7 @@ CLIP's real one (builtin_tokenizer.py), so prompts tokenize as on a real model; 
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -307,26 +308,33 @@ def ensure_builtin(name: str, log: Callable[[str], None] = lambda _: None) -> Pa
     folder = cache_root() / "models" / name
     descriptor = json.loads(json.dumps(_descriptor(model)))
     marker = folder / MARKER
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()) == descriptor:
-                return folder
-        except (OSError, ValueError):
-            pass
+    if _is_current(marker, descriptor):
+        return folder
     bpe_data_path()  # CLIP's vocabulary must be at hand before anything is built (a one-line ExportError if not)
-    log(f"building built-in model '{name}': {model.description}")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
-    try:
-        save_builtin(model, staging)
-        (staging / MARKER).write_text(json.dumps(descriptor, indent=2))  # written last: the folder is complete
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    with open(folder.parent / f".{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two processes asking at once (parallel tests, two exports): one builds, one waits
+        if _is_current(marker, descriptor):
+            return folder
+        log(f"building built-in model '{name}': {model.description}")
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+        try:
+            save_builtin(model, staging)
+            (staging / MARKER).write_text(json.dumps(descriptor, indent=2))  # written last: the folder is complete
+            if folder.exists():
+                shutil.rmtree(folder)
+            staging.rename(folder)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def _is_current(marker: Path, descriptor: dict) -> bool:
+    try:
+        return json.loads(marker.read_text()) == descriptor
+    except (OSError, ValueError):
+        return False
 
 
 def save_builtin(model: BuiltinModel, folder: Path) -> None:

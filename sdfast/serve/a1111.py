@@ -33,6 +33,7 @@ from sdfast.serve.schemas import (
 DEEPCACHE_OPTIONS = ("deepcache_enable", "deepcache_full_run_step_rate")  # sd-webui-deepcache-standalone's, in /sdapi/v1/options
 DEEPCACHE_DEFAULT_RATE = 5  # that extension's default full-run step rate
 DECODE_METHODS = {"Full": "full", "TAESD": "tiny"}  # A1111's sd_vae_decode_method -> GenerationRequest.vae_decoder
+INT8_OPTION = "sdfast_int8"  # sdfast's own option: the int8 U-Net of sdfast quantize (GenerationRequest.int8)
 
 
 def a1111_router(ctx: ServeContext) -> APIRouter:
@@ -81,6 +82,7 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
                 "deepcache_enable": bool(ctx.options.get("deepcache_enable", False)),
                 "deepcache_full_run_step_rate": ctx.options.get("deepcache_full_run_step_rate", DEEPCACHE_DEFAULT_RATE),
                 "sd_vae_decode_method": ctx.options.get("sd_vae_decode_method") or "Full",
+                INT8_OPTION: bool(ctx.options.get(INT8_OPTION, False)),
                 "samples_format": "png", "sd_checkpoint_hash": pipeline.manifest.data["source"].get("fingerprint")}
 
     @router.post("/sdapi/v1/options")
@@ -92,7 +94,7 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         if not isinstance(body, dict):
             raise FieldError("body", "must be a JSON object of option names and values")
         _check_options(body, "")
-        for name in ("CLIP_stop_at_last_layers", "sd_vae_decode_method", *DEEPCACHE_OPTIONS):
+        for name in ("CLIP_stop_at_last_layers", "sd_vae_decode_method", INT8_OPTION, *DEEPCACHE_OPTIONS):
             if name in body:
                 ctx.options[name] = body[name]
         return True
@@ -113,6 +115,11 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         if method == "TAESD" and "vae_decoder_tiny" not in pipeline.manifest.components:
             raise FieldError(f"{prefix}sd_vae_decode_method", "this engine dir has no tiny VAE decoder: export it with "
                                                               "sdfast export --vae-decoder DIR")
+        int8 = options.get(INT8_OPTION)
+        if int8 is not None and not isinstance(int8, bool):
+            raise FieldError(f"{prefix}{INT8_OPTION}", f"must be true or false, not {int8!r}")
+        if int8 and "unet_int8" not in pipeline.manifest.components:
+            raise FieldError(f"{prefix}{INT8_OPTION}", "this engine dir has no int8 U-Net: add it with sdfast quantize ENGINE_DIR")
         for name, allowed in IMAGE_OPTIONS.items():
             if name in options and options[name] is not None and options[name] not in allowed:
                 raise FieldError(f"{prefix}{name}", f"{options[name]!r} is not supported by sdfast (the image would come out without it); "
@@ -224,6 +231,7 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
             seeds=[seed + i for i in range(total)], refiner_switch=refiner_switch, hires=hires,
             step_cache=_step_cache({**ctx.options, **body.override_settings}),
             vae_decoder=DECODE_METHODS[{**ctx.options, **body.override_settings}.get("sd_vae_decode_method") or "Full"],
+            int8=bool({**ctx.options, **body.override_settings}.get(INT8_OPTION)),
         )
 
     def _check_deepcache(options: dict, prefix: str) -> None:

@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny random-weight model and its engine dir per test session."""
+"""Shared fixtures: one tiny random-weight model and its engine dirs per test run (shared by pytest-xdist's workers)."""
+import fcntl
 import os
 import subprocess
 import sys
@@ -9,14 +10,47 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The files that take longest (engine exports of several families, parity runs), first: pytest-xdist's --dist loadfile
+# hands files to its workers in collection order, so starting the longest ones first lets the workers end together.
+LONGEST_FIRST = ("test_controlnet.py", "test_sd3_t5.py", "test_sdxl.py", "test_sizes.py", "test_lora.py", "test_sd3.py",
+                 "test_step_cache.py", "test_hires.py", "test_fast_modes_sdxl.py", "test_lora_sdxl.py", "test_export.py",
+                 "test_int8.py", "test_sd2.py", "test_cli.py", "test_serve.py", "test_controlnet_serve.py")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
 
 
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the other files keep their order
+
+
+def run_folder(tmp_path_factory) -> Path:
+    """The test run's temporary folder: pytest-xdist's workers each have their own below it."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+def exported_once(tmp_path_factory, name: str, request_fields: dict) -> Path:
+    """An engine dir exported once per test run: under pytest-xdist every worker shares it (xdist's recipe for
+    session fixtures: the run's common temporary folder and a file lock); the fixtures that use it never change it."""
+    from sdfast.export.build import ExportRequest, export_engine
+
+    out = run_folder(tmp_path_factory) / "shared-engines" / name
+    out.parent.mkdir(exist_ok=True)
+    with open(out.parent / f".{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one worker exports, the other waits for it
+        if not (out / "manifest.json").is_file():
+            export_engine(ExportRequest(out=out, **request_fields))
+    return out
+
+
 @pytest.fixture(scope="session")
 def sdfast_cache(tmp_path_factory) -> Path:
-    """Built-in models go to a cache of the test session's own, unless SDFAST_CACHE is set."""
-    cache = Path(os.environ.get("SDFAST_CACHE") or tmp_path_factory.mktemp("sdfast-cache"))
+    """Built-in models go to a cache of the test run's own (shared by its workers), unless SDFAST_CACHE is set."""
+    cache = Path(os.environ.get("SDFAST_CACHE") or run_folder(tmp_path_factory) / "sdfast-cache")  # built-ins: under a lock
+    cache.mkdir(parents=True, exist_ok=True)
     os.environ["SDFAST_CACHE"] = str(cache)
     return cache
 
@@ -30,47 +64,32 @@ def tiny_model(sdfast_cache) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_model, tmp_path_factory) -> Path:
-    from sdfast.export.build import ExportRequest, export_engine
-
-    out = tmp_path_factory.mktemp("engines") / "tiny-64"
-    return export_engine(ExportRequest(model="tiny", out=out))
+    return exported_once(tmp_path_factory, "tiny-64", dict(model="tiny"))
 
 
 @pytest.fixture(scope="session")
 def tiny_sized_engine(tiny_model, tmp_path_factory) -> Path:
     """The tiny model at four sizes in one engine dir (64x64 the default): several sizes, and hires fix across them."""
-    from sdfast.export.build import ExportRequest, export_engine
-
-    out = tmp_path_factory.mktemp("engines") / "tiny-4-sizes"
-    return export_engine(ExportRequest(model="tiny", out=out, height=64, width=64, sizes=((96, 64), (64, 96), (128, 128))))
+    return exported_once(tmp_path_factory, "tiny-4-sizes", dict(model="tiny", height=64, width=64, sizes=((96, 64), (64, 96), (128, 128))))
 
 
 @pytest.fixture(scope="session")
 def tiny_fast_engine(tiny_model, tmp_path_factory) -> Path:
     """tiny with the fast modes' graphs: the step cache's (export --step-cache), a tiny VAE decoder (tiny-taesd) and the
     tiled VAE's 64-pixel tile graphs, at 64x64 and 96x64."""
-    from sdfast.export.build import ExportRequest, export_engine
-
-    out = tmp_path_factory.mktemp("fast") / "engine"
-    return export_engine(ExportRequest(model="tiny", out=out, height=64, width=64, sizes=((96, 64),), step_cache=True,
-                                       tiny_vae="tiny-taesd", vae_tile=64))
+    return exported_once(tmp_path_factory, "tiny-fast", dict(model="tiny", height=64, width=64, sizes=((96, 64),), step_cache=True,
+                                                            tiny_vae="tiny-taesd", vae_tile=64))
 
 
 @pytest.fixture(scope="session")
 def tiny_inpaint_engine(sdfast_cache, tmp_path_factory) -> Path:
     """The tiny model with a 9-channel inpainting U-Net, exported."""
-    from sdfast.export.build import ExportRequest, export_engine
-
-    out = tmp_path_factory.mktemp("engines") / "tiny-inpaint-64"
-    return export_engine(ExportRequest(model="tiny-inpaint", out=out))
+    return exported_once(tmp_path_factory, "tiny-inpaint-64", dict(model="tiny-inpaint"))
 
 
 @pytest.fixture(scope="session")
 def tiny_engine_batch2_unguided(tiny_model, tmp_path_factory) -> Path:
-    from sdfast.export.build import ExportRequest, export_engine
-
-    out = tmp_path_factory.mktemp("engines") / "tiny-64-b2-noguide"
-    return export_engine(ExportRequest(model=str(tiny_model), out=out, batch=2, guidance=False))
+    return exported_once(tmp_path_factory, "tiny-64-b2-noguide", dict(model=str(tiny_model), batch=2, guidance=False))
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -85,10 +104,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
 
 @pytest.fixture(scope="session")
 def tiny_fp16_engine(tiny_model, tmp_path_factory) -> Path:
-    from sdfast.export.build import ExportRequest, export_engine
-
-    out = tmp_path_factory.mktemp("engines") / "tiny-64-fp16"
-    return export_engine(ExportRequest(model="tiny", out=out, precision="fp16"))
+    return exported_once(tmp_path_factory, "tiny-64-fp16", dict(model="tiny", precision="fp16"))
 
 
 def visible_lines(stderr: str) -> list[str]:

@@ -186,7 +186,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown peer '{unknown[0]}'; choose from {', '.join(ALL_PEERS)}")
     if "sdfast-cpu-fast" in peers:
-        if not (args.fast_engine and args.fast_mode):
+        if not (args.fast_engine and args.fast_mode and args.fast_mode.strip()):
             parser.error("sdfast-cpu-fast needs --fast-engine DIR and --fast-mode MODE")
         from fast_modes import modes_from
 
@@ -286,9 +286,12 @@ def main() -> int:
     if reference:
         for name, figures in results.items():
             figures["sdfast_ratio"] = results[reference]["median_ms"] / figures["median_ms"]  # < 1: sdfast is faster
-    if e2e.get("openvino-fp32"):  # image times against the fp32 peer, paired round by round
+    for name, figures in results.items():
+        if e2e.get(name):
+            figures["e2e"]["samples_ms"] = e2e[name]  # one per round, in round order
+    if "openvino-fp32" in results and e2e.get("openvino-fp32"):  # image times against the fp32 peer, paired round by round
         for name, figures in results.items():
-            if e2e.get(name):
+            if e2e.get(name) and len(e2e[name]) == len(e2e["openvino-fp32"]):
                 pairs = [base / own for base, own in zip(e2e["openvino-fp32"], e2e[name])]
                 figures["e2e"]["speedup_vs_openvino_fp32"] = {"median": statistics.median(pairs), "min": min(pairs), "max": max(pairs)}
     record = {

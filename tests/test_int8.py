@@ -142,7 +142,7 @@ def test_int8_with_a_lora_is_refused(int8_engine):
 
 
 @pytest.mark.parametrize("fields, backend, message", [
-    ({"step_cache": 3}, "cpu", "no int8 shallow U-Net for step caching: run sdfast quantize on an engine dir exported with --step-cache"),
+    ({"step_cache": 3}, "cpu", "no int8 shallow U-Net for step caching: run sdfast quantize again on it"),
     ({"guidance_stop": 0.5}, "cpu", "with guidance truncation"),
     ({"refiner_switch": 0.8}, "cpu", "with a refiner hand-off"),
     ({}, "cuda", "with the cuda backend"),
@@ -151,12 +151,14 @@ def test_int8_combinations_not_run_yet_are_refused(fields, backend, message):
     from types import SimpleNamespace
 
     from sdfast.errors import RequestError
-    from sdfast.runtime.int8_unet import INT8, check_request
+    from sdfast.runtime.int8_unet import INT8, SHALLOW_INT8, check_request
 
     manifest = SimpleNamespace(components={INT8: object()})  # no shallow int8 U-Net
     check_request(GenerationRequest("a red apple", int8=True), manifest, "cpu")  # alone: accepted
     with pytest.raises(RequestError, match=message):
         check_request(GenerationRequest("a red apple", int8=True, **fields), manifest, backend)
+    with_shallow = SimpleNamespace(components={INT8: object(), SHALLOW_INT8: object()})
+    check_request(GenerationRequest("a red apple", int8=True, step_cache=3), with_shallow, "cpu")  # both int8 graphs: accepted
 
 
 def test_int8_needs_the_component_and_quantize_needs_an_fp32_single_size_engine(tiny_engine, tiny_sized_engine, tmp_path):
@@ -247,3 +249,21 @@ def test_a1111_clients_ask_for_the_int8_unet_by_the_sdfast_int8_option(int8_engi
         assert bad.status_code == 422 and bad.json()["field"] == "override_settings.sdfast_int8"
     finally:
         assert server.stop()
+
+
+def test_a_component_written_as_none_leaves_the_manifest_with_its_files(int8_step_cache_engine, tmp_path):
+    """add_to_engine's removal: what quantize does to an old int8 shallow U-Net its new U-Net does not come with."""
+    from sdfast.export.controlnet_export import add_to_engine
+    from sdfast.runtime.manifest import read_manifest
+
+    engine = tmp_path / "engine"
+    shutil.copytree(int8_step_cache_engine, engine)
+    old = json.loads((engine / "manifest.json").read_text())["components"]["unet_shallow_int8"]
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    add_to_engine(read_manifest(engine), {"unet_shallow_int8": None}, staging)
+    components = json.loads((engine / "manifest.json").read_text())["components"]
+    assert "unet_shallow_int8" not in components and "unet_int8" in components
+    assert not [name for name in [*old["files"], *old["variants"]["cpu"]["files"]] if (engine / name).exists()]
+    checked = run_cli("info", str(engine), "--verify")
+    assert checked.returncode == 0, checked.stderr

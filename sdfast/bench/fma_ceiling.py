@@ -7,6 +7,7 @@ achieved fraction of it says how much of the arithmetic the hardware can do is u
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -26,13 +27,21 @@ def measured_fma_gflops(threads: int, cache: Path) -> tuple[float | None, str]:
     binary = cache / f"fma_peak-{hashlib.sha256(source + _cpu_identity()).hexdigest()[:12]}"
     if not binary.is_file():
         cache.mkdir(parents=True, exist_ok=True)
-        source_path = cache / "fma_peak.c"
+        # the source and the binary under names of this process's own, the binary renamed into place: another process
+        # (a parallel test, a second bench) may be running or building the same binary
+        source_path = cache / f"fma_peak.{os.getpid()}.c"
         source_path.write_bytes(source)
-        built = subprocess.run([compiler, "-O3", "-march=native", "-pthread", str(source_path), "-o", str(binary)],
-                               capture_output=True, text=True)
-        if built.returncode:
-            first = (built.stderr.strip().splitlines() or ["?"])[0]
-            return None, f"fma_peak.c did not build here ({first})"
+        partial = binary.with_name(f"{binary.name}.{os.getpid()}.partial")
+        try:
+            built = subprocess.run([compiler, "-O3", "-march=native", "-pthread", str(source_path), "-o", str(partial)],
+                                   capture_output=True, text=True)
+            if built.returncode:
+                first = (built.stderr.strip().splitlines() or ["?"])[0]
+                return None, f"fma_peak.c did not build here ({first})"
+            os.replace(partial, binary)
+        finally:
+            source_path.unlink(missing_ok=True)
+            partial.unlink(missing_ok=True)
     figures = []
     for _ in range(3):
         try:

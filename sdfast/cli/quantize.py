@@ -3,7 +3,6 @@ U-Net's int8 twin where the engine dir has step caching (``generate --int8 --ste
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 POLICIES = ("linear+conv", "linear")  # sdfast.export.int8_policy.POLICIES, without importing onnx for --help
@@ -28,14 +27,10 @@ def run(args: argparse.Namespace) -> int:
         raise ExportError(f"{args.engine} is not an engine dir (no manifest.json)")
     from sdfast.export.int8_export import add_int8_unet
 
-    entry = add_int8_unet(args.engine, args.policy, args.steps, args.seeds, ElapsedLog("quantize"))
-    error = entry["int8"]["error_vs_fp32"]
-    print(f"{args.engine}: unet_int8 ({args.policy}, {entry['int8']['quantized']} nodes int8), relative RMS error against "
-          f"the fp32 U-Net {error['relative_rms_median']:.3f} (max {error['relative_rms_max']:.3f}); generate --int8 runs it")
-    shallow = json.loads((args.engine / "manifest.json").read_text())["components"].get("unet_shallow_int8")
-    if shallow:
-        error = shallow["int8"]["error_vs_fp32"]
-        print(f"{args.engine}: unet_shallow_int8 ({shallow['int8']['quantized']} nodes int8), relative RMS error against the "
-              f"fp32 shallow U-Net {error['relative_rms_median']:.3f} (max {error['relative_rms_max']:.3f}); generate --int8 "
-              f"--step-cache N runs both")
+    entries = add_int8_unet(args.engine, args.policy, args.steps, args.seeds, ElapsedLog("quantize"))
+    for name, entry in entries.items():
+        error, shallow = entry["int8"]["error_vs_fp32"], name == "unet_shallow_int8"
+        print(f"{args.engine}: {name} ({args.policy}, {entry['int8']['quantized']} nodes int8), relative RMS error against the "
+              f"fp32 {'shallow ' if shallow else ''}U-Net {error['relative_rms_median']:.3f} (max {error['relative_rms_max']:.3f}); "
+              f"{'generate --int8 --step-cache N runs both' if shallow else 'generate --int8 runs it'}")
     return 0

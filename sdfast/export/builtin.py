@@ -8,15 +8,14 @@ CLIP's real one (builtin_tokenizer.py), so prompts tokenize as on a real model; 
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from sdfast.export.built_once import built_once
 from sdfast.export.builtin_tokenizer import CLIP_VOCAB_SIZE, bpe_data_path, write_tokenizer_files
 
 BUILTIN_FORMAT = 4  # bump when what a built-in folder holds changes; stale caches are rebuilt
@@ -308,26 +307,14 @@ def ensure_builtin(name: str, log: Callable[[str], None] = lambda _: None) -> Pa
     folder = cache_root() / "models" / name
     descriptor = json.loads(json.dumps(_descriptor(model)))
     marker = folder / MARKER
-    if _is_current(marker, descriptor):
-        return folder
-    bpe_data_path()  # CLIP's vocabulary must be at hand before anything is built (a one-line ExportError if not)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two processes asking at once (parallel tests, two exports): one builds, one waits
-        if _is_current(marker, descriptor):
-            return folder
+
+    def build(staging: Path) -> None:
+        bpe_data_path()  # CLIP's vocabulary must be at hand before anything is built (a one-line ExportError if not)
         log(f"building built-in model '{name}': {model.description}")
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
-        try:
-            save_builtin(model, staging)
-            (staging / MARKER).write_text(json.dumps(descriptor, indent=2))  # written last: the folder is complete
-            if folder.exists():
-                shutil.rmtree(folder)
-            staging.rename(folder)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-    return folder
+        save_builtin(model, staging)
+        (staging / MARKER).write_text(json.dumps(descriptor, indent=2))  # written last: the folder is complete
+
+    return built_once(folder, lambda: _is_current(marker, descriptor), build)
 
 
 def _is_current(marker: Path, descriptor: dict) -> bool:

@@ -7,8 +7,6 @@ random, so the residuals are not zero and a ControlNet visibly changes the image
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -41,30 +39,26 @@ def ensure_builtin_controlnet(name: str, log: Callable[[str], None] = lambda _: 
     import torch
 
     from sdfast.export.builtin import BUILTIN_MODELS, cache_root
+    from sdfast.export.built_once import built_once
 
     spec = BUILTIN_CONTROLNETS[name]
     folder = cache_root() / "controlnets" / name
     descriptor = {"format": FORMAT, "controlnet": asdict(spec), "unet": json.loads(json.dumps(BUILTIN_MODELS[spec.base].unet)),
                   "torch": torch.__version__, "diffusers": diffusers.__version__}
     marker = folder / "sdfast_builtin.json"
-    try:
-        if json.loads(marker.read_text()) == json.loads(json.dumps(descriptor)):
-            return folder
-    except (OSError, ValueError):
-        pass
-    log(f"building built-in ControlNet '{name}' for '{spec.base}' (random weights)")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
-    try:
+
+    def is_current() -> bool:
+        try:
+            return json.loads(marker.read_text()) == json.loads(json.dumps(descriptor))
+        except (OSError, ValueError):
+            return False
+
+    def build(staging: Path) -> None:
+        log(f"building built-in ControlNet '{name}' for '{spec.base}' (random weights)")
         _build(spec, BUILTIN_MODELS[spec.base].unet).save_pretrained(staging, safe_serialization=True)
         (staging / "sdfast_builtin.json").write_text(json.dumps(descriptor, indent=2))  # last: the folder is complete
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return folder
+
+    return built_once(folder, is_current, build)
 
 
 def _build(spec: BuiltinControlNet, unet_config: dict):

@@ -188,12 +188,13 @@ def _dimensions(manifest) -> dict:
 
 def add_to_engine(manifest, entries: dict[str, dict], staging: Path) -> None:
     """Move components' files (a ControlNet's, the int8 U-Nets') beside the base's, then rewrite manifest.json atomically
-    (a temporary file, a rename): all of ``entries`` (name -> manifest entry) appear at once, or none."""
+    (a temporary file, a rename): all of ``entries`` (name -> manifest entry; None removes that component) change at
+    once, or none."""
     from sdfast.runtime.files import shared_mode
     from sdfast.runtime.manifest import MANIFEST_NAME
 
     files = {}
-    for entry in entries.values():
+    for entry in filter(None, entries.values()):
         files.update(entry["files"])
         for variant in entry.get("variants", {}).values():
             files.update(variant["files"])
@@ -204,7 +205,11 @@ def add_to_engine(manifest, entries: dict[str, dict], staging: Path) -> None:
         for relative in files:
             os.chmod(staging / relative, shared_mode())
             os.replace(staging / relative, manifest.root / relative)
-        data["components"].update(entries)
+        for key, entry in entries.items():
+            if entry is None:
+                data["components"].pop(key, None)
+            else:
+                data["components"][key] = entry
         handle, temporary = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=manifest.root)
         try:
             with os.fdopen(handle, "w") as file:

@@ -100,9 +100,9 @@ def relative_errors(reference: Path, candidate: Path, feeds: list[dict]) -> list
     return errors
 
 
-def add_int8_unet(engine_dir: Path, policy: str, steps: int = 10, seeds: int = 1, progress=print) -> dict:
+def add_int8_unet(engine_dir: Path, policy: str, steps: int = 10, seeds: int = 1, progress=print) -> dict[str, dict]:
     """Quantize ``engine_dir``'s U-Net with ``policy`` and add it as ``unet_int8`` (and its shallow U-Net as
-    ``unet_shallow_int8`` when it has one); returns the U-Net's manifest entry."""
+    ``unet_shallow_int8`` when it has one); returns the manifest entries written, by component."""
     from sdfast.export.controlnet_export import add_to_engine
     from sdfast.export.int8_policy import POLICIES
     from sdfast.runtime.manifest import read_manifest
@@ -144,16 +144,18 @@ def add_int8_unet(engine_dir: Path, policy: str, steps: int = 10, seeds: int = 1
         if shallow is not None:
             inputs = [spec.name for spec in shallow.inputs if spec.name != FEATURE]
             progress("int8: the shallow U-Net of step caching, calibrated on each step's inputs with the step before's feature")
+            # (lag 1, from the fp32 U-Net: a cached step at interval N sees a feature 1 to N-1 steps old, from the int8 U-Net)
             entries[SHALLOW_INT8] = _quantized_entry(
                 manifest, shallow, SHALLOW_ROLE, policy, cached_step_feeds(calibration, features, steps, inputs),
                 cached_step_feeds(held_out, held_out_features, steps, inputs), trajectory + ", cached steps", staging,
                 f"{SHALLOW_INT8}.{token}", progress)
         for entry in entries.values():
             entry["export_seconds"] = round(time.perf_counter() - started, 1)
-        add_to_engine(manifest, entries, staging)
+        stale = {SHALLOW_INT8: None} if SHALLOW_INT8 in manifest.components and SHALLOW_INT8 not in entries else {}
+        add_to_engine(manifest, {**entries, **stale}, staging)  # an old shallow twin does not outlive its U-Net
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return entries[INT8]
+    return entries
 
 
 def _quantized_entry(manifest, component, role: str, policy: str, calibration: list[dict], held_out: list[dict],

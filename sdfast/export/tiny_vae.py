@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -39,20 +37,18 @@ def ensure_builtin_tiny_vae(name: str) -> Path:
     """The folder of a built-in tiny VAE (random weights, TAESD's architecture), saved once under $SDFAST_CACHE."""
     from diffusers import AutoencoderTiny
 
+    from sdfast.export.built_once import built_once
+
     config, seed = BUILTIN_TINY_VAES[name]
     folder = _cache() / name
     stamp = folder / "sdfast-builtin.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("format") == FORMAT:
-        return folder
-    torch.manual_seed(seed)
-    model = AutoencoderTiny(**config).eval()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
-    model.save_pretrained(staging)
-    (staging / "sdfast-builtin.json").write_text(json.dumps({"format": FORMAT, "random_weights": True}))
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
-    return folder
+
+    def build(staging: Path) -> None:
+        torch.manual_seed(seed)
+        AutoencoderTiny(**config).eval().save_pretrained(staging)
+        (staging / "sdfast-builtin.json").write_text(json.dumps({"format": FORMAT, "random_weights": True}))  # last
+
+    return built_once(folder, lambda: stamp.is_file() and json.loads(stamp.read_text()).get("format") == FORMAT, build)
 
 
 def tiny_vae_folder(spec: str) -> Path:

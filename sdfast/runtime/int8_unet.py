@@ -19,8 +19,8 @@ def check_request(request, manifest, backend: str) -> None:
     if INT8 not in manifest.components:
         raise RequestError("this engine dir has no int8 U-Net: add it with sdfast quantize ENGINE_DIR")
     if request.step_cache not in (None, 1) and SHALLOW_INT8 not in manifest.components:
-        raise RequestError("this engine dir has no int8 shallow U-Net for step caching: run sdfast quantize on an engine "
-                           "dir exported with --step-cache")
+        raise RequestError("this engine dir has no int8 shallow U-Net for step caching: run sdfast quantize again on it "
+                           "(its fp32 step-cache graphs come from export --step-cache)")
     for asked, why in ((backend != "cpu", f"the {backend} backend (the int8 graph is onnxruntime's CPU graph)"),
                        (request.guidance_stop is not None, "guidance truncation"),
                        (bool(request.control), "ControlNets"), (request.refiner_switch is not None, "a refiner hand-off"),

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from sdfast import __version__
 from sdfast.errors import RequestError
 from sdfast.runtime.images import init_image_array, mask_array, png_bytes
+from sdfast.runtime.int8_unet import INT8
 from sdfast.runtime.pipeline import GenerationRequest, GenerationResult
 from sdfast.sampling.registry import FLOW_SAMPLERS, SAMPLERS, resolve_sampler
 from sdfast.serve.context import ServeContext
@@ -118,7 +119,7 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         int8 = options.get(INT8_OPTION)
         if int8 is not None and not isinstance(int8, bool):
             raise FieldError(f"{prefix}{INT8_OPTION}", f"must be true or false, not {int8!r}")
-        if int8 and "unet_int8" not in pipeline.manifest.components:
+        if int8 and INT8 not in pipeline.manifest.components:
             raise FieldError(f"{prefix}{INT8_OPTION}", "this engine dir has no int8 U-Net: add it with sdfast quantize ENGINE_DIR")
         for name, allowed in IMAGE_OPTIONS.items():
             if name in options and options[name] is not None and options[name] not in allowed:
@@ -223,15 +224,15 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         batch = max(d for d in range(1, min(total, pipeline.batch_size) + 1) if total % d == 0)
         if hires is not None:
             _check_hires(body, hires, sized)
+        options = {**ctx.options, **body.override_settings}  # a request's override_settings over the server's options
         return GenerationRequest(
             prompt=body.prompt, negative_prompt=body.negative_prompt, cfg_scale=_cfg_scale(body), seed=seed,
             sampler=sampler.key, height=sized.height, width=sized.width, batch_size=batch, n_iter=total // batch, clip_skip=clip_skip,
             steps=body.steps if body.steps is not None else pipeline.checker.default_steps or A1111_STEPS,
             init_image=init, mask=mask, strength=strength if init is not None else None, eta=eta or 0.0,
             seeds=[seed + i for i in range(total)], refiner_switch=refiner_switch, hires=hires,
-            step_cache=_step_cache({**ctx.options, **body.override_settings}),
-            vae_decoder=DECODE_METHODS[{**ctx.options, **body.override_settings}.get("sd_vae_decode_method") or "Full"],
-            int8=bool({**ctx.options, **body.override_settings}.get(INT8_OPTION)),
+            step_cache=_step_cache(options), vae_decoder=DECODE_METHODS[options.get("sd_vae_decode_method") or "Full"],
+            int8=bool(options.get(INT8_OPTION)),
         )
 
     def _check_deepcache(options: dict, prefix: str) -> None:

@@ -309,11 +309,12 @@ def ensure_builtin(name: str, log: Callable[[str], None] = lambda _: None) -> Pa
     marker = folder / MARKER
 
     def build(staging: Path) -> None:
-        bpe_data_path()  # CLIP's vocabulary must be at hand before anything is built (a one-line ExportError if not)
         log(f"building built-in model '{name}': {model.description}")
         save_builtin(model, staging)
         (staging / MARKER).write_text(json.dumps(descriptor, indent=2))  # written last: the folder is complete
 
+    if not _is_current(marker, descriptor):
+        bpe_data_path()  # CLIP's vocabulary must be at hand before anything is created (a one-line ExportError if not)
     return built_once(folder, lambda: _is_current(marker, descriptor), build)
 
 

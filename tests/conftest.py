@@ -1,5 +1,4 @@
 """Shared fixtures: one tiny random-weight model and its engine dirs per test run (shared by pytest-xdist's workers)."""
-import fcntl
 import os
 import subprocess
 import sys
@@ -36,11 +35,10 @@ def exported_once(tmp_path_factory, name: str, request_fields: dict) -> Path:
     """An engine dir exported once per test run: under pytest-xdist every worker shares it (xdist's recipe for
     session fixtures: the run's common temporary folder and a file lock); the fixtures that use it never change it."""
     from sdfast.export.build import ExportRequest, export_engine
+    from sdfast.export.built_once import folder_lock
 
     out = run_folder(tmp_path_factory) / "shared-engines" / name
-    out.parent.mkdir(exist_ok=True)
-    with open(out.parent / f".{name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one worker exports, the other waits for it
+    with folder_lock(out):  # one worker exports, the other waits for it
         if not (out / "manifest.json").is_file():
             export_engine(ExportRequest(out=out, **request_fields))
     return out

@@ -253,7 +253,7 @@ def test_a1111_clients_ask_for_the_int8_unet_by_the_sdfast_int8_option(int8_engi
 
 def test_a_component_written_as_none_leaves_the_manifest_with_its_files(int8_step_cache_engine, tmp_path):
     """add_to_engine's removal: what quantize does to an old int8 shallow U-Net its new U-Net does not come with."""
-    from sdfast.export.controlnet_export import add_to_engine
+    from sdfast.export.engine_additions import add_to_engine
     from sdfast.runtime.manifest import read_manifest
 
     engine = tmp_path / "engine"

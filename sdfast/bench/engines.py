@@ -1,7 +1,6 @@
 """Engine dirs that bench exports on demand, cached under $SDFAST_CACHE/bench-engines and re-exported when stale."""
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 from pathlib import Path
@@ -14,6 +13,7 @@ def cached_engine(model: str, height: int | None, width: int | None, batch: int,
                   log: Callable[[str], None], progress: Callable[[str], None], precision: str = "fp32") -> Path:
     """An engine dir of ``model`` at this geometry: the cached one if it is current, else a fresh export."""
     from sdfast.export.build import ExportRequest, check_request, export_engine
+    from sdfast.export.built_once import folder_lock
     from sdfast.export.builtin import BUILTIN_MODELS, cache_root
 
     builtin = model in BUILTIN_MODELS
@@ -21,9 +21,7 @@ def cached_engine(model: str, height: int | None, width: int | None, batch: int,
         raise ConfigError(f"--model '{model}' is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a folder")
     label = model if builtin else "folder-" + hashlib.sha1(str(Path(model).resolve()).encode()).hexdigest()[:12]
     out = cache_root() / "bench-engines" / f"{label}-{width or 'native'}x{height or 'native'}-b{batch}-{'cfg' if guidance else 'nocfg'}{'' if precision == 'fp32' else '-' + precision}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two benches (or parallel tests) asking at once: one exports, the other waits
+    with folder_lock(out):  # two benches (or parallel tests) asking at once: one exports, the other waits
         if _is_fresh(out, model, builtin, precision):
             log(f"using the cached engine {out}")
             return out

@@ -4,8 +4,18 @@ from __future__ import annotations
 import fcntl
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive file lock beside ``folder`` (``.<name>.lock``), held for the block: one process at a time makes it."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def built_once(folder: Path, is_current: Callable[[], bool], build: Callable[[Path], None]) -> Path:
@@ -15,9 +25,7 @@ def built_once(folder: Path, is_current: Callable[[], bool], build: Callable[[Pa
     half-built folder, and no process removes a folder another has just put in place."""
     if is_current():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with folder_lock(folder):
         if is_current():
             return folder
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))

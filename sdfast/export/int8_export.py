@@ -103,7 +103,7 @@ def relative_errors(reference: Path, candidate: Path, feeds: list[dict]) -> list
 def add_int8_unet(engine_dir: Path, policy: str, steps: int = 10, seeds: int = 1, progress=print) -> dict[str, dict]:
     """Quantize ``engine_dir``'s U-Net with ``policy`` and add it as ``unet_int8`` (and its shallow U-Net as
     ``unet_shallow_int8`` when it has one); returns the manifest entries written, by component."""
-    from sdfast.export.controlnet_export import add_to_engine
+    from sdfast.export.engine_additions import add_to_engine
     from sdfast.export.int8_policy import POLICIES
     from sdfast.runtime.manifest import read_manifest
     from sdfast.runtime.pipeline import Pipeline

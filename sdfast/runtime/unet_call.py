@@ -29,8 +29,8 @@ def guided_unet(pipeline, conditioning: dict[str, np.ndarray], cfg_scale: float,
     cached = CachedDenoiser(engine, pipeline.engines[SHALLOW_INT8 if int8 else SHALLOW], step_cache) if step_cache not in (None, 1) else None
     # the cond-only U-Net: after the guidance stop, or on every step when guidance is off (cfg <= 1)
     cond_engine = pipeline.engines.get(COND) if guidance else None
-    if not use_cfg and step_cache in (None, 1) and not pipeline.loras.patched:
-        last_guided = -1  # no guidance at all: every evaluation is the prompt's alone (LoRAs patch the guided U-Net only)
+    if not use_cfg and step_cache in (None, 1) and not pipeline.loras.patched and not int8:
+        last_guided = -1  # no guidance at all: every evaluation is the prompt's alone (LoRAs patch, int8 replaces, the guided U-Net only)
     cond_feeds = cond_rows(conditioning, [s.name for s in cond_engine.info.inputs if s.name in conditioning]) if cond_engine else {}
     evaluations = 0
 

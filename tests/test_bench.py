@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.conftest import run_cli
 from sdfast.bench.hardware import CpuInfo, theoretical_peak
-from sdfast.bench.report import CSV_COLUMNS, GPU_ONLY_METRICS, METRICS, SCHEMA, BenchRun, Row, merge, render
+from sdfast.bench.report import CSV_COLUMNS, GPU_ONLY_METRICS, INT8_METRICS, METRICS, SCHEMA, BenchRun, Row, merge, render
 from sdfast.bench.stats import Summary
 from sdfast.errors import ConfigError
 
@@ -179,7 +179,7 @@ def test_bench_measures_available_backends_and_says_why_others_are_skipped(tiny_
     assert all(0 < mib <= run.value("cpu", "peak_rss").median for mib in stages.values()), stages
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = list(csv.DictReader(io.StringIO(done.stdout)))
-    assert {line["metric"] for line in lines} >= set(METRICS) - {"unet_step", *GPU_ONLY_METRICS}
+    assert {line["metric"] for line in lines} >= set(METRICS) - {"unet_step", *GPU_ONLY_METRICS, *INT8_METRICS}
 
 
 @pytest.mark.parametrize("args, message", [

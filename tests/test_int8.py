@@ -102,6 +102,26 @@ def test_quantize_adds_a_verified_int8_component(int8_engine):
     assert checked.returncode == 0, checked.stderr
 
 
+def test_bench_times_the_int8_unet_against_the_measured_int8_ceiling(int8_engine, tmp_path):
+    from sdfast.bench.report import BenchRun, render
+
+    out = tmp_path / "bench.json"
+    done = run_cli("bench", str(int8_engine), "--backends", "cpu", "--repeat", "2", "--steps", "1", "--format", "json", "--out", out)
+    assert done.returncode == 0, done.stderr
+    (run,) = BenchRun.load(out)
+    # this machine kind has VNNI or at least AVX2: an int8 dot product does more operations a cycle than an fp32 FMA
+    int8_ceiling, fma_ceiling = run.machine["int8_ceiling_gops"], run.machine["fma_ceiling_gflops"]
+    assert int8_ceiling > fma_ceiling > 0, run.machine["int8_ceiling_how"]
+    step = run.value("cpu", "unet_step_int8")
+    assert step.n == 2 and step.median > 0
+    flops = json.loads((int8_engine / "manifest.json").read_text())["components"]["unet"]["flops"]["per_call"]
+    gops = run.value("cpu", "unet_int8_gops").median
+    assert gops == pytest.approx(flops / (step.median / 1e3) / 1e9)
+    assert run.value("cpu", "unet_int8_ceiling_fraction").median == pytest.approx(100 * gops / int8_ceiling)
+    table = render([run], "md")
+    assert "measured int8 ceiling" in table and "int8 U-Net share of the measured int8 ceiling" in table
+
+
 def test_the_portable_qdq_graph_computes_what_the_cpu_variant_does(int8_engine):
     """Another onnxruntime version or vector ISA loads the QDQ graph instead of the CPU variant: the same quantized model."""
     entry = json.loads((int8_engine / "manifest.json").read_text())["components"]["unet_int8"]

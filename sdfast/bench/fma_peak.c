@@ -1,6 +1,6 @@
 /* The measured FMA ceiling: 12 independent fused multiply-add chains per thread, on the widest vectors the compiler is
    allowed (AVX-512: 16 fp32 lanes; AVX2: 8), so each core's FMA pipes stay full and nothing waits on memory.
-   sdfast bench builds it with the machine's C compiler (sdfast/bench/fma_ceiling.py); by hand:
+   sdfast bench builds it with the machine's C compiler (sdfast/bench/ceilings.py); by hand:
      cc -O3 -march=native -pthread sdfast/bench/fma_peak.c -o fma_peak && ./fma_peak 1 && ./fma_peak 2
    Prints "<threads> threads: <GFLOP/s> GFLOP/s (<checksum>)". */
 #include <immintrin.h>

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from sdfast.bench.stats import Summary, time_ms
+from sdfast.runtime.int8_unet import INT8
 
 PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -100,7 +101,8 @@ def _device_memory_used_mib() -> float | None:
 
 
 def _derived_rows(stages: dict[str, Summary], overhead_ms: float, overhead_note: str, unet_flops: int | None,
-                  peak: tuple[float, str] | None, ceiling: tuple[float, str] | None = None) -> list[dict]:
+                  peak: tuple[float, str] | None, ceiling: tuple[float, str] | None = None,
+                  int8_ceiling: tuple[float, str] | None = None) -> list[dict]:
     """Host overhead per step, and the U-Net's effective GFLOP/s (the exported graph's FLOPs over the measured time)."""
     rows = [_row("host_overhead_per_step", value=overhead_ms, note=overhead_note)]
     if unet_flops and "unet_step_cfg" in stages:
@@ -111,11 +113,17 @@ def _derived_rows(stages: dict[str, Summary], overhead_ms: float, overhead_note:
             rows.append(_row("unet_peak_fraction", value=100 * gflops / peak[0], note=f"percent of {peak[1]}"))
         if ceiling:
             rows.append(_row("unet_ceiling_fraction", value=100 * gflops / ceiling[0], note=f"percent of {ceiling[1]}"))
+    if unet_flops and "unet_step_int8" in stages:
+        gops = unet_flops / (stages["unet_step_int8"].median / 1e3) / 1e9
+        rows.append(_row("unet_int8_gops", value=gops, note="the fp32 graph's operations over the int8 U-Net's time (attention, "
+                                                            "the first and last layers and the shortcuts stay fp32 in it)"))
+        if int8_ceiling:
+            rows.append(_row("unet_int8_ceiling_fraction", value=100 * gops / int8_ceiling[0], note=f"percent of {int8_ceiling[1]}"))
     return rows
 
 
 def measure_engine(backend: str, engine: Path, unguided: Path | None, repeat: int, steps: int, peak: tuple[float, str] | None,
-                   ceiling: tuple[float, str] | None = None) -> list[dict]:
+                   ceiling: tuple[float, str] | None = None, int8_ceiling: tuple[float, str] | None = None) -> list[dict]:
     from sdfast.runtime.pipeline import GenerationRequest, Pipeline
 
     started = time.perf_counter()
@@ -147,6 +155,8 @@ def measure_engine(backend: str, engine: Path, unguided: Path | None, repeat: in
     feeds = unet_feeds(geometry["unet_batch"], in_channels)
     denoiser = pipeline.manifest.denoiser  # the U-Net, or SD3's transformer: the "unet_*" rows are its step
     stages[guided_name] = with_peak_rss(lambda: time_ms(lambda: engines[denoiser].run(feeds), repeat), rss, "unet")
+    if INT8 in engines:  # sdfast quantize's U-Net, on the same call (the CPU backend loads it; generate --int8 runs it)
+        stages["unet_step_int8"] = time_ms(lambda: engines[INT8].run(feeds), repeat)
     if unguided is not None:  # only its U-Net: the other components are the same, and would double the peak RSS
         from sdfast.runtime.backends import get_backend
         from sdfast.runtime.manifest import read_manifest
@@ -180,7 +190,7 @@ def measure_engine(backend: str, engine: Path, unguided: Path | None, repeat: in
         rows.append(_row("host_queue_per_step", Summary.of(queued), note="the GPU waits on the host only if this exceeds the step"))
     unet_flops = pipeline.manifest.data["components"][denoiser].get("flops", {}).get("per_call")
     rows += _derived_rows(stages, statistics.median(overheads), "end to end minus the same runs' engine calls, over the steps",
-                          unet_flops, peak, ceiling)
+                          unet_flops, peak, ceiling, int8_ceiling)
     return rows
 
 
@@ -278,7 +288,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--peak-cpu", type=float, help="the CPU's fp32 peak, GFLOP/s")
     parser.add_argument("--peak-gpu", type=float, help="the GPU's dense fp16 peak, GFLOP/s")
-    parser.add_argument("--fma-ceiling", type=float, help="the CPU's measured FMA ceiling, GFLOP/s (fma_ceiling.py)")
+    parser.add_argument("--fma-ceiling", type=float, help="the CPU's measured FMA ceiling, GFLOP/s (ceilings.py)")
+    parser.add_argument("--int8-ceiling", type=float, help="the CPU's measured int8 dot-product ceiling, GOP/s (ceilings.py)")
     args = parser.parse_args()
 
     answer = os.fdopen(os.dup(sys.stdout.fileno()), "w")
@@ -292,7 +303,8 @@ def main() -> int:
         else:
             rows = measure_engine(args.backend, args.engine, args.unguided_engine, args.repeat, args.steps,
                                   peaks.get("cpu" if args.backend == "cpu" else "gpu"),
-                                  (args.fma_ceiling, "the CPU's measured FMA ceiling") if args.fma_ceiling else None)
+                                  (args.fma_ceiling, "the CPU's measured FMA ceiling") if args.fma_ceiling else None,
+                                  (args.int8_ceiling, "the CPU's measured int8 ceiling") if args.int8_ceiling else None)
     except Exception as error:  # noqa: BLE001 - one line back to the parent, which reports it
         text = str(error).strip().splitlines()
         answer.write(json.dumps({"error": f"{type(error).__name__}: {text[0] if text else ''}"}))

@@ -29,6 +29,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "unet_gflops": ("GFLOP/s", "denoiser effective"),
     "unet_peak_fraction": ("%", "denoiser share of peak (CPU fp32, GPU dense fp16)"),
     "unet_ceiling_fraction": ("%", "denoiser share of the measured FMA ceiling (CPU)"),
+    "unet_step_int8": ("ms", "int8 U-Net step (sdfast quantize), same call"),
+    "unet_int8_gops": ("GOP/s", "int8 U-Net effective"),
+    "unet_int8_ceiling_fraction": ("%", "int8 U-Net share of the measured int8 ceiling (CPU)"),
     "peak_rss_load": ("MiB", "peak RSS: loading"),
     "peak_rss_text_encoder": ("MiB", "peak RSS: text encoder"),
     "peak_rss_unet": ("MiB", "peak RSS: denoiser steps"),
@@ -39,6 +42,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "peak_device_memory": ("MiB", "peak device memory"),
 }
 GPU_ONLY_METRICS = ("peak_device_memory", "unet_step_in_loop", "host_queue_per_step")  # rows a CPU backend does not have
+INT8_METRICS = ("unet_step_int8", "unet_int8_gops", "unet_int8_ceiling_fraction")  # only with sdfast quantize's U-Net
 STAGES = ("text_encoder", "unet_step_cfg", "unet_step", "vae_decode", "vae_encode")  # the plot's bars
 CSV_COLUMNS = ("date", "cpu", "cores", "model", "height", "width", "batch", "steps", "precision",
                "backend", "metric", "unit", "median", "p90", "min", "max", "n", "note")
@@ -153,6 +157,10 @@ def _footer(runs: list[BenchRun]) -> list[str]:
                 notes.append(f"measured FMA ceiling: {m['fma_ceiling_gflops']} GFLOP/s ({m.get('fma_ceiling_how', '')})")
             elif m.get("fma_ceiling_how"):
                 notes.append(f"FMA ceiling not measured: {m['fma_ceiling_how']}")
+            if m.get("int8_ceiling_gops"):
+                notes.append(f"measured int8 ceiling: {m['int8_ceiling_gops']} GOP/s ({m.get('int8_ceiling_how', '')})")
+            elif m.get("int8_ceiling_how"):
+                notes.append(f"int8 ceiling not measured: {m['int8_ceiling_how']}")
         if m.get("gpu"):
             dense = m.get("gpu_fp16_dense_tflops")
             notes.append(f"GPU: {m['gpu']}, dense fp16 peak " + (f"{dense} TFLOP/s (data sheet)" if dense else "not in sdfast's table"))

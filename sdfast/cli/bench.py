@@ -126,18 +126,23 @@ def _measure(args: argparse.Namespace):
     peak = theoretical_peak(cpu)
     _say("measuring a large sgemm (numpy float32) and the FMA ceiling ...")
     sgemm = measured_sgemm_gflops()
-    from sdfast.bench.fma_ceiling import measured_fma_gflops
+    from sdfast.bench.ceilings import measured_fma_gflops, measured_int8_gops
     from sdfast.export.builtin import cache_root
+    from sdfast.runtime.int8_unet import INT8
 
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     ceiling, ceiling_how = measured_fma_gflops(threads, cache_root() / "bench")
+    int8 = {}  # the int8 ceiling, where an int8 U-Net will be measured against it
+    if INT8 in manifest.components and "cpu" in usable:
+        int8_ceiling, int8_how = measured_int8_gops(threads, cache_root() / "bench")
+        int8 = {"int8_ceiling_gops": int8_ceiling, "int8_ceiling_how": int8_how}
     gpu = gpu_name()
     gpu_peak = gpu_fp16_peak_tflops(gpu)
     run = BenchRun(
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         command="sdfast bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
         machine={"cpu": cpu.name, "cores": cpu.cores, "ghz": cpu.ghz, "platform": platform.platform(), "peak": peak.to_json(),
-                 "sgemm_gflops": sgemm, "fma_ceiling_gflops": ceiling, "fma_ceiling_how": ceiling_how,
+                 "sgemm_gflops": sgemm, "fma_ceiling_gflops": ceiling, "fma_ceiling_how": ceiling_how, **int8,
                  **({"gpu": gpu, "gpu_fp16_dense_tflops": gpu_peak} if gpu else {})},
         versions={"sdfast": __version__, "python": platform.python_version(), **_versions()},
         workload={"model": manifest.model_name, "height": manifest.geometry["height"], "width": manifest.geometry["width"],
@@ -152,6 +157,8 @@ def _measure(args: argparse.Namespace):
         command += ["--peak-cpu", str(peak.fp32_gflops)]  # the measuring process picks the peak of where it ran
         if ceiling:
             command += ["--fma-ceiling", str(ceiling)]
+        if int8.get("int8_ceiling_gops"):
+            command += ["--int8-ceiling", str(int8["int8_ceiling_gops"])]
         if gpu_peak:
             command += ["--peak-gpu", str(gpu_peak * 1e3)]
         if unguided is not None and name != "torch":

@@ -1,8 +1,9 @@
-"""The CPU's measured FMA ceiling: fma_peak.c, built with the machine's C compiler and run on every core.
+"""The CPU's measured ceilings, fp32 FMA (fma_peak.c) and int8 dot products (int8_peak.c), each built with the
+machine's C compiler and run on every core.
 
 The nominal peak (cores x clock x FMA units x lanes x 2) overstates what the cores sustain: AVX-512 lowers the clock,
-and two vCPUs may share a core. The ceiling is what 12 independent FMA chains per thread reach, so a backend's
-achieved fraction of it says how much of the arithmetic the hardware can do is used.
+and two vCPUs may share a core. A ceiling is what 12 independent chains of the instruction per thread reach, so a
+backend's achieved fraction of it says how much of the arithmetic the hardware can do is used.
 """
 from __future__ import annotations
 
@@ -14,22 +15,32 @@ import subprocess
 from importlib import resources
 from pathlib import Path
 
-OUTPUT = re.compile(r"^(\d+) threads: ([0-9.]+) GFLOP/s")
+OUTPUT = re.compile(r"^(\d+) threads: ([0-9.]+) G(?:FL)?OP/s \((?:([^;]+); )?")
 
 
 def measured_fma_gflops(threads: int, cache: Path) -> tuple[float | None, str]:
-    """(median GFLOP/s of three runs on ``threads`` threads, how it was measured), or (None, why it was not)."""
+    """(median fp32 GFLOP/s of three runs on ``threads`` threads, how it was measured), or (None, why it was not)."""
+    return _measured("fma_peak", threads, cache, "12 independent FMA chains")
+
+
+def measured_int8_gops(threads: int, cache: Path) -> tuple[float | None, str]:
+    """(median int8 GOP/s of three runs, how it was measured), or (None, why not): u8 x s8 products, VNNI where present."""
+    return _measured("int8_peak", threads, cache, "12 independent u8 x s8 dot-product chains")
+
+
+def _measured(program: str, threads: int, cache: Path, chains: str) -> tuple[float | None, str]:
+    """Build ``program``.c for this CPU (once, cached) and run it three times on ``threads`` threads."""
     compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
-        return None, "no C compiler to build sdfast/bench/fma_peak.c"
-    source = resources.files("sdfast.bench").joinpath("fma_peak.c").read_bytes()
+        return None, f"no C compiler to build sdfast/bench/{program}.c"
+    source = resources.files("sdfast.bench").joinpath(f"{program}.c").read_bytes()
     # built with -march=native: the binary is this CPU's (a cache shared between machines must not hand it to another)
-    binary = cache / f"fma_peak-{hashlib.sha256(source + _cpu_identity()).hexdigest()[:12]}"
+    binary = cache / f"{program}-{hashlib.sha256(source + _cpu_identity()).hexdigest()[:12]}"
     if not binary.is_file():
         cache.mkdir(parents=True, exist_ok=True)
         # the source and the binary under names of this process's own, the binary renamed into place: another process
         # (a parallel test, a second bench) may be running or building the same binary
-        source_path = cache / f"fma_peak.{os.getpid()}.c"
+        source_path = cache / f"{program}.{os.getpid()}.c"
         source_path.write_bytes(source)
         partial = binary.with_name(f"{binary.name}.{os.getpid()}.partial")
         try:
@@ -37,7 +48,7 @@ def measured_fma_gflops(threads: int, cache: Path) -> tuple[float | None, str]:
                                    capture_output=True, text=True)
             if built.returncode:
                 first = (built.stderr.strip().splitlines() or ["?"])[0]
-                return None, f"fma_peak.c did not build here ({first})"
+                return None, f"{program}.c did not build here ({first})"
             os.replace(partial, binary)
         finally:
             source_path.unlink(missing_ok=True)
@@ -47,13 +58,14 @@ def measured_fma_gflops(threads: int, cache: Path) -> tuple[float | None, str]:
         try:
             ran = subprocess.run([str(binary), str(threads)], capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.SubprocessError) as error:
-            return None, f"fma_peak did not run ({type(error).__name__})"
+            return None, f"{program} did not run ({type(error).__name__})"
         match = OUTPUT.match(ran.stdout.strip())
         if ran.returncode or not match:
-            return None, f"fma_peak exited {ran.returncode}"
+            return None, f"{program} exited {ran.returncode}"
         figures.append(float(match.group(2)))
     median = sorted(figures)[1]
-    return median, f"measured: {threads} threads x 12 independent FMA chains (sdfast/bench/fma_peak.c), median of 3 runs"
+    isa = f", {match.group(3)}" if match.group(3) else ""  # the instruction set the program was built for
+    return median, f"measured: {threads} threads x {chains}{isa} (sdfast/bench/{program}.c), median of 3 runs"
 
 
 def _cpu_identity() -> bytes:

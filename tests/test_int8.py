@@ -204,10 +204,12 @@ def test_cached_step_feeds_pair_each_call_with_the_feature_of_the_call_before_in
 
 @pytest.fixture(scope="module")
 def int8_step_cache_engine(tiny_model, tmp_path_factory) -> Path:
-    """The tiny model exported with step caching at one size, then quantized: both int8 U-Nets (3-step calibration)."""
+    """The tiny model exported with step caching (and guidance truncation's cond-only U-Net) at one size, then quantized:
+    both int8 U-Nets (3-step calibration)."""
     from sdfast.export.build import ExportRequest, export_engine
 
-    engine = export_engine(ExportRequest(model="tiny", out=tmp_path_factory.mktemp("int8-cache") / "engine", step_cache=True))
+    engine = export_engine(ExportRequest(model="tiny", out=tmp_path_factory.mktemp("int8-cache") / "engine", step_cache=True,
+                                         guidance_truncation=True))
     result = run_cli("quantize", str(engine), "--steps", "3")
     assert result.returncode == 0, result.stderr
     assert "unet_shallow_int8 (" in result.stdout and "--step-cache N runs both" in result.stdout
@@ -241,6 +243,20 @@ def test_int8_with_step_caching_runs_the_int8_shallow_unet_on_the_cached_steps(i
     assert calls == {"unet": 3, "unet_shallow": 3, "unet_int8": 3, "unet_shallow_int8": 3}
     assert "U-Net: int8 linear+conv" in both.parameters[0] and "Step cache: DeepCache every 2" in both.parameters[0]
     assert 18 < psnr(both.images[0], cached.images[0]) < 60  # quantized, so not the fp32 step-cached image; close to it
+
+
+def test_int8_without_guidance_keeps_the_int8_unet_rather_than_the_fp32_cond_only_one(int8_step_cache_engine):
+    pipeline = Pipeline.load(int8_step_cache_engine, verify="size")
+    calls = {name: 0 for name in ("unet", "unet_cond", "unet_int8")}
+    for name in calls:
+        engine, run = pipeline.engines[name], pipeline.engines[name].run
+        engine.run = lambda feeds, run=run, name=name: (calls.__setitem__(name, calls[name] + 1), run(feeds))[1]
+    request = GenerationRequest("a red apple", steps=4, seed=3, cfg_scale=1.0)
+    pipeline.generate(request)  # cfg 1 on an engine with guidance truncation: the fp32 cond-only U-Net, batch 1
+    assert calls == {"unet": 0, "unet_cond": 4, "unet_int8": 0}
+    quantized = pipeline.generate(dataclasses.replace(request, int8=True))
+    assert calls == {"unet": 0, "unet_cond": 4, "unet_int8": 4}  # the int8 U-Net the infotext names, not the fp32 one
+    assert "U-Net: int8 linear+conv" in quantized.parameters[0]
 
 
 def test_a1111_clients_ask_for_the_int8_unet_by_the_sdfast_int8_option(int8_engine):

@@ -78,6 +78,38 @@ def test_quantized_unet_follows_the_fp32_graph_on_unseen_trajectories(tiny_engin
     assert 0 < max(errors) < bound, errors  # quantized (not bit-equal), and close: relative RMS error of the noise prediction
 
 
+def test_activation_ranges_are_onnxruntimes_minmax_over_every_calibration_call(tiny_engine, tmp_path):
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from sdfast.export.int8_calibration import activation_ranges
+
+    manifest = json.loads((tiny_engine / "manifest.json").read_text())
+    for name in manifest["components"]["unet"]["files"]:
+        shutil.copy(tiny_engine / name, tmp_path / name)
+    inferred = tmp_path / "inferred.onnx"
+    quant_pre_process(str(tmp_path / manifest["components"]["unet"]["file"]), str(inferred), skip_optimization=True,
+                      skip_onnx_shape=True, save_as_external_data=True, external_data_location="inferred.onnx.data")
+    feeds = recorded_feeds(tiny_engine, range(2))
+    ours = activation_ranges(inferred, ["Conv", "MatMul", "Gemm"], feeds)
+    calibrator = create_calibrator(inferred, ["Conv", "MatMul", "Gemm"], augmented_model_path=str(tmp_path / "augmented.onnx"),
+                                   calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
+
+    class Reader:
+        remaining = iter(feeds)
+
+        def get_next(self):
+            return next(self.remaining, None)
+
+    calibrator.collect_data(Reader())  # every call kept (no CalibMaxIntermediateOutputs): the reference
+    theirs = calibrator.compute_data()
+    assert len(ours) > 50 and set(ours) == set(theirs.keys())
+    for tensor, (low, high) in ours.items():
+        assert low.shape == (1,) and low.dtype == np.float32 and low[0] < high[0]
+        np.testing.assert_array_equal(np.stack([low, high]), np.stack(theirs[tensor].range_value), err_msg=tensor)
+    assert not list(tmp_path.glob("inferred.ranges*"))  # the augmented graph is removed
+
+
 @pytest.fixture(scope="module")
 def int8_engine(tiny_engine, tmp_path_factory) -> Path:
     """A copy of the tiny engine dir with `sdfast quantize`'s int8 U-Net (3-step calibration runs)."""

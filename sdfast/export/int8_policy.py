@@ -10,13 +10,14 @@ The policy is structural, so it holds for any U-Net exported by sdfast (node nam
 - ``linear+conv``: the other convolutions too (the resnets' 3x3s, proj_in/proj_out, up- and downsamplers).
 
 Weights int8 per output channel, activations uint8 per tensor calibrated by MinMax (onnxruntime.quantization,
-QDQ format), as onnxruntime documents for x86 with VNNI; AMX runs the same u8s8 products.
+QDQ format), as onnxruntime documents for x86 with VNNI; AMX runs the same u8s8 products. The MinMax ranges are
+measured by int8_calibration (the calibrator's own method, with one copy of the weights in memory instead of three).
 """
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 POLICIES = ("linear", "linear+conv")
@@ -81,8 +82,10 @@ def quantize_denoiser(source: Path, out: Path, calibration: Iterable[dict], poli
     """Write ``out``: ``source`` (fp32 ONNX, weights beside it) with ``policy``'s nodes as QDQ int8, calibrated on the
     feeds of ``calibration`` (real sampler trajectories); returns the manifest's record of what was done."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from sdfast.export.int8_calibration import activation_ranges, write_calibration_cache
 
     # symbolic shape inference knows the contrib ops (MultiHeadAttention), so the calibrator sees their outputs' types
     inferred = out.with_name(out.stem + ".inferred.onnx")
@@ -90,28 +93,22 @@ def quantize_denoiser(source: Path, out: Path, calibration: Iterable[dict], poli
                       all_tensors_to_one_file=True, external_data_location=inferred.name + ".data")
     graph = onnx.load(str(inferred), load_external_data=False).graph
     chosen, kept = nodes_to_quantize(graph, policy)
+    del graph
     feeds = list(calibration)
-
-    class Trajectories(CalibrationDataReader):
-        def __init__(self):
-            self.remaining: Iterator[dict] = iter(feeds)
-
-        def get_next(self):
-            return next(self.remaining, None)
-
+    op_types = ["Conv", "MatMul", "Gemm"]
     progress(f"int8 ({policy}): {len(chosen)} nodes quantized, calibrating on {len(feeds)} U-Net calls")
-    # CalibMaxIntermediateOutputs bounds the calibrator's memory; onnxruntime refuses a count that divides the feeds exactly
-    batch = next(n for n in range(3, len(feeds) + 2) if len(feeds) % n)
+    # the ranges with one copy of the weights in memory (int8_calibration), handed to quantize_static as its cache
+    cache = write_calibration_cache(activation_ranges(inferred, op_types, feeds, progress), out.with_name(out.stem + ".ranges.json"))
     root = logging.getLogger()
     level, root.level = root.level, logging.ERROR  # onnxruntime's quantizer warns on the root logger; progress is ours
     try:
-        quantize_static(str(inferred), str(out), Trajectories(), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(str(inferred), str(out), None, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=chosen,
-                        op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
-                        use_external_data_format=True,
-                        extra_options={"CalibMaxIntermediateOutputs": batch, "MatMulConstBOnly": True})
+                        op_types_to_quantize=op_types, calibrate_method=CalibrationMethod.MinMax,
+                        use_external_data_format=True, calibration_cache_path=cache, extra_options={"MatMulConstBOnly": True})
     finally:
         root.level = level
+        cache.unlink(missing_ok=True)
     for leftover in out.parent.glob(inferred.name + "*"):
         leftover.unlink()
     return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "policy": policy, "quantized": len(chosen),

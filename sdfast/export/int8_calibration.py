@@ -25,7 +25,8 @@ SUFFIX = "_sdfast_range_"  # the added outputs: {tensor}{SUFFIX}min and {tensor}
 
 
 def tensors_to_calibrate(graph, op_types: Iterable[str]) -> list[str]:
-    """The float, non-initializer inputs and outputs of ``op_types``' nodes: what onnxruntime's calibrator measures."""
+    """The fp32, non-initializer inputs and outputs of ``op_types``' nodes: what onnxruntime's calibrator measures (it
+    takes fp16 ones too; sdfast quantizes fp32 graphs only)."""
     from onnx import TensorProto
 
     typed = {info.name: info for info in itertools.chain(graph.value_info, graph.output, graph.input)}
@@ -37,7 +38,7 @@ def tensors_to_calibrate(graph, op_types: Iterable[str]) -> list[str]:
         for name in itertools.chain(node.input, node.output):
             info = typed.get(name)
             if (info is not None and name not in constants and info.type.HasField("tensor_type")
-                    and info.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16)):
+                    and info.type.tensor_type.elem_type == TensorProto.FLOAT):
                 found[name] = None
     return list(found)
 
@@ -93,6 +94,12 @@ def activation_ranges(graph_path: Path, op_types: Iterable[str], feeds: list[dic
 
 def write_calibration_cache(ranges: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
     """``ranges`` as onnxruntime's calibration cache (MinMax), which ``quantize_static(calibration_cache_path=...)`` reads."""
+    import onnxruntime
+    from onnxruntime.quantization import calibrate
+
+    if not hasattr(calibrate, "save_tensors_data"):
+        raise ExportError("sdfast quantize needs an onnxruntime whose quantize_static reads a calibration cache (1.31.1 "
+                          f"does); this is {onnxruntime.__version__}")
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, save_tensors_data
 
     data = TensorsData(CalibrationMethod.MinMax, {name: TensorData(lowest=low, highest=high) for name, (low, high) in ranges.items()})

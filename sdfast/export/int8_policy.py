@@ -87,10 +87,13 @@ def quantize_denoiser(source: Path, out: Path, calibration: Iterable[dict], poli
 
     from sdfast.export.int8_calibration import activation_ranges, write_calibration_cache
 
-    # symbolic shape inference knows the contrib ops (MultiHeadAttention), so the calibrator sees their outputs' types
+    # symbolic shape inference knows the contrib ops (MultiHeadAttention), so the calibrator sees their outputs' types.
+    # It runs on the graph alone: the weights stay in ``source``'s files, which the inferred graph beside them references
+    # (given the path, quant_pre_process loads them, copies the model and writes them again: 3x the weights at once)
+    if out.parent != source.parent:
+        raise ValueError(f"the quantized graph is written beside {source.name}, whose weights it reads, not in {out.parent}")
     inferred = out.with_name(out.stem + ".inferred.onnx")
-    quant_pre_process(str(source), str(inferred), skip_optimization=True, skip_onnx_shape=True, save_as_external_data=True,
-                      all_tensors_to_one_file=True, external_data_location=inferred.name + ".data")
+    quant_pre_process(onnx.load(str(source), load_external_data=False), str(inferred), skip_optimization=True, skip_onnx_shape=True)
     graph = onnx.load(str(inferred), load_external_data=False).graph
     chosen, kept = nodes_to_quantize(graph, policy)
     del graph

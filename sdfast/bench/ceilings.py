@@ -12,10 +12,12 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from importlib import resources
 from pathlib import Path
 
-OUTPUT = re.compile(r"^(\d+) threads: ([0-9.]+) G(?:FL)?OP/s \((?:([^;]+); )?")
+OUTPUT = re.compile(r"^(\d+) threads: ([0-9.]+) G(?:FL)?OP/s \(([^;]+); ")
+HARNESS = "peak_harness.h"  # the timing and threads both programs include
 
 
 def measured_fma_gflops(threads: int, cache: Path) -> tuple[float | None, str]:
@@ -33,26 +35,26 @@ def _measured(program: str, threads: int, cache: Path, chains: str) -> tuple[flo
     compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         return None, f"no C compiler to build sdfast/bench/{program}.c"
-    source = resources.files("sdfast.bench").joinpath(f"{program}.c").read_bytes()
+    package = resources.files("sdfast.bench")
+    sources = {name: package.joinpath(name).read_bytes() for name in (f"{program}.c", HARNESS)}
     # built with -march=native: the binary is this CPU's (a cache shared between machines must not hand it to another)
-    binary = cache / f"{program}-{hashlib.sha256(source + _cpu_identity()).hexdigest()[:12]}"
+    binary = cache / f"{program}-{hashlib.sha256(b''.join(sources.values()) + _cpu_identity()).hexdigest()[:12]}"
     if not binary.is_file():
         cache.mkdir(parents=True, exist_ok=True)
-        # the source and the binary under names of this process's own, the binary renamed into place: another process
-        # (a parallel test, a second bench) may be running or building the same binary
-        source_path = cache / f"{program}.{os.getpid()}.c"
-        source_path.write_bytes(source)
-        partial = binary.with_name(f"{binary.name}.{os.getpid()}.partial")
+        # built in a folder of this process's own, the binary renamed into place: another process (a parallel test, a
+        # second bench) may be running or building the same binary
+        build = Path(tempfile.mkdtemp(prefix=f"{program}.", dir=cache))
         try:
-            built = subprocess.run([compiler, "-O3", "-march=native", "-pthread", str(source_path), "-o", str(partial)],
-                                   capture_output=True, text=True)
+            for name, text in sources.items():
+                (build / name).write_bytes(text)
+            built = subprocess.run([compiler, "-O3", "-march=native", "-pthread", str(build / f"{program}.c"), "-o",
+                                    str(build / program)], capture_output=True, text=True)
             if built.returncode:
                 first = (built.stderr.strip().splitlines() or ["?"])[0]
                 return None, f"{program}.c did not build here ({first})"
-            os.replace(partial, binary)
+            os.replace(build / program, binary)
         finally:
-            source_path.unlink(missing_ok=True)
-            partial.unlink(missing_ok=True)
+            shutil.rmtree(build, ignore_errors=True)
     figures = []
     for _ in range(3):
         try:
@@ -64,8 +66,7 @@ def _measured(program: str, threads: int, cache: Path, chains: str) -> tuple[flo
             return None, f"{program} exited {ran.returncode}"
         figures.append(float(match.group(2)))
     median = sorted(figures)[1]
-    isa = f", {match.group(3)}" if match.group(3) else ""  # the instruction set the program was built for
-    return median, f"measured: {threads} threads x {chains}{isa} (sdfast/bench/{program}.c), median of 3 runs"
+    return median, f"measured: {threads} threads x {chains}, {match.group(3)} (sdfast/bench/{program}.c), median of 3 runs"
 
 
 def _cpu_identity() -> bytes:

@@ -2,21 +2,19 @@
    allowed (AVX-512: 16 fp32 lanes; AVX2: 8), so each core's FMA pipes stay full and nothing waits on memory.
    sdfast bench builds it with the machine's C compiler (sdfast/bench/ceilings.py); by hand:
      cc -O3 -march=native -pthread sdfast/bench/fma_peak.c -o fma_peak && ./fma_peak 1 && ./fma_peak 2
-   Prints "<threads> threads: <GFLOP/s> GFLOP/s (<checksum>)". */
+   Prints "<threads> threads: <GFLOP/s> GFLOP/s (<instruction set>; <checksum>)" (peak_harness.h). */
 #include <immintrin.h>
-#include <pthread.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <time.h>
 
 #if defined(__AVX512F__)
 typedef __m512 vec;
+#define ISA "AVX-512"
 #define LANES 16
 #define SET1 _mm512_set1_ps
 #define FMA _mm512_fmadd_ps
 static float sum(vec v) { return _mm512_reduce_add_ps(v); }
 #elif defined(__AVX2__) && defined(__FMA__)
 typedef __m256 vec;
+#define ISA "AVX2"
 #define LANES 8
 #define SET1 _mm256_set1_ps
 #define FMA _mm256_fmadd_ps
@@ -39,21 +37,10 @@ static void* work(void* arg) {
   }
   float s = 0.f;
   for (int i = 0; i < CHAINS; i++) s += sum(a[i]);
-  *(float*)arg = s;
+  *(double*)arg = s;
   return 0;
 }
 
-int main(int argc, char** argv) {
-  int threads = argc > 1 ? atoi(argv[1]) : 1;
-  if (threads < 1 || threads > 256) return 2;
-  pthread_t t[256];
-  float out[256];
-  struct timespec s, e;
-  clock_gettime(CLOCK_MONOTONIC, &s);
-  for (int i = 0; i < threads; i++) pthread_create(&t[i], 0, work, &out[i]);
-  for (int i = 0; i < threads; i++) pthread_join(t[i], 0);
-  clock_gettime(CLOCK_MONOTONIC, &e);
-  double sec = (e.tv_sec - s.tv_sec) + (e.tv_nsec - s.tv_nsec) * 1e-9;
-  printf("%d threads: %.1f GFLOP/s (%.3f)\n", threads, threads * (double)(N / CHAINS * CHAINS) * LANES * 2 / sec / 1e9, out[0]);
-  return 0;
-}
+#define OPS_PER_THREAD ((N / CHAINS * CHAINS) * LANES * 2.0) /* a multiply and an add per lane */
+#define UNIT "GFLOP/s"
+#include "peak_harness.h"

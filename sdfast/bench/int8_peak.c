@@ -4,12 +4,9 @@
    Intel AMX's int8 tiles are not measured: on a CPU with AMX, onnxruntime's int8 GEMM may exceed this ceiling.
    sdfast bench builds it with the machine's C compiler (sdfast/bench/ceilings.py); by hand:
      cc -O3 -march=native -pthread sdfast/bench/int8_peak.c -o int8_peak && ./int8_peak 1 && ./int8_peak 2
-   Prints "<threads> threads: <GOP/s> GOP/s (<instruction set>; <checksum>)", one multiply and one add per u8 x s8 product. */
+   Prints "<threads> threads: <GOP/s> GOP/s (<instruction set>; <checksum>)" (peak_harness.h), one multiply and one add
+   per u8 x s8 product. */
 #include <immintrin.h>
-#include <pthread.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <time.h>
 
 #if defined(__AVX512VNNI__) && defined(__AVX512F__)
 typedef __m512i vec;
@@ -51,21 +48,10 @@ static void* work(void* arg) {
   }
   int s = 0;
   for (int i = 0; i < CHAINS; i++) s += sum(acc[i]);
-  *(int*)arg = s;
+  *(double*)arg = s;
   return 0;
 }
 
-int main(int argc, char** argv) {
-  int threads = argc > 1 ? atoi(argv[1]) : 1;
-  if (threads < 1 || threads > 256) return 2;
-  pthread_t t[256];
-  int out[256];
-  struct timespec s, e;
-  clock_gettime(CLOCK_MONOTONIC, &s);
-  for (int i = 0; i < threads; i++) pthread_create(&t[i], 0, work, &out[i]);
-  for (int i = 0; i < threads; i++) pthread_join(t[i], 0);
-  clock_gettime(CLOCK_MONOTONIC, &e);
-  double sec = (e.tv_sec - s.tv_sec) + (e.tv_nsec - s.tv_nsec) * 1e-9;
-  printf("%d threads: %.1f GOP/s (%s; %d)\n", threads, threads * (double)(N / CHAINS * CHAINS) * PRODUCTS * 2 / sec / 1e9, ISA, out[0]);
-  return 0;
-}
+#define OPS_PER_THREAD ((N / CHAINS * CHAINS) * PRODUCTS * 2.0) /* a multiply and an add per product */
+#define UNIT "GOP/s"
+#include "peak_harness.h"

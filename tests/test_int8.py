@@ -68,7 +68,7 @@ def test_quantized_unet_follows_the_fp32_graph_on_unseen_trajectories(tiny_engin
     assert record["policy"] == policy and record["calibration_calls"] == 6 and record["quantized"] > 0
     graph = onnx.load(str(tmp_path / "unet.int8.onnx"), load_external_data=False).graph
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) >= record["quantized"] // 2  # QDQ around them
-    assert not list(tmp_path.glob("*.inferred.*"))  # the pre-processed copy is removed
+    assert not list(tmp_path.glob("*.inferred.*")) and not list(tmp_path.glob("*.ranges*"))  # the pre-processed copy, the ranges
     fp32 = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
     int8 = ort.InferenceSession(str(tmp_path / "unet.int8.onnx"), providers=["CPUExecutionProvider"])
     errors = []
@@ -76,6 +76,25 @@ def test_quantized_unet_follows_the_fp32_graph_on_unseen_trajectories(tiny_engin
         expected, got = fp32.run(None, feeds)[0], int8.run(None, feeds)[0]
         errors.append(float(np.sqrt(np.mean((got - expected) ** 2) / np.mean(expected ** 2))))
     assert 0 < max(errors) < bound, errors  # quantized (not bit-equal), and close: relative RMS error of the noise prediction
+
+
+def test_quantize_reads_every_tensor_from_the_source_folder_whatever_the_working_folder(tiny_engine, tmp_path):
+    # every initializer in the data file, as sd15's GroupNorm affines ([320, 1, 1], over the 1 KiB inline threshold)
+    # are: shape inference must read them beside the graph, not from the working folder; the output goes elsewhere
+    manifest = json.loads((tiny_engine / "manifest.json").read_text())
+    source = tmp_path / "source" / "unet.onnx"
+    source.parent.mkdir()
+    model = onnx.load(str(tiny_engine / manifest["components"]["unet"]["file"]))
+    onnx.save(model, str(source), save_as_external_data=True, location="unet.onnx.data", size_threshold=0)
+    out = tmp_path / "out" / "unet.int8.onnx"
+    out.parent.mkdir()
+    record = quantize_denoiser(source, out, recorded_feeds(tiny_engine, range(1)), "linear+conv", progress=lambda _: None)
+    assert record["quantized"] > 0 and out.is_file()
+    assert sorted(p.name for p in source.parent.iterdir()) == ["unet.onnx", "unet.onnx.data"]  # nothing left beside it
+    assert not list(out.parent.glob("*.ranges*"))
+    int8 = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    feeds = recorded_feeds(tiny_engine, range(5, 6))[0]
+    assert np.isfinite(int8.run(None, feeds)[0]).all()
 
 
 def test_activation_ranges_are_onnxruntimes_minmax_over_every_calibration_call(tiny_engine, tmp_path):

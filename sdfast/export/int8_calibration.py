@@ -3,7 +3,7 @@
 onnxruntime's MinMax calibrator (``quantize_static`` with a data reader) holds the model it quantizes, a second copy
 it augments, and a session on the augmented file: three copies of the weights at once, about 4x an fp32 U-Net's size
 at the peak of ``sdfast quantize`` (14 GB for sd15), more than a 24 GiB machine has for SDXL. The ranges here are the
-same ones, measured the same way (a ReduceMin and a ReduceMax on every float input and output of the calibrated op
+same ones, measured the same way (a ReduceMin and a ReduceMax on every fp32 input and output of the calibrated op
 types, min of mins and max of maxes over the calls), from a session on the graph whose weights stay in their files
 until the session maps them. ``quantize_static`` then reads them as its calibration cache and calibrates nothing.
 
@@ -22,6 +22,33 @@ import numpy as np
 from sdfast.errors import ExportError
 
 SUFFIX = "_sdfast_range_"  # the added outputs: {tensor}{SUFFIX}min and {tensor}{SUFFIX}max
+
+
+def graph_with_small_tensors(path: Path, below: int = 1 << 20):
+    """``path``'s model with only its external tensors under ``below`` bytes loaded (the constants shape inference reads
+    the values of, GroupNorm's [C, 1, 1] affines among them); the weights stay in their files, named relative to it."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        if uses_external_data(tensor) and int({e.key: e.value for e in tensor.external_data}.get("length", below)) < below:
+            load_external_data_for_tensor(tensor, str(path.parent))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    return model
+
+
+def check_calibration_cache() -> None:
+    """ExportError unless this onnxruntime's quantize_static reads a calibration cache (onnxruntime 1.31.1 does)."""
+    import inspect
+
+    import onnxruntime
+    from onnxruntime.quantization import quantize_static
+
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        raise ExportError("sdfast quantize needs an onnxruntime whose quantize_static reads a calibration cache (1.31.1 "
+                          f"does); this is {onnxruntime.__version__}")
 
 
 def tensors_to_calibrate(graph, op_types: Iterable[str]) -> list[str]:
@@ -94,12 +121,6 @@ def activation_ranges(graph_path: Path, op_types: Iterable[str], feeds: list[dic
 
 def write_calibration_cache(ranges: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
     """``ranges`` as onnxruntime's calibration cache (MinMax), which ``quantize_static(calibration_cache_path=...)`` reads."""
-    import onnxruntime
-    from onnxruntime.quantization import calibrate
-
-    if not hasattr(calibrate, "save_tensors_data"):
-        raise ExportError("sdfast quantize needs an onnxruntime whose quantize_static reads a calibration cache (1.31.1 "
-                          f"does); this is {onnxruntime.__version__}")
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, save_tensors_data
 
     data = TensorsData(CalibrationMethod.MinMax, {name: TensorData(lowest=low, highest=high) for name, (low, high) in ranges.items()})

@@ -85,26 +85,29 @@ def quantize_denoiser(source: Path, out: Path, calibration: Iterable[dict], poli
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from sdfast.export.int8_calibration import activation_ranges, write_calibration_cache
+    from sdfast.export.int8_calibration import (activation_ranges, check_calibration_cache, graph_with_small_tensors,
+                                                write_calibration_cache)
 
+    check_calibration_cache()  # before minutes of calibration
     # symbolic shape inference knows the contrib ops (MultiHeadAttention), so the calibrator sees their outputs' types.
-    # It runs on the graph alone: the weights stay in ``source``'s files, which the inferred graph beside them references
-    # (given the path, quant_pre_process loads them, copies the model and writes them again: 3x the weights at once)
-    if out.parent != source.parent:
-        raise ValueError(f"the quantized graph is written beside {source.name}, whose weights it reads, not in {out.parent}")
-    inferred = out.with_name(out.stem + ".inferred.onnx")
-    quant_pre_process(onnx.load(str(source), load_external_data=False), str(inferred), skip_optimization=True, skip_onnx_shape=True)
-    graph = onnx.load(str(inferred), load_external_data=False).graph
-    chosen, kept = nodes_to_quantize(graph, policy)
-    del graph
-    feeds = list(calibration)
-    op_types = ["Conv", "MatMul", "Gemm"]
-    progress(f"int8 ({policy}): {len(chosen)} nodes quantized, calibrating on {len(feeds)} U-Net calls")
-    # the ranges with one copy of the weights in memory (int8_calibration), handed to quantize_static as its cache
-    cache = write_calibration_cache(activation_ranges(inferred, op_types, feeds, progress), out.with_name(out.stem + ".ranges.json"))
+    # It runs on the graph with its small constants only: the weights stay in ``source``'s files, which the inferred
+    # graph, written beside it, references (given the path, quant_pre_process loads them, copies the model and writes
+    # them again: 3x the weights at once)
+    inferred = source.with_name(out.stem + ".inferred.onnx")
+    cache = out.with_name(out.stem + ".ranges.json")
     root = logging.getLogger()
-    level, root.level = root.level, logging.ERROR  # onnxruntime's quantizer warns on the root logger; progress is ours
+    level = root.level
     try:
+        quant_pre_process(graph_with_small_tensors(source), str(inferred), skip_optimization=True, skip_onnx_shape=True)
+        graph = onnx.load(str(inferred), load_external_data=False).graph
+        chosen, kept = nodes_to_quantize(graph, policy)
+        del graph
+        feeds = list(calibration)
+        op_types = ["Conv", "MatMul", "Gemm"]
+        progress(f"int8 ({policy}): {len(chosen)} nodes quantized, calibrating on {len(feeds)} U-Net calls")
+        # the ranges with one copy of the weights in memory (int8_calibration), handed to quantize_static as its cache
+        write_calibration_cache(activation_ranges(inferred, op_types, feeds, progress), cache)
+        root.level = logging.ERROR  # onnxruntime's quantizer warns on the root logger; progress is ours
         quantize_static(str(inferred), str(out), None, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=chosen,
                         op_types_to_quantize=op_types, calibrate_method=CalibrationMethod.MinMax,
@@ -112,8 +115,8 @@ def quantize_denoiser(source: Path, out: Path, calibration: Iterable[dict], poli
     finally:
         root.level = level
         cache.unlink(missing_ok=True)
-    for leftover in out.parent.glob(inferred.name + "*"):
-        leftover.unlink()
+        for leftover in inferred.parent.glob(inferred.name + "*"):
+            leftover.unlink()
     return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "policy": policy, "quantized": len(chosen),
             "kept_fp32": kept, "weights": "int8 per output channel", "activations": "uint8 per tensor, MinMax",
             "calibration_calls": len(feeds)}

@@ -160,9 +160,11 @@ def test_bench_times_the_int8_unet_against_the_measured_int8_ceiling(int8_engine
     done = run_cli("bench", str(int8_engine), "--backends", "cpu", "--repeat", "2", "--steps", "1", "--format", "json", "--out", out)
     assert done.returncode == 0, done.stderr
     (run,) = BenchRun.load(out)
-    # this machine kind has VNNI or at least AVX2: an int8 dot product does more operations a cycle than an fp32 FMA
     int8_ceiling, fma_ceiling = run.machine["int8_ceiling_gops"], run.machine["fma_ceiling_gflops"]
-    assert int8_ceiling > fma_ceiling > 0, run.machine["int8_ceiling_how"]
+    if int8_ceiling is None:  # no VNNI (or no C compiler): the int8 U-Net is still timed, its share is not given
+        assert run.value("cpu", "unet_int8_ceiling_fraction") is None and run.value("cpu", "unet_step_int8") is not None
+        pytest.skip(f"no int8 ceiling on this CPU: {run.machine['int8_ceiling_how']}")
+    assert int8_ceiling > fma_ceiling > 0, run.machine["int8_ceiling_how"]  # 4 products a lane where an FMA does 1
     step = run.value("cpu", "unet_step_int8")
     assert step.n == 2 and step.median > 0
     flops = json.loads((int8_engine / "manifest.json").read_text())["components"]["unet"]["flops"]["per_call"]

@@ -103,7 +103,8 @@ def _device_memory_used_mib() -> float | None:
 def _derived_rows(stages: dict[str, Summary], overhead_ms: float, overhead_note: str, unet_flops: int | None,
                   peak: tuple[float, str] | None, ceiling: tuple[float, str] | None = None,
                   int8_ceiling: tuple[float, str] | None = None) -> list[dict]:
-    """Host overhead per step, and the U-Net's effective GFLOP/s (the exported graph's FLOPs over the measured time)."""
+    """Host overhead per step, and the U-Net's effective GFLOP/s (the exported graph's FLOPs over the measured time);
+    the int8 U-Net's effective GOP/s (the same FLOPs over its time) where it was timed."""
     rows = [_row("host_overhead_per_step", value=overhead_ms, note=overhead_note)]
     if unet_flops and "unet_step_cfg" in stages:
         gflops = unet_flops / (stages["unet_step_cfg"].median / 1e3) / 1e9

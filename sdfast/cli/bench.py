@@ -124,7 +124,7 @@ def _measure(args: argparse.Namespace):
 
     cpu = CpuInfo.detect()
     peak = theoretical_peak(cpu)
-    _say("measuring a large sgemm (numpy float32) and the FMA ceiling ...")
+    _say("measuring a large sgemm (numpy float32) and the FMA ceiling (and the int8 ceiling, for an int8 U-Net) ...")
     sgemm = measured_sgemm_gflops()
     from sdfast.bench.ceilings import measured_fma_gflops, measured_int8_gops
     from sdfast.export.builtin import cache_root

@@ -40,21 +40,12 @@ def _measured(program: str, threads: int, cache: Path, chains: str) -> tuple[flo
     # built with -march=native: the binary is this CPU's (a cache shared between machines must not hand it to another)
     binary = cache / f"{program}-{hashlib.sha256(b''.join(sources.values()) + _cpu_identity()).hexdigest()[:12]}"
     if not binary.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        # built in a folder of this process's own, the binary renamed into place: another process (a parallel test, a
-        # second bench) may be running or building the same binary
-        build = Path(tempfile.mkdtemp(prefix=f"{program}.", dir=cache))
         try:
-            for name, text in sources.items():
-                (build / name).write_bytes(text)
-            built = subprocess.run([compiler, "-O3", "-march=native", "-pthread", str(build / f"{program}.c"), "-o",
-                                    str(build / program)], capture_output=True, text=True)
-            if built.returncode:
-                first = (built.stderr.strip().splitlines() or ["?"])[0]
-                return None, f"{program}.c did not build here ({first})"
-            os.replace(build / program, binary)
-        finally:
-            shutil.rmtree(build, ignore_errors=True)
+            why = _build(compiler, program, sources, binary)
+        except OSError as error:  # an unwritable cache, a compiler that cannot start: the ceiling is not measured
+            why = f"{program}.c could not be built in {cache} ({error.strerror or error})"
+        if why:
+            return None, why
     figures = []
     for _ in range(3):
         try:
@@ -63,10 +54,30 @@ def _measured(program: str, threads: int, cache: Path, chains: str) -> tuple[flo
             return None, f"{program} did not run ({type(error).__name__})"
         match = OUTPUT.match(ran.stdout.strip())
         if ran.returncode or not match:
-            return None, f"{program} exited {ran.returncode}"
+            return None, f"{program} exited {ran.returncode}" if ran.returncode else f"{program} printed no rate"
         figures.append(float(match.group(2)))
     median = sorted(figures)[1]
     return median, f"measured: {threads} threads x {chains}, {match.group(3)} (sdfast/bench/{program}.c), median of 3 runs"
+
+
+def _build(compiler: str, program: str, sources: dict[str, bytes], binary: Path) -> str:
+    """Compile ``program``.c for this CPU into ``binary``; '' when built, else why not."""
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    # built in a folder of this process's own, the binary renamed into place: another process (a parallel test, a
+    # second bench) may be running or building the same binary
+    build = Path(tempfile.mkdtemp(prefix=f"{program}.", dir=binary.parent))
+    try:
+        for name, text in sources.items():
+            (build / name).write_bytes(text)
+        built = subprocess.run([compiler, "-O3", "-march=native", "-pthread", str(build / f"{program}.c"), "-o",
+                                str(build / program)], capture_output=True, text=True)
+        if built.returncode:
+            first = (built.stderr.strip().splitlines() or ["?"])[0]
+            return f"{program}.c did not build here ({first})"
+        os.replace(build / program, binary)
+        return ""
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
 
 
 def _cpu_identity() -> bytes:

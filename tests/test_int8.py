@@ -58,12 +58,26 @@ def recorded_feeds(engine: Path, seeds: range) -> list[dict]:
     return record_trajectories(Pipeline.load(engine, verify="size"), ("a red apple",), seeds, steps=3)
 
 
+def copied_unet(engine: Path, folder: Path) -> Path:
+    """``engine``'s fp32 U-Net graph and its data copied into ``folder`` (the quantizer writes beside it); its path."""
+    entry = json.loads((engine / "manifest.json").read_text())["components"]["unet"]
+    for name in entry["files"]:
+        shutil.copy(engine / name, folder / name)
+    return folder / entry["file"]
+
+
+def counted_calls(pipeline, names: tuple[str, ...]) -> dict[str, int]:
+    """{component: calls}, counted from now on, of ``pipeline``'s engines named."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        engine, run = pipeline.engines[name], pipeline.engines[name].run
+        engine.run = lambda feeds, run=run, name=name: (calls.__setitem__(name, calls[name] + 1), run(feeds))[1]
+    return calls
+
+
 @pytest.mark.parametrize("policy, bound", [("linear", 0.05), ("linear+conv", 0.3)])
 def test_quantized_unet_follows_the_fp32_graph_on_unseen_trajectories(tiny_engine, tmp_path, policy, bound):
-    manifest = json.loads((tiny_engine / "manifest.json").read_text())
-    for name in manifest["components"]["unet"]["files"]:
-        shutil.copy(tiny_engine / name, tmp_path / name)
-    source = tmp_path / manifest["components"]["unet"]["file"]
+    source = copied_unet(tiny_engine, tmp_path)
     record = quantize_denoiser(source, tmp_path / "unet.int8.onnx", recorded_feeds(tiny_engine, range(2)), policy, progress=lambda _: None)
     assert record["policy"] == policy and record["calibration_calls"] == 6 and record["quantized"] > 0
     graph = onnx.load(str(tmp_path / "unet.int8.onnx"), load_external_data=False).graph
@@ -103,11 +117,8 @@ def test_activation_ranges_are_onnxruntimes_minmax_over_every_calibration_call(t
 
     from sdfast.export.int8_calibration import activation_ranges
 
-    manifest = json.loads((tiny_engine / "manifest.json").read_text())
-    for name in manifest["components"]["unet"]["files"]:
-        shutil.copy(tiny_engine / name, tmp_path / name)
     inferred = tmp_path / "inferred.onnx"
-    quant_pre_process(str(tmp_path / manifest["components"]["unet"]["file"]), str(inferred), skip_optimization=True,
+    quant_pre_process(str(copied_unet(tiny_engine, tmp_path)), str(inferred), skip_optimization=True,
                       skip_onnx_shape=True, save_as_external_data=True, external_data_location="inferred.onnx.data")
     feeds = recorded_feeds(tiny_engine, range(2))
     ours = activation_ranges(inferred, ["Conv", "MatMul", "Gemm"], feeds)
@@ -285,10 +296,7 @@ def test_int8_with_step_caching_runs_the_int8_shallow_unet_on_the_cached_steps(i
     from sdfast.runtime.images import psnr
 
     pipeline = Pipeline.load(int8_step_cache_engine, verify="size")
-    calls = {name: 0 for name in ("unet", "unet_shallow", "unet_int8", "unet_shallow_int8")}
-    for name in calls:
-        engine, run = pipeline.engines[name], pipeline.engines[name].run
-        engine.run = lambda feeds, run=run, name=name: (calls.__setitem__(name, calls[name] + 1), run(feeds))[1]
+    calls = counted_calls(pipeline, ("unet", "unet_shallow", "unet_int8", "unet_shallow_int8"))
     request = GenerationRequest("a red apple", steps=6, seed=3, step_cache=2)
     cached = pipeline.generate(request)
     assert calls == {"unet": 3, "unet_shallow": 3, "unet_int8": 0, "unet_shallow_int8": 0}
@@ -300,10 +308,7 @@ def test_int8_with_step_caching_runs_the_int8_shallow_unet_on_the_cached_steps(i
 
 def test_int8_without_guidance_keeps_the_int8_unet_rather_than_the_fp32_cond_only_one(int8_step_cache_engine):
     pipeline = Pipeline.load(int8_step_cache_engine, verify="size")
-    calls = {name: 0 for name in ("unet", "unet_cond", "unet_int8")}
-    for name in calls:
-        engine, run = pipeline.engines[name], pipeline.engines[name].run
-        engine.run = lambda feeds, run=run, name=name: (calls.__setitem__(name, calls[name] + 1), run(feeds))[1]
+    calls = counted_calls(pipeline, ("unet", "unet_cond", "unet_int8"))
     request = GenerationRequest("a red apple", steps=4, seed=3, cfg_scale=1.0)
     pipeline.generate(request)  # cfg 1 on an engine with guidance truncation: the fp32 cond-only U-Net, batch 1
     assert calls == {"unet": 0, "unet_cond": 4, "unet_int8": 0}

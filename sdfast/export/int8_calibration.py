@@ -84,9 +84,11 @@ def activation_ranges(graph_path: Path, op_types: Iterable[str], feeds: list[dic
     tensors = tensors_to_calibrate(model.graph, op_types)
     if not tensors:
         raise ExportError(f"{graph_path.name}: no typed tensor to calibrate (run shape inference on the graph first)")
+    names = []  # the added outputs, [min, max] per tensor in order
     for tensor in tensors:
         for reduce in ("min", "max"):
             output = f"{tensor}{SUFFIX}{reduce}"
+            names.append(output)
             # no axes and keepdims 0: one scalar over every element, as the calibrator's ReduceMin/ReduceMax then Reshape
             model.graph.node.append(helper.make_node(f"Reduce{reduce.title()}", [tensor], [output], keepdims=0,
                                                      name=output))
@@ -99,7 +101,6 @@ def activation_ranges(graph_path: Path, op_types: Iterable[str], feeds: list[dic
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the tensors as named, unfused
         options.log_severity_level = 3
         session = ort.InferenceSession(str(augmented), options, providers=["CPUExecutionProvider"])
-        names = [f"{tensor}{SUFFIX}{reduce}" for tensor in tensors for reduce in ("min", "max")]
         inputs = [spec.name for spec in session.get_inputs()]
         lowest = np.full(len(tensors), np.inf, np.float32)
         highest = np.full(len(tensors), -np.inf, np.float32)

@@ -66,6 +66,12 @@ def tiny_engine(tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd2_engine(sdfast_cache, tmp_path_factory) -> Path:
+    """tiny-sd2 (v-prediction, SD 2.x's text encoder), portable graphs only."""
+    return exported_once(tmp_path_factory, "tiny-sd2-64", dict(model="tiny-sd2", cpu_variant=False))
+
+
+@pytest.fixture(scope="session")
 def tiny_sized_engine(tiny_model, tmp_path_factory) -> Path:
     """The tiny model at four sizes in one engine dir (64x64 the default): several sizes, and hires fix across them."""
     return exported_once(tmp_path_factory, "tiny-4-sizes", dict(model="tiny", height=64, width=64, sizes=((96, 64), (64, 96), (128, 128))))

@@ -24,10 +24,8 @@ def sd2_model(sdfast_cache):
 
 
 @pytest.fixture(scope="module")
-def sd2_engine(sd2_model, tmp_path_factory):
-    from sdfast.export.build import ExportRequest, export_engine
-
-    return export_engine(ExportRequest(model="tiny-sd2", out=tmp_path_factory.mktemp("engines") / "tiny-sd2-64", cpu_variant=False))
+def sd2_engine(sd2_model, tiny_sd2_engine):
+    return tiny_sd2_engine
 
 
 @pytest.fixture(scope="module")

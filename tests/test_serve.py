@@ -475,9 +475,9 @@ def test_shutdown_past_its_grace_is_an_error_not_an_interrupt(tiny_engine):
     pipeline = Pipeline.load(tiny_engine, verify="size")
 
     async def scenario():
-        worker = Worker(pipeline, max_queue=4)
+        worker = Worker(max_queue=4)
         worker.start(asyncio.get_running_loop())
-        job = asyncio.ensure_future(worker.submit(GenerationRequest("x", steps=1000, seeds=[1]), 1, timeout_s=120))
+        job = asyncio.ensure_future(worker.submit(pipeline, GenerationRequest("x", steps=1000, seeds=[1]), 1, timeout_s=120))
         while worker.stats.current is None or worker.stats.current.step == 0:
             await asyncio.sleep(0.02)
         await asyncio.to_thread(worker.stop, 0.1)

@@ -16,7 +16,7 @@ SUBCOMMANDS = {
     "info": ("sdfast.cli.info", "show what an engine dir's manifest says"),
     "bench": ("sdfast.cli.bench", "per-stage latency on every backend (CPU, CUDA, TensorRT, diffusers), with the CPU's peak"),
     "samplers": ("sdfast.cli.samplers", "list the samplers, by A1111 and diffusers name, with what each maps to"),
-    "serve": ("sdfast.cli.serve", "serve an engine dir over HTTP: the AUTOMATIC1111 and OpenAI images APIs"),
+    "serve": ("sdfast.cli.serve", "serve engine dirs over HTTP: the AUTOMATIC1111 and OpenAI images APIs"),
 }
 
 

@@ -21,27 +21,12 @@ def load_pipeline(cls, engine_dir: str | Path, backend: str, verify: str, progre
     manifest = read_manifest(engine_dir)
     runtime_backend = get_backend(backend)
     family = family_class(manifest.family)
-    components = [manifest.components[name] for name in family.check_components(manifest)]
-    if backend != "cpu":  # the int8 U-Nets are onnxruntime's CPU graphs (QLinearConv, QGemm): other backends leave them
-        components = [info for info in components if info.role not in INT8_ROLES]
-    for info in components:  # before gigabytes are hashed, or engines built, for a graph the backend cannot run
-        refused = runtime_backend.cannot_run(info)
-        if refused:
-            raise EngineError(refused)
-    usable, why = runtime_backend.available()  # before gigabytes are hashed for a backend that cannot run here
-    if not usable:
-        raise EngineError(f"backend '{backend}' is not available: {why}")
-    other_sizes = {size: manifest.at_size(*size) for size in manifest.sizes[1:]}
-    files = {name: entry for tokenizer in manifest.tokenizers.values() for name, entry in tokenizer["files"].items()}
-    files.update(manifest.data["scheduler"]["files"])
-    for info in components:
-        files.update(runtime_backend.files_for(info))
-        for at in other_sizes.values() if info.sizes else ():
-            files.update(runtime_backend.files_for(at.components[info.name]))
+    components, files = loaded_components(manifest, backend)
     manifest.verify_files(full=verify == "full", files=files,
                           progress=(lambda done, total: progress("verify", done, total)) if progress else None)
     scheduler_config = read_scheduler_config(manifest)
     verified = time.perf_counter()
+    other_sizes = {size: manifest.at_size(*size) for size in manifest.sizes[1:]}
     sized_components = [info.name for info in components if info.sizes]
     total, done = len(components) + len(sized_components) * len(other_sizes), 0
 
@@ -74,3 +59,28 @@ def load_pipeline(cls, engine_dir: str | Path, backend: str, verify: str, progre
     for sibling in pipeline.sizes.values():
         sibling.load_timings = pipeline.load_timings
     return pipeline
+
+
+def loaded_components(manifest, backend: str) -> tuple[list, dict[str, dict]]:
+    """The components ``backend`` loads from the engine dir, and every file it reads for them (every size's), as the
+    manifest lists them: what a load verifies, and the weights a loaded model holds. Refuses, before any file is read,
+    a backend that is absent or cannot run one of them."""
+    runtime_backend = get_backend(backend)
+    components = [manifest.components[name] for name in family_class(manifest.family).check_components(manifest)]
+    if backend != "cpu":  # the int8 U-Nets are onnxruntime's CPU graphs (QLinearConv, QGemm): other backends leave them
+        components = [info for info in components if info.role not in INT8_ROLES]
+    for info in components:  # before gigabytes are hashed, or engines built, for a graph the backend cannot run
+        refused = runtime_backend.cannot_run(info)
+        if refused:
+            raise EngineError(refused)
+    usable, why = runtime_backend.available()  # before gigabytes are hashed for a backend that cannot run here
+    if not usable:
+        raise EngineError(f"backend '{backend}' is not available: {why}")
+    other_sizes = [manifest.at_size(*size) for size in manifest.sizes[1:]]
+    files = {name: entry for tokenizer in manifest.tokenizers.values() for name, entry in tokenizer["files"].items()}
+    files.update(manifest.data["scheduler"]["files"])
+    for info in components:
+        files.update(runtime_backend.files_for(info))
+        for at in other_sizes if info.sizes else ():
+            files.update(runtime_backend.files_for(at.components[info.name]))
+    return components, files

@@ -1,4 +1,4 @@
-"""AUTOMATIC1111's /sdapi/v1 routes (the subset webuiapi and the A1111 plug-ins use) over the server's one engine."""
+"""AUTOMATIC1111's /sdapi/v1 routes (the subset webuiapi and the A1111 plug-ins use) over the server's models."""
 from __future__ import annotations
 
 import asyncio
@@ -37,14 +37,26 @@ DECODE_METHODS = {"Full": "full", "TAESD": "tiny"}  # A1111's sd_vae_decode_meth
 INT8_OPTION = "sdfast_int8"  # sdfast's own option: the int8 U-Net of sdfast quantize (GenerationRequest.int8)
 
 
-def a1111_router(ctx: ServeContext) -> APIRouter:
-    router, pipeline, worker = APIRouter(), ctx.pipeline, ctx.worker
+CHECKPOINT = "sd_model_checkpoint"  # A1111's option naming the model: server-wide, or per request in override_settings
 
-    def model_title() -> str:
-        return f"{pipeline.manifest.model_name} [{pipeline.manifest.model_hash}]"
+
+def a1111_router(ctx: ServeContext) -> APIRouter:
+    router, models, worker = APIRouter(), ctx.models, ctx.worker
+
+    async def current():
+        """The current model (A1111's sd_model_checkpoint option) and its pipeline."""
+        return await ctx.model(None, CHECKPOINT)
+
+    async def requested(body: _Request):
+        """The model a generation request names in override_settings.sd_model_checkpoint (else the current one)."""
+        name = body.override_settings.get(CHECKPOINT)
+        if name is not None and not isinstance(name, str):
+            raise FieldError(f"override_settings.{CHECKPOINT}", f"must be a model's name or title, not {name!r}")
+        return await ctx.model(name, f"override_settings.{CHECKPOINT}")
 
     @router.get("/sdapi/v1/samplers")
     async def samplers():
+        _, pipeline = await current()
         table = FLOW_SAMPLERS if pipeline.checker.flow_model else SAMPLERS  # a flow model (SD3) has its own
         return [{"name": spec.a1111_name, "aliases": [spec.key] + ([spec.diffusers_class] if spec.diffusers_class else []), "options": {}}
                 for spec in table.values()]
@@ -56,16 +68,26 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
 
     @router.get("/sdapi/v1/sd-models")
     async def sd_models():
-        """A1111's fields, plus the family and the sizes each engine serves (the refiner, when loaded, listed second)."""
-        served = [pipeline] + ([pipeline.refiner] if pipeline.refiner is not None else [])
-        return [{"title": f"{p.manifest.model_name} [{p.manifest.model_hash}]", "model_name": p.manifest.model_name,
-                 "hash": p.manifest.model_hash, "sha256": p.manifest.data["source"].get("fingerprint"),
-                 "filename": p.manifest.root.name, "config": None, "family": p.manifest.family, "sizes": p.manifest.sizes_text.split(", ")}
-                for p in served]
+        """A1111's fields, plus the family, the sizes each engine serves and whether it is loaded now; a loaded model's
+        refiner is listed after it."""
+        listed = []
+        for entry in models.entries.values():
+            listed.append(_model_listing(entry.name, entry.manifest, entry.pipeline is not None))
+            refiner = entry.pipeline.refiner if entry.pipeline is not None else None
+            if refiner is not None:
+                listed.append(_model_listing(refiner.manifest.model_name, refiner.manifest, True))
+        return listed
+
+    @router.post("/sdapi/v1/refresh-checkpoints")
+    async def refresh_checkpoints():
+        """A1111 rescans its models folder; sdfast re-reads the manifests of the engine dirs not loaded now."""
+        await asyncio.to_thread(models.refresh)
+        return None
 
     @router.get("/sdapi/v1/loras")
     async def loras():
         """A1111's Lora extension listing: name, alias, path and the file's safetensors metadata, per LoRA of --lora-dir."""
+        _, pipeline = await current()
         return await asyncio.to_thread(pipeline.loras.library.listing)
 
     @router.post("/sdapi/v1/refresh-loras")
@@ -74,17 +96,19 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
 
     @router.get("/sdapi/v1/scripts")
     async def scripts():
+        _, pipeline = await current()
         scripts = ["controlnet"] if pipeline.controlnets.names else []  # the alwayson scripts this server runs
         return {"txt2img": scripts, "img2img": list(scripts)}
 
     @router.get("/sdapi/v1/options")
     async def get_options():
-        return {"sd_model_checkpoint": model_title(), "CLIP_stop_at_last_layers": ctx.options["CLIP_stop_at_last_layers"],
+        entry = models.entry(None, CHECKPOINT)
+        return {CHECKPOINT: entry.title, "CLIP_stop_at_last_layers": ctx.options["CLIP_stop_at_last_layers"],
                 "deepcache_enable": bool(ctx.options.get("deepcache_enable", False)),
                 "deepcache_full_run_step_rate": ctx.options.get("deepcache_full_run_step_rate", DEEPCACHE_DEFAULT_RATE),
                 "sd_vae_decode_method": ctx.options.get("sd_vae_decode_method") or "Full",
                 INT8_OPTION: bool(ctx.options.get(INT8_OPTION, False)),
-                "samples_format": "png", "sd_checkpoint_hash": pipeline.manifest.data["source"].get("fingerprint")}
+                "samples_format": "png", "sd_checkpoint_hash": entry.manifest.data["source"].get("fingerprint")}
 
     @router.post("/sdapi/v1/options")
     async def set_options(request: Request):
@@ -94,22 +118,25 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
             raise FieldError("body", "is not valid JSON", status=400) from None
         if not isinstance(body, dict):
             raise FieldError("body", "must be a JSON object of option names and values")
-        _check_options(body, "")
+        name = body.get(CHECKPOINT)
+        if name is not None and not isinstance(name, str):
+            raise FieldError(CHECKPOINT, f"must be a model's name or title, not {name!r}")
+        entry, pipeline = await ctx.model(name, CHECKPOINT)  # A1111 loads the checkpoint before it answers: so does sdfast
+        _check_options(body, "", pipeline)
+        models.current = entry.name
         for name in ("CLIP_stop_at_last_layers", "sd_vae_decode_method", INT8_OPTION, *DEEPCACHE_OPTIONS):
             if name in body:
                 ctx.options[name] = body[name]
         return True
 
-    def _check_options(options: dict, prefix: str) -> None:
-        """Refuse A1111 options that would change the image in a way sdfast does not (a FieldError named ``prefix`` + option)."""
-        checkpoint = options.get("sd_model_checkpoint")
-        if checkpoint is not None and checkpoint not in (model_title(), pipeline.manifest.model_name):
-            raise FieldError(f"{prefix}sd_model_checkpoint", f"this server holds one model, '{model_title()}'")
+    def _check_options(options: dict, prefix: str, pipeline) -> None:
+        """Refuse A1111 options that would change the image in a way sdfast does not, or that ``pipeline``'s engine dir
+        cannot serve (a FieldError named ``prefix`` + option). The checkpoint is checked where the model is picked."""
         if "CLIP_stop_at_last_layers" in options:
             value, layers = options["CLIP_stop_at_last_layers"], int(pipeline.manifest.model["text_layers"])
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= layers:
                 raise FieldError(f"{prefix}CLIP_stop_at_last_layers", f"must be an integer from 1 to {layers}, not {value!r}")
-        _check_deepcache(options, prefix)
+        _check_deepcache(options, prefix, pipeline)
         method = options.get("sd_vae_decode_method")
         if method is not None and (not isinstance(method, str) or method not in DECODE_METHODS):
             raise FieldError(f"{prefix}sd_vae_decode_method", f"must be one of {', '.join(DECODE_METHODS)}, not {method!r}")
@@ -161,24 +188,26 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
 
     @router.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2ImgRequest, request: Request):
-        sized = _sized(body)
+        entry, pipeline = await requested(body)
+        sized = _sized(body, pipeline)
         control = await asyncio.to_thread(control_units, body, sized)  # decoding and canny stay off the event loop
-        generation = dataclasses.replace(_generation(body), control=control)
-        results = await ctx.run(generation, request)
-        return await asyncio.to_thread(_a1111_response, body, generation, results)
+        generation = dataclasses.replace(_generation(body, pipeline), control=control)
+        results = await ctx.run(entry, generation, request)
+        return await asyncio.to_thread(_a1111_response, body, generation, results, entry, pipeline)
 
     @router.post("/sdapi/v1/img2img")
     async def img2img(body: Img2ImgRequest, request: Request):
         if not body.init_images:
             raise FieldError("init_images", "img2img needs one init image (base64)")
-        sized = _sized(body)
+        entry, pipeline = await requested(body)
+        sized = _sized(body, pipeline)
         init, mask = await asyncio.to_thread(_images, body, sized)  # decoding and resizing stay off the event loop
         control = await asyncio.to_thread(control_units, body, sized, lambda: decode_image("init_images", body.init_images[0]))
-        generation = dataclasses.replace(_generation(body, init, mask, body.denoising_strength), control=control)
-        results = await ctx.run(generation, request)
-        return await asyncio.to_thread(_a1111_response, body, generation, results)
+        generation = dataclasses.replace(_generation(body, pipeline, init, mask, body.denoising_strength), control=control)
+        results = await ctx.run(entry, generation, request)
+        return await asyncio.to_thread(_a1111_response, body, generation, results, entry, pipeline)
 
-    def _sized(body: _Request):
+    def _sized(body: _Request, pipeline):
         """The pipeline of the engine dir's graphs at the request's width x height (its default size when not given)."""
         try:
             return pipeline.at_size(body.width, body.height)
@@ -201,32 +230,32 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
             mask = 1.0 - mask if body.inpainting_mask_invert else mask
         return init, mask
 
-    def _generation(body: _Request, init=None, mask=None, strength: float | None = None) -> GenerationRequest:
+    def _generation(body: _Request, pipeline, init=None, mask=None, strength: float | None = None) -> GenerationRequest:
         problem = body.unsupported()
         if problem:
             raise problem
-        sized = _sized(body)
+        sized = _sized(body, pipeline)
         seed_size = (body.seed_resize_from_w, body.seed_resize_from_h)
         if min(seed_size) > 0 and seed_size != (sized.width, sized.height):  # A1111 resizes the seed's noise when both are set
             raise FieldError("seed_resize_from_w", "resizing a seed from another size is not supported by sdfast; leave it at -1")
-        _check_options(body.override_settings, "override_settings.")
-        sampler = _sampler(body)
+        _check_options(body.override_settings, "override_settings.", pipeline)
+        sampler = _sampler(body, pipeline)
         eta = body.eta
         if eta is not None and not sampler.takes_eta:
             if eta not in (0.0, 1.0):  # 1.0 is A1111's ancestral default, which webuiapi always sends
                 raise FieldError("eta", f"eta applies to DDIM only, not to {sampler.a1111_name}")
             eta = None
-        refiner_switch = _refiner_switch(body)
+        refiner_switch = _refiner_switch(body, pipeline)
         hires = body.hires() if isinstance(body, Txt2ImgRequest) else None
         clip_skip = body.override_settings.get("CLIP_stop_at_last_layers") or ctx.options["CLIP_stop_at_last_layers"]
         seed = body.seed if body.seed >= 0 else secrets.randbelow(SEED_LIMIT - 1)
         total = body.batch_size * body.n_iter
         batch = max(d for d in range(1, min(total, pipeline.batch_size) + 1) if total % d == 0)
         if hires is not None:
-            _check_hires(body, hires, sized)
+            _check_hires(body, hires, sized, pipeline)
         options = {**ctx.options, **body.override_settings}  # a request's override_settings over the server's options
         return GenerationRequest(
-            prompt=body.prompt, negative_prompt=body.negative_prompt, cfg_scale=_cfg_scale(body), seed=seed,
+            prompt=body.prompt, negative_prompt=body.negative_prompt, cfg_scale=_cfg_scale(body, pipeline), seed=seed,
             sampler=sampler.key, height=sized.height, width=sized.width, batch_size=batch, n_iter=total // batch, clip_skip=clip_skip,
             steps=body.steps if body.steps is not None else pipeline.checker.default_steps or A1111_STEPS,
             init_image=init, mask=mask, strength=strength if init is not None else None, eta=eta or 0.0,
@@ -235,7 +264,7 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
             int8=bool(options.get(INT8_OPTION)),
         )
 
-    def _check_deepcache(options: dict, prefix: str) -> None:
+    def _check_deepcache(options: dict, prefix: str, pipeline) -> None:
         """sd-webui-deepcache's options: deepcache_enable (bool) and deepcache_full_run_step_rate (the full U-Net every N steps)."""
         from sdfast.runtime.step_cache import MAX_INTERVAL, SHALLOW
 
@@ -252,7 +281,7 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         """The request's step-cache interval from the DeepCache options (the extension's default rate is 5), or None."""
         return options.get("deepcache_full_run_step_rate", DEEPCACHE_DEFAULT_RATE) if options.get("deepcache_enable") else None
 
-    def _check_hires(body: Txt2ImgRequest, hires, sized) -> None:
+    def _check_hires(body: Txt2ImgRequest, hires, sized, pipeline) -> None:
         """A FieldError naming the hr_* field a hires-fix request cannot have (its size is checked against the sizes)."""
         from sdfast.runtime.hires import check_request
 
@@ -264,7 +293,7 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
                 else "hr_upscaler" if "upscaler" in text else "denoising_strength" if "strength" in text else "enable_hr"
             raise FieldError(field, text) from None
 
-    def _refiner_switch(body: _Request) -> float | None:
+    def _refiner_switch(body: _Request, pipeline) -> float | None:
         """A1111's refiner_checkpoint (its name, "name [hash]" title or hash) names the refiner this server loaded."""
         if body.refiner_checkpoint in (None, "", "None"):
             return None
@@ -276,13 +305,13 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
             raise FieldError("refiner_checkpoint", f"{body.refiner_checkpoint!r}: this server's refiner is '{manifest.model_name} [{manifest.model_hash}]'")
         return body.refiner_switch_at if body.refiner_switch_at is not None else DEFAULT_REFINER_SWITCH
 
-    def _cfg_scale(body: _Request) -> float:
+    def _cfg_scale(body: _Request, pipeline) -> float:
         """The request's, else A1111's 7 where the engine guides and 1 where it was exported without guidance."""
         if body.cfg_scale is not None:
             return body.cfg_scale
         return DEFAULT_CFG_SCALE if pipeline.guidance else 1.0
 
-    def _sampler(body: _Request):
+    def _sampler(body: _Request, pipeline):
         name = body.sampler_name or body.sampler_index or pipeline.checker.default_sampler or "Euler a"
         scheduler = (body.scheduler or "automatic").strip().lower()
         if scheduler not in ("automatic", "karras"):
@@ -298,7 +327,7 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
                 raise FieldError("scheduler", f"{spec.a1111_name} has no Karras form; use scheduler automatic") from None
         return spec
 
-    def _a1111_response(body: _Request, generation: GenerationRequest, results: list[GenerationResult]) -> dict:
+    def _a1111_response(body: _Request, generation: GenerationRequest, results: list[GenerationResult], entry, pipeline) -> dict:
         encoded = [base64.b64encode(png_bytes(r.images[0], r.parameters[0])).decode() for r in results]
         seeds = [r.seeds[0] for r in results]
         infotexts = [r.parameters[0] for r in results]
@@ -309,7 +338,7 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
             "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(results), "subseed_strength": 0,
             "width": generation.width, "height": generation.height, "sampler_name": spec.a1111_name, "cfg_scale": generation.cfg_scale,
             "steps": generation.steps, "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
-            "sd_model_name": pipeline.manifest.model_name, "sd_model_hash": pipeline.manifest.model_hash, "sd_vae_name": None,
+            "sd_model_name": entry.name, "sd_model_hash": entry.manifest.model_hash, "sd_vae_name": None,
             "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": generation.strength,
             "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
             "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": generation.clip_skip,
@@ -321,3 +350,10 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         return {"images": encoded, "parameters": parameters, "info": json.dumps(info)}
 
     return router
+
+
+def _model_listing(name: str, manifest, loaded: bool) -> dict:
+    """One model as A1111's /sdapi/v1/sd-models lists it, with sdfast's family, sizes and whether it is loaded."""
+    return {"title": f"{name} [{manifest.model_hash}]", "model_name": name, "hash": manifest.model_hash,
+            "sha256": manifest.data["source"].get("fingerprint"), "filename": manifest.root.name, "config": None,
+            "family": manifest.family, "sizes": manifest.sizes_text.split(", "), "loaded": loaded}

@@ -1,4 +1,5 @@
-"""The ASGI app: AUTOMATIC1111's /sdapi/v1 and OpenAI's /v1 over one Worker, with the error handlers, probes and metrics."""
+"""The ASGI app: AUTOMATIC1111's /sdapi/v1 and OpenAI's /v1 over the server's models and its one Worker, with the error
+handlers, probes and metrics."""
 from __future__ import annotations
 
 import asyncio
@@ -12,12 +13,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdfast import __version__
 from sdfast.errors import EngineError, SdfastError
-from sdfast.runtime.pipeline import Pipeline
 from sdfast.serve.a1111 import a1111_router
 from sdfast.serve.controlnet_api import controlnet_router
 from sdfast.serve.context import ServeContext, ServeSettings
 from sdfast.serve.edge import BodyLimit, Edge, error_response
 from sdfast.serve.metrics import Metrics
+from sdfast.serve.models import ModelPool
 from sdfast.serve.openai_api import openai_router
 from sdfast.serve.schemas import FieldError
 from sdfast.serve.worker import Cancelled, QueueFull, Worker
@@ -26,7 +27,7 @@ __all__ = ["ServeSettings", "create_app", "is_loopback", "wrap"]
 CANCEL_STATUS = {"interrupted": 409, "the client disconnected": 499, "the server is shutting down": 503}
 
 
-def create_app(pipeline: Pipeline, settings: ServeSettings) -> FastAPI:
+def create_app(models: ModelPool, settings: ServeSettings) -> FastAPI:
     state = {"ready": False}
 
     @contextlib.asynccontextmanager
@@ -40,11 +41,11 @@ def create_app(pipeline: Pipeline, settings: ServeSettings) -> FastAPI:
 
     # A1111 takes JSON without a Content-Type header (requests.post(data=json.dumps(...))), so FastAPI must too
     app = FastAPI(title="sdfast", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, strict_content_type=False)
-    worker = Worker(pipeline, settings.max_queue)
-    metrics = Metrics(worker.stats)
-    worker.observe_stage = metrics.observe_stage
+    worker = Worker(settings.max_queue)
+    metrics = Metrics(worker.stats, models)
+    worker.observe_stage, models.on_event = metrics.observe_stage, metrics.observe_model_event
     app.state.worker, app.state.metrics = worker, metrics
-    ctx = ServeContext(pipeline, worker, metrics, settings)
+    ctx = ServeContext(models, worker, metrics, settings)
 
     # -- errors: 4xx naming the field --------------------------------------------------------------------------
 
@@ -101,8 +102,11 @@ def create_app(pipeline: Pipeline, settings: ServeSettings) -> FastAPI:
     async def ready():
         if not state["ready"] or not worker.alive:
             return error_response(503, "not ready" if state["ready"] else "starting or stopping")
-        return {"ready": True, "model": pipeline.manifest.model_name, "backend": pipeline.backend,
-                "size": f"{pipeline.width}x{pipeline.height}", "sizes": pipeline.manifest.sizes_text.split(", "), "batch": pipeline.batch_size}
+        entry = models.entries[models.current]
+        geometry = entry.manifest.geometry
+        return {"ready": True, "model": entry.name, "backend": models.backend, "size": f"{geometry['width']}x{geometry['height']}",
+                "sizes": entry.manifest.sizes_text.split(", "), "batch": int(geometry["batch"]),
+                "models": {e.name: {"loaded": e.pipeline is not None, "weights_bytes": e.weights_bytes} for e in models.entries.values()}}
 
     @app.get("/metrics")
     async def prometheus():

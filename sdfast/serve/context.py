@@ -1,4 +1,4 @@
-"""What the routes of both APIs share: the settings, the loaded pipeline, the worker, and the one way to run a generation."""
+"""What the routes of both APIs share: the settings, the models, the worker, and the one way to run a generation."""
 from __future__ import annotations
 
 import asyncio
@@ -9,6 +9,7 @@ from fastapi import Request
 from sdfast.errors import RequestError
 from sdfast.runtime.pipeline import GenerationRequest, GenerationResult, Pipeline
 from sdfast.serve.metrics import Metrics
+from sdfast.serve.models import ModelEntry, ModelPool
 from sdfast.serve.schemas import MAX_BODY_BYTES, FieldError
 from sdfast.serve.worker import Worker
 
@@ -25,20 +26,27 @@ class ServeSettings:
 
 @dataclass
 class ServeContext:
-    pipeline: Pipeline
+    models: ModelPool
     worker: Worker
     metrics: Metrics
     settings: ServeSettings
     options: dict = field(default_factory=lambda: {"CLIP_stop_at_last_layers": 1})  # A1111's /sdapi/v1/options that sdfast honours
 
-    async def run(self, generation: GenerationRequest, request: Request) -> list[GenerationResult]:
-        """Check ``generation`` against the engine (a FieldError before queuing), queue it, wait for its images."""
-        try:
-            # every field the engine checks, refused before queuing; off the event loop (a first LoRA is read and parsed)
-            await asyncio.to_thread(self.pipeline.validate, generation)
-        except RequestError as error:
-            raise FieldError(_field_of(str(error)), str(error)) from None
-        results = await self.worker.submit(generation, len(generation.seeds), self.settings.request_timeout_s, request.is_disconnected)
+    async def model(self, requested: str | None, field: str) -> tuple[ModelEntry, Pipeline]:
+        """The model a request names in ``field`` (the current one when None) and its pipeline, loaded if it was not."""
+        entry = self.models.entry(requested, field)
+        return entry, await self.models.pipeline(entry.name)
+
+    async def run(self, entry: ModelEntry, generation: GenerationRequest, request: Request) -> list[GenerationResult]:
+        """Check ``generation`` against ``entry``'s engine (a FieldError before queuing), queue it, wait for its images."""
+        async with self.models.use(entry.name) as pipeline:  # not unloaded for another model's load until this ends
+            try:
+                # every field the engine checks, refused before queuing; off the event loop (a first LoRA is read and parsed)
+                await asyncio.to_thread(pipeline.validate, generation)
+            except RequestError as error:
+                raise FieldError(_field_of(str(error)), str(error)) from None
+            results = await self.worker.submit(pipeline, generation, len(generation.seeds), self.settings.request_timeout_s,
+                                               request.is_disconnected)
         self.metrics.images.inc(len(results))
         return results
 

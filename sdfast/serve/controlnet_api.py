@@ -45,7 +45,7 @@ _OFF = {"advanced_weighting": (None, []), "effective_region_mask": (None, ""), "
 
 
 def controlnet_router(ctx: ServeContext) -> APIRouter:
-    router, pipeline = APIRouter(), ctx.pipeline
+    router = APIRouter()
 
     @router.get("/controlnet/version")
     async def version():
@@ -53,6 +53,8 @@ def controlnet_router(ctx: ServeContext) -> APIRouter:
 
     @router.get("/controlnet/model_list")
     async def model_list(update: bool = True):
+        """The current model's ControlNets (a request for another model uses that model's own)."""
+        _, pipeline = await ctx.model(None, "sd_model_checkpoint")
         return {"model_list": model_titles(pipeline)}
 
     @router.get("/controlnet/module_list")

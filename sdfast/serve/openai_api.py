@@ -1,4 +1,4 @@
-"""OpenAI's images and models API (/v1/images, /v1/models) over the server's one engine, with OpenAI's error shape."""
+"""OpenAI's images and models API (/v1/images, /v1/models) over the server's models, with OpenAI's error shape."""
 from __future__ import annotations
 
 import asyncio
@@ -50,11 +50,17 @@ class ImageStore:
             del self._items[token]
 
 
+# what OpenAI's clients send as "model" when they name none of this server's: the current model, as A1111's requests get
+GENERIC_MODELS = ("sdfast", "dall-e-2", "dall-e-3", "gpt-image-1")
+
+
 def openai_router(ctx: ServeContext) -> APIRouter:
-    router, pipeline, images = APIRouter(), ctx.pipeline, ImageStore(ctx.settings.url_ttl_s)
+    router, models, images = APIRouter(), ctx.models, ImageStore(ctx.settings.url_ttl_s)
 
     @router.post("/v1/images/generations")
     async def openai_generations(body: OpenAIImageRequest, request: Request):
+        named = body.model if body.model and (body.model not in GENERIC_MODELS or models.find(body.model)) else None
+        entry, pipeline = await ctx.model(named, "model")
         width, height = pipeline.width, pipeline.height
         if body.size not in (None, "auto"):
             try:
@@ -73,7 +79,7 @@ def openai_router(ctx: ServeContext) -> APIRouter:
                                        sampler=checker.default_sampler or "dpmpp_2m_karras", width=width, height=height, batch_size=batch,
                                        n_iter=body.n // batch, clip_skip=ctx.options["CLIP_stop_at_last_layers"],
                                        seeds=[seed + i for i in range(body.n)])
-        results = await ctx.run(generation, request)
+        results = await ctx.run(entry, generation, request)
         if len(results) < body.n or any(r.steps_run is not None for r in results):
             raise Cancelled("interrupted")  # OpenAI's API has no partial answer: A1111's interrupt is an error here
         data = []
@@ -86,24 +92,25 @@ def openai_router(ctx: ServeContext) -> APIRouter:
                 data.append({"b64_json": base64.b64encode(png).decode(), "revised_prompt": body.prompt})
         return {"created": int(time.time()), "data": data}
 
-    def model_object() -> dict:
-        """The loaded model as OpenAI's Model object; created is the engine's export time."""
+    def model_object(entry) -> dict:
+        """A served model as OpenAI's Model object; created is the engine's export time."""
         try:
-            created = int(datetime.fromisoformat(pipeline.manifest.data["created"]).timestamp())
+            created = int(datetime.fromisoformat(entry.manifest.data["created"]).timestamp())
         except (KeyError, TypeError, ValueError):
             created = 0
-        return {"id": pipeline.manifest.model_name, "object": "model", "created": created, "owned_by": "sdfast"}
+        return {"id": entry.name, "object": "model", "created": created, "owned_by": "sdfast"}
 
     @router.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [model_object()]}
+    async def list_models():
+        return {"object": "list", "data": [model_object(entry) for entry in models.entries.values()]}
 
     @router.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
-        if model_id != pipeline.manifest.model_name:
-            return error_response(404, f"The model '{model_id}' does not exist; this server holds '{pipeline.manifest.model_name}'",
+        entry = models.entries.get(model_id)
+        if entry is None:
+            return error_response(404, f"The model '{model_id}' does not exist; this server serves {', '.join(models.entries)}",
                                   "model", path=request.url.path, code="model_not_found")
-        return model_object()
+        return model_object(entry)
 
     @router.get("/v1/images/files/{name}")
     async def openai_file(name: str):

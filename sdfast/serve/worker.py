@@ -1,8 +1,9 @@
-"""The server's one engine, shared safely: a bounded queue, one worker thread, micro-batches, cancellation, progress.
+"""The server's engines, shared safely: a bounded queue, one worker thread, micro-batches, cancellation, progress.
 
-The Pipeline is not thread-safe, so one thread runs it; the event loop only queues and waits. Jobs that differ
-only in their seeds (same prompt, sampler, steps, size, guidance: text-to-image) are merged into one engine batch
-when the engine was exported with a batch above 1, and their images split back by job.
+A Pipeline is not thread-safe, and the CPU's cores are one pool, so one thread runs every model's jobs in turn; the
+event loop only queues and waits. Jobs for the same model that differ only in their seeds (same prompt, sampler, steps,
+size, guidance: text-to-image) are merged into one engine batch when the engine was exported with a batch above 1, and
+their images split back by job. Jobs for different models are never merged.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class Cancelled(Exception):
 
 @dataclass(eq=False)  # jobs are compared by identity: their requests hold arrays
 class Job:
+    pipeline: Pipeline  # the model that runs it
     request: GenerationRequest  # with explicit seeds, one per image
     images: int
     id: int = field(default_factory=itertools.count(1).__next__)
@@ -56,7 +58,7 @@ class Job:
         if r.init_image is not None or r.init_latents is not None or r.mask is not None or r.control:  # images (init, mask, control) are not compared
             return None
         # the prompt carries its <lora:...> tags: jobs with other LoRAs (other weights) are never merged
-        return (r.width, r.height, r.prompt, r.negative_prompt, r.steps, float(r.cfg_scale), r.sampler, r.clip_skip, float(r.eta), r.n_iter, r.refiner_switch,
+        return (id(self.pipeline), r.width, r.height, r.prompt, r.negative_prompt, r.steps, float(r.cfg_scale), r.sampler, r.clip_skip, float(r.eta), r.n_iter, r.refiner_switch,
                 tuple(r.loras), r.hires, r.step_cache, r.guidance_stop, r.vae_decoder, r.int8)
 
 
@@ -76,8 +78,7 @@ class Stats:
 class Worker:
     """Owns the pipeline. ``submit`` returns the job's images, or raises QueueFull, Cancelled or SdfastError."""
 
-    def __init__(self, pipeline: Pipeline, max_queue: int, observe_stage=None):
-        self.pipeline = pipeline
+    def __init__(self, max_queue: int, observe_stage=None):
         self.max_queue = max_queue
         self.stats = Stats()
         self.observe_stage = observe_stage or (lambda stage, seconds: None)
@@ -110,10 +111,11 @@ class Worker:
         if latest is None:
             return None
         step, x0 = latest
-        return step, approx_cheap(x0[0], family_class(self.pipeline.manifest.family).preview_rgb)
+        return step, approx_cheap(x0[0], family_class(job.pipeline.manifest.family).preview_rgb)
 
-    async def submit(self, request: GenerationRequest, images: int, timeout_s: float, disconnected=None) -> list[GenerationResult]:
-        job = Job(request, images)
+    async def submit(self, pipeline: Pipeline, request: GenerationRequest, images: int, timeout_s: float,
+                     disconnected=None) -> list[GenerationResult]:
+        job = Job(pipeline, request, images)
         job.future = self._loop.create_future()
         job.future.add_done_callback(lambda f: f.cancelled() or f.exception())  # read, so an abandoned one is not logged
         with self._lock:
@@ -197,7 +199,7 @@ class Worker:
             if not self._pending:
                 return []
             first = self._pending.pop(0)
-            batch, room = [first], self.pipeline.batch_size - first.images
+            batch, room = [first], first.pipeline.batch_size - first.images
             key = first.merge_key()
             if key is not None and first.request.n_iter == 1:
                 for job in list(self._pending):
@@ -257,7 +259,7 @@ class Worker:
                 raise Cancelled(lead.cancelled)
             results = []
             try:
-                for result in self.pipeline.generate_batches(request, on_step=on_step, on_latents=on_latents):
+                for result in lead.pipeline.generate_batches(request, on_step=on_step, on_latents=on_latents):
                     results.append(result)
                     if any(job.interrupted for job in batch):
                         break  # interrupted while decoding: A1111 skips the rest of the batch count

@@ -18,6 +18,7 @@ LONGEST_FIRST = ("test_controlnet.py", "test_sd3_t5.py", "test_sdxl.py", "test_s
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
+    config.addinivalue_line("markers", "ray: starts a local Ray cluster (runs in CI; a quick local run skips them with -m 'not ray')")
 
 
 def pytest_collection_modifyitems(session, config, items):

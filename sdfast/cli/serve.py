@@ -23,6 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-memory", type=float, metavar="GB",
                         help="GiB of weights held loaded at once (each model's are the files its backend reads), with the "
                              "same unloading (default: no limit)")
+    parser.add_argument("--ray", action="store_true",
+                        help="serve on Ray Serve: engine replicas behind an ingress that routes each request to a replica "
+                             "holding its model (a local Ray, or the cluster at $RAY_ADDRESS); pip install 'sdfast[ray]'")
+    parser.add_argument("--replicas", type=int, default=1, metavar="N", help="with --ray: engine replicas (default 1)")
+    parser.add_argument("--autoscale", metavar="MIN:MAX", help="with --ray: replicas scaled on ongoing requests between MIN and MAX")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="N",
+                        help="with --ray: Ray CPUs per replica, and onnxruntime's intra-op threads there (default 1)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs --api-key)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860, as A1111)")
     parser.add_argument("--backend", default="cpu", help="cpu, cuda or tensorrt (default cpu)")
@@ -58,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-memory must be above 0 GiB, not {args.max_memory:g}")
     if args.refiner is not None and len(engines) > 1:
         raise ConfigError("--refiner attaches to one model: serve a refiner with a single engine dir")
+    if args.ray:
+        return _serve_on_ray(args, engines)
+    if args.replicas != 1 or args.autoscale or args.cpus_per_replica != 1.0:
+        raise ConfigError("--replicas, --autoscale and --cpus-per-replica are for --ray")
 
     import importlib.util
 
@@ -146,3 +157,91 @@ def _named_engine(text: str) -> tuple[str, Path]:
     if "[" in name or "]" in name:
         raise ConfigError(f"--engine '{text}': a model name cannot hold brackets (A1111 titles are 'name [hash]')")
     return name, Path(directory)
+
+
+def _serve_on_ray(args: argparse.Namespace, engines: list[tuple[str | None, Path]]) -> int:
+    """The same routes on Ray Serve (serve/ray_app.py), until SIGTERM or Ctrl-C; then the application and a Ray this
+    command started are shut down."""
+    import importlib.util
+    import signal
+    import threading
+
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        raise ConfigError("sdfast serve --ray needs Ray Serve: pip install 'sdfast[ray]'")
+    for flag, value in (("--refiner", args.refiner), ("--preload-controlnets", args.preload_controlnets), ("--max-memory", args.max_memory)):
+        if value:
+            raise ConfigError(f"{flag} is not supported with --ray yet (replicas count models: --max-loaded)")
+    autoscale = None
+    if args.autoscale:
+        low, _, high = args.autoscale.partition(":")
+        if not (low.isdigit() and high.isdigit() and 0 < int(low) <= int(high)):
+            raise ConfigError(f"--autoscale '{args.autoscale}': expected MIN:MAX with 0 < MIN <= MAX")
+        autoscale = (int(low), int(high))
+    if args.replicas < 1 or args.cpus_per_replica <= 0 or (args.max_loaded is not None and args.max_loaded < 1):
+        raise ConfigError("--replicas, --cpus-per-replica and --max-loaded must be above 0")
+    from sdfast.serve.models import model_entries
+
+    model_entries(engines, args.backend)  # a wrong path fails here, in one line, before Ray starts
+    _check_port_free(args.host, args.port)
+    import ray
+    from ray import serve
+
+    from sdfast.serve.ray_app import RayServeConfig, application
+
+    config = RayServeConfig(engines=[(name, str(path)) for name, path in engines], backend=args.backend, verify=args.verify,
+                            replicas=args.replicas, autoscale=autoscale, cpus_per_replica=args.cpus_per_replica,
+                            max_loaded=args.max_loaded, max_queue=args.max_queue,
+                            settings={"api_key": args.api_key, "request_timeout_s": args.timeout},
+                            lora_dir=str(args.lora_dir) if args.lora_dir else None)
+    stop = threading.Event()
+
+    def on_signal(*_):
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    try:
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=not args.quiet,
+                 logging_level=logging.ERROR)
+    except Exception as error:  # noqa: BLE001 - Ray raises plain Exception for a node that does not come up
+        raise ConfigError(f"Ray did not start: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    for signum in (signal.SIGTERM, signal.SIGINT):  # again: ray.init installs handlers of its own
+        signal.signal(signum, on_signal)
+    try:
+        try:
+            serve.start(http_options={"host": args.host, "port": args.port})
+            serve.run(application(config), name="sdfast", route_prefix="/")
+        except Exception as error:  # noqa: BLE001 - a replica that cannot start (a missing or corrupt engine dir) ends up here
+            raise ConfigError(f"the Ray Serve application did not start: {_deployment_error(serve) or _first_line(error)}") from None
+        scale = f"{autoscale[0]}-{autoscale[1]} replicas (autoscaled)" if autoscale else f"{args.replicas} replica(s)"
+        print(f"sdfast serve: on Ray Serve, {scale} of {', '.join(str(path) for _, path in engines)}, "
+              f"http://{args.host}:{args.port} (A1111 /sdapi/v1, OpenAI /v1/images)", file=sys.stderr, flush=True)
+        while not stop.wait(0.5):
+            pass
+        serve.shutdown()
+        print("sdfast serve: stopped", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        ray.shutdown()
+
+
+def _deployment_error(serve) -> str | None:
+    """The error a replica of the application raised at its start (sdfast's own one-line message), from Serve's status."""
+    import re
+
+    try:
+        deployments = serve.status().applications["sdfast"].deployments.values()
+    except Exception:  # noqa: BLE001 - no status: the caller falls back to Ray's own message
+        return None
+    for deployment in deployments:
+        found = re.findall(r"sdfast\.errors\.\w+: (.+)", deployment.message or "")
+        if found:
+            return found[-1].strip()
+    return None
+
+
+def _first_line(error: Exception) -> str:
+    """An exception's first meaningful line (Ray wraps a replica's error in a long report)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = next((line for line in lines if "Error:" in line and not line.startswith("File ")), None)
+    return named or (lines[0] if lines else type(error).__name__)

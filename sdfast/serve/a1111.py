@@ -35,6 +35,7 @@ DEEPCACHE_OPTIONS = ("deepcache_enable", "deepcache_full_run_step_rate")  # sd-w
 DEEPCACHE_DEFAULT_RATE = 5  # that extension's default full-run step rate
 DECODE_METHODS = {"Full": "full", "TAESD": "tiny"}  # A1111's sd_vae_decode_method -> GenerationRequest.vae_decoder
 INT8_OPTION = "sdfast_int8"  # sdfast's own option: the int8 U-Net of sdfast quantize (GenerationRequest.int8)
+SERVER_OPTIONS = ("CLIP_stop_at_last_layers", "sd_vae_decode_method", INT8_OPTION, *DEEPCACHE_OPTIONS)  # what POST options sets
 
 
 CHECKPOINT = "sd_model_checkpoint"  # A1111's option naming the model: server-wide, or per request in override_settings
@@ -102,7 +103,7 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
 
     @router.get("/sdapi/v1/options")
     async def get_options():
-        entry = models.entry(None, CHECKPOINT)
+        entry = ctx.current()
         return {CHECKPOINT: entry.title, "CLIP_stop_at_last_layers": ctx.options["CLIP_stop_at_last_layers"],
                 "deepcache_enable": bool(ctx.options.get("deepcache_enable", False)),
                 "deepcache_full_run_step_rate": ctx.options.get("deepcache_full_run_step_rate", DEEPCACHE_DEFAULT_RATE),
@@ -124,7 +125,7 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         entry, pipeline = await ctx.model(name, CHECKPOINT)  # A1111 loads the checkpoint before it answers: so does sdfast
         _check_options(body, "", pipeline)
         models.current = entry.name
-        for name in ("CLIP_stop_at_last_layers", "sd_vae_decode_method", INT8_OPTION, *DEEPCACHE_OPTIONS):
+        for name in SERVER_OPTIONS:
             if name in body:
                 ctx.options[name] = body[name]
         return True

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -12,6 +13,12 @@ from sdfast.serve.metrics import Metrics
 from sdfast.serve.models import ModelEntry, ModelPool
 from sdfast.serve.schemas import MAX_BODY_BYTES, FieldError
 from sdfast.serve.worker import Worker
+
+
+# Set per request by a Ray Serve replica (serve/ray_app.py) to what its ingress holds: the current model (A1111's
+# sd_model_checkpoint) and the A1111 options, for which a single server has its own ``models.current`` and options.
+REQUEST_MODEL: ContextVar[str | None] = ContextVar("sdfast_request_model", default=None)
+REQUEST_OPTIONS: ContextVar[dict | None] = ContextVar("sdfast_request_options", default=None)
 
 
 @dataclass
@@ -30,11 +37,21 @@ class ServeContext:
     worker: Worker
     metrics: Metrics
     settings: ServeSettings
-    options: dict = field(default_factory=lambda: {"CLIP_stop_at_last_layers": 1})  # A1111's /sdapi/v1/options that sdfast honours
+    server_options: dict = field(default_factory=lambda: {"CLIP_stop_at_last_layers": 1})  # A1111's /sdapi/v1/options that sdfast honours
+
+    @property
+    def options(self) -> dict:
+        """The A1111 options in force for this request: the server's, or on Ray Serve the ingress's."""
+        passed = REQUEST_OPTIONS.get()
+        return self.server_options if passed is None else passed
+
+    def current(self) -> ModelEntry:
+        """The model of requests that name none: the server's current one, or on Ray Serve the ingress's."""
+        return self.models.entry(REQUEST_MODEL.get() or self.models.current, "sd_model_checkpoint")
 
     async def model(self, requested: str | None, field: str) -> tuple[ModelEntry, Pipeline]:
         """The model a request names in ``field`` (the current one when None) and its pipeline, loaded if it was not."""
-        entry = self.models.entry(requested, field)
+        entry = self.models.entry(requested, field) if requested not in (None, "") else self.current()
         return entry, await self.models.pipeline(entry.name)
 
     async def run(self, entry: ModelEntry, generation: GenerationRequest, request: Request) -> list[GenerationResult]:

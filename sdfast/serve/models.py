@@ -61,6 +61,16 @@ def _read(engine_dir: Path, backend: str) -> tuple[Manifest, int]:
     return manifest, sum(entry["bytes"] for entry in files.values())
 
 
+def find_entry(entries: list[ModelEntry], requested: str) -> ModelEntry | None:
+    """The entry a client names: its name, A1111 title ("name [hash]"), short hash, or the model name it was exported
+    from where only one entry has that."""
+    exact = next((e for e in entries if requested in (e.name, e.title, e.manifest.model_hash)), None)
+    if exact is not None:
+        return exact
+    by_model = [e for e in entries if e.manifest.model_name == requested]
+    return by_model[0] if len(by_model) == 1 else None
+
+
 class ModelPool:
     """The server's models by name. ``pipeline(name)`` returns a loaded model, loading it first where needed.
 
@@ -89,13 +99,7 @@ class ModelPool:
     # -- names ------------------------------------------------------------------------------------------------
 
     def find(self, requested: str) -> ModelEntry | None:
-        """The entry a client names: its name, A1111 title ("name [hash]"), short hash, or the model name it was exported
-        from where only one entry has that."""
-        exact = self.entries.get(requested) or next((e for e in self.entries.values() if requested in (e.title, e.manifest.model_hash)), None)
-        if exact is not None:
-            return exact
-        by_model = [e for e in self.entries.values() if e.manifest.model_name == requested]
-        return by_model[0] if len(by_model) == 1 else None
+        return find_entry(list(self.entries.values()), requested)
 
     def entry(self, requested: str | None, field: str) -> ModelEntry:
         """The entry ``requested`` names (the current model when None), or a RequestError naming ``field``."""

@@ -1,0 +1,111 @@
+"""sdfast serve --ray: the same routes on Ray Serve, on a local Ray cluster the server starts and stops on loopback
+(no dashboard), driven by webuiapi, openai and plain HTTP."""
+import base64
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.conftest import run_cli, visible_lines
+from tests.test_serve import Server, _free_port
+
+pytest.importorskip("ray.serve")
+webuiapi = pytest.importorskip("webuiapi")
+openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.ray
+
+BODY = {"prompt": "a lighthouse", "seed": 21, "steps": 3, "width": 64, "height": 64, "sampler_name": "Euler"}
+
+
+class RayServer(Server):
+    """`sdfast serve --ray` in its own process; SIGTERM stops the application and the Ray it started."""
+
+    def __init__(self, engine, *args):
+        super().__init__(engine, "--ray", "--cpus-per-replica", "0.5", *args)
+
+
+def _post(server, path="/sdapi/v1/txt2img", **fields):
+    return httpx.post(f"{server.url}{path}", json={**BODY, **fields}, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def two_replicas(tiny_engine, tiny_sd2_engine):
+    server = RayServer(tiny_engine, "--engine", f"sd2={tiny_sd2_engine}", "--replicas", "2")
+    yield server
+    assert server.stop()
+
+
+def test_two_replicas_serve_both_apis_and_share_the_requests(two_replicas):
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=two_replicas.port)
+    first = api.txt2img(**BODY)
+    assert first.image.size == (64, 64) and first.info["seed"] == 21
+    client = openai.OpenAI(base_url=f"{two_replicas.url}/v1", api_key="unused")
+    generated = client.images.generate(model="sdfast", prompt="a lighthouse", size="64x64", response_format="b64_json")
+    assert base64.b64decode(generated.data[0].b64_json)[:8] == b"\x89PNG\r\n\x1a\n"
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: _post(two_replicas), range(8)))
+    assert [a.status_code for a in answers] == [200] * 8
+    assert len({a.headers["x-sdfast-replica"] for a in answers}) == 2, "every request went to one replica"
+    assert {a.json()["images"][0] for a in answers} == {first.json["images"][0]}  # the same seed, the same PNG, on either replica
+
+
+def test_requests_route_to_their_model(two_replicas):
+    tiny, sd2 = _post(two_replicas), _post(two_replicas, override_settings={"sd_model_checkpoint": "sd2"})
+    assert json.loads(tiny.json()["info"])["sd_model_name"] == "tiny" and json.loads(sd2.json()["info"])["sd_model_name"] == "sd2"
+    assert tiny.json()["images"][0] != sd2.json()["images"][0]
+    client = openai.OpenAI(base_url=f"{two_replicas.url}/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["tiny", "sd2"]
+    by_model = client.images.generate(model="sd2", prompt="a lighthouse", size="64x64", response_format="b64_json")
+    assert by_model.data[0].b64_json
+    with pytest.raises(openai.NotFoundError, match="no model 'sd3'"):
+        client.images.generate(model="sd3", prompt="x", size="64x64")
+    refused = _post(two_replicas, override_settings={"sd_model_checkpoint": "sd3"})
+    assert refused.status_code == 422 and refused.json()["field"] == "override_settings.sd_model_checkpoint"
+    # the current model, set as webuiapi sets it, holds for later requests that name none, on every replica
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=two_replicas.port)
+    sd2_title = next(title for title in api.util_get_model_names() if title.startswith("sd2 ["))
+    api.util_set_model(sd2_title, find_closest=False)
+    try:
+        assert api.util_get_current_model() == sd2_title
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: _post(two_replicas), range(4)))
+        assert {a.json()["images"][0] for a in answers} == {sd2.json()["images"][0]}
+    finally:
+        api.util_set_model(next(t for t in api.util_get_model_names() if t.startswith("tiny [")), find_closest=False)
+
+
+def test_a_full_deployment_answers_429_with_retry_after(tiny_engine):
+    server = RayServer(tiny_engine, "--replicas", "1", "--max-queue", "1")
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda seed: _post(server, steps=60, seed=seed), range(8)))
+        statuses = [a.status_code for a in answers]
+        assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
+        refused = next(a for a in answers if a.status_code == 429)
+        assert int(refused.headers["retry-after"]) >= 1 and "busy" in refused.json()["error"]
+    finally:
+        assert server.stop()
+
+
+def test_ray_arguments_are_checked_before_ray_starts(tiny_engine, tmp_path):
+    for args, message in [(("--ray", "--autoscale", "3:1"), "expected MIN:MAX"),
+                          (("--ray", "--max-memory", "4"), "not supported with --ray"),
+                          (("--replicas", "2"), "are for --ray"),
+                          (("--ray", "--engine", f"x={tmp_path / 'missing'}"), "missing")]:
+        result = run_cli("serve", str(tiny_engine), *args, "--port", "1")
+        lines = visible_lines(result.stderr)
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], (args, result.stderr)
+
+
+def test_a_replica_that_cannot_load_its_engine_fails_the_start_in_one_line(tiny_engine, tmp_path):
+    """A corrupt engine dir (a graph cut short) is found by the replicas, which Ray does not retry forever."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_engine, broken)
+    data = max(broken.glob("unet*.onnx*"), key=lambda path: path.stat().st_size)
+    data.write_bytes(data.read_bytes()[:1000])
+    result = run_cli("serve", str(broken), "--ray", "--cpus-per-replica", "0.5", "--verify", "size", "--port", str(_free_port()), timeout=300)
+    lines = visible_lines(result.stderr)
+    assert result.returncode == 2 and lines and "did not start" in lines[-1] and "bytes, the manifest says" in lines[-1], result.stderr[-3000:]

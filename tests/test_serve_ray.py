@@ -2,7 +2,11 @@
 (no dashboard), driven by webuiapi, openai and plain HTTP."""
 import base64
 import json
+import os
+import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -73,6 +77,47 @@ def test_requests_route_to_their_model(two_replicas):
         assert {a.json()["images"][0] for a in answers} == {sd2.json()["images"][0]}
     finally:
         api.util_set_model(next(t for t in api.util_get_model_names() if t.startswith("tiny [")), find_closest=False)
+
+
+def _replica_pids() -> set[int]:
+    """The engine replicas' processes (Ray titles them ray::ServeReplica:<app>:<deployment>)."""
+    pids = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"ServeReplica:sdfast:sdfast-engines" in cmdline.read_bytes():
+                pids.add(int(cmdline.parent.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_a_killed_replica_loses_no_request_and_the_deployment_recovers(two_replicas):
+    """SIGKILL to a replica mid-generation: every request still ends, in an image (retried on the other replica: the
+    same seed, the same image) or a 5xx, none hangs; Ray starts a new replica and both serve again. Runs last: it
+    kills one of the module's replicas."""
+    expected = _post(two_replicas, steps=200, seed=5).json()["images"][0]
+    pids = _replica_pids()
+    assert len(pids) == 2, pids
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=two_replicas.port)
+    with ThreadPoolExecutor(4) as pool:
+        pending = [pool.submit(_post, two_replicas, steps=200, seed=5) for _ in range(4)]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and api.get_progress()["state"]["sampling_step"] == 0:
+            time.sleep(0.02)
+        victim = sorted(pids)[0]
+        os.kill(victim, signal.SIGKILL)
+        answers = [future.result(timeout=170) for future in pending]
+    statuses = [a.status_code for a in answers]
+    assert all(code == 200 or code >= 500 for code in statuses), statuses
+    assert statuses.count(200) >= 1 and all(a.json()["images"][0] == expected for a in answers if a.status_code == 200)
+    assert all(a.json().get("error") for a in answers if a.status_code >= 500)
+    deadline, seen = time.monotonic() + 120, set()
+    while time.monotonic() < deadline and not (len(seen) == 2 and victim not in _replica_pids()):
+        with ThreadPoolExecutor(6) as pool:  # a burst: one replica alone cannot take it all at once
+            burst = list(pool.map(lambda seed: _post(two_replicas, seed=seed), range(6)))
+        seen = {answer.headers["x-sdfast-replica"] for answer in burst if answer.status_code == 200}
+        time.sleep(0.5)
+    assert len(seen) == 2 and len(_replica_pids()) == 2, "the deployment did not come back to two serving replicas"
 
 
 def test_a_full_deployment_answers_429_with_retry_after(tiny_engine):

@@ -10,7 +10,10 @@ multiplexed model id, so it goes to a replica that holds the model already. Each
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -132,7 +135,7 @@ class Ingress:
         self.entries = model_entries([(n, Path(d)) for n, d in cfg.engines], cfg.backend)
         self.current = self.entries[0].name  # A1111's sd_model_checkpoint for requests that name none
         self.options: dict | None = None  # A1111's options once a client posts them (until then, each replica's defaults)
-        self.retry_after_s = 5
+        self.recent_s: list[float] = []  # the last generations' times: Retry-After's estimate
 
     def _find(self, requested: str):
         from sdfast.serve.models import find_entry
@@ -148,15 +151,22 @@ class Ingress:
         model = entry.name if entry is not None else ""
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
         call = self.engines.options(multiplexed_model_id=model).handle
+        started = time.perf_counter()
         try:
             status, out_headers, content = await self._send(call, method, path, request.url.query.encode(), headers, body, model)
         except BackPressureError:
             return JSONResponse({"error": "every replica is busy and the queue is full; retry later", "field": None}, status_code=429,
-                                headers={"Retry-After": str(self.retry_after_s)})
+                                headers={"Retry-After": str(self.retry_after())})
+        if status == 200 and path in (*A1111_GENERATION, "/v1/images/generations"):
+            self.recent_s = (self.recent_s + [time.perf_counter() - started])[-20:]
         if method == "POST" and path == OPTIONS_PATH and status == 200:
             self._remember_options(body, model)
         return Response(content, status_code=status, headers={k.decode("latin-1"): v.decode("latin-1") for k, v in out_headers
                                                                 if k.lower() not in (b"content-length",)})
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free: the recent generation time (a slot frees as one ends), at least 1."""
+        return max(1, math.ceil(statistics.median(self.recent_s))) if self.recent_s else 1
 
     async def _send(self, call, method, path, query, headers, body, model):
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError

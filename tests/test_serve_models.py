@@ -107,7 +107,8 @@ def test_requests_for_different_models_never_share_an_engine_batch(tiny_engine_b
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline and api.get_progress()["state"]["job_count"] < 3:
                     time.sleep(0.02)
-                assert api.get_progress()["state"]["job"] == job  # the long one still runs: the pair waits in the queue
+                progress = api.get_progress()["state"]
+                assert progress["job_count"] == 3 and progress["job"] == job  # the long one runs, the pair waits in the queue
                 api.interrupt()
                 assert long.result().status_code == 200
                 return [future.result() for future in pair]
@@ -181,7 +182,7 @@ def test_a_model_in_use_is_unloaded_only_when_its_requests_end(tiny_engine, tiny
     pool.on_event = lambda event, name, seconds: unloaded.append(name) if event == "unload" else None
 
     async def scenario():
-        async with pool.use("a") as pipeline_a:
+        async with pool.use("a") as (pipeline_a, _):
             loading_b = asyncio.ensure_future(pool.pipeline("b"))
             await asyncio.sleep(0.3)
             assert not loading_b.done() and pool.entries["a"].pipeline is pipeline_a and unloaded == []

@@ -92,25 +92,25 @@ def _replica_pids() -> set[int]:
 
 
 def test_a_killed_replica_loses_no_request_and_the_deployment_recovers(two_replicas):
-    """SIGKILL to a replica mid-generation: every request still ends, in an image (retried on the other replica: the
-    same seed, the same image) or a 5xx, none hangs; Ray starts a new replica and both serve again. Runs last: it
-    kills one of the module's replicas."""
-    expected = _post(two_replicas, steps=200, seed=5).json()["images"][0]
+    """SIGKILL to a replica mid-generation: every request still ends in its image (retried on a live replica: the same
+    seed, the same image), none hangs; Ray starts a new replica and both serve again. Runs last: it kills one of the
+    module's replicas."""
+    expected = _post(two_replicas, steps=600, seed=5).json()["images"][0]
     pids = _replica_pids()
     assert len(pids) == 2, pids
     api = webuiapi.WebUIApi(host="127.0.0.1", port=two_replicas.port)
     with ThreadPoolExecutor(4) as pool:
-        pending = [pool.submit(_post, two_replicas, steps=200, seed=5) for _ in range(4)]
+        pending = [pool.submit(_post, two_replicas, steps=600, seed=5) for _ in range(4)]
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and api.get_progress()["state"]["sampling_step"] == 0:
             time.sleep(0.02)
         victim = sorted(pids)[0]
         os.kill(victim, signal.SIGKILL)
         answers = [future.result(timeout=170) for future in pending]
-    statuses = [a.status_code for a in answers]
-    assert all(code == 200 or code >= 500 for code in statuses), statuses
-    assert statuses.count(200) >= 1 and all(a.json()["images"][0] == expected for a in answers if a.status_code == 200)
-    assert all(a.json().get("error") for a in answers if a.status_code >= 500)
+    # each replica held two of the four (twice its engine batch) when one was killed, early in 600 steps: its two were
+    # sent again, to a live replica, and give the image they would have given
+    assert [a.status_code for a in answers] == [200] * 4, [a.text[:200] for a in answers]
+    assert all(a.json()["images"][0] == expected for a in answers)
     deadline, seen = time.monotonic() + 120, set()
     while time.monotonic() < deadline and not (len(seen) == 2 and victim not in _replica_pids()):
         with ThreadPoolExecutor(6) as pool:  # a burst: one replica alone cannot take it all at once
@@ -136,6 +136,7 @@ def test_a_full_deployment_answers_429_with_retry_after(tiny_engine):
 def test_ray_arguments_are_checked_before_ray_starts(tiny_engine, tmp_path):
     for args, message in [(("--ray", "--autoscale", "3:1"), "expected MIN:MAX"),
                           (("--ray", "--max-memory", "4"), "not supported with --ray"),
+                          (("--ray", "--backend", "cuda"), "not supported with --ray"),
                           (("--replicas", "2"), "are for --ray"),
                           (("--ray", "--engine", f"x={tmp_path / 'missing'}"), "missing")]:
         result = run_cli("serve", str(tiny_engine), *args, "--port", "1")

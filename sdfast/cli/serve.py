@@ -86,7 +86,6 @@ def run(args: argparse.Namespace) -> int:
 
     library = LoraLibrary(args.lora_dir)  # a wrong --lora-dir fails before the engine loads
     entries = model_entries(engines, args.backend)  # every manifest read: a wrong path fails before anything loads
-    _check_port_free(args.host, args.port)
     load_bars = None if args.quiet else LoadBars()
 
     def load(entry) -> Pipeline:
@@ -105,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         lifecycle.addHandler(logging.StreamHandler(sys.stderr))
     lifecycle.propagate = False
     models = ModelPool(entries, load, args.backend, args.max_loaded, args.max_memory * GIB if args.max_memory else None)
+    _check_port_free(args.host, args.port)  # after the budget's checks, before the default model loads
     try:  # a bad default engine dir fails before binding
         models.load_now(models.current)
     finally:
@@ -171,6 +171,8 @@ def _serve_on_ray(args: argparse.Namespace, engines: list[tuple[str | None, Path
     for flag, value in (("--refiner", args.refiner), ("--preload-controlnets", args.preload_controlnets), ("--max-memory", args.max_memory)):
         if value:
             raise ConfigError(f"{flag} is not supported with --ray yet (replicas count models: --max-loaded)")
+    if args.backend != "cpu":
+        raise ConfigError(f"--backend {args.backend} is not supported with --ray yet: replicas are given CPUs, not GPUs")
     autoscale = None
     if args.autoscale:
         low, _, high = args.autoscale.partition(":")
@@ -218,7 +220,10 @@ def _serve_on_ray(args: argparse.Namespace, engines: list[tuple[str | None, Path
               f"http://{args.host}:{args.port} (A1111 /sdapi/v1, OpenAI /v1/images)", file=sys.stderr, flush=True)
         while not stop.wait(0.5):
             pass
-        serve.shutdown()
+        if os.environ.get("RAY_ADDRESS"):
+            serve.delete("sdfast")  # on a cluster that others use: this application only
+        else:
+            serve.shutdown()
         print("sdfast serve: stopped", file=sys.stderr, flush=True)
         return 0
     finally:

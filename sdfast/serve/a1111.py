@@ -48,12 +48,12 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         """The current model (A1111's sd_model_checkpoint option) and its pipeline."""
         return await ctx.model(None, CHECKPOINT)
 
-    async def requested(body: _Request):
+    def requested(body: _Request):
         """The model a generation request names in override_settings.sd_model_checkpoint (else the current one)."""
         name = body.override_settings.get(CHECKPOINT)
         if name is not None and not isinstance(name, str):
             raise FieldError(f"override_settings.{CHECKPOINT}", f"must be a model's name or title, not {name!r}")
-        return await ctx.model(name, f"override_settings.{CHECKPOINT}")
+        return ctx.entry(name, f"override_settings.{CHECKPOINT}")
 
     @router.get("/sdapi/v1/samplers")
     async def samplers():
@@ -123,7 +123,7 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         if name is not None and not isinstance(name, str):
             raise FieldError(CHECKPOINT, f"must be a model's name or title, not {name!r}")
         entry, pipeline = await ctx.model(name, CHECKPOINT)  # A1111 loads the checkpoint before it answers: so does sdfast
-        _check_options(body, "", pipeline)
+        _check_options({**ctx.options, **body}, "", pipeline)  # the options in force after this post, against its model
         models.current = entry.name
         for name in SERVER_OPTIONS:
             if name in body:
@@ -154,28 +154,11 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
                 raise FieldError(f"{prefix}{name}", f"{options[name]!r} is not supported by sdfast (the image would come out without it); "
                                                     f"leave it at {allowed[0]!r}")
 
-    previews: dict = {}  # (job id, step) -> the base64 PNG, so polls between two steps encode it once
+    progress_view = ctx.progress
 
     @router.get("/sdapi/v1/progress")
     async def progress(skip_current_image: bool = False):
-        stats = worker.stats
-        job = stats.current
-        fraction = job.step / job.total_steps if job and job.total_steps else 0.0
-        elapsed = time.monotonic() - stats.current_started if job else 0.0
-        eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
-        current_image = None
-        if job is not None and not skip_current_image:
-            preview = worker.preview()  # the latest x0 through the family's latent-to-RGB map: no VAE call
-            if preview is not None:
-                key = (job.id, preview[0])
-                if key not in previews:
-                    previews.clear()
-                    previews[key] = base64.b64encode(png_bytes(preview[1], None)).decode()
-                current_image = previews[key]
-        return {"progress": fraction, "eta_relative": eta, "current_image": current_image, "textinfo": None,
-                "state": {"skipped": False, "interrupted": stats.interrupted, "job": f"job {job.id}" if job else "",
-                          "job_count": stats.queued + (1 if job else 0), "job_timestamp": "0", "job_no": 0,
-                          "sampling_step": job.step if job else 0, "sampling_steps": job.total_steps if job else 0}}
+        return progress_view.answer(skip_current_image)
 
     @router.post("/sdapi/v1/interrupt")
     async def interrupt():
@@ -189,24 +172,26 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
 
     @router.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2ImgRequest, request: Request):
-        entry, pipeline = await requested(body)
-        sized = _sized(body, pipeline)
-        control = await asyncio.to_thread(control_units, body, sized)  # decoding and canny stay off the event loop
-        generation = dataclasses.replace(_generation(body, pipeline), control=control)
-        results = await ctx.run(entry, generation, request)
-        return await asyncio.to_thread(_a1111_response, body, generation, results, entry, pipeline)
+        entry = requested(body)
+        async with ctx.using(entry) as (pipeline, hold):  # held from here: no other model's load unloads it meanwhile
+            sized = _sized(body, pipeline)
+            control = await asyncio.to_thread(control_units, body, sized)  # decoding and canny stay off the event loop
+            generation = dataclasses.replace(_generation(body, pipeline), control=control)
+            results = await ctx.run(pipeline, hold, generation, request)
+            return await asyncio.to_thread(_a1111_response, body, generation, results, entry, pipeline)
 
     @router.post("/sdapi/v1/img2img")
     async def img2img(body: Img2ImgRequest, request: Request):
         if not body.init_images:
             raise FieldError("init_images", "img2img needs one init image (base64)")
-        entry, pipeline = await requested(body)
-        sized = _sized(body, pipeline)
-        init, mask = await asyncio.to_thread(_images, body, sized)  # decoding and resizing stay off the event loop
-        control = await asyncio.to_thread(control_units, body, sized, lambda: decode_image("init_images", body.init_images[0]))
-        generation = dataclasses.replace(_generation(body, pipeline, init, mask, body.denoising_strength), control=control)
-        results = await ctx.run(entry, generation, request)
-        return await asyncio.to_thread(_a1111_response, body, generation, results, entry, pipeline)
+        entry = requested(body)
+        async with ctx.using(entry) as (pipeline, hold):
+            sized = _sized(body, pipeline)
+            init, mask = await asyncio.to_thread(_images, body, sized)  # decoding and resizing stay off the event loop
+            control = await asyncio.to_thread(control_units, body, sized, lambda: decode_image("init_images", body.init_images[0]))
+            generation = dataclasses.replace(_generation(body, pipeline, init, mask, body.denoising_strength), control=control)
+            results = await ctx.run(pipeline, hold, generation, request)
+            return await asyncio.to_thread(_a1111_response, body, generation, results, entry, pipeline)
 
     def _sized(body: _Request, pipeline):
         """The pipeline of the engine dir's graphs at the request's width x height (its default size when not given)."""
@@ -239,6 +224,8 @@ def a1111_router(ctx: ServeContext) -> APIRouter:
         seed_size = (body.seed_resize_from_w, body.seed_resize_from_h)
         if min(seed_size) > 0 and seed_size != (sized.width, sized.height):  # A1111 resizes the seed's noise when both are set
             raise FieldError("seed_resize_from_w", "resizing a seed from another size is not supported by sdfast; leave it at -1")
+        # the server's options in force are checked against this request's model too (set for another, they may not fit it)
+        _check_options({k: v for k, v in ctx.options.items() if k not in body.override_settings}, "options.", pipeline)
         _check_options(body.override_settings, "override_settings.", pipeline)
         sampler = _sampler(body, pipeline)
         eta = body.eta

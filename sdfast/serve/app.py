@@ -20,6 +20,7 @@ from sdfast.serve.edge import BodyLimit, Edge, error_response
 from sdfast.serve.metrics import Metrics
 from sdfast.serve.models import ModelPool
 from sdfast.serve.openai_api import openai_router
+from sdfast.serve.progress import ProgressView
 from sdfast.serve.schemas import FieldError
 from sdfast.serve.worker import Cancelled, QueueFull, Worker
 
@@ -44,8 +45,8 @@ def create_app(models: ModelPool, settings: ServeSettings) -> FastAPI:
     worker = Worker(settings.max_queue)
     metrics = Metrics(worker.stats, models)
     worker.observe_stage, models.on_event = metrics.observe_stage, metrics.observe_model_event
-    app.state.worker, app.state.metrics = worker, metrics
-    ctx = ServeContext(models, worker, metrics, settings)
+    app.state.worker, app.state.metrics, app.state.progress = worker, metrics, ProgressView(worker)
+    ctx = ServeContext(models, worker, metrics, settings, app.state.progress)
 
     # -- errors: 4xx naming the field --------------------------------------------------------------------------
 

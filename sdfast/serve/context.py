@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -11,8 +12,9 @@ from sdfast.errors import RequestError
 from sdfast.runtime.pipeline import GenerationRequest, GenerationResult, Pipeline
 from sdfast.serve.metrics import Metrics
 from sdfast.serve.models import ModelEntry, ModelPool
+from sdfast.serve.progress import ProgressView
 from sdfast.serve.schemas import MAX_BODY_BYTES, FieldError
-from sdfast.serve.worker import Worker
+from sdfast.serve.worker import Cancelled, Worker
 
 
 # Set per request by a Ray Serve replica (serve/ray_app.py) to what its ingress holds: the current model (A1111's
@@ -37,6 +39,7 @@ class ServeContext:
     worker: Worker
     metrics: Metrics
     settings: ServeSettings
+    progress: ProgressView
     server_options: dict = field(default_factory=lambda: {"CLIP_stop_at_last_layers": 1})  # A1111's /sdapi/v1/options that sdfast honours
 
     @property
@@ -49,21 +52,37 @@ class ServeContext:
         """The model of requests that name none: the server's current one, or on Ray Serve the ingress's."""
         return self.models.entry(REQUEST_MODEL.get() or self.models.current, "sd_model_checkpoint")
 
+    def entry(self, requested: str | None, field: str) -> ModelEntry:
+        """The model a request names in ``field``, or the current one when it names none (a FieldError if unknown)."""
+        return self.models.entry(requested, field) if requested not in (None, "") else self.current()
+
     async def model(self, requested: str | None, field: str) -> tuple[ModelEntry, Pipeline]:
         """The model a request names in ``field`` (the current one when None) and its pipeline, loaded if it was not."""
-        entry = self.models.entry(requested, field) if requested not in (None, "") else self.current()
-        return entry, await self.models.pipeline(entry.name)
+        entry = self.entry(requested, field)
+        async with self.using(entry) as (pipeline, _):
+            return entry, pipeline
 
-    async def run(self, entry: ModelEntry, generation: GenerationRequest, request: Request) -> list[GenerationResult]:
-        """Check ``generation`` against ``entry``'s engine (a FieldError before queuing), queue it, wait for its images."""
-        async with self.models.use(entry.name) as pipeline:  # not unloaded for another model's load until this ends
-            try:
-                # every field the engine checks, refused before queuing; off the event loop (a first LoRA is read and parsed)
-                await asyncio.to_thread(pipeline.validate, generation)
-            except RequestError as error:
-                raise FieldError(_field_of(str(error)), str(error)) from None
-            results = await self.worker.submit(pipeline, generation, len(generation.seeds), self.settings.request_timeout_s,
-                                               request.is_disconnected)
+    @contextlib.asynccontextmanager
+    async def using(self, entry: ModelEntry):
+        """``(pipeline, hold)``: ``entry``'s model, loaded within the request timeout (else a 504), and held for the
+        block and for the jobs given to ``hold``: another model's load cannot unload it meanwhile."""
+        timeout = self.settings.request_timeout_s
+        try:
+            async with self.models.use(entry.name, timeout) as held:
+                yield held
+        except asyncio.TimeoutError:
+            raise Cancelled(f"timed out after {timeout:g} s waiting for model '{entry.name}' to load") from None
+
+    async def run(self, pipeline: Pipeline, hold, generation: GenerationRequest, request: Request) -> list[GenerationResult]:
+        """Check ``generation`` against ``pipeline`` (a FieldError before queuing), queue it, wait for its images;
+        ``hold`` (from ``using``) keeps the model loaded while the engine thread runs the job."""
+        try:
+            # every field the engine checks, refused before queuing; off the event loop (a first LoRA is read and parsed)
+            await asyncio.to_thread(pipeline.validate, generation)
+        except RequestError as error:
+            raise FieldError(_field_of(str(error)), str(error)) from None
+        results = await self.worker.submit(pipeline, generation, len(generation.seeds), self.settings.request_timeout_s,
+                                           request.is_disconnected, track=hold)
         self.metrics.images.inc(len(results))
         return results
 

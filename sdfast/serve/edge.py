@@ -18,6 +18,14 @@ OPEN_PATHS = ("/health", "/ready")  # probes need no key
 OPEN_PREFIXES = ("/v1/images/files/",)  # response_format=url images: their unguessable token is the credential
 
 
+def authorized(key: str | None, path: str, headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a request may pass: no key set, an open path, or 'Authorization: Bearer KEY'."""
+    if not key or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+        return True
+    scheme, _, supplied = dict(headers).get(b"authorization", b"").decode("latin-1").partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(supplied.strip().encode(), key.encode())
+
+
 def error_response(status: int, message: str, field: str | None = None, headers: dict | None = None, path: str = "",
                    code: str | None = None) -> JSONResponse:
     """A1111 routes: {"error", "field"}; OpenAI routes: OpenAI's {"error": {"message", "type", "param", "code"}}."""
@@ -85,14 +93,11 @@ class Edge:
                 status[0], responded[0] = message["status"], True
             await send(message)
 
-        key = self.settings.api_key
-        if key and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
-            scheme, _, supplied = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1").partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(supplied.strip().encode(), key.encode()):
-                response = error_response(401, "missing or wrong API key (Authorization: Bearer KEY)", "authorization",
-                                  headers={"WWW-Authenticate": "Bearer"}, path=path)
-                await response(scope, receive, tracking_send)
-                return self._account(scope, status[0], started)
+        if not authorized(self.settings.api_key, path, scope.get("headers") or []):
+            response = error_response(401, "missing or wrong API key (Authorization: Bearer KEY)", "authorization",
+                                      headers={"WWW-Authenticate": "Bearer"}, path=path)
+            await response(scope, receive, tracking_send)
+            return self._account(scope, status[0], started)
         try:
             await self.app(scope, receive, tracking_send)
         except Exception as error:  # noqa: BLE001 - one line to the client, never a traceback

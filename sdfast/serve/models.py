@@ -132,21 +132,31 @@ class ModelPool:
             if entry.pipeline is not None and name not in self._unloading:
                 entry.last_used = time.monotonic()
                 return entry.pipeline
-            if entry.loading is not None:  # another request's load of this model: wait for it (its error is ours)
-                await asyncio.shield(entry.loading)
-                continue
-            await self._load_entry(entry)
+            if entry.loading is None:  # the pool's own task: a requester that goes away (timeout, disconnect) stops no load
+                entry.loading = asyncio.ensure_future(self._load_entry(entry))
+                entry.loading.add_done_callback(lambda task: task.cancelled() or task.exception())  # read: no "never retrieved"
+            await asyncio.shield(entry.loading)  # this model's load, whoever asked first: its error is every waiter's
 
     @contextlib.asynccontextmanager
-    async def use(self, name: str):
-        """The loaded model ``name`` for one request's generation: not unloaded until the block ends."""
+    async def use(self, name: str, timeout_s: float | None = None):
+        """``(pipeline, hold)`` for one request: the model is not unloaded until the block ends, nor until every future
+        given to ``hold`` is done (a job the worker still runs after its request went). TimeoutError when the model is
+        not loaded within ``timeout_s``; its load goes on for the others."""
         entry = self.entries[name]
-        pipeline = await self.pipeline(name)
+        pipeline = await asyncio.wait_for(self.pipeline(name), timeout_s)
         entry.users += 1
+        holds: list[asyncio.Future] = []
         try:
-            yield pipeline
+            yield pipeline, holds.append
         finally:
-            entry.users -= 1
+            pending = [future for future in holds if not future.done()]
+            if pending:
+                asyncio.gather(*pending, return_exceptions=True).add_done_callback(lambda _: self._release(entry))
+            else:
+                self._release(entry)
+
+    def _release(self, entry: ModelEntry) -> None:
+        entry.users -= 1
 
     def load_now(self, name: str) -> None:
         """Load ``name`` before the server starts (the default model: a bad engine dir fails the start)."""
@@ -154,9 +164,6 @@ class ModelPool:
         entry.pipeline, entry.last_used = self._load(entry), time.monotonic()
 
     async def _load_entry(self, entry: ModelEntry) -> None:
-        loop = asyncio.get_running_loop()
-        entry.loading = loop.create_future()
-        entry.loading.add_done_callback(lambda f: f.cancelled() or f.exception())  # read, so an unawaited error is not logged
         self._load_lock = self._load_lock or asyncio.Lock()
         try:
             async with self._load_lock:  # one load at a time: the budget is counted against what is loaded now
@@ -170,10 +177,6 @@ class ModelPool:
                     entry.last_used = time.monotonic()
                     self.on_event("load", entry.name, time.perf_counter() - started)
                 self._unloading.discard(entry.name)
-            entry.loading.set_result(None)
-        except BaseException as error:
-            entry.loading.set_exception(error if isinstance(error, Exception) else EngineError(f"loading '{entry.name}' was cancelled"))
-            raise
         finally:
             entry.loading = None
 
@@ -194,10 +197,10 @@ class ModelPool:
             self._unloading.add(victim.name)  # new requests for it wait, and load it again after this load
             while victim.users:
                 await asyncio.sleep(0.05)
-            self._unload(victim)
+            await self._unload(victim)
 
-    def _unload(self, entry: ModelEntry) -> None:
+    async def _unload(self, entry: ModelEntry) -> None:
         started = time.perf_counter()
         entry.pipeline = None
-        gc.collect()  # onnxruntime's sessions (and their weights) go with the last reference
+        await asyncio.to_thread(gc.collect)  # onnxruntime's sessions (and their weights) go with the last reference
         self.on_event("unload", entry.name, time.perf_counter() - started)

@@ -54,43 +54,49 @@ class ImageStore:
 GENERIC_MODELS = ("sdfast", "dall-e-2", "dall-e-3", "gpt-image-1")
 
 
+def requested_model(model: str | None, models) -> str | None:
+    """The model an OpenAI request names, or None for the current one: OpenAI's own names mean the current model,
+    unless the server serves a model of that name."""
+    return model if model and (model not in GENERIC_MODELS or models.find(model)) else None
+
+
 def openai_router(ctx: ServeContext) -> APIRouter:
     router, models, images = APIRouter(), ctx.models, ImageStore(ctx.settings.url_ttl_s)
 
     @router.post("/v1/images/generations")
     async def openai_generations(body: OpenAIImageRequest, request: Request):
-        named = body.model if body.model and (body.model not in GENERIC_MODELS or models.find(body.model)) else None
-        entry, pipeline = await ctx.model(named, "model")
-        width, height = pipeline.width, pipeline.height
-        if body.size not in (None, "auto"):
-            try:
-                width, height = (int(v) for v in body.size.lower().split("x"))
-            except ValueError:
-                raise FieldError("size", f"'{body.size}' is not WIDTHxHEIGHT") from None
-            try:
-                pipeline.at_size(width, height)
-            except RequestError as error:
-                raise FieldError("size", str(error)) from None
-        seed = secrets.randbelow(SEED_LIMIT - 1)
-        batch = max(d for d in range(1, min(body.n, pipeline.batch_size) + 1) if body.n % d == 0)
-        checker = pipeline.checker  # an engine without guidance (Turbo) samples as its model was distilled for
-        generation = GenerationRequest(prompt=body.prompt, steps=checker.default_steps or 25,
-                                       cfg_scale=DEFAULT_CFG_SCALE if pipeline.guidance else 1.0, seed=seed,
-                                       sampler=checker.default_sampler or "dpmpp_2m_karras", width=width, height=height, batch_size=batch,
-                                       n_iter=body.n // batch, clip_skip=ctx.options["CLIP_stop_at_last_layers"],
-                                       seeds=[seed + i for i in range(body.n)])
-        results = await ctx.run(entry, generation, request)
-        if len(results) < body.n or any(r.steps_run is not None for r in results):
-            raise Cancelled("interrupted")  # OpenAI's API has no partial answer: A1111's interrupt is an error here
-        data = []
-        pngs = await asyncio.to_thread(lambda: [png_bytes(r.images[0], r.parameters[0]) for r in results])
-        for png in pngs:
-            if body.response_format == "url":
-                token = images.put(png)
-                data.append({"url": f"{str(request.base_url).rstrip('/')}/v1/images/files/{token}.png", "revised_prompt": body.prompt})
-            else:
-                data.append({"b64_json": base64.b64encode(png).decode(), "revised_prompt": body.prompt})
-        return {"created": int(time.time()), "data": data}
+        entry = ctx.entry(requested_model(body.model, models), "model")
+        async with ctx.using(entry) as (pipeline, hold):
+            width, height = pipeline.width, pipeline.height
+            if body.size not in (None, "auto"):
+                try:
+                    width, height = (int(v) for v in body.size.lower().split("x"))
+                except ValueError:
+                    raise FieldError("size", f"'{body.size}' is not WIDTHxHEIGHT") from None
+                try:
+                    pipeline.at_size(width, height)
+                except RequestError as error:
+                    raise FieldError("size", str(error)) from None
+            seed = secrets.randbelow(SEED_LIMIT - 1)
+            batch = max(d for d in range(1, min(body.n, pipeline.batch_size) + 1) if body.n % d == 0)
+            checker = pipeline.checker  # an engine without guidance (Turbo) samples as its model was distilled for
+            generation = GenerationRequest(prompt=body.prompt, steps=checker.default_steps or 25,
+                                           cfg_scale=DEFAULT_CFG_SCALE if pipeline.guidance else 1.0, seed=seed,
+                                           sampler=checker.default_sampler or "dpmpp_2m_karras", width=width, height=height, batch_size=batch,
+                                           n_iter=body.n // batch, clip_skip=ctx.options["CLIP_stop_at_last_layers"],
+                                           seeds=[seed + i for i in range(body.n)])
+            results = await ctx.run(pipeline, hold, generation, request)
+            if len(results) < body.n or any(r.steps_run is not None for r in results):
+                raise Cancelled("interrupted")  # OpenAI's API has no partial answer: A1111's interrupt is an error here
+            data = []
+            pngs = await asyncio.to_thread(lambda: [png_bytes(r.images[0], r.parameters[0]) for r in results])
+            for png in pngs:
+                if body.response_format == "url":
+                    token = images.put(png)
+                    data.append({"url": f"{str(request.base_url).rstrip('/')}/v1/images/files/{token}.png", "revised_prompt": body.prompt})
+                else:
+                    data.append({"b64_json": base64.b64encode(png).decode(), "revised_prompt": body.prompt})
+            return {"created": int(time.time()), "data": data}
 
     def model_object(entry) -> dict:
         """A served model as OpenAI's Model object; created is the engine's export time."""

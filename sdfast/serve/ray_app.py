@@ -64,10 +64,8 @@ def named_model(method: str, path: str, body: bytes) -> str | None:
     if not isinstance(data, dict):
         return None
     if path == "/v1/images/generations":
-        from sdfast.serve.openai_api import GENERIC_MODELS
-
         model = data.get("model")
-        return model if isinstance(model, str) and model not in GENERIC_MODELS else None
+        return model if isinstance(model, str) and model else None
     settings = data if path == OPTIONS_PATH else data.get("override_settings")
     name = settings.get(CHECKPOINT) if isinstance(settings, dict) else None
     return name if isinstance(name, str) and name else None
@@ -98,9 +96,13 @@ def engine_deployment(config: RayServeConfig):
             pool.load_now(pool.current)  # a replica that cannot load its default model fails its start: Ray reports it
             settings = ServeSettings(**cfg.settings)
             self.pool, self.app = pool, create_app(pool, settings)
-            self.asgi = wrap(self.app, settings)
+            self.asgi, self.api_key = wrap(self.app, settings), settings.api_key
             self.replica = serve.get_replica_context().replica_id.unique_id
             self._lifespan = None
+
+        async def __del__(self):  # Ray Serve calls it as the replica stops: the app's shutdown (queued jobs get 503s)
+            if self._lifespan is not None:
+                await self._lifespan.__aexit__(None, None, None)
 
         @serve.multiplexed(max_num_models_per_replica=models_per_replica)
         async def model(self, name: str):
@@ -113,8 +115,15 @@ def engine_deployment(config: RayServeConfig):
             if self._lifespan is None:  # the app's worker starts on this replica's event loop
                 self._lifespan = self.app.router.lifespan_context(self.app)
                 await self._lifespan.__aenter__()
-            if model:
-                await self.model(model)
+            from sdfast.errors import SdfastError
+            from sdfast.serve.edge import authorized
+
+            if model and authorized(self.api_key, path, headers):  # an unauthorized request loads nothing: the app answers 401
+                try:
+                    await self.model(model)
+                except SdfastError as error:  # a model that cannot load (its engine dir missing or corrupt on this node)
+                    message = json.dumps({"error": f"engine error: {error}", "field": None}).encode()
+                    return 500, [(b"content-type", b"application/json")], message
             REQUEST_MODEL.set(model or None)
             REQUEST_OPTIONS.set(dict(options) if options is not None else None)
             status, out_headers, content = await call_asgi(self.asgi, method, path, query, headers, body)
@@ -146,7 +155,12 @@ class Ingress:
         body = await request.body()
         path, method = request.url.path, request.method
         named = named_model(method, path, body)
-        entry = self._find(named) if named else next(e for e in self.entries if e.name == self.current)
+        current = next(e for e in self.entries if e.name == self.current)
+        entry = self._find(named) if named else current
+        if entry is None and path == "/v1/images/generations":
+            from sdfast.serve.openai_api import GENERIC_MODELS
+
+            entry = current if named in GENERIC_MODELS else None  # OpenAI's own names: the current model, as on one server
         # an unknown name goes on with no model: the replica answers it with the field named, as a single server does
         model = entry.name if entry is not None else ""
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
@@ -213,20 +227,29 @@ def application(config: RayServeConfig):
     return Ingress.bind(engine_deployment(config).bind(payload), payload)
 
 
+BUILD_ARGS = {"engines", "replicas", "autoscale", "cpus_per_replica", "max_loaded", "max_queue", "backend", "verify", "api_key",
+              "lora_dir", "timeout"}
+
+
 def build(args: dict):
     """Ray Serve's application builder, for `serve run sdfast.serve.ray_app:build KEY=VALUE ...` and config files.
 
     args: engines (a comma-separated list of DIR or NAME=DIR), replicas, autoscale ("MIN:MAX"), cpus_per_replica,
-    max_loaded, max_queue, backend, verify, api_key, lora_dir.
+    max_loaded, max_queue, backend (cpu), verify, api_key (else $SDFAST_API_KEY), lora_dir, timeout (seconds, default 300).
     """
     from sdfast.errors import ConfigError
 
+    unknown = sorted(set(args) - BUILD_ARGS)
+    if unknown:
+        raise ConfigError(f"unknown argument(s) {', '.join(unknown)}; sdfast.serve.ray_app:build takes {', '.join(sorted(BUILD_ARGS))}")
+    if str(args.get("backend", "cpu")) != "cpu":
+        raise ConfigError("backend: Ray Serve replicas run the cpu backend for now (they are given CPUs, not GPUs)")
     engines = [entry.strip() for entry in str(args.get("engines", "")).split(",") if entry.strip()]
     if not engines:
         raise ConfigError("engines: give the engine dirs, comma-separated (DIR or NAME=DIR)")
     named = [tuple(text.split("=", 1)) if "=" in text else (None, text) for text in engines]
     autoscale = args.get("autoscale")
-    settings = {"api_key": args.get("api_key") or os.environ.get("SDFAST_API_KEY")}
+    settings = {"api_key": args.get("api_key") or os.environ.get("SDFAST_API_KEY"), "request_timeout_s": float(args.get("timeout", 300))}
     return application(RayServeConfig(
         engines=[(name, str(Path(path))) for name, path in named], backend=str(args.get("backend", "cpu")),
         verify=str(args.get("verify", "full")), replicas=int(args.get("replicas", 1)),

@@ -47,6 +47,7 @@ class Job:
     cancelled: str | None = None  # the reason, once cancelled (an error for its client)
     interrupted: bool = False  # A1111's interrupt: sampling stops and the images so far are the answer
     future: asyncio.Future | None = None
+    finished: asyncio.Future | None = None  # done once the engine thread is done with the job (or it left the queue)
     step: int = 0
     total_steps: int = 0
     members: list["Job"] = field(default_factory=list)  # the jobs sharing this one's engine batch (it included)
@@ -114,14 +115,20 @@ class Worker:
         return step, approx_cheap(x0[0], family_class(job.pipeline.manifest.family).preview_rgb)
 
     async def submit(self, pipeline: Pipeline, request: GenerationRequest, images: int, timeout_s: float,
-                     disconnected=None) -> list[GenerationResult]:
+                     disconnected=None, track=None) -> list[GenerationResult]:
+        """``track(future)``, if given, gets a future that is done once the engine thread no longer uses the job's
+        pipeline: it may run on to its next step after its request was cancelled or timed out."""
         job = Job(pipeline, request, images)
-        job.future = self._loop.create_future()
+        job.future, job.finished = self._loop.create_future(), self._loop.create_future()
+        if track is not None:
+            track(job.finished)
         job.future.add_done_callback(lambda f: f.cancelled() or f.exception())  # read, so an abandoned one is not logged
         with self._lock:
             if self._stopping:
+                self._finish(job)
                 raise Cancelled("the server is shutting down")
             if len(self._pending) >= self.max_queue:
+                self._finish(job)
                 raise QueueFull(self.retry_after())
             self._pending.append(job)
             self.stats.queued = len(self._pending)
@@ -154,6 +161,7 @@ class Worker:
                 self._pending.remove(job)
                 self.stats.queued = len(self._pending)
                 self._resolve(job, exception=Cancelled(reason))
+                self._finish(job)
 
     def interrupt(self) -> bool:
         """A1111's interrupt, global as there: every job of the running engine batch stops at its next step and gets the
@@ -175,6 +183,7 @@ class Worker:
             for job in list(self._pending):
                 job.cancelled = "the server is shutting down"
                 self._resolve(job, exception=Cancelled(job.cancelled))
+                self._finish(job)
             self._pending.clear()
             self.stats.queued = 0
         self._wake.set()
@@ -192,6 +201,10 @@ class Worker:
                 job.future.set_exception(exception) if exception else job.future.set_result(result)
 
         self._loop.call_soon_threadsafe(settle)
+
+    def _finish(self, job: Job) -> None:
+        """The engine thread is done with ``job`` (any thread may call this)."""
+        self._loop.call_soon_threadsafe(lambda: job.finished.done() or job.finished.set_result(None))
 
     def _take(self) -> list[Job]:
         """The next job and the queued jobs it can share an engine batch with."""
@@ -279,6 +292,8 @@ class Worker:
         finally:
             self.stats.batches += 1
             self._idle()
+            for job in batch:
+                self._finish(job)
             self._recent_seconds = (self._recent_seconds + [time.perf_counter() - started])[-20:]
 
     def _idle(self) -> None:

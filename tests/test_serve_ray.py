@@ -3,6 +3,7 @@
 import base64
 import json
 import os
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -77,6 +78,52 @@ def test_requests_route_to_their_model(two_replicas):
         assert {a.json()["images"][0] for a in answers} == {sd2.json()["images"][0]}
     finally:
         api.util_set_model(next(t for t in api.util_get_model_names() if t.startswith("tiny [")), find_closest=False)
+
+
+def test_progress_interrupt_and_metrics_work_across_replicas(two_replicas):
+    """Two long jobs: /progress (from the replicas' reports) shows a running one and counts both; interrupts, which
+    reach the replicas through the board, stop each job with its images so far; /metrics labels each replica's
+    samples."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=two_replicas.port)
+    with ThreadPoolExecutor(2) as pool:
+        long = [pool.submit(_post, two_replicas, steps=1000, seed=seed) for seed in (31, 32)]
+        deadline = time.monotonic() + 60
+        progress = api.get_progress()
+        while time.monotonic() < deadline and not (progress["state"]["sampling_step"] > 0 and progress["state"]["job_count"] == 2):
+            time.sleep(0.1)
+            progress = api.get_progress()
+        assert progress["state"]["job_count"] == 2 and " on " in progress["state"]["job"], progress["state"]
+        assert 0 < progress["progress"] < 1 and progress["current_image"]
+        while not all(future.done() for future in long):  # the two may share a replica: the second runs after the first stops
+            api.interrupt()
+            time.sleep(0.5)
+        answers = [future.result() for future in long]
+    assert [a.status_code for a in answers] == [200, 200]
+    for answer in answers:
+        assert re.search(r"Interrupted: after \d+ of 1000 steps", json.loads(answer.json()["info"])["infotexts"][0])
+    time.sleep(1)  # the replicas' next reports
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{two_replicas.url}/metrics").text)}
+    images = [sample for sample in families["sdfast_images"].samples if sample.name == "sdfast_images_total"]
+    assert len({sample.labels["replica"] for sample in images}) == 2 and sum(sample.value for sample in images) >= 2
+
+
+def test_merged_metrics_keep_each_family_together_with_a_replica_label():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from sdfast.serve.ray_board import merged_metrics, merged_progress
+
+    text = "# HELP x_total things\n# TYPE x_total counter\nx_total{kind=\"a\"} 2.0\n# HELP g a gauge\n# TYPE g gauge\ng 1.0\n"
+    merged = merged_metrics({"r1": text, "r2": text.replace("2.0", "5.0")})
+    families = {f.name: f for f in text_string_to_metric_families(merged)}
+    assert sorted((s.labels["replica"], s.value) for s in families["x"].samples) == [("r1", 2.0), ("r2", 5.0)]
+    assert merged.count("# TYPE x_total counter") == 1 and len(families["g"].samples) == 2
+    idle = {"progress": 0.0, "current_image": None, "state": {"job": "", "job_count": 0, "interrupted": False}}
+    busy = {"progress": 0.5, "current_image": "png", "state": {"job": "job 3", "job_count": 2, "interrupted": False}}
+    answer = merged_progress({"a": (idle, None, ""), "b": (busy, 100.0, "")}, skip_current_image=False)
+    assert answer["state"]["job"] == "job 3 on b" and answer["state"]["job_count"] == 2 and answer["current_image"] == "png"
+    assert merged_progress({}, False) is None
 
 
 def _replica_pids() -> set[int]:

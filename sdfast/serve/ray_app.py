@@ -9,6 +9,7 @@ multiplexed model id, so it goes to a replica that holds the model already. Each
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -99,6 +100,39 @@ def engine_deployment(config: RayServeConfig):
             self.asgi, self.api_key = wrap(self.app, settings), settings.api_key
             self.replica = serve.get_replica_context().replica_id.unique_id
             self._lifespan = None
+            self._reporting = None
+
+        async def _start(self) -> None:
+            """The app's worker on this replica's event loop, and the reports to the board (progress, metrics)."""
+            if self._lifespan is None:
+                self._lifespan = self.app.router.lifespan_context(self.app)
+                await self._lifespan.__aenter__()
+            if self._reporting is None:
+                self._reporting = asyncio.ensure_future(self._report())
+
+        async def check_health(self) -> None:  # Ray Serve calls it every few seconds: an idle replica starts reporting too
+            await self._start()
+
+        async def _report(self) -> None:
+            """Every REPORT_EVERY_S: this replica's progress and metrics to the board; an interrupt counted there since
+            the last report interrupts the job running here (A1111's interrupt is global)."""
+            import ray
+
+            from sdfast.serve.ray_board import BOARD_NAME, REPORT_EVERY_S
+
+            board, seen = None, None
+            state = self.app.state
+            while True:
+                try:
+                    board = board or ray.get_actor(BOARD_NAME)
+                    count = await board.report.remote(self.replica, state.progress.answer(), state.progress.started_at(),
+                                                       state.metrics.exposition().decode())
+                    if seen is not None and count > seen:
+                        state.worker.interrupt()
+                    seen = count
+                except Exception:  # noqa: BLE001 - no board yet, or a new one after the ingress restarted: look again
+                    board = None
+                await asyncio.sleep(REPORT_EVERY_S)
 
         async def __del__(self):  # Ray Serve calls it as the replica stops: the app's shutdown (queued jobs get 503s)
             if self._lifespan is not None:
@@ -112,9 +146,7 @@ def engine_deployment(config: RayServeConfig):
         async def handle(self, method: str, path: str, query: bytes, headers: list, body: bytes, model: str, options: dict | None):
             from sdfast.serve.context import REQUEST_MODEL, REQUEST_OPTIONS
 
-            if self._lifespan is None:  # the app's worker starts on this replica's event loop
-                self._lifespan = self.app.router.lifespan_context(self.app)
-                await self._lifespan.__aenter__()
+            await self._start()
             from sdfast.errors import SdfastError
             from sdfast.serve.edge import authorized
 
@@ -139,8 +171,14 @@ class Ingress:
     def __init__(self, engines, payload: dict):
         from sdfast.serve.models import model_entries
 
+        import ray
+
+        from sdfast.serve.ray_board import BOARD_NAME, Board
+
         cfg = RayServeConfig(**payload)
-        self.engines = engines
+        self.engines, self.api_key = engines, cfg.settings.get("api_key")
+        # the replicas' shared reports, owned by this ingress (a new ingress makes a new one; replicas find it by name)
+        self.board = ray.remote(num_cpus=0)(Board).options(name=BOARD_NAME, get_if_exists=True).remote()
         self.entries = model_entries([(n, Path(d)) for n, d in cfg.engines], cfg.backend)
         self.current = self.entries[0].name  # A1111's sd_model_checkpoint for requests that name none
         self.options: dict | None = None  # A1111's options once a client posts them (until then, each replica's defaults)
@@ -154,6 +192,9 @@ class Ingress:
     async def __call__(self, request: Request) -> Response:
         body = await request.body()
         path, method = request.url.path, request.method
+        shared = await self._across_replicas(request, path, method)
+        if shared is not None:
+            return shared
         named = named_model(method, path, body)
         current = next(e for e in self.entries if e.name == self.current)
         entry = self._find(named) if named else current
@@ -177,6 +218,29 @@ class Ingress:
             self._remember_options(body, model)
         return Response(content, status_code=status, headers={k.decode("latin-1"): v.decode("latin-1") for k, v in out_headers
                                                                 if k.lower() not in (b"content-length",)})
+
+    async def _across_replicas(self, request: Request, path: str, method: str) -> Response | None:
+        """Progress, interrupt and metrics, answered from every replica's reports (None: a route for one replica)."""
+        from sdfast.serve.edge import authorized, error_response
+        from sdfast.serve.ray_board import merged_metrics, merged_progress
+
+        routes = {("GET", "/sdapi/v1/progress"), ("POST", "/sdapi/v1/interrupt"), ("POST", "/sdapi/v1/skip"), ("GET", "/metrics")}
+        if (method, path) not in routes:
+            return None
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
+        if not authorized(self.api_key, path, headers):
+            return error_response(401, "missing or wrong API key (Authorization: Bearer KEY)", "authorization",
+                                  headers={"WWW-Authenticate": "Bearer"}, path=path)
+        if method == "POST":
+            await self.board.interrupt.remote()  # every replica stops its running job at its next step
+            return JSONResponse({})
+        live = await self.board.live.remote()
+        if path == "/metrics":
+            return Response(merged_metrics({replica: metrics for replica, (_, _, metrics) in live.items()}),
+                            media_type="text/plain; version=0.0.4")
+        skip = request.query_params.get("skip_current_image", "false").lower() in ("1", "true")
+        answer = merged_progress(live, skip)
+        return JSONResponse(answer) if answer is not None else None  # no report yet: one replica answers for itself
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free: the recent generation time (a slot frees as one ends), at least 1."""

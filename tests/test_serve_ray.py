@@ -126,16 +126,26 @@ def test_merged_metrics_keep_each_family_together_with_a_replica_label():
     assert merged_progress({}, False) is None
 
 
-def _replica_pids() -> set[int]:
-    """The engine replicas' processes (Ray titles them ray::ServeReplica:<app>:<deployment>)."""
-    pids = set()
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+def _replica_pids(server) -> set[int]:
+    """The engine replicas' processes of ``server``'s Ray (below its process; Ray titles them
+    ray::ServeReplica:<app>:<deployment>)."""
+    parents, titles = {}, {}
+    for status in Path("/proc").glob("[0-9]*/status"):
         try:
-            if b"ServeReplica:sdfast:sdfast-engines" in cmdline.read_bytes():
-                pids.add(int(cmdline.parent.name))
-        except OSError:
+            ppid = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("PPid:"))
+            pid = int(status.parent.name)
+            parents[pid], titles[pid] = ppid, (status.parent / "cmdline").read_bytes()
+        except (OSError, StopIteration, ValueError):
             pass
-    return pids
+
+    def below(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == server.process.pid:
+                return True
+        return False
+
+    return {pid for pid, title in titles.items() if b"ServeReplica:sdfast:sdfast-engines" in title and below(pid)}
 
 
 def test_a_killed_replica_loses_no_request_and_the_deployment_recovers(two_replicas):
@@ -143,7 +153,7 @@ def test_a_killed_replica_loses_no_request_and_the_deployment_recovers(two_repli
     seed, the same image), none hangs; Ray starts a new replica and both serve again. Runs last: it kills one of the
     module's replicas."""
     expected = _post(two_replicas, steps=600, seed=5).json()["images"][0]
-    pids = _replica_pids()
+    pids = _replica_pids(two_replicas)
     assert len(pids) == 2, pids
     api = webuiapi.WebUIApi(host="127.0.0.1", port=two_replicas.port)
     with ThreadPoolExecutor(4) as pool:
@@ -159,12 +169,12 @@ def test_a_killed_replica_loses_no_request_and_the_deployment_recovers(two_repli
     assert [a.status_code for a in answers] == [200] * 4, [a.text[:200] for a in answers]
     assert all(a.json()["images"][0] == expected for a in answers)
     deadline, seen = time.monotonic() + 120, set()
-    while time.monotonic() < deadline and not (len(seen) == 2 and victim not in _replica_pids()):
+    while time.monotonic() < deadline and not (len(seen) == 2 and victim not in _replica_pids(two_replicas)):
         with ThreadPoolExecutor(6) as pool:  # a burst: one replica alone cannot take it all at once
             burst = list(pool.map(lambda seed: _post(two_replicas, seed=seed), range(6)))
         seen = {answer.headers["x-sdfast-replica"] for answer in burst if answer.status_code == 200}
         time.sleep(0.5)
-    assert len(seen) == 2 and len(_replica_pids()) == 2, "the deployment did not come back to two serving replicas"
+    assert len(seen) == 2 and len(_replica_pids(two_replicas)) == 2, "the deployment did not come back to two serving replicas"
 
 
 def test_a_full_deployment_answers_429_with_retry_after(tiny_engine):
@@ -176,6 +186,22 @@ def test_a_full_deployment_answers_429_with_retry_after(tiny_engine):
         assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
         refused = next(a for a in answers if a.status_code == 429)
         assert int(refused.headers["retry-after"]) >= 1 and "busy" in refused.json()["error"]
+    finally:
+        assert server.stop()
+
+
+def test_autoscaling_adds_a_replica_under_load(tiny_engine):
+    """--autoscale 1:2 starts one replica; requests kept ongoing beyond its target bring a second one."""
+    server = RayServer(tiny_engine, "--autoscale", "1:2", "--max-queue", "64")
+    try:
+        assert len(_replica_pids(server)) == 1
+        deadline, pids = time.monotonic() + 120, set()
+        with ThreadPoolExecutor(6) as pool:
+            while time.monotonic() < deadline and len(pids) < 2:
+                answers = list(pool.map(lambda seed: _post(server, steps=150, seed=seed), range(6)))
+                assert all(a.status_code == 200 for a in answers), [a.text[:200] for a in answers]
+                pids = _replica_pids(server)
+        assert len(pids) == 2, "no second replica under sustained load"
     finally:
         assert server.stop()
 

@@ -76,8 +76,10 @@ def engine_deployment(config: RayServeConfig):
     """The engine replicas' deployment class, its multiplexing bound to ``config.max_loaded`` models per replica."""
     models_per_replica = config.max_loaded or len(config.engines)
     batch = config.engine_batch
+    # a replica's start is seconds (its engines load from the page cache): scale up after 5 s of load, down after 60 s idle
     scaling = ({"autoscaling_config": {"min_replicas": config.autoscale[0], "max_replicas": config.autoscale[1],
-                                       "target_ongoing_requests": batch}} if config.autoscale else {"num_replicas": config.replicas})
+                                       "target_ongoing_requests": batch, "upscale_delay_s": 5, "downscale_delay_s": 60}}
+               if config.autoscale else {"num_replicas": config.replicas})
 
     @serve.deployment(name="sdfast-engines", ray_actor_options={"num_cpus": config.cpus_per_replica},
                       max_ongoing_requests=2 * batch,  # one engine batch running, the next gathering (micro-batching)

@@ -86,6 +86,12 @@ def test_progress_interrupt_and_metrics_work_across_replicas(two_replicas):
     samples."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    def images_by_replica() -> dict[str, float]:
+        families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{two_replicas.url}/metrics").text)}
+        return {s.labels["replica"]: s.value for s in families["sdfast_images"].samples if s.name == "sdfast_images_total"}
+
+    time.sleep(1)  # the replicas' reports of the images made before this test
+    before = images_by_replica()
     api = webuiapi.WebUIApi(host="127.0.0.1", port=two_replicas.port)
     with ThreadPoolExecutor(2) as pool:
         long = [pool.submit(_post, two_replicas, steps=1000, seed=seed) for seed in (31, 32)]
@@ -104,9 +110,10 @@ def test_progress_interrupt_and_metrics_work_across_replicas(two_replicas):
     for answer in answers:
         assert re.search(r"Interrupted: after \d+ of 1000 steps", json.loads(answer.json()["info"])["infotexts"][0])
     time.sleep(1)  # the replicas' next reports
-    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{two_replicas.url}/metrics").text)}
-    images = [sample for sample in families["sdfast_images"].samples if sample.name == "sdfast_images_total"]
-    assert len({sample.labels["replica"] for sample in images}) == 2 and sum(sample.value for sample in images) >= 2
+    after = images_by_replica()
+    assert len(after) == 2 and sum(after.values()) - sum(before.values()) == 2, (before, after)
+    answered_by = [a.headers["x-sdfast-replica"] for a in answers]
+    assert all(after[r] - before.get(r, 0) >= answered_by.count(r) for r in set(answered_by)), (before, after, answered_by)
 
 
 def test_merged_metrics_keep_each_family_together_with_a_replica_label():
@@ -114,11 +121,21 @@ def test_merged_metrics_keep_each_family_together_with_a_replica_label():
 
     from sdfast.serve.ray_board import merged_metrics, merged_progress
 
-    text = "# HELP x_total things\n# TYPE x_total counter\nx_total{kind=\"a\"} 2.0\n# HELP g a gauge\n# TYPE g gauge\ng 1.0\n"
-    merged = merged_metrics({"r1": text, "r2": text.replace("2.0", "5.0")})
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    def exposition(count: int) -> str:
+        registry = CollectorRegistry()
+        Counter("x", 'things "quoted"', ["kind"], registry=registry).labels("a").inc(count)
+        Histogram("h", "seconds", buckets=(1, 5), registry=registry).observe(count)
+        return generate_latest(registry).decode()
+
+    merged = merged_metrics({"r1": exposition(2), "r2": exposition(5)})
     families = {f.name: f for f in text_string_to_metric_families(merged)}
     assert sorted((s.labels["replica"], s.value) for s in families["x"].samples) == [("r1", 2.0), ("r2", 5.0)]
-    assert merged.count("# TYPE x_total counter") == 1 and len(families["g"].samples) == 2
+    assert merged.count("# TYPE x_total counter") == 1 and merged.count("# TYPE h histogram") == 1
+    assert "_created" not in merged and families["x"].documentation == 'things "quoted"'
+    counts = {s.labels["replica"]: s.value for s in families["h"].samples if s.name == "h_count"}
+    assert counts == {"r1": 1.0, "r2": 1.0}
     idle = {"progress": 0.0, "current_image": None, "state": {"job": "", "job_count": 0, "interrupted": False}}
     busy = {"progress": 0.5, "current_image": "png", "state": {"job": "job 3", "job_count": 2, "interrupted": False}}
     answer = merged_progress({"a": (idle, None, ""), "b": (busy, 100.0, "")}, skip_current_image=False)

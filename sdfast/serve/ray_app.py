@@ -123,20 +123,23 @@ def engine_deployment(config: RayServeConfig):
             from sdfast.serve.ray_board import BOARD_NAME, REPORT_EVERY_S
 
             board, seen = None, None
-            state = self.app.state
+            state, name = self.app.state, BOARD_NAME.format(app=serve.get_replica_context().app_name)
             while True:
                 try:
-                    board = board or ray.get_actor(BOARD_NAME)
-                    count = await board.report.remote(self.replica, state.progress.answer(), state.progress.started_at(),
-                                                       state.metrics.exposition().decode())
-                    if seen is not None and count > seen:
-                        state.worker.interrupt()
-                    seen = count
+                    board = board or ray.get_actor(name)
+                    started = state.progress.started_at()
+                    count, at = await board.report.remote(self.replica, state.progress.answer(), started,
+                                                           state.metrics.exposition().decode())
+                    if seen is not None and count > seen and started is not None and started <= at:
+                        state.worker.interrupt()  # a job that started after the interrupt is left alone, as in A1111
+                    seen = count  # (a smaller count: a new board, counting from 0)
                 except Exception:  # noqa: BLE001 - no board yet, or a new one after the ingress restarted: look again
-                    board = None
+                    board, seen = None, None
                 await asyncio.sleep(REPORT_EVERY_S)
 
         async def __del__(self):  # Ray Serve calls it as the replica stops: the app's shutdown (queued jobs get 503s)
+            if self._reporting is not None:
+                self._reporting.cancel()
             if self._lifespan is not None:
                 await self._lifespan.__aexit__(None, None, None)
 
@@ -173,14 +176,9 @@ class Ingress:
     def __init__(self, engines, payload: dict):
         from sdfast.serve.models import model_entries
 
-        import ray
-
-        from sdfast.serve.ray_board import BOARD_NAME, Board
-
         cfg = RayServeConfig(**payload)
         self.engines, self.api_key = engines, cfg.settings.get("api_key")
-        # the replicas' shared reports, owned by this ingress (a new ingress makes a new one; replicas find it by name)
-        self.board = ray.remote(num_cpus=0)(Board).options(name=BOARD_NAME, get_if_exists=True).remote()
+        self.board = self._board()
         self.entries = model_entries([(n, Path(d)) for n, d in cfg.engines], cfg.backend)
         self.current = self.entries[0].name  # A1111's sd_model_checkpoint for requests that name none
         self.options: dict | None = None  # A1111's options once a client posts them (until then, each replica's defaults)
@@ -221,6 +219,27 @@ class Ingress:
         return Response(content, status_code=status, headers={k.decode("latin-1"): v.decode("latin-1") for k, v in out_headers
                                                                 if k.lower() not in (b"content-length",)})
 
+    @staticmethod
+    def _board():
+        """The replicas' shared reports: this application's board, made by this ingress if it is not there (a new ingress
+        makes a new one if the old one went with its owner; the replicas look it up by name again)."""
+        import ray
+
+        from sdfast.serve.ray_board import BOARD_NAME, Board
+
+        name = BOARD_NAME.format(app=serve.get_replica_context().app_name)
+        return ray.remote(num_cpus=0)(Board).options(name=name, get_if_exists=True).remote()
+
+    async def _on_board(self, method: str):
+        """``method`` of the board, once more on a new board if this one died (its owner, an old ingress, stopped)."""
+        from ray.exceptions import RayActorError
+
+        try:
+            return await getattr(self.board, method).remote()
+        except RayActorError:
+            self.board = self._board()
+            return await getattr(self.board, method).remote()
+
     async def _across_replicas(self, request: Request, path: str, method: str) -> Response | None:
         """Progress, interrupt and metrics, answered from every replica's reports (None: a route for one replica)."""
         from sdfast.serve.edge import authorized, error_response
@@ -234,9 +253,9 @@ class Ingress:
             return error_response(401, "missing or wrong API key (Authorization: Bearer KEY)", "authorization",
                                   headers={"WWW-Authenticate": "Bearer"}, path=path)
         if method == "POST":
-            await self.board.interrupt.remote()  # every replica stops its running job at its next step
+            await self._on_board("interrupt")  # every replica stops its running job at its next step
             return JSONResponse({})
-        live = await self.board.live.remote()
+        live = await self._on_board("live")
         if path == "/metrics":
             return Response(merged_metrics({replica: metrics for replica, (_, _, metrics) in live.items()}),
                             media_type="text/plain; version=0.0.4")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-BOARD_NAME = "sdfast-board"
+BOARD_NAME = "sdfast-board-{app}"  # one board per Serve application
 REPORT_EVERY_S = 0.25  # how often a replica reports, and so how soon it sees an interrupt
 STALE_S = 5.0  # a replica not heard from for this long (stopped, killed) is left out
 
@@ -14,15 +14,16 @@ class Board:
 
     def __init__(self):
         self.reports: dict[str, tuple[float, dict, float | None, str]] = {}  # replica -> (seen, progress, started, metrics)
-        self.interrupts = 0
+        self.interrupts, self.interrupted_at = 0, 0.0
 
-    def report(self, replica: str, progress: dict, started: float | None, metrics: str) -> int:
-        """Store one replica's state; returns the interrupt count (a replica that sees it grow interrupts its job)."""
+    def report(self, replica: str, progress: dict, started: float | None, metrics: str) -> tuple[int, float]:
+        """Store one replica's state; returns the interrupt count and the last interrupt's wall-clock time (a replica
+        that sees the count grow interrupts its job, if that job started before the interrupt)."""
         self.reports[replica] = (time.monotonic(), progress, started, metrics)
-        return self.interrupts
+        return self.interrupts, self.interrupted_at
 
     def interrupt(self) -> int:
-        self.interrupts += 1
+        self.interrupts, self.interrupted_at = self.interrupts + 1, time.time()
         return self.interrupts
 
     def live(self) -> dict[str, tuple[dict, float | None, str]]:
@@ -56,6 +57,8 @@ def merged_metrics(texts: dict[str, str]) -> str:
     families: dict[str, tuple[str, str, list[str]]] = {}
     for replica, text in sorted(texts.items()):
         for family in text_string_to_metric_families(text):
+            if family.name.endswith("_created"):  # prometheus_client's creation times: one per replica says nothing merged
+                continue
             kind = family.type
             help_text, _, lines = families.setdefault(family.name, (family.documentation, kind, []))
             for sample in family.samples:
@@ -65,7 +68,8 @@ def merged_metrics(texts: dict[str, str]) -> str:
     out = []
     for name, (help_text, kind, lines) in families.items():
         shown = f"{name}_total" if kind == "counter" else name  # the text format names a counter by its samples
-        out += [f"# HELP {shown} {_escaped(help_text)}", f"# TYPE {shown} {kind}", *(line for line in lines if not line.startswith(f"{name}_created"))]
+        help_line = str(help_text).replace("\\", "\\\\").replace("\n", "\\n")  # HELP escapes only these two
+        out += [f"# HELP {shown} {help_line}", f"# TYPE {shown} {kind}", *lines]
     return "\n".join(out) + "\n"
 
 
